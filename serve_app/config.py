@@ -1,0 +1,295 @@
+"""The seed's `models-config.json`, validated once so a bad file stops the router at start.
+
+Only models listed in `active_models` are loaded and validated (the seed: an unlisted model is
+ignored even if present). Every problem is reported with the file and the JSON path of the field.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import orjson
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+)
+
+CONFIG_ENV = "LLM_ROUTER_MODELS_CONFIG"
+DEFAULT_CONFIG_PATH = "configs/models-config.json"
+
+ApiType = Literal["openai", "vllm", "ollama"]
+StrategyName = Literal["weighted_random", "round_robin", "least_in_flight", "first_available"]
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+# Go's time.ParseDuration (what Ollama accepts) or a plain number of seconds.
+_DURATION = re.compile(r"^-?(\d+(\.\d+)?(ns|us|µs|ms|s|m|h))+$|^-?\d+$")
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_RESERVED_KEYS = frozenset({"active_models", "routing"})
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be served; carries every problem found, not just the first."""
+
+    def __init__(self, source: str, problems: list[tuple[str, str]]) -> None:
+        self.source = source
+        self.problems = problems
+        lines = "\n".join(f"  {path}: {why}" for path, why in problems)
+        super().__init__(f"invalid models config {source}:\n{lines}")
+
+
+def json_path(parts: Iterable[str | int]) -> str:
+    out = "$"
+    for part in parts:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif _IDENT.match(part):
+            out += f".{part}"
+        else:
+            out += f'["{part}"]'
+    return out
+
+
+def _expand_env(value: str) -> str:
+    def sub(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name not in os.environ:
+            raise ValueError(f"environment variable {name} is not set")
+        return os.environ[name]
+
+    return _ENV_REF.sub(sub, value)
+
+
+class ProviderConfig(BaseModel):
+    """One upstream endpoint. Unknown keys are kept (the seed system's files may carry more)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    id: str = Field(min_length=1)
+    api_host: str
+    api_token: SecretStr = SecretStr("")
+    api_type: ApiType
+    input_size: int = Field(gt=0)
+    model_path: str = ""
+    weight: float = Field(default=1.0, ge=0)
+    keep_alive: str | None = None
+    tool_calling: bool = False
+    max_concurrency: int | None = Field(default=None, gt=0)
+
+    @field_validator("api_host")
+    @classmethod
+    def _check_host(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http:// or https:// URL with a host")
+        if parts.query or parts.fragment:
+            raise ValueError("must not carry a query or fragment")
+        try:
+            parts.port  # noqa: B018 - raises on a bad port
+        except ValueError as exc:
+            raise ValueError(f"bad port: {exc}") from None
+        return value
+
+    @field_validator("api_token", mode="before")
+    @classmethod
+    def _token_from_env(cls, value: object) -> object:
+        if value is None:
+            return ""
+        return _expand_env(value) if isinstance(value, str) else value
+
+    @field_validator("input_size", mode="before")
+    @classmethod
+    def _numeric_string(cls, value: object) -> object:
+        if isinstance(value, bool):
+            raise ValueError("must be an integer or a numeric string")
+        if isinstance(value, str):
+            if not value.strip().isdigit():
+                raise ValueError("must be an integer or a numeric string")
+            return int(value)
+        return value
+
+    @field_validator("keep_alive", mode="before")
+    @classmethod
+    def _duration(cls, value: object) -> object:
+        if value is None or value == "":
+            return None
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            value = str(value)
+        if not isinstance(value, str) or not _DURATION.match(value):
+            raise ValueError('must be null, "" or a duration such as "35m", "1h30m", "600"')
+        return value
+
+
+class ModelConfig(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    providers: list[ProviderConfig] = Field(min_length=1)
+    providers_sleep: list[ProviderConfig] = Field(default_factory=list)
+
+
+class RoutingConfig(BaseModel):
+    """How one model type's router deployment chooses, retries and times out."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    strategy: StrategyName = "weighted_random"
+    max_attempts: int = Field(default=3, ge=1, le=20)
+    num_replicas: int = Field(default=1, ge=1)
+    max_ongoing_requests: int = Field(default=1000, ge=1)
+    connect_timeout_s: float = Field(default=5.0, gt=0)
+    # Covers the wait for the first byte and every gap between chunks after it.
+    read_timeout_s: float = Field(default=300.0, gt=0)
+    unhealthy_cooldown_s: float = Field(default=5.0, ge=0)
+
+
+class ModelTypeConfig(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    models: dict[str, ModelConfig]
+    routing: RoutingConfig
+
+
+class RouterConfig(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    source: str
+    model_types: dict[str, ModelTypeConfig]
+
+    def model_type_of(self) -> dict[str, str]:
+        return {m: t.name for t in self.model_types.values() for m in t.models}
+
+
+_MODEL = TypeAdapter(ModelConfig)
+
+
+def _problems(exc: ValidationError, prefix: list[str | int]) -> list[tuple[str, str]]:
+    return [(json_path([*prefix, *err["loc"]]), err["msg"]) for err in exc.errors()]
+
+
+def _routing(raw: object, types: set[str]) -> tuple[dict[str, RoutingConfig], list]:
+    problems: list[tuple[str, str]] = []
+    if raw is None:
+        return {t: RoutingConfig() for t in types}, problems
+    if not isinstance(raw, Mapping):
+        return {}, [("$.routing", "must be an object of model type -> routing options")]
+    default: dict[str, Any] = {}
+    if "default" in raw:
+        try:
+            default = dict(raw["default"])
+            RoutingConfig.model_validate(default)
+        except (TypeError, ValueError) as exc:
+            problems += _problem_list(exc, ["routing", "default"])
+            default = {}
+    out: dict[str, RoutingConfig] = {}
+    for key in raw:
+        if key != "default" and key not in types:
+            problems.append((json_path(["routing", key]), "not an active model type"))
+    for name in types:
+        try:
+            out[name] = RoutingConfig.model_validate({**default, **dict(raw.get(name) or {})})
+        except (TypeError, ValueError) as exc:
+            problems += _problem_list(exc, ["routing", name])
+    return out, problems
+
+
+def _problem_list(exc: Exception, prefix: list[str | int]) -> list[tuple[str, str]]:
+    if isinstance(exc, ValidationError):
+        return _problems(exc, prefix)
+    return [(json_path(prefix), "must be an object")]
+
+
+def parse_config(raw: object, source: str = "<memory>") -> RouterConfig:
+    """Validate a decoded models-config document; raise ConfigError naming every bad field."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(source, [("$", "must be a JSON object")])
+    active = raw.get("active_models")
+    if not isinstance(active, Mapping):
+        why = "is required" if active is None else "must be an object of model type -> names"
+        raise ConfigError(source, [("$.active_models", why)])
+
+    problems: list[tuple[str, str]] = []
+    models_by_type: dict[str, dict[str, ModelConfig]] = {}
+    seen_models: dict[str, str] = {}
+    for type_name, names in active.items():
+        path = ["active_models", type_name]
+        if type_name in _RESERVED_KEYS or not isinstance(raw.get(type_name), Mapping):
+            problems.append((json_path(path), "no model type of that name in the file"))
+            continue
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            problems.append((json_path(path), "must be a list of model names"))
+            continue
+        loaded: dict[str, ModelConfig] = {}
+        for i, model_name in enumerate(names):
+            if model_name in seen_models:
+                problems.append(
+                    (json_path([*path, i]), f"model already active under {seen_models[model_name]}")
+                )
+                continue
+            seen_models[model_name] = type_name
+            if model_name not in raw[type_name]:
+                problems.append((json_path([*path, i]), f"model not defined under {type_name}"))
+                continue
+            try:
+                loaded[model_name] = _MODEL.validate_python(raw[type_name][model_name])
+            except ValidationError as exc:
+                problems += _problems(exc, [type_name, model_name])
+        if loaded:
+            models_by_type[type_name] = loaded
+
+    problems += _duplicate_ids(models_by_type)
+    routing, routing_problems = _routing(raw.get("routing"), set(models_by_type))
+    problems += routing_problems
+    if problems:
+        raise ConfigError(source, problems)
+    if not models_by_type:
+        raise ConfigError(source, [("$.active_models", "no active model")])
+    return RouterConfig(
+        source=source,
+        model_types={
+            t: ModelTypeConfig(name=t, models=m, routing=routing[t])
+            for t, m in models_by_type.items()
+        },
+    )
+
+
+def _duplicate_ids(models_by_type: dict[str, dict[str, ModelConfig]]) -> list[tuple[str, str]]:
+    first_seen: dict[str, str] = {}
+    problems: list[tuple[str, str]] = []
+    for type_name, models in models_by_type.items():
+        for model_name, model in models.items():
+            for tier in ("providers", "providers_sleep"):
+                for i, provider in enumerate(getattr(model, tier)):
+                    path = json_path([type_name, model_name, tier, i, "id"])
+                    if provider.id in first_seen:
+                        problems.append(
+                            (path, f"duplicate provider id {provider.id!r} (first at "
+                                   f"{first_seen[provider.id]})")
+                        )
+                    else:
+                        first_seen[provider.id] = path
+    return problems
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> RouterConfig:
+    """Read the file named by the argument, else $LLM_ROUTER_MODELS_CONFIG, else the default."""
+    file = Path(path or os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG_PATH)
+    source = str(file)
+    try:
+        data = file.read_bytes()
+    except OSError as exc:
+        raise ConfigError(source, [("$", f"cannot read file: {exc.strerror or exc}")]) from None
+    try:
+        raw = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise ConfigError(source, [("$", f"not valid JSON: {exc}")]) from None
+    return parse_config(raw, source)

@@ -1,0 +1,300 @@
+"""A small upstream that speaks the OpenAI and Ollama wire formats, for `make run`, tests, bench.
+
+It answers `"<name>: <last user text>"`, split into `chunks` pieces when streaming, and has knobs
+for latency, pacing, error statuses, dropped connections and hangs. It records every request so
+tests can check what the router sent. Run alone: `python -m serve_app.demo_upstream --port 8101`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import orjson
+from aiohttp import web
+
+Drop = Literal["before_headers", "mid_stream"]
+
+
+@dataclass
+class Knobs:
+    latency_s: float = 0.0  # before the response headers
+    chunk_delay_s: float = 0.0  # between streamed chunks
+    chunks: int = 4  # content pieces in a streamed answer
+    fail_status: int | None = None  # answer with this status...
+    fail_times: int | None = None  # ...for this many calls (None: every call)
+    retry_after: str | None = None  # Retry-After header on failures
+    drop: Drop | None = None
+    drop_after_chunks: int = 1
+    hang: bool = False  # never answer (until stopped)
+    tool_call: bool = True  # answer a request with tools by calling its first tool
+    embedding_dim: int = 8
+
+
+@dataclass
+class Recorded:
+    path: str
+    headers: dict[str, str]
+    body: Any
+
+
+@dataclass
+class FakeUpstream:
+    name: str
+    knobs: Knobs = field(default_factory=Knobs)
+    record: bool = True  # keep request history (off for long-running servers)
+    requests: list[Recorded] = field(default_factory=list)
+    calls: int = 0
+
+    def __post_init__(self) -> None:
+        self.app = web.Application(client_max_size=64 * 1024 * 1024)
+        r = self.app.router
+        r.add_post("/v1/chat/completions", self._openai)
+        r.add_post("/v1/completions", self._openai)
+        r.add_post("/v1/embeddings", self._openai_embeddings)
+        r.add_get("/v1/models", self._openai_models)
+        r.add_post("/api/chat", self._ollama)
+        r.add_post("/api/generate", self._ollama)
+        r.add_post("/api/embed", self._ollama_embed)
+        r.add_get("/api/tags", self._ollama_tags)
+        self._stopping = asyncio.Event()
+        self._runner: web.AppRunner | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def count(self, path: str | None = None) -> int:
+        return sum(1 for r in self.requests if path is None or r.path == path)
+
+    # ---- life cycle -------------------------------------------------------------------------
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
+        self._stopping = asyncio.Event()
+        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        return self.port
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    def start_in_thread(self, port: int = 0) -> int:
+        """Serve from a private event loop on a daemon thread (for tests and the benchmark)."""
+        ready = threading.Event()
+
+        def run() -> None:
+            self._loop = asyncio.new_event_loop()
+            self._loop.run_until_complete(self.start(port=port))
+            ready.set()
+            self._loop.run_forever()
+
+        threading.Thread(target=run, name=f"upstream-{self.name}", daemon=True).start()
+        if not ready.wait(10):
+            raise RuntimeError("fake upstream did not start")
+        return self.port
+
+    def stop_thread(self) -> None:
+        if self._loop is None:
+            return
+        asyncio.run_coroutine_threadsafe(self.stop(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._loop = None
+
+    # ---- shared behaviour -------------------------------------------------------------------
+    async def _record(self, request: web.Request) -> dict[str, Any]:
+        raw = await request.read()
+        body = orjson.loads(raw) if raw else {}
+        self.calls += 1
+        if self.record:
+            self.requests.append(Recorded(request.path, dict(request.headers), body))
+        return body
+
+    async def _misbehave(self, request: web.Request) -> web.StreamResponse | None:
+        """Latency, hangs, failures and early drops; None when the call should be answered."""
+        k = self.knobs
+        if k.hang:
+            await self._stopping.wait()
+        if k.latency_s:
+            await asyncio.sleep(k.latency_s)
+        if k.drop == "before_headers":
+            assert request.transport is not None
+            request.transport.close()
+            return web.Response()
+        if k.fail_status is not None and (k.fail_times is None or k.fail_times > 0):
+            if k.fail_times is not None:
+                k.fail_times -= 1
+            headers = {"retry-after": k.retry_after} if k.retry_after else None
+            return web.json_response({"error": {"message": f"{self.name} failing on purpose",
+                                                "type": "test", "code": k.fail_status}},
+                                     status=k.fail_status, headers=headers)
+        return None
+
+    def _reply_text(self, body: dict[str, Any]) -> str:
+        messages = body.get("messages")
+        if messages:
+            users = [m for m in messages if m.get("role") == "user"] or messages
+            content = users[-1].get("content") or ""
+            if isinstance(content, list):
+                content = "".join(p.get("text") or "" for p in content)
+        else:
+            content = body.get("prompt") or ""
+            if isinstance(content, list):
+                content = str(content[0]) if content else ""
+        return f"{self.name}: {content}"
+
+    def _pieces(self, text: str) -> list[str]:
+        n = max(1, self.knobs.chunks)
+        size = max(1, -(-len(text) // n))
+        return [text[i:i + size] for i in range(0, len(text), size)] or [""]
+
+    async def _stream_lines(self, request: web.Request, content_type: str,
+                            lines: list[bytes]) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"content-type": content_type})
+        await resp.prepare(request)
+        for i, line in enumerate(lines):
+            if self.knobs.drop == "mid_stream" and i == self.knobs.drop_after_chunks:
+                assert request.transport is not None
+                request.transport.close()
+                return resp
+            await resp.write(line)
+            if self.knobs.chunk_delay_s:
+                await asyncio.sleep(self.knobs.chunk_delay_s)
+        await resp.write_eof()
+        return resp
+
+    # ---- OpenAI -----------------------------------------------------------------------------
+    async def _openai(self, request: web.Request) -> web.StreamResponse:
+        body = await self._record(request)
+        bad = await self._misbehave(request)
+        if bad is not None:
+            return bad
+        chat = request.path.endswith("chat/completions")
+        text = self._reply_text(body)
+        rid, created, model = f"{self.name}-{self.calls}", int(time.time()), body.get("model")
+        usage = {"prompt_tokens": 5, "completion_tokens": len(self._pieces(text)),
+                 "total_tokens": 5 + len(self._pieces(text))}
+        if not body.get("stream"):
+            choice = ({"index": 0, "message": {"role": "assistant", "content": text},
+                       "finish_reason": "stop"} if chat else
+                      {"index": 0, "text": text, "logprobs": None, "finish_reason": "stop"})
+            return web.json_response({"id": rid, "created": created, "model": model,
+                                      "object": "chat.completion" if chat else "text_completion",
+                                      "choices": [choice], "usage": usage})
+        obj = "chat.completion.chunk" if chat else "text_completion"
+
+        def event(choice: dict[str, Any] | None, extra: dict[str, Any] | None = None) -> bytes:
+            doc = {"id": rid, "object": obj, "created": created, "model": model,
+                   "choices": [choice] if choice else [], **(extra or {})}
+            return b"data: " + orjson.dumps(doc) + b"\n\n"
+
+        lines = []
+        for i, piece in enumerate(self._pieces(text)):
+            if chat:
+                delta = {"role": "assistant", "content": piece} if i == 0 else {"content": piece}
+                lines.append(event({"index": 0, "delta": delta, "finish_reason": None}))
+            else:
+                lines.append(event({"index": 0, "text": piece, "logprobs": None,
+                                    "finish_reason": None}))
+        end = {"index": 0, "delta": {}} if chat else {"index": 0, "text": "", "logprobs": None}
+        lines.append(event({**end, "finish_reason": "stop"}))
+        if (body.get("stream_options") or {}).get("include_usage"):
+            lines.append(event(None, {"usage": usage}))
+        lines.append(b"data: [DONE]\n\n")
+        return await self._stream_lines(request, "text/event-stream", lines)
+
+    def _vector(self, text: str) -> list[float]:
+        return [float((len(text) + i) % 7) for i in range(self.knobs.embedding_dim)]
+
+    async def _openai_embeddings(self, request: web.Request) -> web.StreamResponse:
+        body = await self._record(request)
+        bad = await self._misbehave(request)
+        if bad is not None:
+            return bad
+        inputs = body.get("input")
+        items = [inputs] if isinstance(inputs, str) or (inputs and isinstance(inputs[0], int)) \
+            else inputs
+        data = [{"object": "embedding", "index": i, "embedding": self._vector(str(x))}
+                for i, x in enumerate(items or [])]
+        return web.json_response({"object": "list", "data": data, "model": body.get("model"),
+                                  "usage": {"prompt_tokens": 1, "total_tokens": 1}})
+
+    async def _openai_models(self, request: web.Request) -> web.StreamResponse:
+        return web.json_response({"object": "list", "data": [
+            {"id": self.name, "object": "model", "created": 0, "owned_by": "demo"}]})
+
+    # ---- Ollama -----------------------------------------------------------------------------
+    async def _ollama(self, request: web.Request) -> web.StreamResponse:
+        body = await self._record(request)
+        bad = await self._misbehave(request)
+        if bad is not None:
+            return bad
+        chat = request.path == "/api/chat"
+        text = self._reply_text(body)
+        base = {"model": body.get("model"), "created_at": "2026-01-01T00:00:00Z"}
+        tools = body.get("tools") if chat and self.knobs.tool_call else None
+        calls = [{"function": {"name": tools[0]["function"]["name"],
+                               "arguments": {"echo": text}}}] if tools else None
+        final = {**base, "done": True, "done_reason": "stop", "prompt_eval_count": 5,
+                 "eval_count": len(self._pieces(text))}
+        if body.get("stream", True) is False:
+            if chat:
+                msg: dict[str, Any] = {"role": "assistant", "content": "" if calls else text}
+                if calls:
+                    msg["tool_calls"] = calls
+                return web.json_response({**final, "message": msg})
+            return web.json_response({**final, "response": text})
+        lines = []
+        for piece in ([] if calls else self._pieces(text)):
+            part = {"message": {"role": "assistant", "content": piece}} if chat else \
+                {"response": piece}
+            lines.append(orjson.dumps({**base, **part, "done": False}) + b"\n")
+        if calls:
+            lines.append(orjson.dumps({**base, "message": {"role": "assistant", "content": "",
+                                                           "tool_calls": calls},
+                                       "done": False}) + b"\n")
+        end = {"message": {"role": "assistant", "content": ""}} if chat else {"response": ""}
+        lines.append(orjson.dumps({**final, **end}) + b"\n")
+        return await self._stream_lines(request, "application/x-ndjson", lines)
+
+    async def _ollama_embed(self, request: web.Request) -> web.StreamResponse:
+        body = await self._record(request)
+        bad = await self._misbehave(request)
+        if bad is not None:
+            return bad
+        inputs = body.get("input")
+        items = [inputs] if isinstance(inputs, str) else inputs or []
+        return web.json_response({"model": body.get("model"),
+                                  "embeddings": [self._vector(x) for x in items],
+                                  "prompt_eval_count": len(items)})
+
+    async def _ollama_tags(self, request: web.Request) -> web.StreamResponse:
+        return web.json_response({"models": [{"name": self.name, "model": self.name}]})
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8101)
+    parser.add_argument("--name", default="demo")
+    parser.add_argument("--latency", type=float, default=0.0, help="seconds before headers")
+    parser.add_argument("--chunk-delay", type=float, default=0.0, help="seconds between chunks")
+    parser.add_argument("--chunks", type=int, default=4)
+    args = parser.parse_args(argv)
+    knobs = Knobs(latency_s=args.latency, chunk_delay_s=args.chunk_delay, chunks=args.chunks)
+    upstream = FakeUpstream(args.name, knobs, record=False)
+    web.run_app(upstream.app, host=args.host, port=args.port, access_log=None, print=None)
+
+
+if __name__ == "__main__":
+    main()

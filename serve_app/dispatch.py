@@ -1,0 +1,190 @@
+"""One router replica's request path: plan the attempts, call upstreams, fail over.
+
+Errors come back as values (a status and an OpenAI-style body), never as exceptions, because
+the result crosses a Ray Serve handle to the ingress.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from typing import NamedTuple
+
+import aiohttp
+
+from serve_app.config import ProviderConfig, RoutingConfig
+from serve_app.errors import RouterError, sse_error_event
+from serve_app.handler import ModelHandler
+from serve_app.providers import prepare
+from serve_app.providers.base import JSON, SSE
+from serve_app.schemas import RequestMeta
+
+log = logging.getLogger("ray.serve")
+
+PROVIDER_HEADER = "x-router-provider"
+ATTEMPTS_HEADER = "x-router-attempts"
+UPSTREAM_ERRORS = (aiohttp.ClientError, TimeoutError, OSError, ValueError)
+
+
+class Head(NamedTuple):
+    """The first item of every answer: what the ingress needs before any body byte."""
+
+    status: int
+    content_type: str
+    headers: dict[str, str]
+
+
+class Unary(NamedTuple):
+    head: Head
+    body: bytes
+
+
+class _Failure(NamedTuple):
+    provider_id: str
+    reason: str
+    status: int | None
+    retry_after: str | None
+
+
+def _retryable(status: int) -> bool:
+    return status == 429 or status >= 500
+
+
+def error_answer(err: RouterError) -> Unary:
+    return Unary(Head(err.status, JSON, dict(err.headers)), err.body())
+
+
+class Dispatcher:
+    def __init__(
+        self, handler: ModelHandler, routing: RoutingConfig, session: aiohttp.ClientSession
+    ) -> None:
+        self.handler = handler
+        self.states = handler.states
+        self.routing = routing
+        self.session = session
+        self.timeout = aiohttp.ClientTimeout(
+            total=None,
+            connect=self.routing.connect_timeout_s,
+            sock_connect=self.routing.connect_timeout_s,
+            sock_read=self.routing.read_timeout_s,
+        )
+
+    def _failed(self, provider: ProviderConfig, meta: RequestMeta, failure: _Failure,
+                failures: list[_Failure]) -> None:
+        self.states[provider.id].down_until = self.handler.clock() + self.routing.unhealthy_cooldown_s
+        failures.append(failure)
+        log.warning("upstream attempt failed", extra={
+            "request_id": meta.request_id, "provider": provider.id, "reason": failure.reason})
+
+    def _exhausted(self, meta: RequestMeta, failures: list[_Failure]) -> RouterError:
+        detail = "; ".join(f"{f.provider_id}: {f.reason}" for f in failures)
+        if failures and all(f.status == 429 for f in failures):
+            waits = [f.retry_after for f in failures if f.retry_after]
+            return RouterError(429, f"every provider of model {meta.model} is rate limited ({detail})",
+                               type="rate_limit_error", code="upstream_rate_limited",
+                               headers={"retry-after": min(waits, key=_seconds) if waits else "1"})
+        return RouterError(503, f"no provider of model {meta.model} could serve the request "
+                                f"({detail})", type="api_error", code="upstream_unavailable")
+
+    async def unary(self, body: bytes, meta: RequestMeta) -> Unary:
+        failures: list[_Failure] = []
+        try:
+            for provider in self.handler.plan(meta):
+                exchange = prepare(provider, meta, body)
+                state = self.states[provider.id]
+                state.in_flight += 1
+                try:
+                    async with self.session.post(exchange.url, data=exchange.body,
+                                                 headers=exchange.headers,
+                                                 timeout=self.timeout) as resp:
+                        if _retryable(resp.status):
+                            self._failed(provider, meta, _status_failure(provider, resp), failures)
+                            continue
+                        data = await resp.read()
+                        out, ctype = exchange.unary(resp.status, data, resp.content_type)
+                except UPSTREAM_ERRORS as exc:
+                    self._failed(provider, meta, _exc_failure(provider, exc), failures)
+                    continue
+                finally:
+                    state.in_flight -= 1
+                state.down_until = 0.0
+                headers = {PROVIDER_HEADER: provider.id, ATTEMPTS_HEADER: str(len(failures) + 1)}
+                return Unary(Head(resp.status, ctype, headers), out)
+            raise self._exhausted(meta, failures)
+        except RouterError as err:
+            return error_answer(err)
+
+    async def stream(self, body: bytes, meta: RequestMeta) -> AsyncIterator[Head | bytes]:
+        """Yields a Head, then body chunks. Failover is possible until the Head is yielded."""
+        failures: list[_Failure] = []
+        try:
+            plan = self.handler.plan(meta)
+        except RouterError as err:
+            plan, answer = [], error_answer(err)
+        else:
+            answer = None
+        for provider in plan:
+            try:
+                exchange = prepare(provider, meta, body)
+            except RouterError as err:
+                answer = error_answer(err)
+                break
+            state = self.states[provider.id]
+            state.in_flight += 1
+            try:
+                resp = await self.session.post(exchange.url, data=exchange.body,
+                                               headers=exchange.headers, timeout=self.timeout)
+            except UPSTREAM_ERRORS as exc:
+                state.in_flight -= 1
+                self._failed(provider, meta, _exc_failure(provider, exc), failures)
+                continue
+            try:
+                if _retryable(resp.status):
+                    self._failed(provider, meta, _status_failure(provider, resp), failures)
+                    continue
+                headers = {PROVIDER_HEADER: provider.id, ATTEMPTS_HEADER: str(len(failures) + 1)}
+                if resp.status >= 400:
+                    out, ctype = exchange.unary(resp.status, await resp.read(), resp.content_type)
+                    yield Head(resp.status, ctype, headers)
+                    yield out
+                    return
+                state.down_until = 0.0
+                yield Head(resp.status, SSE, headers)
+                try:
+                    async for out in exchange.stream(resp.content.iter_any()):
+                        yield out
+                except UPSTREAM_ERRORS as exc:
+                    log.warning("upstream stream broke", extra={
+                        "request_id": meta.request_id, "provider": provider.id,
+                        "reason": type(exc).__name__})
+                    yield sse_error_event(f"upstream {provider.id} broke off the stream")
+                return
+            finally:
+                resp.release()
+                state.in_flight -= 1
+        if answer is None:
+            answer = error_answer(self._exhausted(meta, failures))
+        yield answer.head
+        yield answer.body
+
+
+def _seconds(value: str) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        return float("inf")
+
+
+def _status_failure(provider: ProviderConfig, resp: aiohttp.ClientResponse) -> _Failure:
+    return _Failure(provider.id, f"HTTP {resp.status}", resp.status, resp.headers.get("retry-after"))
+
+
+def _exc_failure(provider: ProviderConfig, exc: BaseException) -> _Failure:
+    if isinstance(exc, TimeoutError):
+        reason = "timed out"
+    elif isinstance(exc, aiohttp.ClientConnectorError):
+        reason = "connection failed"
+    else:
+        reason = type(exc).__name__
+    return _Failure(provider.id, reason, None, None)

@@ -1,0 +1,39 @@
+"""OpenAI-style errors: the one shape every client of this router receives on failure."""
+
+from __future__ import annotations
+
+import orjson
+
+
+class RouterError(Exception):
+    """A request that ends with an HTTP error the client can act on (never a 500 traceback)."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",  # noqa: A002 - OpenAI's field name
+        code: str | None = None,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.code = code
+        self.param = param
+        self.headers = headers or {}
+
+    def body(self) -> bytes:
+        return error_body(self.message, self.type, self.code, self.param)
+
+
+def error_body(message: str, type: str, code: str | None = None, param: str | None = None) -> bytes:  # noqa: A002
+    return orjson.dumps({"error": {"message": message, "type": type, "param": param, "code": code}})
+
+
+def sse_error_event(message: str, code: str = "upstream_error") -> bytes:
+    """The event that ends a stream which broke after its first byte."""
+    return b"data: " + error_body(message, "api_error", code) + b"\n\n"

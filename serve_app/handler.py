@@ -1,0 +1,115 @@
+"""The seed's ModelHandler / ApiModelConfig / ApiModel, over the validated config.
+
+The router replicas plan every request through a ModelHandler, so these seed interfaces and the
+served path are the same code.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import SecretStr
+
+from serve_app.config import (
+    ModelConfig,
+    ProviderConfig,
+    RouterConfig,
+    RoutingConfig,
+    StrategyName,
+    load_config,
+)
+from serve_app.errors import RouterError
+from serve_app.schemas import Endpoint, RequestMeta
+from serve_app.selection import ProviderState, initial_states, plan_attempts
+from serve_app.strategies import Strategy, make_strategy
+
+SECRET_FIELDS = frozenset({"api_token", "model_path"})
+
+
+@dataclass(frozen=True)
+class ApiModel:
+    id: str
+    api_host: str
+    api_token: SecretStr
+    api_type: str
+    input_size: int
+    model_path: str
+    weight: float
+    keep_alive: str | None
+    tool_calling: bool
+
+    @classmethod
+    def from_config(cls, provider: ProviderConfig | dict[str, Any]) -> ApiModel:
+        p = provider if isinstance(provider, ProviderConfig) else ProviderConfig.model_validate(provider)
+        return cls(p.id, p.api_host, p.api_token, p.api_type, p.input_size, p.model_path,
+                   p.weight, p.keep_alive, p.tool_calling)
+
+
+def sanitized(provider: ProviderConfig) -> dict[str, Any]:
+    """A provider's public view: no token, no upstream model path."""
+    return provider.model_dump(exclude=set(SECRET_FIELDS))
+
+
+class ApiModelConfig:
+    """Active model name -> its configuration (the seed's `models_configs`)."""
+
+    def __init__(self, config: RouterConfig) -> None:
+        self.config = config
+        self.models_configs: dict[str, ModelConfig] = {}
+        self.routing: dict[str, RoutingConfig] = {}
+        for group in config.model_types.values():
+            for name, model in group.models.items():
+                self.models_configs[name] = model
+                self.routing[name] = group.routing
+
+    def active_names(self) -> dict[str, list[str]]:
+        return {t: list(g.models) for t, g in self.config.model_types.items()}
+
+
+class ModelHandler:
+    def __init__(
+        self,
+        models_config_path: str | None = None,
+        provider_chooser: StrategyName | None = None,
+        *,
+        config: RouterConfig | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.api_model_config = ApiModelConfig(config or load_config(models_config_path))
+        models = self.api_model_config.models_configs
+        self.states: dict[str, ProviderState] = initial_states(list(models.values()))
+        self.strategies: dict[str, Strategy] = {
+            name: make_strategy(provider_chooser or self.api_model_config.routing[name].strategy)
+            for name in models
+        }
+        self.clock = clock
+
+    def _model(self, model_name: str) -> ModelConfig:
+        model = self.api_model_config.models_configs.get(model_name)
+        if model is None:
+            raise RouterError(404, f"the model {model_name!r} does not exist",
+                              code="model_not_found", param="model")
+        return model
+
+    def plan(self, meta: RequestMeta) -> list[ProviderConfig]:
+        """Every provider to try for this request, in order (see selection.plan_attempts)."""
+        return plan_attempts(meta.model, self._model(meta.model), meta, self.states,
+                             self.strategies[meta.model],
+                             self.api_model_config.routing[meta.model].max_attempts, self.clock())
+
+    def get_model_provider(self, model_name: str) -> ApiModel:
+        """The provider the strategy picks now for a small, tool-less request."""
+        self._model(model_name)
+        meta = RequestMeta(Endpoint.CHAT, model_name, False, 0, False, "")
+        return ApiModel.from_config(self.plan(meta)[0])
+
+    def list_active_models(self) -> dict[str, dict[str, dict[str, Any]]]:
+        """By model type: each active model with its first primary provider, secrets removed."""
+        return {
+            group: {name: sanitized(self.api_model_config.models_configs[name].providers[0])
+                    for name in names}
+            for group, names in self.api_model_config.active_names().items()
+        }

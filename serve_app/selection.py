@@ -1,0 +1,87 @@
+"""Which providers a request may go to, in which order: eligibility, tiers, limits, health."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from serve_app.config import ModelConfig, ProviderConfig
+from serve_app.errors import RouterError
+from serve_app.schemas import RequestMeta
+from serve_app.strategies import Strategy
+
+
+@dataclass
+class ProviderState:
+    """One replica's view of a provider: its load and when a recent failure stops counting."""
+
+    in_flight: int = 0
+    down_until: float = 0.0
+
+
+def fits(provider: ProviderConfig, meta: RequestMeta) -> bool:
+    return meta.prompt_tokens <= provider.input_size and (
+        not meta.needs_tools or provider.tool_calling
+    )
+
+
+def _no_fit_error(model_name: str, model: ModelConfig, meta: RequestMeta) -> RouterError:
+    everyone = [*model.providers, *model.providers_sleep]
+    if meta.needs_tools and not any(p.tool_calling for p in everyone):
+        return RouterError(
+            400, f"no provider of model {model_name} supports tool calling", param="tools",
+            code="tools_unsupported",
+        )
+    largest = max(p.input_size for p in everyone if p.tool_calling or not meta.needs_tools)
+    return RouterError(
+        400,
+        f"the prompt (about {meta.prompt_tokens} tokens) exceeds the input size of every provider "
+        f"of model {model_name} that could serve it (largest: {largest})",
+        param="messages", code="context_length_exceeded",
+    )
+
+
+def plan_attempts(
+    model_name: str,
+    model: ModelConfig,
+    meta: RequestMeta,
+    states: dict[str, ProviderState],
+    strategy: Strategy,
+    max_attempts: int,
+    now: float,
+) -> list[ProviderConfig]:
+    """Primaries in strategy order, then sleeping providers; each tier capped at max_attempts.
+
+    Providers marked down are kept as a last resort (the mark may be stale) so a request is only
+    refused when every fitting provider is busy at its limit (429) or none fits (400).
+    """
+    def in_flight(pid: str) -> int:
+        return states[pid].in_flight
+
+    def at_limit(p: ProviderConfig) -> bool:
+        return p.max_concurrency is not None and states[p.id].in_flight >= p.max_concurrency
+
+    tiers: list[list[ProviderConfig]] = []
+    down: list[ProviderConfig] = []
+    any_fit = False
+    for tier in (model.providers, model.providers_sleep):
+        fitting = [p for p in tier if fits(p, meta)]
+        any_fit = any_fit or bool(fitting)
+        ready = [p for p in fitting if not at_limit(p) and states[p.id].down_until <= now]
+        down += [p for p in fitting if not at_limit(p) and states[p.id].down_until > now]
+        tiers.append(strategy.order(ready, in_flight)[:max_attempts])
+    if not any_fit:
+        raise _no_fit_error(model_name, model, meta)
+    plan = [*tiers[0], *tiers[1]]
+    if plan:
+        return plan
+    if down:
+        return sorted(down, key=lambda p: states[p.id].down_until)[:max_attempts]
+    raise RouterError(
+        429, f"every provider of model {model_name} is at its concurrency limit",
+        type="rate_limit_error", code="all_providers_busy", headers={"retry-after": "1"},
+    )
+
+
+def initial_states(models: Sequence[ModelConfig]) -> dict[str, ProviderState]:
+    return {p.id: ProviderState() for m in models for p in (*m.providers, *m.providers_sleep)}

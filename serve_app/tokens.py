@@ -1,0 +1,55 @@
+"""Prompt-size estimate for `input_size` eligibility, without a tokenizer.
+
+The rule (documented in the README): ASCII text counts one token per 4 characters, rounded up;
+every non-ASCII character counts one token (CJK and most scripts tokenize near 1 char/token);
+each chat message adds 4 tokens of framing; a non-text content part (an image, audio) counts 256;
+tool definitions count their JSON size / 4. Token-id prompts count their length exactly.
+The estimate errs high for non-Latin text so a request is not sent where it cannot fit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
+
+MESSAGE_OVERHEAD = 4
+NON_TEXT_PART = 256
+
+
+def estimate_text(text: str) -> int:
+    if text.isascii():
+        return (len(text) + 3) // 4
+    non_ascii = sum(1 for ch in text if ord(ch) > 127)
+    return (len(text) - non_ascii + 3) // 4 + non_ascii
+
+
+def _content(content: Any) -> int:
+    if content is None:
+        return 0
+    if isinstance(content, str):
+        return estimate_text(content)
+    total = 0
+    for part in content:
+        text = part.get("text") if isinstance(part, dict) else getattr(part, "text", None)
+        total += estimate_text(text) if isinstance(text, str) else NON_TEXT_PART
+    return total
+
+
+def estimate_chat(messages: Sequence[Any], tools: Sequence[Any] | None) -> int:
+    total = sum(MESSAGE_OVERHEAD + _content(m.content) for m in messages)
+    if tools:
+        total += (len(orjson.dumps(list(tools))) + 3) // 4
+    return total
+
+
+def estimate_sequences(value: str | list[Any]) -> int:
+    """The largest single sequence of a prompt/input that may be a batch of several."""
+    if isinstance(value, str):
+        return estimate_text(value)
+    if not value:
+        return 0
+    if isinstance(value[0], int):
+        return len(value)
+    return max(estimate_text(v) if isinstance(v, str) else len(v) for v in value)
