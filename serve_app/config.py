@@ -272,8 +272,11 @@ def _duplicate_ids(models_by_type: dict[str, dict[str, ModelConfig]]) -> list[tu
                     path = json_path([type_name, model_name, tier, i, "id"])
                     if provider.id in first_seen:
                         problems.append(
-                            (path, f"duplicate provider id {provider.id!r} (first at "
-                                   f"{first_seen[provider.id]})")
+                            (
+                                path,
+                                f"duplicate provider id {provider.id!r} (first at "
+                                f"{first_seen[provider.id]})",
+                            )
                         )
                     else:
                         first_seen[provider.id] = path

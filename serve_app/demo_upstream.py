@@ -135,9 +135,17 @@ class FakeUpstream:
             if k.fail_times is not None:
                 k.fail_times -= 1
             headers = {"retry-after": k.retry_after} if k.retry_after else None
-            return web.json_response({"error": {"message": f"{self.name} failing on purpose",
-                                                "type": "test", "code": k.fail_status}},
-                                     status=k.fail_status, headers=headers)
+            return web.json_response(
+                {
+                    "error": {
+                        "message": f"{self.name} failing on purpose",
+                        "type": "test",
+                        "code": k.fail_status,
+                    }
+                },
+                status=k.fail_status,
+                headers=headers,
+            )
         return None
 
     def _reply_text(self, body: dict[str, Any]) -> str:
@@ -156,10 +164,11 @@ class FakeUpstream:
     def _pieces(self, text: str) -> list[str]:
         n = max(1, self.knobs.chunks)
         size = max(1, -(-len(text) // n))
-        return [text[i:i + size] for i in range(0, len(text), size)] or [""]
+        return [text[i : i + size] for i in range(0, len(text), size)] or [""]
 
-    async def _stream_lines(self, request: web.Request, content_type: str,
-                            lines: list[bytes]) -> web.StreamResponse:
+    async def _stream_lines(
+        self, request: web.Request, content_type: str, lines: list[bytes]
+    ) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"content-type": content_type})
         await resp.prepare(request)
         for i, line in enumerate(lines):
@@ -182,20 +191,42 @@ class FakeUpstream:
         chat = request.path.endswith("chat/completions")
         text = self._reply_text(body)
         rid, created, model = f"{self.name}-{self.calls}", int(time.time()), body.get("model")
-        usage = {"prompt_tokens": 5, "completion_tokens": len(self._pieces(text)),
-                 "total_tokens": 5 + len(self._pieces(text))}
+        usage = {
+            "prompt_tokens": 5,
+            "completion_tokens": len(self._pieces(text)),
+            "total_tokens": 5 + len(self._pieces(text)),
+        }
         if not body.get("stream"):
-            choice = ({"index": 0, "message": {"role": "assistant", "content": text},
-                       "finish_reason": "stop"} if chat else
-                      {"index": 0, "text": text, "logprobs": None, "finish_reason": "stop"})
-            return web.json_response({"id": rid, "created": created, "model": model,
-                                      "object": "chat.completion" if chat else "text_completion",
-                                      "choices": [choice], "usage": usage})
+            choice = (
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "finish_reason": "stop",
+                }
+                if chat
+                else {"index": 0, "text": text, "logprobs": None, "finish_reason": "stop"}
+            )
+            return web.json_response(
+                {
+                    "id": rid,
+                    "created": created,
+                    "model": model,
+                    "object": "chat.completion" if chat else "text_completion",
+                    "choices": [choice],
+                    "usage": usage,
+                }
+            )
         obj = "chat.completion.chunk" if chat else "text_completion"
 
         def event(choice: dict[str, Any] | None, extra: dict[str, Any] | None = None) -> bytes:
-            doc = {"id": rid, "object": obj, "created": created, "model": model,
-                   "choices": [choice] if choice else [], **(extra or {})}
+            doc = {
+                "id": rid,
+                "object": obj,
+                "created": created,
+                "model": model,
+                "choices": [choice] if choice else [],
+                **(extra or {}),
+            }
             return b"data: " + orjson.dumps(doc) + b"\n\n"
 
         lines = []
@@ -204,8 +235,9 @@ class FakeUpstream:
                 delta = {"role": "assistant", "content": piece} if i == 0 else {"content": piece}
                 lines.append(event({"index": 0, "delta": delta, "finish_reason": None}))
             else:
-                lines.append(event({"index": 0, "text": piece, "logprobs": None,
-                                    "finish_reason": None}))
+                lines.append(
+                    event({"index": 0, "text": piece, "logprobs": None, "finish_reason": None})
+                )
         end = {"index": 0, "delta": {}} if chat else {"index": 0, "text": "", "logprobs": None}
         lines.append(event({**end, "finish_reason": "stop"}))
         if (body.get("stream_options") or {}).get("include_usage"):
@@ -222,16 +254,31 @@ class FakeUpstream:
         if bad is not None:
             return bad
         inputs = body.get("input")
-        items = [inputs] if isinstance(inputs, str) or (inputs and isinstance(inputs[0], int)) \
+        items = (
+            [inputs]
+            if isinstance(inputs, str) or (inputs and isinstance(inputs[0], int))
             else inputs
-        data = [{"object": "embedding", "index": i, "embedding": self._vector(str(x))}
-                for i, x in enumerate(items or [])]
-        return web.json_response({"object": "list", "data": data, "model": body.get("model"),
-                                  "usage": {"prompt_tokens": 1, "total_tokens": 1}})
+        )
+        data = [
+            {"object": "embedding", "index": i, "embedding": self._vector(str(x))}
+            for i, x in enumerate(items or [])
+        ]
+        return web.json_response(
+            {
+                "object": "list",
+                "data": data,
+                "model": body.get("model"),
+                "usage": {"prompt_tokens": 1, "total_tokens": 1},
+            }
+        )
 
     async def _openai_models(self, request: web.Request) -> web.StreamResponse:
-        return web.json_response({"object": "list", "data": [
-            {"id": self.name, "object": "model", "created": 0, "owned_by": "demo"}]})
+        return web.json_response(
+            {
+                "object": "list",
+                "data": [{"id": self.name, "object": "model", "created": 0, "owned_by": "demo"}],
+            }
+        )
 
     # ---- Ollama -----------------------------------------------------------------------------
     async def _ollama(self, request: web.Request) -> web.StreamResponse:
@@ -243,10 +290,18 @@ class FakeUpstream:
         text = self._reply_text(body)
         base = {"model": body.get("model"), "created_at": "2026-01-01T00:00:00Z"}
         tools = body.get("tools") if chat and self.knobs.tool_call else None
-        calls = [{"function": {"name": tools[0]["function"]["name"],
-                               "arguments": {"echo": text}}}] if tools else None
-        final = {**base, "done": True, "done_reason": "stop", "prompt_eval_count": 5,
-                 "eval_count": len(self._pieces(text))}
+        calls = (
+            [{"function": {"name": tools[0]["function"]["name"], "arguments": {"echo": text}}}]
+            if tools
+            else None
+        )
+        final = {
+            **base,
+            "done": True,
+            "done_reason": "stop",
+            "prompt_eval_count": 5,
+            "eval_count": len(self._pieces(text)),
+        }
         if body.get("stream", True) is False:
             if chat:
                 msg: dict[str, Any] = {"role": "assistant", "content": "" if calls else text}
@@ -255,14 +310,24 @@ class FakeUpstream:
                 return web.json_response({**final, "message": msg})
             return web.json_response({**final, "response": text})
         lines = []
-        for piece in ([] if calls else self._pieces(text)):
-            part = {"message": {"role": "assistant", "content": piece}} if chat else \
-                {"response": piece}
+        for piece in [] if calls else self._pieces(text):
+            part = (
+                {"message": {"role": "assistant", "content": piece}}
+                if chat
+                else {"response": piece}
+            )
             lines.append(orjson.dumps({**base, **part, "done": False}) + b"\n")
         if calls:
-            lines.append(orjson.dumps({**base, "message": {"role": "assistant", "content": "",
-                                                           "tool_calls": calls},
-                                       "done": False}) + b"\n")
+            lines.append(
+                orjson.dumps(
+                    {
+                        **base,
+                        "message": {"role": "assistant", "content": "", "tool_calls": calls},
+                        "done": False,
+                    }
+                )
+                + b"\n"
+            )
         end = {"message": {"role": "assistant", "content": ""}} if chat else {"response": ""}
         lines.append(orjson.dumps({**final, **end}) + b"\n")
         return await self._stream_lines(request, "application/x-ndjson", lines)
@@ -274,9 +339,13 @@ class FakeUpstream:
             return bad
         inputs = body.get("input")
         items = [inputs] if isinstance(inputs, str) else inputs or []
-        return web.json_response({"model": body.get("model"),
-                                  "embeddings": [self._vector(x) for x in items],
-                                  "prompt_eval_count": len(items)})
+        return web.json_response(
+            {
+                "model": body.get("model"),
+                "embeddings": [self._vector(x) for x in items],
+                "prompt_eval_count": len(items),
+            }
+        )
 
     async def _ollama_tags(self, request: web.Request) -> web.StreamResponse:
         return web.json_response({"models": [{"name": self.name, "model": self.name}]})

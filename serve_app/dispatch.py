@@ -6,7 +6,6 @@ the result crosses a Ray Serve handle to the ingress.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator
 from typing import NamedTuple
@@ -70,22 +69,43 @@ class Dispatcher:
             sock_read=self.routing.read_timeout_s,
         )
 
-    def _failed(self, provider: ProviderConfig, meta: RequestMeta, failure: _Failure,
-                failures: list[_Failure]) -> None:
-        self.states[provider.id].down_until = self.handler.clock() + self.routing.unhealthy_cooldown_s
+    def _failed(
+        self,
+        provider: ProviderConfig,
+        meta: RequestMeta,
+        failure: _Failure,
+        failures: list[_Failure],
+    ) -> None:
+        self.states[provider.id].down_until = (
+            self.handler.clock() + self.routing.unhealthy_cooldown_s
+        )
         failures.append(failure)
-        log.warning("upstream attempt failed", extra={
-            "request_id": meta.request_id, "provider": provider.id, "reason": failure.reason})
+        log.warning(
+            "upstream attempt failed",
+            extra={
+                "request_id": meta.request_id,
+                "provider": provider.id,
+                "reason": failure.reason,
+            },
+        )
 
     def _exhausted(self, meta: RequestMeta, failures: list[_Failure]) -> RouterError:
         detail = "; ".join(f"{f.provider_id}: {f.reason}" for f in failures)
         if failures and all(f.status == 429 for f in failures):
             waits = [f.retry_after for f in failures if f.retry_after]
-            return RouterError(429, f"every provider of model {meta.model} is rate limited ({detail})",
-                               type="rate_limit_error", code="upstream_rate_limited",
-                               headers={"retry-after": min(waits, key=_seconds) if waits else "1"})
-        return RouterError(503, f"no provider of model {meta.model} could serve the request "
-                                f"({detail})", type="api_error", code="upstream_unavailable")
+            return RouterError(
+                429,
+                f"every provider of model {meta.model} is rate limited ({detail})",
+                type="rate_limit_error",
+                code="upstream_rate_limited",
+                headers={"retry-after": min(waits, key=_seconds) if waits else "1"},
+            )
+        return RouterError(
+            503,
+            f"no provider of model {meta.model} could serve the request ({detail})",
+            type="api_error",
+            code="upstream_unavailable",
+        )
 
     async def unary(self, body: bytes, meta: RequestMeta) -> Unary:
         failures: list[_Failure] = []
@@ -95,9 +115,12 @@ class Dispatcher:
                 state = self.states[provider.id]
                 state.in_flight += 1
                 try:
-                    async with self.session.post(exchange.url, data=exchange.body,
-                                                 headers=exchange.headers,
-                                                 timeout=self.timeout) as resp:
+                    async with self.session.post(
+                        exchange.url,
+                        data=exchange.body,
+                        headers=exchange.headers,
+                        timeout=self.timeout,
+                    ) as resp:
                         if _retryable(resp.status):
                             self._failed(provider, meta, _status_failure(provider, resp), failures)
                             continue
@@ -133,8 +156,9 @@ class Dispatcher:
             state = self.states[provider.id]
             state.in_flight += 1
             try:
-                resp = await self.session.post(exchange.url, data=exchange.body,
-                                               headers=exchange.headers, timeout=self.timeout)
+                resp = await self.session.post(
+                    exchange.url, data=exchange.body, headers=exchange.headers, timeout=self.timeout
+                )
             except UPSTREAM_ERRORS as exc:
                 state.in_flight -= 1
                 self._failed(provider, meta, _exc_failure(provider, exc), failures)
@@ -155,9 +179,14 @@ class Dispatcher:
                     async for out in exchange.stream(resp.content.iter_any()):
                         yield out
                 except UPSTREAM_ERRORS as exc:
-                    log.warning("upstream stream broke", extra={
-                        "request_id": meta.request_id, "provider": provider.id,
-                        "reason": type(exc).__name__})
+                    log.warning(
+                        "upstream stream broke",
+                        extra={
+                            "request_id": meta.request_id,
+                            "provider": provider.id,
+                            "reason": type(exc).__name__,
+                        },
+                    )
                     yield sse_error_event(f"upstream {provider.id} broke off the stream")
                 return
             finally:
@@ -177,7 +206,9 @@ def _seconds(value: str) -> float:
 
 
 def _status_failure(provider: ProviderConfig, resp: aiohttp.ClientResponse) -> _Failure:
-    return _Failure(provider.id, f"HTTP {resp.status}", resp.status, resp.headers.get("retry-after"))
+    return _Failure(
+        provider.id, f"HTTP {resp.status}", resp.status, resp.headers.get("retry-after")
+    )
 
 
 def _exc_failure(provider: ProviderConfig, exc: BaseException) -> _Failure:

@@ -13,7 +13,7 @@ class RouterError(Exception):
         status: int,
         message: str,
         *,
-        type: str = "invalid_request_error",  # noqa: A002 - OpenAI's field name
+        type: str = "invalid_request_error",
         code: str | None = None,
         param: str | None = None,
         headers: dict[str, str] | None = None,
@@ -30,7 +30,7 @@ class RouterError(Exception):
         return error_body(self.message, self.type, self.code, self.param)
 
 
-def error_body(message: str, type: str, code: str | None = None, param: str | None = None) -> bytes:  # noqa: A002
+def error_body(message: str, type: str, code: str | None = None, param: str | None = None) -> bytes:
     return orjson.dumps({"error": {"message": message, "type": type, "param": param, "code": code}})
 
 

@@ -43,9 +43,22 @@ class ApiModel:
 
     @classmethod
     def from_config(cls, provider: ProviderConfig | dict[str, Any]) -> ApiModel:
-        p = provider if isinstance(provider, ProviderConfig) else ProviderConfig.model_validate(provider)
-        return cls(p.id, p.api_host, p.api_token, p.api_type, p.input_size, p.model_path,
-                   p.weight, p.keep_alive, p.tool_calling)
+        p = (
+            provider
+            if isinstance(provider, ProviderConfig)
+            else ProviderConfig.model_validate(provider)
+        )
+        return cls(
+            p.id,
+            p.api_host,
+            p.api_token,
+            p.api_type,
+            p.input_size,
+            p.model_path,
+            p.weight,
+            p.keep_alive,
+            p.tool_calling,
+        )
 
 
 def sanitized(provider: ProviderConfig) -> dict[str, Any]:
@@ -90,15 +103,25 @@ class ModelHandler:
     def _model(self, model_name: str) -> ModelConfig:
         model = self.api_model_config.models_configs.get(model_name)
         if model is None:
-            raise RouterError(404, f"the model {model_name!r} does not exist",
-                              code="model_not_found", param="model")
+            raise RouterError(
+                404,
+                f"the model {model_name!r} does not exist",
+                code="model_not_found",
+                param="model",
+            )
         return model
 
     def plan(self, meta: RequestMeta) -> list[ProviderConfig]:
         """Every provider to try for this request, in order (see selection.plan_attempts)."""
-        return plan_attempts(meta.model, self._model(meta.model), meta, self.states,
-                             self.strategies[meta.model],
-                             self.api_model_config.routing[meta.model].max_attempts, self.clock())
+        return plan_attempts(
+            meta.model,
+            self._model(meta.model),
+            meta,
+            self.states,
+            self.strategies[meta.model],
+            self.api_model_config.routing[meta.model].max_attempts,
+            self.clock(),
+        )
 
     def get_model_provider(self, model_name: str) -> ApiModel:
         """The provider the strategy picks now for a small, tool-less request."""
@@ -109,7 +132,9 @@ class ModelHandler:
     def list_active_models(self) -> dict[str, dict[str, dict[str, Any]]]:
         """By model type: each active model with its first primary provider, secrets removed."""
         return {
-            group: {name: sanitized(self.api_model_config.models_configs[name].providers[0])
-                    for name in names}
+            group: {
+                name: sanitized(self.api_model_config.models_configs[name].providers[0])
+                for name in names
+            }
             for group, names in self.api_model_config.active_names().items()
         }

@@ -29,7 +29,9 @@ def _no_fit_error(model_name: str, model: ModelConfig, meta: RequestMeta) -> Rou
     everyone = [*model.providers, *model.providers_sleep]
     if meta.needs_tools and not any(p.tool_calling for p in everyone):
         return RouterError(
-            400, f"no provider of model {model_name} supports tool calling", param="tools",
+            400,
+            f"no provider of model {model_name} supports tool calling",
+            param="tools",
             code="tools_unsupported",
         )
     largest = max(p.input_size for p in everyone if p.tool_calling or not meta.needs_tools)
@@ -37,7 +39,8 @@ def _no_fit_error(model_name: str, model: ModelConfig, meta: RequestMeta) -> Rou
         400,
         f"the prompt (about {meta.prompt_tokens} tokens) exceeds the input size of every provider "
         f"of model {model_name} that could serve it (largest: {largest})",
-        param="messages", code="context_length_exceeded",
+        param="messages",
+        code="context_length_exceeded",
     )
 
 
@@ -55,6 +58,7 @@ def plan_attempts(
     Providers marked down are kept as a last resort (the mark may be stale) so a request is only
     refused when every fitting provider is busy at its limit (429) or none fits (400).
     """
+
     def in_flight(pid: str) -> int:
         return states[pid].in_flight
 
@@ -78,8 +82,11 @@ def plan_attempts(
     if down:
         return sorted(down, key=lambda p: states[p.id].down_until)[:max_attempts]
     raise RouterError(
-        429, f"every provider of model {model_name} is at its concurrency limit",
-        type="rate_limit_error", code="all_providers_busy", headers={"retry-after": "1"},
+        429,
+        f"every provider of model {model_name} is at its concurrency limit",
+        type="rate_limit_error",
+        code="all_providers_busy",
+        headers={"retry-after": "1"},
     )
 
 

@@ -16,7 +16,9 @@ InFlight = Callable[[str], int]
 
 
 class Strategy(Protocol):
-    def order(self, candidates: Sequence[ProviderConfig], in_flight: InFlight) -> list[ProviderConfig]:
+    def order(
+        self, candidates: Sequence[ProviderConfig], in_flight: InFlight
+    ) -> list[ProviderConfig]:
         """Candidates in the order they should be tried."""
 
 
@@ -26,7 +28,9 @@ class WeightedRandom:
     def __init__(self, rng: random.Random) -> None:
         self._rng = rng
 
-    def order(self, candidates: Sequence[ProviderConfig], in_flight: InFlight) -> list[ProviderConfig]:
+    def order(
+        self, candidates: Sequence[ProviderConfig], in_flight: InFlight
+    ) -> list[ProviderConfig]:
         if len(candidates) < 2:
             return list(candidates)
         keyed = []
@@ -41,7 +45,9 @@ class RoundRobin:
     def __init__(self) -> None:
         self._next = 0
 
-    def order(self, candidates: Sequence[ProviderConfig], in_flight: InFlight) -> list[ProviderConfig]:
+    def order(
+        self, candidates: Sequence[ProviderConfig], in_flight: InFlight
+    ) -> list[ProviderConfig]:
         if not candidates:
             return []
         start = self._next % len(candidates)
@@ -55,11 +61,17 @@ class LeastInFlight:
     def __init__(self, rng: random.Random) -> None:
         self._rng = rng
 
-    def order(self, candidates: Sequence[ProviderConfig], in_flight: InFlight) -> list[ProviderConfig]:
+    def order(
+        self, candidates: Sequence[ProviderConfig], in_flight: InFlight
+    ) -> list[ProviderConfig]:
         if len(candidates) < 2:
             return list(candidates)
         a, b = self._rng.sample(range(len(candidates)), 2)
-        first = candidates[a] if in_flight(candidates[a].id) <= in_flight(candidates[b].id) else candidates[b]
+        first = (
+            candidates[a]
+            if in_flight(candidates[a].id) <= in_flight(candidates[b].id)
+            else candidates[b]
+        )
         rest = sorted((p for p in candidates if p is not first), key=lambda p: in_flight(p.id))
         return [first, *rest]
 
@@ -67,7 +79,9 @@ class LeastInFlight:
 class FirstAvailable:
     """Config order, idle providers first: the first free one serves."""
 
-    def order(self, candidates: Sequence[ProviderConfig], in_flight: InFlight) -> list[ProviderConfig]:
+    def order(
+        self, candidates: Sequence[ProviderConfig], in_flight: InFlight
+    ) -> list[ProviderConfig]:
         return sorted(candidates, key=lambda p: in_flight(p.id) > 0)
 
 

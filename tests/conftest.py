@@ -10,7 +10,7 @@ import pytest
 
 from serve_app.serve_env import apply_fast_serve_env
 
-apply_fast_serve_env()  # before ray.serve is imported anywhere in this process
+apply_fast_serve_env(single_node=True)  # before ray.serve is imported anywhere in this process
 
 import aiohttp  # noqa: E402
 import ray  # noqa: E402
@@ -84,9 +84,17 @@ def upstream_factory() -> Iterator[Callable[[str], FakeUpstream]]:
 
 
 def provider(pid: str, url: str, api_type: str = "openai", **extra: object) -> dict:
-    return {"id": pid, "api_host": url, "api_token": "", "api_type": api_type,
-            "input_size": 4096, "model_path": "", "keep_alive": None, "tool_calling": False,
-            **extra}
+    return {
+        "id": pid,
+        "api_host": url,
+        "api_token": "",
+        "api_type": api_type,
+        "input_size": 4096,
+        "model_path": "",
+        "keep_alive": None,
+        "tool_calling": False,
+        **extra,
+    }
 
 
 @pytest.fixture

@@ -36,14 +36,26 @@ class Pool:
     c2: FakeUpstream
 
     def all(self) -> list[FakeUpstream]:
-        return [self.a, self.b, self.sleep, self.small, self.big, self.w1, self.w3, self.ollama,
-                self.c1, self.c2]
+        return [
+            self.a,
+            self.b,
+            self.sleep,
+            self.small,
+            self.big,
+            self.w1,
+            self.w3,
+            self.ollama,
+            self.c1,
+            self.c2,
+        ]
 
 
 @pytest.fixture(scope="module")
 def pool(serve_url: str, upstream_factory) -> Pool:
-    ups = {n: upstream_factory(n) for n in
-           ("a", "b", "sleep", "small", "big", "w1", "w3", "ollama", "c1", "c2")}
+    ups = {
+        n: upstream_factory(n)
+        for n in ("a", "b", "sleep", "small", "big", "w1", "w3", "ollama", "c1", "c2")
+    }
     os.environ[TOKEN_ENV] = "sekrit-token-123"
     dead = f"http://127.0.0.1:{free_port()}"
     config = {
@@ -53,28 +65,52 @@ def pool(serve_url: str, upstream_factory) -> Pool:
                 "providers_sleep": [provider("sleep", ups["sleep"].url, weight=0.1)],
             },
             "m/dead-first": {"providers": [provider("dead", dead), provider("b2", ups["b"].url)]},
-            "m/fit": {"providers": [
-                provider("small", ups["small"].url, input_size=50),
-                provider("big", ups["big"].url, api_type="vllm", input_size="100000",
-                         tool_calling=True, model_path="org/big-model",
-                         api_token="${" + TOKEN_ENV + "}"),
-            ]},
+            "m/fit": {
+                "providers": [
+                    provider("small", ups["small"].url, input_size=50),
+                    provider(
+                        "big",
+                        ups["big"].url,
+                        api_type="vllm",
+                        input_size="100000",
+                        tool_calling=True,
+                        model_path="org/big-model",
+                        api_token="${" + TOKEN_ENV + "}",
+                    ),
+                ]
+            },
         },
         "mixed_models": {
-            "m/weighted": {"providers": [provider("w1", ups["w1"].url, weight=1.0),
-                                         provider("w3", ups["w3"].url, weight=3.0)]},
-            "m/ollama": {"providers": [provider("ollama", ups["ollama"].url, api_type="ollama",
-                                                model_path="llama3.2:1b", keep_alive="35m",
-                                                tool_calling=True)]},
-            "m/cooldown": {"providers": [provider("c1", ups["c1"].url),
-                                         provider("c2", ups["c2"].url)]},
+            "m/weighted": {
+                "providers": [
+                    provider("w1", ups["w1"].url, weight=1.0),
+                    provider("w3", ups["w3"].url, weight=3.0),
+                ]
+            },
+            "m/ollama": {
+                "providers": [
+                    provider(
+                        "ollama",
+                        ups["ollama"].url,
+                        api_type="ollama",
+                        model_path="llama3.2:1b",
+                        keep_alive="35m",
+                        tool_calling=True,
+                    )
+                ]
+            },
+            "m/cooldown": {
+                "providers": [provider("c1", ups["c1"].url), provider("c2", ups["c2"].url)]
+            },
         },
         "routing": {
             "pool_models": {"strategy": "first_available", "unhealthy_cooldown_s": 0},
             "mixed_models": {"strategy": "weighted_random", "unhealthy_cooldown_s": 60},
         },
-        "active_models": {"pool_models": ["m/failover", "m/dead-first", "m/fit"],
-                          "mixed_models": ["m/weighted", "m/ollama", "m/cooldown"]},
+        "active_models": {
+            "pool_models": ["m/failover", "m/dead-first", "m/fit"],
+            "mixed_models": ["m/weighted", "m/ollama", "m/cooldown"],
+        },
     }
     deploy(serve_url, config, max_body_bytes=1_000_000)
     return Pool(serve_url, **ups)
@@ -91,11 +127,13 @@ def chat(model: str, text: str = "hello", **extra: object) -> dict:
     return {"model": model, "messages": [{"role": "user", "content": text}], **extra}
 
 
-async def post(http: aiohttp.ClientSession, url: str, body: object, path: str = "chat/completions"
-               ) -> tuple[int, CIMultiDict[str], bytes]:
+async def post(
+    http: aiohttp.ClientSession, url: str, body: object, path: str = "chat/completions"
+) -> tuple[int, CIMultiDict[str], bytes]:
     data = body if isinstance(body, bytes) else orjson.dumps(body)
-    async with http.post(f"{url}/v1/{path}", data=data,
-                         headers={"content-type": "application/json"}) as resp:
+    async with http.post(
+        f"{url}/v1/{path}", data=data, headers={"content-type": "application/json"}
+    ) as resp:
         return resp.status, resp.headers.copy(), await resp.read()
 
 
@@ -110,6 +148,7 @@ def sse_events(raw: bytes) -> list[object]:
 
 # ---- serving and failover ---------------------------------------------------------------------
 
+
 async def test_unary_chat_names_the_provider(pool: Pool, http) -> None:
     status, headers, body = await post(http, pool.url, chat("m/failover", "ping"))
     assert status == 200
@@ -118,8 +157,15 @@ async def test_unary_chat_names_the_provider(pool: Pool, http) -> None:
     assert headers["x-request-id"]
 
 
-@pytest.mark.parametrize("knobs", [Knobs(fail_status=500), Knobs(fail_status=503),
-                                   Knobs(fail_status=429), Knobs(drop="before_headers")])
+@pytest.mark.parametrize(
+    "knobs",
+    [
+        Knobs(fail_status=500),
+        Knobs(fail_status=503),
+        Knobs(fail_status=429),
+        Knobs(drop="before_headers"),
+    ],
+)
 async def test_fails_over_to_the_next_provider(pool: Pool, http, knobs: Knobs) -> None:
     pool.a.knobs = knobs
     status, headers, body = await post(http, pool.url, chat("m/failover"))
@@ -184,6 +230,7 @@ async def test_recent_failure_is_skipped_during_cooldown(pool: Pool, http) -> No
 
 # ---- eligibility ------------------------------------------------------------------------------
 
+
 async def test_large_prompt_goes_only_where_it_fits(pool: Pool, http) -> None:
     for _ in range(3):
         status, headers, _ = await post(http, pool.url, chat("m/fit", "x" * 400))
@@ -235,6 +282,7 @@ async def test_weights_are_honoured(pool: Pool, http) -> None:
 
 # ---- streaming --------------------------------------------------------------------------------
 
+
 async def test_stream_chunks_arrive_in_order(pool: Pool, http) -> None:
     pool.a.knobs = Knobs(chunks=12, chunk_delay_s=0.01)
     text = "the quick brown fox jumps over the lazy dog"
@@ -276,9 +324,11 @@ async def test_stream_error_before_any_byte_is_a_plain_http_error(pool: Pool, ht
 
 # ---- Ollama translation -----------------------------------------------------------------------
 
+
 async def test_ollama_unary_both_ways(pool: Pool, http) -> None:
-    status, _, body = await post(http, pool.url, chat("m/ollama", "hola", max_tokens=7,
-                                                      temperature=0.2, stop="END"))
+    status, _, body = await post(
+        http, pool.url, chat("m/ollama", "hola", max_tokens=7, temperature=0.2, stop="END")
+    )
     assert status == 200
     doc = orjson.loads(body)
     assert doc["object"] == "chat.completion" and doc["model"] == "m/ollama"
@@ -293,8 +343,7 @@ async def test_ollama_unary_both_ways(pool: Pool, http) -> None:
 
 async def test_ollama_stream_both_ways(pool: Pool, http) -> None:
     pool.ollama.knobs = Knobs(chunks=5)
-    body = chat("m/ollama", "streaming please", stream=True,
-                stream_options={"include_usage": True})
+    body = chat("m/ollama", "streaming please", stream=True, stream_options={"include_usage": True})
     status, _, raw = await post(http, pool.url, body)
     assert status == 200
     events = sse_events(raw)
@@ -310,6 +359,7 @@ async def test_ollama_stream_both_ways(pool: Pool, http) -> None:
 async def test_ollama_tool_calls_come_back_in_openai_shape(pool: Pool, http) -> None:
     tools = [{"type": "function", "function": {"name": "lookup", "parameters": {}}}]
     status, _, body = await post(http, pool.url, chat("m/ollama", "find", tools=tools))
+    assert status == 200
     choice = orjson.loads(body)["choices"][0]
     assert choice["finish_reason"] == "tool_calls"
     call = choice["message"]["tool_calls"][0]
@@ -319,11 +369,13 @@ async def test_ollama_tool_calls_come_back_in_openai_shape(pool: Pool, http) -> 
 
 
 async def test_ollama_completions_and_embeddings(pool: Pool, http) -> None:
-    status, _, body = await post(http, pool.url, {"model": "m/ollama", "prompt": "once"},
-                                 "completions")
+    status, _, body = await post(
+        http, pool.url, {"model": "m/ollama", "prompt": "once"}, "completions"
+    )
     assert status == 200 and orjson.loads(body)["choices"][0]["text"] == "ollama: once"
-    status, _, body = await post(http, pool.url, {"model": "m/ollama", "input": ["a", "bb"]},
-                                 "embeddings")
+    status, _, body = await post(
+        http, pool.url, {"model": "m/ollama", "input": ["a", "bb"]}, "embeddings"
+    )
     doc = orjson.loads(body)
     assert status == 200 and [d["index"] for d in doc["data"]] == [0, 1]
     assert [r.path for r in pool.ollama.requests] == ["/api/generate", "/api/embed"]
@@ -331,43 +383,65 @@ async def test_ollama_completions_and_embeddings(pool: Pool, http) -> None:
 
 # ---- the official openai client -----------------------------------------------------------------
 
+
 def test_openai_client_sync_and_streaming(pool: Pool) -> None:
     client = openai.OpenAI(base_url=f"{pool.url}/v1", api_key="unused", max_retries=0)
-    done = client.chat.completions.create(model="m/failover",
-                                          messages=[{"role": "user", "content": "sdk"}])
+    done = client.chat.completions.create(
+        model="m/failover", messages=[{"role": "user", "content": "sdk"}]
+    )
     assert done.choices[0].message.content == "a: sdk"
-    stream = client.chat.completions.create(model="m/ollama", stream=True,
-                                            messages=[{"role": "user", "content": "sdk stream"}])
-    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == \
-        "ollama: sdk stream"
+    stream = client.chat.completions.create(
+        model="m/ollama", stream=True, messages=[{"role": "user", "content": "sdk stream"}]
+    )
+    assert (
+        "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        == "ollama: sdk stream"
+    )
     emb = client.embeddings.create(model="m/failover", input="vector")
     assert len(emb.data[0].embedding) == 8
     assert [m.id for m in client.models.list()] == [
-        "m/failover", "m/dead-first", "m/fit", "m/weighted", "m/ollama", "m/cooldown"]
+        "m/failover",
+        "m/dead-first",
+        "m/fit",
+        "m/weighted",
+        "m/ollama",
+        "m/cooldown",
+    ]
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
 
 
 # ---- bad input ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("body", "status", "code"), [
-    (b"{not json", 400, "invalid_json"),
-    (b"\xff\xfe\x00garbage", 400, "invalid_json"),
-    (b"[1, 2]", 400, "invalid_json"),
-    (orjson.dumps({"messages": [{"role": "user", "content": "x"}]}), 400,
-     "missing_required_parameter"),
-    (orjson.dumps({"model": "m/failover"}), 400, "missing_required_parameter"),
-    (orjson.dumps({"model": "m/failover", "messages": "hi"}), 400, "invalid_value"),
-    (orjson.dumps({"model": "m/failover", "messages": []}), 400, "invalid_value"),
-    (orjson.dumps({**chat("m/failover"), "stream": "yes"}), 400, "invalid_value"),
-    (orjson.dumps({"model": 7, "messages": [{"role": "user", "content": "x"}]}), 400,
-     "invalid_value"),
-    (orjson.dumps(chat("no/such-model")), 404, "model_not_found"),
-    (b"[" * 1_100_000, 413, "request_too_large"),
-    (orjson.dumps(chat("m/failover", "q" * 1_100_000)), 413, "request_too_large"),
-])
-async def test_bad_input_gets_an_openai_error(pool: Pool, http, body: bytes, status: int,
-                                              code: str) -> None:
+
+@pytest.mark.parametrize(
+    ("body", "status", "code"),
+    [
+        (b"{not json", 400, "invalid_json"),
+        (b"\xff\xfe\x00garbage", 400, "invalid_json"),
+        (b"[1, 2]", 400, "invalid_json"),
+        (
+            orjson.dumps({"messages": [{"role": "user", "content": "x"}]}),
+            400,
+            "missing_required_parameter",
+        ),
+        (orjson.dumps({"model": "m/failover"}), 400, "missing_required_parameter"),
+        (orjson.dumps({"model": "m/failover", "messages": "hi"}), 400, "invalid_value"),
+        (orjson.dumps({"model": "m/failover", "messages": []}), 400, "invalid_value"),
+        (orjson.dumps({**chat("m/failover"), "stream": "yes"}), 400, "invalid_value"),
+        (
+            orjson.dumps({"model": 7, "messages": [{"role": "user", "content": "x"}]}),
+            400,
+            "invalid_value",
+        ),
+        (orjson.dumps(chat("no/such-model")), 404, "model_not_found"),
+        (b"[" * 1_100_000, 413, "request_too_large"),
+        (orjson.dumps(chat("m/failover", "q" * 1_100_000)), 413, "request_too_large"),
+    ],
+)
+async def test_bad_input_gets_an_openai_error(
+    pool: Pool, http, body: bytes, status: int, code: str
+) -> None:
     got, headers, raw = await post(http, pool.url, body)
     assert got == status, raw
     assert headers["content-type"] == "application/json"

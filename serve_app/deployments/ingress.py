@@ -7,14 +7,12 @@ The body crosses the hop as the client's raw bytes plus a small RequestMeta tupl
 parsed once here (by pydantic-core) and re-encoded only where an upstream needs another shape.
 """
 
-
 import logging
 import uuid
 from collections.abc import AsyncIterator
 
-import ray.serve.context
-
 import orjson
+import ray.serve.context
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response, StreamingResponse
@@ -28,13 +26,15 @@ from serve_app.errors import RouterError
 from serve_app.handler import ApiModelConfig
 from serve_app.providers.base import JSON
 from serve_app.schemas import Endpoint, validate_request
+from serve_app.serve_env import REPLICA_CPUS
 
 log = logging.getLogger("ray.serve")
 
 DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
 
-api = FastAPI(title="serve-router", version="0.1.0",
-              description="OpenAI-compatible LLM router on Ray Serve")
+api = FastAPI(
+    title="serve-router", version="0.1.0", description="OpenAI-compatible LLM router on Ray Serve"
+)
 
 
 def _error(err: RouterError) -> Response:
@@ -63,8 +63,9 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> Re
 @api.exception_handler(Exception)
 async def _unexpected(request: Request, exc: Exception) -> Response:
     log.exception("unexpected error in the ingress")
-    return _error(RouterError(500, "internal error in the router", type="api_error",
-                              code="internal_error"))
+    return _error(
+        RouterError(500, "internal error in the router", type="api_error", code="internal_error")
+    )
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -86,19 +87,29 @@ async def _rest(gen: DeploymentResponseGenerator) -> AsyncIterator[bytes]:
         yield chunk
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=2000)
+@serve.deployment(ray_actor_options={"num_cpus": REPLICA_CPUS}, max_ongoing_requests=2000)
 @serve.ingress(api)
 class Ingress:
-    def __init__(self, routers: dict[str, DeploymentHandle], config: RouterConfig,
-                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
+    def __init__(
+        self,
+        routers: dict[str, DeploymentHandle],
+        config: RouterConfig,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    ) -> None:
         self._type_of = config.model_type_of()
         self._unary = {t: h.options(method_name="unary") for t, h in routers.items()}
         self._stream = {t: h.options(method_name="stream", stream=True) for t, h in routers.items()}
         self._max_body = max_body_bytes
-        self._models = orjson.dumps({"object": "list", "data": [
-            {"id": name, "object": "model", "created": 0, "owned_by": group}
-            for group, names in ApiModelConfig(config).active_names().items() for name in names
-        ]})
+        self._models = orjson.dumps(
+            {
+                "object": "list",
+                "data": [
+                    {"id": name, "object": "model", "created": 0, "owned_by": group}
+                    for group, names in ApiModelConfig(config).active_names().items()
+                    for name in names
+                ],
+            }
+        )
 
     async def _relay(self, endpoint: Endpoint, request: Request) -> Response:
         request_id = _request_id()
@@ -107,8 +118,12 @@ class Ingress:
             meta = validate_request(endpoint, body, request_id)
             model_type = self._type_of.get(meta.model)
             if model_type is None:
-                raise RouterError(404, f"the model {meta.model!r} does not exist",
-                                  code="model_not_found", param="model")
+                raise RouterError(
+                    404,
+                    f"the model {meta.model!r} does not exist",
+                    code="model_not_found",
+                    param="model",
+                )
         except RouterError as err:
             return _error(err)
         try:
@@ -117,19 +132,31 @@ class Ingress:
             head, out = await self._unary[model_type].remote(body, meta)
         except Exception:
             log.exception("router call failed", extra={"request_id": request_id})
-            return _error(RouterError(503, "the router for this model is unavailable; retry",
-                                      type="api_error", code="router_unavailable"))
-        return Response(out, status_code=head.status, media_type=head.content_type,
-                        headers=head.headers)
+            return _error(
+                RouterError(
+                    503,
+                    "the router for this model is unavailable; retry",
+                    type="api_error",
+                    code="router_unavailable",
+                )
+            )
+        return Response(
+            out, status_code=head.status, media_type=head.content_type, headers=head.headers
+        )
 
     async def _streamed(self, gen: DeploymentResponseGenerator) -> Response:
         head: Head = await gen.__anext__()
         if head.status != 200:
             out = b"".join([chunk async for chunk in gen])
-            return Response(out, status_code=head.status, media_type=head.content_type,
-                            headers=head.headers)
-        return StreamingResponse(_rest(gen), status_code=head.status, media_type=head.content_type,
-                                 headers={**head.headers, "cache-control": "no-cache"})
+            return Response(
+                out, status_code=head.status, media_type=head.content_type, headers=head.headers
+            )
+        return StreamingResponse(
+            _rest(gen),
+            status_code=head.status,
+            media_type=head.content_type,
+            headers={**head.headers, "cache-control": "no-cache"},
+        )
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Response:
@@ -150,4 +177,3 @@ class Ingress:
     @api.get("/healthz")
     async def healthz(self) -> Response:
         return Response(b'{"status":"ok"}', media_type=JSON)
-

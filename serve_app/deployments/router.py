@@ -11,9 +11,10 @@ from serve_app.config import ModelTypeConfig, RouterConfig
 from serve_app.dispatch import Dispatcher, Head, Unary
 from serve_app.handler import ModelHandler
 from serve_app.schemas import RequestMeta
+from serve_app.serve_env import REPLICA_CPUS
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
+@serve.deployment(ray_actor_options={"num_cpus": REPLICA_CPUS}, max_ongoing_requests=1000)
 class ModelTypeRouter:
     def __init__(self, model_type: ModelTypeConfig) -> None:
         self._model_type = model_type
@@ -25,10 +26,12 @@ class ModelTypeRouter:
         if self._dispatcher is None:
             connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
             session = aiohttp.ClientSession(connector=connector)
-            config = RouterConfig(source=self._model_type.name,
-                                  model_types={self._model_type.name: self._model_type})
-            self._dispatcher = Dispatcher(ModelHandler(config=config), self._model_type.routing,
-                                          session)
+            config = RouterConfig(
+                source=self._model_type.name, model_types={self._model_type.name: self._model_type}
+            )
+            self._dispatcher = Dispatcher(
+                ModelHandler(config=config), self._model_type.routing, session
+            )
         return self._dispatcher
 
     async def unary(self, body: bytes, meta: RequestMeta) -> Unary:

@@ -33,8 +33,11 @@ _OPTIONS = {
     "repeat_penalty": "repeat_penalty",
     "num_ctx": "num_ctx",
 }
-_PATHS = {Endpoint.CHAT: "/api/chat", Endpoint.COMPLETIONS: "/api/generate",
-          Endpoint.EMBEDDINGS: "/api/embed"}
+_PATHS = {
+    Endpoint.CHAT: "/api/chat",
+    Endpoint.COMPLETIONS: "/api/generate",
+    Endpoint.EMBEDDINGS: "/api/embed",
+}
 _DATA_URL_MARK = ";base64,"
 
 
@@ -67,8 +70,12 @@ def _message(msg: dict[str, Any]) -> dict[str, Any]:
             elif part.get("type") == "image_url":
                 url = (part.get("image_url") or {}).get("url", "")
                 if _DATA_URL_MARK not in url:
-                    raise RouterError(400, "ollama providers take images only as base64 data: URLs",
-                                      param="messages", code="unsupported_content")
+                    raise RouterError(
+                        400,
+                        "ollama providers take images only as base64 data: URLs",
+                        param="messages",
+                        code="unsupported_content",
+                    )
                 images.append(url.split(_DATA_URL_MARK, 1)[1])
         out["content"] = "".join(texts)
         if images:
@@ -89,8 +96,12 @@ def _tool_call_to_ollama(call: dict[str, Any]) -> dict[str, Any]:
         try:
             args = orjson.loads(args) if args else {}
         except orjson.JSONDecodeError:
-            raise RouterError(400, "tool call arguments must be a JSON object", param="messages",
-                              code="invalid_value") from None
+            raise RouterError(
+                400,
+                "tool call arguments must be a JSON object",
+                param="messages",
+                code="invalid_value",
+            ) from None
     return {"function": {"name": fn.get("name"), "arguments": args or {}}}
 
 
@@ -102,7 +113,9 @@ def _tool_calls_to_openai(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "type": "function",
             "function": {
                 "name": (c.get("function") or {}).get("name"),
-                "arguments": orjson.dumps((c.get("function") or {}).get("arguments") or {}).decode(),
+                "arguments": orjson.dumps(
+                    (c.get("function") or {}).get("arguments") or {}
+                ).decode(),
             },
         }
         for i, c in enumerate(calls)
@@ -117,8 +130,12 @@ def to_ollama_request(
     if endpoint is Endpoint.EMBEDDINGS:
         inp = req["input"]
         if not isinstance(inp, str) and any(not isinstance(x, str) for x in inp):
-            raise RouterError(400, "ollama providers take embedding input as text, not token ids",
-                              param="input", code="unsupported_content")
+            raise RouterError(
+                400,
+                "ollama providers take embedding input as text, not token ids",
+                param="input",
+                code="unsupported_content",
+            )
         out["input"] = inp
     elif endpoint is Endpoint.CHAT:
         out["messages"] = [_message(m) for m in req["messages"]]
@@ -128,8 +145,12 @@ def to_ollama_request(
         prompt = req["prompt"]
         if isinstance(prompt, list):
             if len(prompt) != 1 or not isinstance(prompt[0], str):
-                raise RouterError(400, "ollama providers take one text prompt per request",
-                                  param="prompt", code="unsupported_content")
+                raise RouterError(
+                    400,
+                    "ollama providers take one text prompt per request",
+                    param="prompt",
+                    code="unsupported_content",
+                )
             prompt = prompt[0]
         out["prompt"] = prompt
         if req.get("suffix"):
@@ -156,8 +177,11 @@ def _finish(doc: dict[str, Any], has_tools: bool) -> str:
 def _usage(doc: dict[str, Any]) -> dict[str, int]:
     prompt = int(doc.get("prompt_eval_count") or 0)
     completion = int(doc.get("eval_count") or 0)
-    return {"prompt_tokens": prompt, "completion_tokens": completion,
-            "total_tokens": prompt + completion}
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
 
 
 def from_ollama_response(
@@ -169,8 +193,9 @@ def from_ollama_response(
         tokens = int(doc.get("prompt_eval_count") or 0)
         return {
             "object": "list",
-            "data": [{"object": "embedding", "index": i, "embedding": v}
-                     for i, v in enumerate(vectors)],
+            "data": [
+                {"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)
+            ],
             "model": model,
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
         }
@@ -184,11 +209,21 @@ def from_ollama_response(
         choice = {"index": 0, "message": message, "finish_reason": _finish(doc, bool(calls))}
         obj = "chat.completion"
     else:
-        choice = {"index": 0, "text": doc.get("response") or "", "logprobs": None,
-                  "finish_reason": _finish(doc, False)}
+        choice = {
+            "index": 0,
+            "text": doc.get("response") or "",
+            "logprobs": None,
+            "finish_reason": _finish(doc, False),
+        }
         obj = "text_completion"
-    return {"id": response_id, "object": obj, "created": created, "model": model,
-            "choices": [choice], "usage": _usage(doc)}
+    return {
+        "id": response_id,
+        "object": obj,
+        "created": created,
+        "model": model,
+        "choices": [choice],
+        "usage": _usage(doc),
+    }
 
 
 def _sse(obj: dict[str, Any]) -> bytes:
@@ -198,8 +233,9 @@ def _sse(obj: dict[str, Any]) -> bytes:
 class StreamTranslator:
     """Ollama NDJSON lines -> OpenAI SSE chunks, for one streamed answer."""
 
-    def __init__(self, endpoint: Endpoint, model: str, response_id: str, created: int,
-                 include_usage: bool) -> None:
+    def __init__(
+        self, endpoint: Endpoint, model: str, response_id: str, created: int, include_usage: bool
+    ) -> None:
         self.chat = endpoint is Endpoint.CHAT
         self.model = model
         self.id = response_id
@@ -210,8 +246,13 @@ class StreamTranslator:
 
     def _chunk(self, choice: dict[str, Any], usage: dict[str, int] | None = None) -> bytes:
         obj = "chat.completion.chunk" if self.chat else "text_completion"
-        doc: dict[str, Any] = {"id": self.id, "object": obj, "created": self.created,
-                               "model": self.model, "choices": [choice] if choice else []}
+        doc: dict[str, Any] = {
+            "id": self.id,
+            "object": obj,
+            "created": self.created,
+            "model": self.model,
+            "choices": [choice] if choice else [],
+        }
         if usage is not None:
             doc["usage"] = usage
         return _sse(doc)
@@ -235,12 +276,16 @@ class StreamTranslator:
             if delta:
                 out += self._chunk({"index": 0, "delta": delta, "finish_reason": None})
         elif doc.get("response"):
-            out += self._chunk({"index": 0, "text": doc["response"], "logprobs": None,
-                                "finish_reason": None})
+            out += self._chunk(
+                {"index": 0, "text": doc["response"], "logprobs": None, "finish_reason": None}
+            )
         if doc.get("done"):
             finish = _finish(doc, self._tool_calls)
-            empty = {"index": 0, "delta": {}} if self.chat else {"index": 0, "text": "",
-                                                                 "logprobs": None}
+            empty = (
+                {"index": 0, "delta": {}}
+                if self.chat
+                else {"index": 0, "text": "", "logprobs": None}
+            )
             out += self._chunk({**empty, "finish_reason": finish})
             if self.include_usage:
                 out += self._chunk({}, _usage(doc))
@@ -258,10 +303,15 @@ class OllamaExchange:
         token = provider.api_token.get_secret_value()
         if token:
             self.headers["authorization"] = f"Bearer {token}"
-        self.body = orjson.dumps(to_ollama_request(
-            meta.endpoint, req, upstream_model(provider, meta.model), meta.stream,
-            provider.keep_alive,
-        ))
+        self.body = orjson.dumps(
+            to_ollama_request(
+                meta.endpoint,
+                req,
+                upstream_model(provider, meta.model),
+                meta.stream,
+                provider.keep_alive,
+            )
+        )
         self.meta = meta
         prefix = {Endpoint.CHAT: "chatcmpl-", Endpoint.COMPLETIONS: "cmpl-"}.get(meta.endpoint, "")
         self.id = prefix + uuid.uuid4().hex
@@ -279,14 +329,19 @@ class OllamaExchange:
             kind = "invalid_request_error" if status < 500 else "api_error"
             return error_body(text, kind, "upstream_error"), JSON
         if not isinstance(doc, dict):
-            raise RouterError(502, "ollama answered with a body that is not JSON", type="api_error",
-                              code="bad_upstream_response")
+            raise RouterError(
+                502,
+                "ollama answered with a body that is not JSON",
+                type="api_error",
+                code="bad_upstream_response",
+            )
         out = from_ollama_response(self.meta.endpoint, doc, self.meta.model, self.id, self.created)
         return orjson.dumps(out), JSON
 
     async def stream(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-        tr = StreamTranslator(self.meta.endpoint, self.meta.model, self.id, self.created,
-                              self.include_usage)
+        tr = StreamTranslator(
+            self.meta.endpoint, self.meta.model, self.id, self.created, self.include_usage
+        )
         buf = b""
         async for chunk in chunks:
             buf += chunk

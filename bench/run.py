@@ -1,0 +1,170 @@
+"""Direct-to-upstream vs through-the-router, unary and streaming, at concurrency 1 and 32.
+
+Starts the demo upstream (zero latency), Ray, Serve and the router with the fast settings,
+runs each case in a separate load-generator process, writes bench/results.json and prints it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import orjson
+
+from serve_app.serve_env import apply_fast_serve_env
+
+MODEL = "bench/echo"
+RESULTS = Path(__file__).with_name("results.json")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_http(url: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"{url} did not answer within {timeout}s")
+
+
+def _config(upstream: str) -> dict:
+    provider = {
+        "id": "bench-upstream",
+        "api_host": upstream,
+        "api_token": "",
+        "api_type": "openai",
+        "input_size": 8192,
+        "model_path": "",
+        "keep_alive": None,
+        "tool_calling": False,
+    }
+    return {
+        "bench_models": {MODEL: {"providers": [provider]}},
+        "active_models": {"bench_models": [MODEL]},
+    }
+
+
+def _load(url: str, body: dict, concurrency: int, duration: float) -> dict:
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.loadgen",
+            "--url",
+            url,
+            "--body",
+            orjson.dumps(body).decode(),
+            "--concurrency",
+            str(concurrency),
+            "--duration",
+            str(duration),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return orjson.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=float, default=8.0, help="seconds per case")
+    parser.add_argument("--chunks", type=int, default=50, help="SSE events per streamed answer")
+    parser.add_argument(
+        "--cases",
+        default="unary_c1,unary_c32,stream_c1,stream_c32",
+        help="comma-separated subset of the cases",
+    )
+    parser.add_argument(
+        "--hold",
+        type=float,
+        default=0.0,
+        help="keep everything up this many seconds after the cases (profiling)",
+    )
+    args = parser.parse_args(argv)
+
+    up_port, router_port = _free_port(), _free_port()
+    upstream_url = f"http://127.0.0.1:{up_port}"
+    upstream = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "serve_app.demo_upstream",
+            "--port",
+            str(up_port),
+            "--chunks",
+            str(args.chunks),
+        ]
+    )
+    apply_fast_serve_env(single_node=True)
+    import ray
+    from ray import serve
+
+    from serve_app.app import APP_NAME, router_app
+    from serve_app.config import parse_config
+
+    try:
+        _wait_http(f"{upstream_url}/v1/models")
+        ray.init(include_dashboard=False, logging_level="error", log_to_driver=False)
+        serve.start(http_options={"host": "127.0.0.1", "port": router_port})
+        serve.run(
+            router_app(parse_config(_config(upstream_url), "bench")),
+            name=APP_NAME,
+            route_prefix="/",
+        )
+        router_url = f"http://127.0.0.1:{router_port}"
+        _wait_http(f"{router_url}/v1/models")
+        message = [{"role": "user", "content": "Say hello to the benchmark."}]
+        results: dict[str, dict] = {}
+        for kind, extra in (("unary", {}), ("stream", {"stream": True})):
+            body = {"model": MODEL, "messages": message, **extra}
+            for c in (1, 32):
+                if f"{kind}_c{c}" not in args.cases.split(","):
+                    continue
+                direct = _load(f"{upstream_url}/v1/chat/completions", body, c, args.duration)
+                routed = _load(f"{router_url}/v1/chat/completions", body, c, args.duration)
+                case = {
+                    "direct": direct,
+                    "router": routed,
+                    "added_p50_ms": round(routed["p50_ms"] - direct["p50_ms"], 3),
+                    "rps_ratio": round(routed["rps"] / direct["rps"], 3),
+                }
+                if kind == "stream":
+                    case["added_ttfb_p50_ms"] = round(
+                        routed["ttfb_p50_ms"] - direct["ttfb_p50_ms"], 3
+                    )
+                results[f"{kind}_c{c}"] = case
+                print(kind, f"c={c}", orjson.dumps(case).decode(), flush=True)
+        report = {
+            "machine": {"cpus": os.cpu_count()},
+            "duration_s": args.duration,
+            "stream_chunks": args.chunks,
+            "results": results,
+        }
+        RESULTS.write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
+        print(RESULTS.read_text())
+        time.sleep(args.hold)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        upstream.terminate()
+        upstream.wait(10)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
