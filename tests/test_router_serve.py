@@ -463,3 +463,17 @@ async def test_unknown_route_and_method_are_openai_errors(pool: Pool, http) -> N
         assert resp.status == 405 and "error" in await resp.json()
     async with http.get(f"{pool.url}/healthz") as resp:
         assert resp.status == 200 and (await resp.json())["status"] == "ok"
+
+
+async def test_concurrent_unary_calls_each_get_their_own_answer(pool: Pool, http) -> None:
+    for up in (pool.a, pool.b):  # keep calls in flight together so trips are shared
+        up.knobs = Knobs(latency_s=0.02)
+
+    async def one(i: int) -> None:
+        status, headers, body = await post(http, pool.url, chat("m/failover", f"prompt-{i}"))
+        assert status == 200
+        content = orjson.loads(body)["choices"][0]["message"]["content"]
+        assert content == f"{headers['x-router-provider']}: prompt-{i}"
+
+    await asyncio.gather(*(one(i) for i in range(64)))
+    assert pool.a.count() + pool.b.count() == 64

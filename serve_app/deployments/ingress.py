@@ -20,12 +20,13 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from starlette.exceptions import HTTPException
 
+from serve_app.coalesce import Coalescer
 from serve_app.config import RouterConfig
-from serve_app.dispatch import Head
+from serve_app.dispatch import Head, Unary
 from serve_app.errors import RouterError
 from serve_app.handler import ApiModelConfig
 from serve_app.providers.base import JSON
-from serve_app.schemas import Endpoint, validate_request
+from serve_app.schemas import Endpoint, RequestMeta, validate_request
 from serve_app.serve_env import REPLICA_CPUS
 
 log = logging.getLogger("ray.serve")
@@ -87,6 +88,19 @@ async def _rest(gen: DeploymentResponseGenerator) -> AsyncIterator[bytes]:
         yield chunk
 
 
+def _coalescer(handle: DeploymentHandle) -> Coalescer[tuple[bytes, RequestMeta], Unary]:
+    one = handle.options(method_name="unary")
+    many = handle.options(method_name="unary_many", stream=True)
+
+    async def send_one(call: tuple[bytes, RequestMeta]) -> Unary:
+        return await one.remote(*call)
+
+    def send_many(calls: list[tuple[bytes, RequestMeta]]) -> AsyncIterator[tuple[int, Unary]]:
+        return many.remote(calls)
+
+    return Coalescer(send_one, send_many)
+
+
 @serve.deployment(ray_actor_options={"num_cpus": REPLICA_CPUS}, max_ongoing_requests=2000)
 @serve.ingress(api)
 class Ingress:
@@ -97,7 +111,7 @@ class Ingress:
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     ) -> None:
         self._type_of = config.model_type_of()
-        self._unary = {t: h.options(method_name="unary") for t, h in routers.items()}
+        self._unary = {t: _coalescer(h) for t, h in routers.items()}
         self._stream = {t: h.options(method_name="stream", stream=True) for t, h in routers.items()}
         self._max_body = max_body_bytes
         self._models = orjson.dumps(
@@ -129,7 +143,7 @@ class Ingress:
         try:
             if meta.stream:
                 return await self._streamed(self._stream[model_type].remote(body, meta))
-            head, out = await self._unary[model_type].remote(body, meta)
+            head, out = await self._unary[model_type].call((body, meta))
         except Exception:
             log.exception("router call failed", extra={"request_id": request_id})
             return _error(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -36,6 +37,23 @@ class ModelTypeRouter:
 
     async def unary(self, body: bytes, meta: RequestMeta) -> Unary:
         return await self._get().unary(body, meta)
+
+    async def unary_many(
+        self, calls: list[tuple[bytes, RequestMeta]]
+    ) -> AsyncIterator[tuple[int, Unary]]:
+        """Several unary calls in one trip; each result is yielded as soon as it is ready."""
+        dispatcher = self._get()
+
+        async def one(index: int, body: bytes, meta: RequestMeta) -> tuple[int, Unary]:
+            return index, await dispatcher.unary(body, meta)
+
+        tasks = [asyncio.ensure_future(one(i, b, m)) for i, (b, m) in enumerate(calls)]
+        try:
+            for done in asyncio.as_completed(tasks):
+                yield await done
+        finally:
+            for task in tasks:
+                task.cancel()
 
     async def stream(self, body: bytes, meta: RequestMeta) -> AsyncIterator[Head | bytes]:
         async for item in self._get().stream(body, meta):
