@@ -49,6 +49,7 @@ class FakeUpstream:
     record: bool = True  # keep request history (off for long-running servers)
     requests: list[Recorded] = field(default_factory=list)
     calls: int = 0
+    disconnects: int = 0
 
     def __post_init__(self) -> None:
         self.app = web.Application(client_max_size=64 * 1024 * 1024)
@@ -171,15 +172,19 @@ class FakeUpstream:
     ) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"content-type": content_type})
         await resp.prepare(request)
-        for i, line in enumerate(lines):
-            if self.knobs.drop == "mid_stream" and i == self.knobs.drop_after_chunks:
-                assert request.transport is not None
-                request.transport.close()
-                return resp
-            await resp.write(line)
-            if self.knobs.chunk_delay_s:
-                await asyncio.sleep(self.knobs.chunk_delay_s)
-        await resp.write_eof()
+        try:
+            for i, line in enumerate(lines):
+                if self.knobs.drop == "mid_stream" and i == self.knobs.drop_after_chunks:
+                    assert request.transport is not None
+                    request.transport.close()
+                    return resp
+                await resp.write(line)
+                if self.knobs.chunk_delay_s:
+                    await asyncio.sleep(self.knobs.chunk_delay_s)
+            await resp.write_eof()
+        except (ConnectionError, asyncio.CancelledError):
+            self.disconnects += 1  # the client (the router) went away mid-stream
+            raise
         return resp
 
     # ---- OpenAI -----------------------------------------------------------------------------

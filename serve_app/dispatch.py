@@ -169,7 +169,12 @@ class Dispatcher:
                     continue
                 headers = {PROVIDER_HEADER: provider.id, ATTEMPTS_HEADER: str(len(failures) + 1)}
                 if resp.status >= 400:
-                    out, ctype = exchange.unary(resp.status, await resp.read(), resp.content_type)
+                    try:
+                        data = await resp.read()
+                    except UPSTREAM_ERRORS as exc:
+                        self._failed(provider, meta, _exc_failure(provider, exc), failures)
+                        continue
+                    out, ctype = exchange.unary(resp.status, data, resp.content_type)
                     yield Head(resp.status, ctype, headers)
                     yield out
                     return

@@ -121,6 +121,7 @@ def _fresh(pool: Pool) -> None:
     for up in pool.all():
         up.knobs = Knobs()
         up.requests.clear()
+        up.disconnects = 0
 
 
 def chat(model: str, text: str = "hello", **extra: object) -> dict:
@@ -477,3 +478,20 @@ async def test_concurrent_unary_calls_each_get_their_own_answer(pool: Pool, http
 
     await asyncio.gather(*(one(i) for i in range(64)))
     assert pool.a.count() + pool.b.count() == 64
+
+
+async def test_client_leaving_a_stream_cancels_the_upstream_call(pool: Pool, http) -> None:
+    pool.a.knobs = Knobs(chunks=200, chunk_delay_s=0.05)  # ~10 s of streaming if left alone
+    body = orjson.dumps(chat("m/failover", "x" * 400, stream=True))
+    async with http.post(
+        f"{pool.url}/v1/chat/completions", data=body, headers={"content-type": "application/json"}
+    ) as resp:
+        assert resp.status == 200
+        await resp.content.readany()  # the stream has started
+    # the client hung up; the upstream must see the router go away well before the 10 s end
+    await asyncio.wait_for(_until(lambda: pool.a.disconnects == 1), 3)
+
+
+async def _until(predicate) -> None:
+    while not predicate():
+        await asyncio.sleep(0.02)

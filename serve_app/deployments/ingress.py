@@ -84,8 +84,15 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 
 async def _rest(gen: DeploymentResponseGenerator) -> AsyncIterator[bytes]:
-    async for chunk in gen:
-        yield chunk
+    """The stream's body; a client that leaves early cancels the router's call (and upstream)."""
+    finished = False
+    try:
+        async for chunk in gen:
+            yield chunk
+        finished = True
+    finally:
+        if not finished:
+            gen.cancel()
 
 
 def _coalescer(handle: DeploymentHandle) -> Coalescer[tuple[bytes, RequestMeta], Unary]:
