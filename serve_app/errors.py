@@ -30,6 +30,12 @@ class RouterError(Exception):
         return error_body(self.message, self.type, self.code, self.param)
 
 
+def model_not_found(model: str) -> RouterError:
+    return RouterError(
+        404, f"the model {model!r} does not exist", code="model_not_found", param="model"
+    )
+
+
 def error_body(message: str, type: str, code: str | None = None, param: str | None = None) -> bytes:
     return orjson.dumps({"error": {"message": message, "type": type, "param": param, "code": code}})
 

@@ -21,7 +21,7 @@ from serve_app.config import (
     StrategyName,
     load_config,
 )
-from serve_app.errors import RouterError
+from serve_app.errors import model_not_found
 from serve_app.schemas import Endpoint, RequestMeta
 from serve_app.selection import ProviderState, initial_states, plan_attempts
 from serve_app.strategies import Strategy, make_strategy
@@ -103,12 +103,7 @@ class ModelHandler:
     def _model(self, model_name: str) -> ModelConfig:
         model = self.api_model_config.models_configs.get(model_name)
         if model is None:
-            raise RouterError(
-                404,
-                f"the model {model_name!r} does not exist",
-                code="model_not_found",
-                param="model",
-            )
+            raise model_not_found(model_name)
         return model
 
     def plan(self, meta: RequestMeta) -> list[ProviderConfig]:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -55,12 +57,8 @@ def deploy(serve_url: str, raw_config: dict, max_body_bytes: int = 64 * 1024) ->
     expected = sorted(m for g in config.model_types.values() for m in g.models)
 
     def serving() -> bool:
-        import urllib.request
-
         try:
             with urllib.request.urlopen(f"{serve_url}/v1/models", timeout=2) as resp:
-                import json
-
                 return sorted(m["id"] for m in json.load(resp)["data"]) == expected
         except OSError:
             return False

@@ -23,7 +23,7 @@ from starlette.exceptions import HTTPException
 from serve_app.coalesce import Coalescer
 from serve_app.config import RouterConfig
 from serve_app.dispatch import Head, Unary
-from serve_app.errors import RouterError
+from serve_app.errors import RouterError, model_not_found
 from serve_app.handler import ApiModelConfig
 from serve_app.providers.base import JSON
 from serve_app.schemas import Endpoint, RequestMeta, validate_request
@@ -139,12 +139,7 @@ class Ingress:
             meta = validate_request(endpoint, body, request_id)
             model_type = self._type_of.get(meta.model)
             if model_type is None:
-                raise RouterError(
-                    404,
-                    f"the model {meta.model!r} does not exist",
-                    code="model_not_found",
-                    param="model",
-                )
+                raise model_not_found(meta.model)
         except RouterError as err:
             return _error(err)
         try:
