@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -114,15 +116,18 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
-    from serve_app.app import APP_NAME, router_app
-    from serve_app.config import parse_config
+    from serve_app.app import APP_NAME, AppArgs, router_app
 
+    state_dir = tempfile.mkdtemp(prefix="bench-registry-")
     try:
         _wait_http(f"{upstream_url}/v1/models")
         ray.init(include_dashboard=False, logging_level="error", log_to_driver=False)
         serve.start(http_options={"host": "127.0.0.1", "port": router_port})
         serve.run(
-            router_app(parse_config(_config(upstream_url), "bench")),
+            router_app(
+                AppArgs(registry_path=f"{state_dir}/registry.json"),
+                (_config(upstream_url), "bench"),
+            ),
             name=APP_NAME,
             route_prefix="/",
         )
@@ -163,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         ray.shutdown()
         upstream.terminate()
         upstream.wait(10)
+        shutil.rmtree(state_dir, ignore_errors=True)
     return 0
 
 

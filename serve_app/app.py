@@ -1,17 +1,20 @@
 """The Serve application: one ingress, one router deployment per active model type.
 
-`serve run deployments/serve_config.yaml` imports `serve_app.app:build_app`.
+`serve run deployments/serve_config.yaml` imports `serve_app.app:build_app`. Building the app
+validates the models config and publishes it to the registry, so the replicas start on it.
 """
 
 from __future__ import annotations
 
+import ray
 from pydantic import BaseModel, ConfigDict, Field
 from ray.serve import Application
 from ray.serve.schema import LoggingConfig
 
-from serve_app.config import RouterConfig, load_config
-from serve_app.deployments.ingress import DEFAULT_MAX_BODY_BYTES, Ingress
+from serve_app.config import ConfigError, config_path, parse_config, read_raw
+from serve_app.deployments.ingress import DEFAULT_MAX_BODY_BYTES, Ingress, IngressSettings
 from serve_app.deployments.router import ModelTypeRouter
+from serve_app.registry.actor import Published, RegistryRef
 
 APP_NAME = "llm-router"
 # JSON lines, no per-request access log (it costs throughput and carries client paths).
@@ -19,30 +22,53 @@ LOGGING = LoggingConfig(encoding="JSON", enable_access_log=False, log_level="INF
 
 
 class AppArgs(BaseModel):
+    """The YAML's `args`; every field has a default."""
+
     model_config = ConfigDict(extra="forbid")
 
     models_config: str | None = None
     max_body_bytes: int = Field(default=DEFAULT_MAX_BODY_BYTES, gt=0)
+    # Registry actor name and manifest file (default: $LLM_ADAPTER_REGISTRY_PATH, else
+    # state/registry.json under the working directory).
+    registry_name: str | None = None
+    registry_path: str | None = None
+    watch_config: bool = False
+    ack_timeout_s: float = Field(default=5.0, gt=0)
 
 
 def router_deployment_name(model_type: str) -> str:
     return f"router-{model_type}"
 
 
-def router_app(config: RouterConfig, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> Application:
+def router_app(args: AppArgs, document: tuple[object, str] | None = None) -> Application:
+    """The app for the models config file named in `args` (or `document`, already decoded).
+
+    Raises ConfigError when the config does not validate (or clashes with a registered adapter).
+    """
+    raw, source = document or read_raw(args.models_config)
+    config = parse_config(raw, source)
+    registry = RegistryRef.resolve(args.registry_name, args.registry_path)
+    published: Published = ray.get(registry.handle().publish_config.remote(raw, source))
+    if published.problems:
+        raise ConfigError(source, published.problems)
     routers = {
         name: ModelTypeRouter.options(
             name=router_deployment_name(name),
             num_replicas=group.routing.num_replicas,
             max_ongoing_requests=group.routing.max_ongoing_requests,
             logging_config=LOGGING,
-        ).bind(group)
+        ).bind(name, registry)
         for name, group in config.model_types.items()
     }
-    return Ingress.options(logging_config=LOGGING).bind(routers, config, max_body_bytes)
+    settings = IngressSettings(
+        max_body_bytes=args.max_body_bytes,
+        config_path=str(config_path(args.models_config).resolve()),
+        watch_config=args.watch_config,
+        ack_timeout_s=args.ack_timeout_s,
+    )
+    return Ingress.options(logging_config=LOGGING).bind(routers, registry, settings)
 
 
 def build_app(args: dict[str, object] | None = None) -> Application:
     """Serve's app-builder entry: args are the YAML's `args` (see AppArgs)."""
-    parsed = AppArgs.model_validate(args or {})
-    return router_app(load_config(parsed.models_config), parsed.max_body_bytes)
+    return router_app(AppArgs.model_validate(args or {}))

@@ -283,16 +283,24 @@ def _duplicate_ids(models_by_type: dict[str, dict[str, ModelConfig]]) -> list[tu
     return problems
 
 
-def load_config(path: str | os.PathLike[str] | None = None) -> RouterConfig:
-    """Read the file named by the argument, else $LLM_ROUTER_MODELS_CONFIG, else the default."""
-    file = Path(path or os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG_PATH)
+def config_path(path: str | os.PathLike[str] | None = None) -> Path:
+    """The file named by the argument, else $LLM_ROUTER_MODELS_CONFIG, else the default."""
+    return Path(path or os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG_PATH)
+
+
+def read_raw(path: str | os.PathLike[str] | None = None) -> tuple[object, str]:
+    """The decoded (not yet validated) document and its source name, for parse_config."""
+    file = config_path(path)
     source = str(file)
     try:
         data = file.read_bytes()
     except OSError as exc:
         raise ConfigError(source, [("$", f"cannot read file: {exc.strerror or exc}")]) from None
     try:
-        raw = orjson.loads(data)
+        return orjson.loads(data), source
     except orjson.JSONDecodeError as exc:
         raise ConfigError(source, [("$", f"not valid JSON: {exc}")]) from None
-    return parse_config(raw, source)
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> RouterConfig:
+    return parse_config(*read_raw(path))

@@ -33,6 +33,8 @@ class Knobs:
     hang: bool = False  # never answer (until stopped)
     tool_call: bool = True  # answer a request with tools by calling its first tool
     embedding_dim: int = 8
+    lora_fail_status: int | None = None  # /v1/load_lora_adapter answers with this status
+    lora_load_s: float = 0.0  # time a LoRA load takes
 
 
 @dataclass
@@ -50,6 +52,8 @@ class FakeUpstream:
     requests: list[Recorded] = field(default_factory=list)
     calls: int = 0
     disconnects: int = 0
+    # LoRA adapters loaded through vLLM's runtime API: name -> path.
+    loras: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.app = web.Application(client_max_size=64 * 1024 * 1024)
@@ -58,6 +62,8 @@ class FakeUpstream:
         r.add_post("/v1/completions", self._openai)
         r.add_post("/v1/embeddings", self._openai_embeddings)
         r.add_get("/v1/models", self._openai_models)
+        r.add_post("/v1/load_lora_adapter", self._load_lora)
+        r.add_post("/v1/unload_lora_adapter", self._unload_lora)
         r.add_post("/api/chat", self._ollama)
         r.add_post("/api/generate", self._ollama)
         r.add_post("/api/embed", self._ollama_embed)
@@ -196,6 +202,9 @@ class FakeUpstream:
         chat = request.path.endswith("chat/completions")
         text = self._reply_text(body)
         rid, created, model = f"{self.name}-{self.calls}", int(time.time()), body.get("model")
+        if isinstance(model, str) and "@" in model and model not in self.loras:
+            # Names with "@" are router-made LoRA names: like vLLM, refuse one not loaded.
+            return _vllm_error(404, "NotFoundError", f"The model `{model}` does not exist.")
         usage = {
             "prompt_tokens": 5,
             "completion_tokens": len(self._pieces(text)),
@@ -278,12 +287,33 @@ class FakeUpstream:
         )
 
     async def _openai_models(self, request: web.Request) -> web.StreamResponse:
-        return web.json_response(
-            {
-                "object": "list",
-                "data": [{"id": self.name, "object": "model", "created": 0, "owned_by": "demo"}],
-            }
-        )
+        base = {"id": self.name, "object": "model", "created": 0, "owned_by": "demo"}
+        loras = [{**base, "id": name, "parent": self.name} for name in self.loras]
+        return web.json_response({"object": "list", "data": [base, *loras]})
+
+    # ---- vLLM runtime LoRA API ----------------------------------------------------------------
+    async def _load_lora(self, request: web.Request) -> web.StreamResponse:
+        body = await self._record(request)
+        name, path = body.get("lora_name"), body.get("lora_path")
+        if self.knobs.lora_load_s:
+            await asyncio.sleep(self.knobs.lora_load_s)
+        if self.knobs.lora_fail_status is not None:
+            return _vllm_error(self.knobs.lora_fail_status, "BadRequestError", "load failed")
+        if not name or not path:
+            return _vllm_error(400, "BadRequestError", "Both 'lora_name' and 'lora_path' needed.")
+        if name in self.loras:
+            return _vllm_error(
+                400, "BadRequestError", f"The lora adapter '{name}' has already been loaded."
+            )
+        self.loras[name] = path
+        return web.Response(text=f"Success: LoRA adapter '{name}' added successfully.")
+
+    async def _unload_lora(self, request: web.Request) -> web.StreamResponse:
+        body = await self._record(request)
+        name = body.get("lora_name")
+        if self.loras.pop(name, None) is None:
+            return _vllm_error(404, "NotFoundError", f"The lora adapter '{name}' cannot be found.")
+        return web.Response(text=f"Success: LoRA adapter '{name}' removed successfully.")
 
     # ---- Ollama -----------------------------------------------------------------------------
     async def _ollama(self, request: web.Request) -> web.StreamResponse:
@@ -354,6 +384,13 @@ class FakeUpstream:
 
     async def _ollama_tags(self, request: web.Request) -> web.StreamResponse:
         return web.json_response({"models": [{"name": self.name, "model": self.name}]})
+
+
+def _vllm_error(status: int, type_: str, message: str) -> web.Response:
+    return web.json_response(
+        {"object": "error", "message": message, "type": type_, "param": None, "code": status},
+        status=status,
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -7,7 +7,9 @@ the result crosses a Ray Serve handle to the ingress.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import aiohttp
@@ -54,30 +56,57 @@ def error_answer(err: RouterError) -> Unary:
     return Unary(Head(err.status, JSON, dict(err.headers)), err.body())
 
 
+class _View(NamedTuple):
+    """What one request runs on from start to end, even if the config changes meanwhile."""
+
+    handler: ModelHandler
+    routing: RoutingConfig
+    timeout: aiohttp.ClientTimeout
+
+
 class Dispatcher:
     def __init__(
         self, handler: ModelHandler, routing: RoutingConfig, session: aiohttp.ClientSession
     ) -> None:
-        self.handler = handler
-        self.states = handler.states
-        self.routing = routing
         self.session = session
-        self.timeout = aiohttp.ClientTimeout(
+        # Requests under way per upstream model name (model_path): tells when nothing uses a
+        # retiring adapter version any more.
+        self.in_use: Counter[str] = Counter()
+        self.update(handler, routing)
+
+    def update(self, handler: ModelHandler, routing: RoutingConfig) -> None:
+        """Serve new requests with a new config; requests under way finish on their own."""
+        timeout = aiohttp.ClientTimeout(
             total=None,
-            connect=self.routing.connect_timeout_s,
-            sock_connect=self.routing.connect_timeout_s,
-            sock_read=self.routing.read_timeout_s,
+            connect=routing.connect_timeout_s,
+            sock_connect=routing.connect_timeout_s,
+            sock_read=routing.read_timeout_s,
         )
+        self._view = _View(handler, routing, timeout)
+
+    @property
+    def handler(self) -> ModelHandler:
+        return self._view.handler
+
+    @contextmanager
+    def _using(self, plan: list[ProviderConfig]) -> Iterator[None]:
+        paths = {p.model_path for p in plan if p.model_path}
+        self.in_use.update(paths)
+        try:
+            yield
+        finally:
+            self.in_use.subtract(paths)
 
     def _failed(
         self,
+        view: _View,
         provider: ProviderConfig,
         meta: RequestMeta,
         failure: _Failure,
         failures: list[_Failure],
     ) -> None:
-        self.states[provider.id].down_until = (
-            self.handler.clock() + self.routing.unhealthy_cooldown_s
+        view.handler.states[provider.id].down_until = (
+            view.handler.clock() + view.routing.unhealthy_cooldown_s
         )
         failures.append(failure)
         log.warning(
@@ -108,99 +137,114 @@ class Dispatcher:
         )
 
     async def unary(self, body: bytes, meta: RequestMeta) -> Unary:
+        view = self._view
         failures: list[_Failure] = []
         try:
-            for provider in self.handler.plan(meta):
-                exchange = prepare(provider, meta, body)
-                state = self.states[provider.id]
-                state.in_flight += 1
-                try:
-                    async with self.session.post(
-                        exchange.url,
-                        data=exchange.body,
-                        headers=exchange.headers,
-                        timeout=self.timeout,
-                    ) as resp:
-                        if _retryable(resp.status):
-                            self._failed(provider, meta, _status_failure(provider, resp), failures)
-                            continue
-                        data = await resp.read()
-                        out, ctype = exchange.unary(resp.status, data, resp.content_type)
-                except UPSTREAM_ERRORS as exc:
-                    self._failed(provider, meta, _exc_failure(provider, exc), failures)
-                    continue
-                finally:
-                    state.in_flight -= 1
-                state.down_until = 0.0
-                headers = {PROVIDER_HEADER: provider.id, ATTEMPTS_HEADER: str(len(failures) + 1)}
-                return Unary(Head(resp.status, ctype, headers), out)
+            plan = view.handler.plan(meta)
+            with self._using(plan):
+                for provider in plan:
+                    exchange = prepare(provider, meta, body)
+                    state = view.handler.states[provider.id]
+                    state.in_flight += 1
+                    try:
+                        async with self.session.post(
+                            exchange.url,
+                            data=exchange.body,
+                            headers=exchange.headers,
+                            timeout=view.timeout,
+                        ) as resp:
+                            if _retryable(resp.status):
+                                failure = _status_failure(provider, resp)
+                                self._failed(view, provider, meta, failure, failures)
+                                continue
+                            data = await resp.read()
+                            out, ctype = exchange.unary(resp.status, data, resp.content_type)
+                    except UPSTREAM_ERRORS as exc:
+                        self._failed(view, provider, meta, _exc_failure(provider, exc), failures)
+                        continue
+                    finally:
+                        state.in_flight -= 1
+                    state.down_until = 0.0
+                    headers = _answer_headers(provider, failures)
+                    return Unary(Head(resp.status, ctype, headers), out)
             raise self._exhausted(meta, failures)
         except RouterError as err:
             return error_answer(err)
 
     async def stream(self, body: bytes, meta: RequestMeta) -> AsyncIterator[Head | bytes]:
         """Yields a Head, then body chunks. Failover is possible until the Head is yielded."""
+        view = self._view
         failures: list[_Failure] = []
         try:
-            plan = self.handler.plan(meta)
+            plan = view.handler.plan(meta)
         except RouterError as err:
             plan, answer = [], error_answer(err)
         else:
             answer = None
-        for provider in plan:
-            try:
-                exchange = prepare(provider, meta, body)
-            except RouterError as err:
-                answer = error_answer(err)
-                break
-            state = self.states[provider.id]
-            state.in_flight += 1
-            try:
-                resp = await self.session.post(
-                    exchange.url, data=exchange.body, headers=exchange.headers, timeout=self.timeout
-                )
-            except UPSTREAM_ERRORS as exc:
-                state.in_flight -= 1
-                self._failed(provider, meta, _exc_failure(provider, exc), failures)
-                continue
-            try:
-                if _retryable(resp.status):
-                    self._failed(provider, meta, _status_failure(provider, resp), failures)
-                    continue
-                headers = {PROVIDER_HEADER: provider.id, ATTEMPTS_HEADER: str(len(failures) + 1)}
-                if resp.status >= 400:
-                    try:
-                        data = await resp.read()
-                    except UPSTREAM_ERRORS as exc:
-                        self._failed(provider, meta, _exc_failure(provider, exc), failures)
-                        continue
-                    out, ctype = exchange.unary(resp.status, data, resp.content_type)
-                    yield Head(resp.status, ctype, headers)
-                    yield out
-                    return
-                state.down_until = 0.0
-                yield Head(resp.status, SSE, headers)
+        with self._using(plan):
+            for provider in plan:
                 try:
-                    async for out in exchange.stream(resp.content.iter_any()):
-                        yield out
-                except UPSTREAM_ERRORS as exc:
-                    log.warning(
-                        "upstream stream broke",
-                        extra={
-                            "request_id": meta.request_id,
-                            "provider": provider.id,
-                            "reason": type(exc).__name__,
-                        },
+                    exchange = prepare(provider, meta, body)
+                except RouterError as err:
+                    answer = error_answer(err)
+                    break
+                state = view.handler.states[provider.id]
+                state.in_flight += 1
+                try:
+                    resp = await self.session.post(
+                        exchange.url,
+                        data=exchange.body,
+                        headers=exchange.headers,
+                        timeout=view.timeout,
                     )
-                    yield sse_error_event(f"upstream {provider.id} broke off the stream")
-                return
-            finally:
-                resp.release()
-                state.in_flight -= 1
+                except UPSTREAM_ERRORS as exc:
+                    state.in_flight -= 1
+                    self._failed(view, provider, meta, _exc_failure(provider, exc), failures)
+                    continue
+                try:
+                    if _retryable(resp.status):
+                        failure = _status_failure(provider, resp)
+                        self._failed(view, provider, meta, failure, failures)
+                        continue
+                    headers = _answer_headers(provider, failures)
+                    if resp.status >= 400:
+                        try:
+                            data = await resp.read()
+                        except UPSTREAM_ERRORS as exc:
+                            failure = _exc_failure(provider, exc)
+                            self._failed(view, provider, meta, failure, failures)
+                            continue
+                        out, ctype = exchange.unary(resp.status, data, resp.content_type)
+                        yield Head(resp.status, ctype, headers)
+                        yield out
+                        return
+                    state.down_until = 0.0
+                    yield Head(resp.status, SSE, headers)
+                    try:
+                        async for out in exchange.stream(resp.content.iter_any()):
+                            yield out
+                    except UPSTREAM_ERRORS as exc:
+                        log.warning(
+                            "upstream stream broke",
+                            extra={
+                                "request_id": meta.request_id,
+                                "provider": provider.id,
+                                "reason": type(exc).__name__,
+                            },
+                        )
+                        yield sse_error_event(f"upstream {provider.id} broke off the stream")
+                    return
+                finally:
+                    resp.release()
+                    state.in_flight -= 1
         if answer is None:
             answer = error_answer(self._exhausted(meta, failures))
         yield answer.head
         yield answer.body
+
+
+def _answer_headers(provider: ProviderConfig, failures: list[_Failure]) -> dict[str, str]:
+    return {PROVIDER_HEADER: provider.id, ATTEMPTS_HEADER: str(len(failures) + 1)}
 
 
 def _seconds(value: str) -> float:

@@ -90,10 +90,16 @@ class ModelHandler:
         *,
         config: RouterConfig | None = None,
         clock: Callable[[], float] = time.monotonic,
+        states: dict[str, ProviderState] | None = None,
     ) -> None:
+        """`states`: a previous handler's, so providers that stay keep their load and health."""
         self.api_model_config = ApiModelConfig(config or load_config(models_config_path))
         models = self.api_model_config.models_configs
-        self.states: dict[str, ProviderState] = initial_states(list(models.values()))
+        previous = states or {}
+        self.states: dict[str, ProviderState] = {
+            pid: previous.get(pid, state)
+            for pid, state in initial_states(list(models.values())).items()
+        }
         self.strategies: dict[str, Strategy] = {
             name: make_strategy(provider_chooser or self.api_model_config.routing[name].strategy)
             for name in models

@@ -48,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--no-demo", action="store_true", help="do not start the demo upstream")
+    parser.add_argument(
+        "--watch", action="store_true", help="publish the models config whenever the file changes"
+    )
     args = parser.parse_args(argv)
     try:
         config = load_config(args.config)
@@ -74,13 +77,14 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
-    from serve_app.app import APP_NAME, router_app
+    from serve_app.app import APP_NAME, AppArgs, router_app
 
     stop = threading.Event()
     try:
         ray.init(include_dashboard=False, logging_level="warning")
         serve.start(http_options={"host": args.host, "port": args.port})
-        serve.run(router_app(config), name=APP_NAME, route_prefix="/")
+        app = router_app(AppArgs(models_config=args.config, watch_config=args.watch))
+        serve.run(app, name=APP_NAME, route_prefix="/")
         # After ray.init, which installs handlers of its own.
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
         signal.signal(signal.SIGINT, lambda *_: stop.set())

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
+import tempfile
 import time
 import urllib.request
+import uuid
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -13,14 +16,27 @@ import pytest
 from serve_app.serve_env import apply_fast_serve_env
 
 apply_fast_serve_env(single_node=True)  # before ray.serve is imported anywhere in this process
+# Ray workers inherit the driver's environment when ray.init starts the node; the replicas and
+# the registry read the admin token and resolve `${ENV}` api tokens there.
+ADMIN_TOKEN = "test-admin-token"
+TOKEN_ENV, TOKEN_VALUE = "SERVE_ROUTER_TEST_TOKEN", "sekrit-token-123"
+os.environ["LLM_ROUTER_ADMIN_TOKEN"] = ADMIN_TOKEN
+os.environ[TOKEN_ENV] = TOKEN_VALUE
 
 import aiohttp  # noqa: E402
 import ray  # noqa: E402
 from ray import serve  # noqa: E402
 
-from serve_app.app import APP_NAME, router_app  # noqa: E402
-from serve_app.config import parse_config  # noqa: E402
+from serve_app.app import APP_NAME, AppArgs, router_app  # noqa: E402
 from serve_app.demo_upstream import FakeUpstream, Knobs  # noqa: E402
+from serve_app.registry.actor import RegistryRef  # noqa: E402
+
+# One registry for the session's deployments, on a private file.
+REGISTRY = RegistryRef(
+    name=f"test-registry-{uuid.uuid4().hex[:8]}",
+    path=os.path.join(tempfile.mkdtemp(prefix="router-registry-"), "registry.json"),
+)
+ADMIN = {"authorization": f"Bearer {ADMIN_TOKEN}"}
 
 
 def free_port() -> int:
@@ -50,20 +66,34 @@ def serve_url() -> Iterator[str]:
         ray.shutdown()
 
 
-def deploy(serve_url: str, raw_config: dict, max_body_bytes: int = 64 * 1024) -> None:
-    """Deploy (or replace) the router app and wait until HAProxy routes to it."""
-    config = parse_config(raw_config, "test-config")
-    serve.run(router_app(config, max_body_bytes), name=APP_NAME, route_prefix="/")
-    expected = sorted(m for g in config.model_types.values() for m in g.models)
+def deploy(
+    serve_url: str, raw_config: dict, max_body_bytes: int = 64 * 1024, **args: object
+) -> AppArgs:
+    """Deploy (or replace) the router app; return once HAProxy routes to it and every replica
+    follows the config just published."""
+    app_args = AppArgs(
+        max_body_bytes=max_body_bytes,
+        registry_name=REGISTRY.name,
+        registry_path=REGISTRY.path,
+        **args,
+    )
+    serve.run(router_app(app_args, (raw_config, "test-config")), name=APP_NAME, route_prefix="/")
+    expected = sorted(n for t in raw_config["active_models"].values() for n in t)
 
     def serving() -> bool:
         try:
             with urllib.request.urlopen(f"{serve_url}/v1/models", timeout=2) as resp:
-                return sorted(m["id"] for m in json.load(resp)["data"]) == expected
+                listed = [m["id"] for m in json.load(resp)["data"] if "parent" not in m]
+                return sorted(listed) == expected
         except OSError:
             return False
 
     wait_for(serving, 60, "the router to serve the new config")
+    registry = REGISTRY.handle()
+    version = ray.get(registry.get_manifest.remote()).version
+    behind = ray.get(registry.wait_for_followers.remote(version, 40))
+    assert not behind, f"replicas not following the config: {behind}"
+    return app_args
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 from collections import Counter
 from dataclasses import dataclass
 
@@ -18,7 +17,7 @@ from tests.conftest import deploy, free_port, provider
 
 pytestmark = pytest.mark.serve
 
-TOKEN_ENV = "SERVE_ROUTER_TEST_TOKEN"
+from tests.conftest import TOKEN_ENV, TOKEN_VALUE  # noqa: E402
 
 
 @dataclass
@@ -56,7 +55,6 @@ def pool(serve_url: str, upstream_factory) -> Pool:
         n: upstream_factory(n)
         for n in ("a", "b", "sleep", "small", "big", "w1", "w3", "ollama", "c1", "c2")
     }
-    os.environ[TOKEN_ENV] = "sekrit-token-123"
     dead = f"http://127.0.0.1:{free_port()}"
     config = {
         "pool_models": {
@@ -260,7 +258,7 @@ async def test_model_path_and_token_reach_the_upstream(pool: Pool, http) -> None
     await post(http, pool.url, chat("m/fit", "z" * 400))
     sent = pool.big.requests[0]
     assert sent.body["model"] == "org/big-model"
-    assert sent.headers["Authorization"] == "Bearer sekrit-token-123"
+    assert sent.headers["Authorization"] == f"Bearer {TOKEN_VALUE}"
     assert sent.path == "/v1/chat/completions"
     await post(http, pool.url, chat("m/fit", "small one"))
     assert "Authorization" not in pool.small.requests[0].headers

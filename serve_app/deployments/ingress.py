@@ -7,31 +7,41 @@ The body crosses the hop as the client's raw bytes plus a small RequestMeta tupl
 parsed once here (by pydantic-core) and re-encoded only where an upstream needs another shape.
 """
 
+import asyncio
 import logging
+import os
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import orjson
 import ray.serve.context
+import watchfiles
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from starlette.exceptions import HTTPException
 
+from serve_app.admin import ADMIN_TOKEN_ENV, admin_refusal
 from serve_app.coalesce import Coalescer
-from serve_app.config import RouterConfig
+from serve_app.config import ConfigError, parse_config, read_raw
 from serve_app.dispatch import Head, Unary
 from serve_app.errors import RouterError, model_not_found
 from serve_app.handler import ApiModelConfig
 from serve_app.providers.base import JSON
+from serve_app.registry.actor import Answer, Published, RegistryRef
+from serve_app.registry.follower import Follower
+from serve_app.registry.manifest import AdapterRegistration, Manifest, effective_config
 from serve_app.schemas import Endpoint, RequestMeta, validate_request
 from serve_app.serve_env import REPLICA_CPUS
 
 log = logging.getLogger("ray.serve")
 
 DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
+ADMIN_MAX_BODY_BYTES = 1024 * 1024
 
 api = FastAPI(
     title="serve-router", version="0.1.0", description="OpenAI-compatible LLM router on Ray Serve"
@@ -108,38 +118,70 @@ def _coalescer(handle: DeploymentHandle) -> Coalescer[tuple[bytes, RequestMeta],
     return Coalescer(send_one, send_many)
 
 
+class IngressSettings(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    # The models config file that `POST /api/v1/config/reload` and the watcher re-read.
+    config_path: str
+    watch_config: bool = False
+    # How long an admin change waits for every replica to confirm it before answering.
+    ack_timeout_s: float = 5.0
+
+
 @serve.deployment(ray_actor_options={"num_cpus": REPLICA_CPUS}, max_ongoing_requests=2000)
 @serve.ingress(api)
 class Ingress:
-    def __init__(
+    async def __init__(
         self,
         routers: dict[str, DeploymentHandle],
-        config: RouterConfig,
-        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        registry: RegistryRef,
+        settings: IngressSettings,
     ) -> None:
-        self._type_of = config.model_type_of()
         self._unary = {t: _coalescer(h) for t, h in routers.items()}
         self._stream = {t: h.options(method_name="stream", stream=True) for t, h in routers.items()}
-        self._max_body = max_body_bytes
+        self._settings = settings
+        self._admin_token = os.environ.get(ADMIN_TOKEN_ENV)
+        self._type_of: dict[str, str] = {}
+        self._models = b""
+        replica = serve.get_replica_context().replica_id.unique_id
+        self._follower = Follower(registry, f"ingress:{replica}", self._apply)
+        await self._follower.start()
+        self._watcher = (
+            asyncio.get_running_loop().create_task(self._watch()) if settings.watch_config else None
+        )
+
+    def _apply(self, manifest: Manifest) -> None:
+        config = effective_config(manifest)
+        parents = {name: adapter.base_model for name, adapter in manifest.adapters.items()}
+        self._type_of = config.model_type_of()
         self._models = orjson.dumps(
             {
                 "object": "list",
                 "data": [
                     {"id": name, "object": "model", "created": 0, "owned_by": group}
+                    | ({"parent": parents[name]} if name in parents else {})
                     for group, names in ApiModelConfig(config).active_names().items()
                     for name in names
                 ],
             }
         )
 
+    async def __del__(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+        await self._follower.stop()
+
     async def _relay(self, endpoint: Endpoint, request: Request) -> Response:
         request_id = _request_id()
         try:
-            body = await read_body(request, self._max_body)
+            body = await read_body(request, self._settings.max_body_bytes)
             meta = validate_request(endpoint, body, request_id)
             model_type = self._type_of.get(meta.model)
             if model_type is None:
                 raise model_not_found(meta.model)
+            if model_type not in self._unary:
+                raise _not_deployed(model_type)
         except RouterError as err:
             return _error(err)
         try:
@@ -193,3 +235,129 @@ class Ingress:
     @api.get("/healthz")
     async def healthz(self) -> Response:
         return Response(b'{"status":"ok"}', media_type=JSON)
+
+    # --- admin API -------------------------------------------------------------------------
+
+    def _refusal(self, request: Request) -> Response | None:
+        err = admin_refusal(request.headers.get("authorization"), self._admin_token)
+        return None if err is None else _error(err)
+
+    async def _registry_call(self, method: str, *args: object) -> object:
+        try:
+            return await getattr(self._follower.registry(), method).remote(*args)
+        except Exception as exc:
+            log.warning("registry call failed", extra={"method": method, "reason": repr(exc)})
+            raise RouterError(
+                503,
+                "the adapter registry is unavailable; retry",
+                type="api_error",
+                code="registry_unavailable",
+            ) from None
+
+    async def _publish_file(self) -> dict[str, object]:
+        """Re-read the models config file and publish it; RouterError (400) if it is invalid."""
+        try:
+            raw, source = read_raw(self._settings.config_path)
+            types = set(parse_config(raw, source).model_types)
+            published = await self._registry_call("publish_config", raw, source)
+            assert isinstance(published, Published)
+            if published.problems:
+                raise ConfigError(source, published.problems)
+        except ConfigError as exc:
+            raise RouterError(400, str(exc), code="invalid_config") from None
+        unconfirmed = await self._registry_call(
+            "wait_for_followers", published.version, self._settings.ack_timeout_s
+        )
+        return {
+            "version": published.version,
+            "changed": published.changed,
+            "source": source,
+            # Model types with no router deployment yet: `serve deploy` adds them.
+            "needs_redeploy": sorted(types - set(self._unary)),
+            "unconfirmed_replicas": unconfirmed,
+        }
+
+    async def _watch(self) -> None:
+        path = Path(self._settings.config_path).resolve()
+        async for _ in watchfiles.awatch(
+            path.parent, watch_filter=lambda _, changed: Path(changed) == path
+        ):
+            try:
+                answer = await self._publish_file()
+            except RouterError as err:
+                log.warning("watched config rejected", extra={"reason": err.message})
+            else:
+                log.info("watched config published", extra={"version": answer["version"]})
+
+    @api.post("/api/v1/config/reload")
+    async def reload_config(self, request: Request) -> Response:
+        if (refused := self._refusal(request)) is not None:
+            return refused
+        try:
+            return Response(orjson.dumps(await self._publish_file()), media_type=JSON)
+        except RouterError as err:
+            return _error(err)
+
+    @api.get("/api/v1/config")
+    async def config_status(self, request: Request) -> Response:
+        if (refused := self._refusal(request)) is not None:
+            return refused
+        try:
+            followers = await self._registry_call("followers")
+        except RouterError as err:
+            return _error(err)
+        manifest = self._follower.manifest
+        body = {
+            "version": manifest.version,
+            "source": manifest.config_source,
+            "models": {
+                t: sorted(m for m, g in self._type_of.items() if g == t) for t in self._unary
+            },
+            "replicas": followers,
+        }
+        return Response(orjson.dumps(body), media_type=JSON)
+
+    @api.post("/api/v1/adapters")
+    async def register_adapter(self, request: Request) -> Response:
+        if (refused := self._refusal(request)) is not None:
+            return refused
+        try:
+            body = await read_body(request, ADMIN_MAX_BODY_BYTES)
+            try:
+                req = AdapterRegistration.model_validate_json(body)
+            except ValidationError as exc:
+                raise RouterError(400, _first_problem(exc), code="invalid_adapter") from None
+            answer = await self._registry_call(
+                "register_adapter", req, self._settings.ack_timeout_s
+            )
+        except RouterError as err:
+            return _error(err)
+        assert isinstance(answer, Answer)
+        return Response(answer.body, status_code=answer.status, media_type=JSON)
+
+    @api.get("/api/v1/adapters")
+    async def list_adapters(self, request: Request) -> Response:
+        if (refused := self._refusal(request)) is not None:
+            return refused
+        try:
+            answer = await self._registry_call("adapters")
+        except RouterError as err:
+            return _error(err)
+        assert isinstance(answer, Answer)
+        return Response(answer.body, status_code=answer.status, media_type=JSON)
+
+
+def _first_problem(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"])
+    return f"{where}: {err['msg']}" if where else err["msg"]
+
+
+def _not_deployed(model_type: str) -> RouterError:
+    return RouterError(
+        503,
+        f"model type {model_type!r} has no router deployment yet; redeploy the app "
+        "(serve deploy) to serve it",
+        type="api_error",
+        code="model_type_not_deployed",
+    )

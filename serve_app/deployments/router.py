@@ -1,4 +1,5 @@
-"""One Serve deployment per model type: a thin shell around a Dispatcher."""
+"""One Serve deployment per model type: a thin shell around a Dispatcher that follows the
+registry, so config and adapter changes apply without a restart."""
 
 from __future__ import annotations
 
@@ -8,41 +9,63 @@ from collections.abc import AsyncIterator
 import aiohttp
 from ray import serve
 
-from serve_app.config import ModelTypeConfig, RouterConfig
+from serve_app.config import RouterConfig, RoutingConfig
 from serve_app.dispatch import Dispatcher, Head, Unary
 from serve_app.handler import ModelHandler
+from serve_app.registry.actor import RegistryRef
+from serve_app.registry.follower import Follower
+from serve_app.registry.manifest import Manifest, effective_config, retiring_names
 from serve_app.schemas import RequestMeta
 from serve_app.serve_env import REPLICA_CPUS
 
 
 @serve.deployment(ray_actor_options={"num_cpus": REPLICA_CPUS}, max_ongoing_requests=1000)
 class ModelTypeRouter:
-    def __init__(self, model_type: ModelTypeConfig) -> None:
+    async def __init__(self, model_type: str, registry: RegistryRef) -> None:
+        """Runs on the replica's event loop; returns (and traffic starts) once the current
+        manifest is applied."""
         self._model_type = model_type
+        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
+        self._session = aiohttp.ClientSession(connector=connector)
         self._dispatcher: Dispatcher | None = None
+        replica = serve.get_replica_context().replica_id.unique_id
+        self._follower = Follower(
+            registry, f"router-{model_type}:{replica}", self._apply, self._busy
+        )
+        await self._follower.start()
 
-    def _get(self) -> Dispatcher:
-        # The session must be made on the replica's running loop; this has no await, so two
-        # first requests cannot both create one.
+    def _apply(self, manifest: Manifest) -> None:
+        group = effective_config(manifest).model_types.get(self._model_type)
+        config = RouterConfig(
+            source=manifest.config_source,
+            model_types={} if group is None else {group.name: group},
+        )
+        routing = RoutingConfig() if group is None else group.routing
         if self._dispatcher is None:
-            connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
-            session = aiohttp.ClientSession(connector=connector)
-            config = RouterConfig(
-                source=self._model_type.name, model_types={self._model_type.name: self._model_type}
-            )
-            self._dispatcher = Dispatcher(
-                ModelHandler(config=config), self._model_type.routing, session
-            )
+            self._dispatcher = Dispatcher(ModelHandler(config=config), routing, self._session)
+        else:
+            states = self._dispatcher.handler.states
+            self._dispatcher.update(ModelHandler(config=config, states=states), routing)
+
+    def _busy(self, manifest: Manifest) -> list[str]:
+        """Retiring adapter versions this replica still has requests on."""
+        assert self._dispatcher is not None
+        retiring = retiring_names(manifest)
+        return sorted(n for n, c in self._dispatcher.in_use.items() if c > 0 and n in retiring)
+
+    @property
+    def _live(self) -> Dispatcher:
+        assert self._dispatcher is not None  # set by __init__ before any request
         return self._dispatcher
 
     async def unary(self, body: bytes, meta: RequestMeta) -> Unary:
-        return await self._get().unary(body, meta)
+        return await self._live.unary(body, meta)
 
     async def unary_many(
         self, calls: list[tuple[bytes, RequestMeta]]
     ) -> AsyncIterator[tuple[int, Unary]]:
         """Several unary calls in one trip; each result is yielded as soon as it is ready."""
-        dispatcher = self._get()
+        dispatcher = self._live
 
         async def one(index: int, body: bytes, meta: RequestMeta) -> tuple[int, Unary]:
             return index, await dispatcher.unary(body, meta)
@@ -56,9 +79,9 @@ class ModelTypeRouter:
                 task.cancel()
 
     async def stream(self, body: bytes, meta: RequestMeta) -> AsyncIterator[Head | bytes]:
-        async for item in self._get().stream(body, meta):
+        async for item in self._live.stream(body, meta):
             yield item
 
     async def __del__(self) -> None:
-        if self._dispatcher is not None:
-            await self._dispatcher.session.close()
+        await self._follower.stop()
+        await self._session.close()

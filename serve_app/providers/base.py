@@ -39,3 +39,12 @@ def api_root(api_host: str, *, default_path: str) -> str:
 
 def upstream_model(provider: ProviderConfig, requested: str) -> str:
     return provider.model_path or requested
+
+
+def json_headers(provider: ProviderConfig) -> dict[str, str]:
+    """A JSON request's headers, with the provider's bearer token when it has one."""
+    headers = {"content-type": JSON}
+    token = provider.api_token.get_secret_value()
+    if token:
+        headers["authorization"] = f"Bearer {token}"
+    return headers

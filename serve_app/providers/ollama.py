@@ -16,7 +16,7 @@ import orjson
 
 from serve_app.config import ProviderConfig
 from serve_app.errors import RouterError, error_body, sse_error_event
-from serve_app.providers.base import JSON, api_root, upstream_model
+from serve_app.providers.base import JSON, api_root, json_headers, upstream_model
 from serve_app.schemas import Endpoint, RequestMeta
 
 # OpenAI sampling fields -> Ollama `options` keys.
@@ -299,10 +299,7 @@ class OllamaExchange:
         root = api_root(provider.api_host, default_path="")
         root = root.removesuffix("/v1").removesuffix("/api")
         self.url = root + _PATHS[meta.endpoint]
-        self.headers = {"content-type": JSON}
-        token = provider.api_token.get_secret_value()
-        if token:
-            self.headers["authorization"] = f"Bearer {token}"
+        self.headers = json_headers(provider)
         self.body = orjson.dumps(
             to_ollama_request(
                 meta.endpoint,

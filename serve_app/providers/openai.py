@@ -7,17 +7,14 @@ from collections.abc import AsyncIterator
 import orjson
 
 from serve_app.config import ProviderConfig
-from serve_app.providers.base import JSON, api_root, upstream_model
+from serve_app.providers.base import JSON, api_root, json_headers, upstream_model
 from serve_app.schemas import RequestMeta
 
 
 class OpenAIExchange:
     def __init__(self, provider: ProviderConfig, meta: RequestMeta, body: bytes) -> None:
         self.url = f"{api_root(provider.api_host, default_path='/v1')}/{meta.endpoint.value}"
-        self.headers = {"content-type": JSON}
-        token = provider.api_token.get_secret_value()
-        if token:
-            self.headers["authorization"] = f"Bearer {token}"
+        self.headers = json_headers(provider)
         model = upstream_model(provider, meta.model)
         if model != meta.model:
             doc = orjson.loads(body)
