@@ -1,7 +1,8 @@
 """The HTTP front: validates a request, picks its model type's router, relays the answer.
 
 No `from __future__ import annotations` here: Serve rebuilds the endpoint signatures and FastAPI
-must see real `Request` annotations, not strings.
+must see real `Request` annotations, not strings. Every helper the class uses is defined above
+it: the decorators pickle the class where it stands, so a later name is missing in the replica.
 
 The body crosses the hop as the client's raw bytes plus a small RequestMeta tuple, so it is
 parsed once here (by pydantic-core) and re-encoded only where an upstream needs another shape.
@@ -116,6 +117,22 @@ def _coalescer(handle: DeploymentHandle) -> Coalescer[tuple[bytes, RequestMeta],
         return many.remote(calls)
 
     return Coalescer(send_one, send_many)
+
+
+def _first_problem(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"])
+    return f"{where}: {err['msg']}" if where else err["msg"]
+
+
+def _not_deployed(model_type: str) -> RouterError:
+    return RouterError(
+        503,
+        f"model type {model_type!r} has no router deployment yet; redeploy the app "
+        "(serve deploy) to serve it",
+        type="api_error",
+        code="model_type_not_deployed",
+    )
 
 
 class IngressSettings(BaseModel):
@@ -345,19 +362,3 @@ class Ingress:
             return _error(err)
         assert isinstance(answer, Answer)
         return Response(answer.body, status_code=answer.status, media_type=JSON)
-
-
-def _first_problem(exc: ValidationError) -> str:
-    err = exc.errors()[0]
-    where = ".".join(str(p) for p in err["loc"])
-    return f"{where}: {err['msg']}" if where else err["msg"]
-
-
-def _not_deployed(model_type: str) -> RouterError:
-    return RouterError(
-        503,
-        f"model type {model_type!r} has no router deployment yet; redeploy the app "
-        "(serve deploy) to serve it",
-        type="api_error",
-        code="model_type_not_deployed",
-    )

@@ -1,0 +1,183 @@
+"""Manifest rules, manifest file writes and admin auth: pure logic, no Ray."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from serve_app.admin import admin_refusal
+from serve_app.config import ConfigError
+from serve_app.errors import RouterError
+from serve_app.registry import store
+from serve_app.registry.manifest import (
+    AdapterRegistration,
+    Manifest,
+    adapter_report,
+    check_registration,
+    effective_config,
+    retiring_names,
+    with_config,
+    with_new_version,
+    with_unloaded,
+)
+from tests.conftest import provider
+
+
+def _config() -> dict:
+    return {
+        "llm_models": {
+            "base": {
+                "providers": [
+                    provider("v1", "http://127.0.0.1:9001", "vllm"),
+                    provider("o1", "http://127.0.0.1:9002", "ollama"),
+                ],
+                "providers_sleep": [provider("v2", "http://127.0.0.1:9003", "vllm")],
+            },
+            "plain": {"providers": [provider("p1", "http://127.0.0.1:9004")]},
+            "inactive": {"providers": [provider("x1", "http://127.0.0.1:9005")]},
+        },
+        "active_models": {"llm_models": ["base", "plain"]},
+    }
+
+
+def _reg(**kw: object) -> AdapterRegistration:
+    return AdapterRegistration.model_validate(
+        {"base_model": "base", "name": "sql", "source": "/adapters/sql", **kw}
+    )
+
+
+@pytest.fixture
+def manifest() -> Manifest:
+    return with_config(Manifest(), _config(), "cfg.json")
+
+
+def test_publishing_the_same_config_keeps_the_version(manifest: Manifest) -> None:
+    assert manifest.version == 1
+    assert with_config(manifest, _config(), "cfg.json") is manifest
+    changed = _config()
+    changed["llm_models"]["plain"]["providers"][0]["weight"] = 5
+    assert with_config(manifest, changed, "cfg.json").version == 2
+
+
+def test_an_invalid_config_is_refused_with_its_problems(manifest: Manifest) -> None:
+    broken = _config()
+    broken["llm_models"]["base"]["providers"][0]["input_size"] = "lots"
+    with pytest.raises(ConfigError) as info:
+        with_config(manifest, broken, "cfg.json")
+    assert info.value.problems[0][0] == "$.llm_models.base.providers[0].input_size"
+
+
+def test_registration_targets_only_vllm_providers_of_both_tiers(manifest: Manifest) -> None:
+    assert [p.id for p in check_registration(manifest, _reg())] == ["v1", "v2"]
+
+
+@pytest.mark.parametrize(
+    ("fields", "status", "code"),
+    [
+        ({"base_model": "nope"}, 404, "unknown_base_model"),
+        ({"base_model": "inactive"}, 404, "unknown_base_model"),
+        ({"name": "bad name"}, 400, "invalid_adapter_name"),
+        ({"name": "sql@v1"}, 400, "invalid_adapter_name"),
+        ({"name": "plain"}, 409, "adapter_name_clash"),
+        ({"name": "inactive"}, 409, "adapter_name_clash"),
+        ({"base_model": "plain"}, 400, "no_vllm_provider"),
+    ],
+)
+def test_bad_registrations_are_refused(
+    manifest: Manifest, fields: dict, status: int, code: str
+) -> None:
+    with pytest.raises(RouterError) as info:
+        check_registration(manifest, _reg(**fields))
+    assert (info.value.status, info.value.code) == (status, code)
+
+
+def test_an_adapter_name_belongs_to_one_base_model(manifest: Manifest) -> None:
+    config = _config()
+    config["llm_models"]["plain"]["providers"] = [provider("p1", "http://127.0.0.1:9004", "vllm")]
+    manifest = with_config(manifest, config, "cfg.json")
+    manifest = with_new_version(manifest, _reg(), ["v1"], 0.0)
+    with pytest.raises(RouterError) as info:
+        check_registration(manifest, _reg(base_model="plain"))
+    assert info.value.code == "adapter_name_clash"
+
+
+def test_a_config_may_not_define_a_model_named_like_an_adapter(manifest: Manifest) -> None:
+    manifest = with_new_version(manifest, _reg(), ["v1"], 0.0)
+    config = _config()
+    config["llm_models"]["sql"] = {"providers": [provider("s", "http://127.0.0.1:9009")]}
+    with pytest.raises(ConfigError, match="registered adapter"):
+        with_config(manifest, config, "cfg.json")
+
+
+def test_new_versions_retire_the_old_one_and_route_to_the_new(manifest: Manifest) -> None:
+    v1 = with_new_version(manifest, _reg(), ["v1", "v2"], 10.0)
+    model = effective_config(v1).model_types["llm_models"].models["sql"]
+    # Only providers with the version loaded, asked for it by its vLLM name.
+    assert [(p.id, p.model_path) for p in model.providers] == [("v1", "sql@v1")]
+    assert [(p.id, p.model_path) for p in model.providers_sleep] == [("v2", "sql@v1")]
+
+    v2 = with_new_version(v1, _reg(source="/adapters/sql2"), ["v2"], 20.0)
+    adapter = v2.adapters["sql"]
+    assert (adapter.current.version, adapter.current.source) == (2, "/adapters/sql2")
+    assert [(o.version, o.retired_in) for o in adapter.retiring] == [(1, v2.version)]
+    assert retiring_names(v2) == {"sql@v1"}
+    model = effective_config(v2).model_types["llm_models"].models["sql"]
+    # v1 has not loaded version 2: the sleeping provider that has is promoted, nothing stale.
+    assert [(p.id, p.model_path) for p in model.providers] == [("v2", "sql@v2")]
+    assert model.providers_sleep == []
+
+    done = with_unloaded(v2, "sql", 1, {"v1"})
+    assert done.adapters["sql"].retiring[0].loaded == ("v2",)
+    assert with_unloaded(done, "sql", 1, {"v2"}).adapters["sql"].retiring == ()
+
+
+def test_the_report_shows_versions_per_provider_and_says_ollama_is_unsupported(
+    manifest: Manifest,
+) -> None:
+    m = with_new_version(manifest, _reg(), ["v1", "v2"], 0.0)
+    m = with_new_version(m, _reg(), ["v1"], 0.0)
+    [report] = adapter_report(m)
+    rows = {r["provider"]: r for r in report["providers"]}
+    assert rows["v1"] == {
+        "provider": "v1",
+        "api_type": "vllm",
+        "status": "current",
+        "loaded_versions": [2, 1],
+    }
+    assert rows["v2"]["status"] == "missing" and rows["v2"]["loaded_versions"] == [1]
+    assert rows["o1"]["status"] == "unsupported" and "ollama" in rows["o1"]["detail"]
+    assert report["version"] == 2 and report["retiring_versions"] == [1]
+
+
+def test_the_manifest_file_is_replaced_whole_and_private(tmp_path: Path) -> None:
+    path = tmp_path / "state" / "registry.json"
+    store.save(path, b"one")
+    store.save(path, b"two")
+    assert store.load(path) == b"two"
+    assert os.listdir(path.parent) == ["registry.json"]  # no temp file left behind
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert store.load(tmp_path / "missing.json") is None
+
+
+@pytest.mark.parametrize(
+    ("header", "expected", "status"),
+    [
+        ("Bearer right", None, 503),
+        (None, "right", 401),
+        ("Basic right", "right", 401),
+        ("Bearer ", "right", 401),
+        ("Bearer wrong", "right", 403),
+        ("Bearer righ", "right", 403),
+    ],
+)
+def test_admin_refusals(header: str | None, expected: str | None, status: int) -> None:
+    err = admin_refusal(header, expected)
+    assert err is not None and err.status == status
+
+
+def test_the_admin_token_is_accepted() -> None:
+    assert admin_refusal("Bearer right", "right") is None
+    assert admin_refusal("bearer right", "right") is None
