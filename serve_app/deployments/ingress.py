@@ -263,7 +263,9 @@ class Ingress:
         try:
             return await getattr(self._follower.registry(), method).remote(*args)
         except Exception as exc:
-            log.warning("registry call failed", extra={"method": method, "reason": repr(exc)})
+            log.warning(
+                "registry call failed", extra={"method": method, "reason": type(exc).__name__}
+            )
             raise RouterError(
                 503,
                 "the adapter registry is unavailable; retry",
