@@ -20,6 +20,7 @@ from tests.conftest import ADMIN, REGISTRY, deploy, provider, wait_for
 pytestmark = pytest.mark.serve
 
 TYPE = "live_models"
+SECRET = "live-secret-token-42"
 
 
 @dataclass
@@ -42,7 +43,12 @@ def live(serve_url: str, upstream_factory, tmp_path_factory) -> Live:
     ups["slow"].knobs = Knobs(chunks=5, chunk_delay_s=0.2)
     config = {
         TYPE: {
-            "m/live": {"providers": [provider("la", ups["la"].url), provider("lb", ups["lb"].url)]},
+            "m/live": {
+                "providers": [
+                    provider("la", ups["la"].url, api_token=SECRET),
+                    provider("lb", ups["lb"].url),
+                ]
+            },
             "m/slow": {"providers": [provider("slow", ups["slow"].url)]},
             "m/later": {"providers": [provider("fresh", ups["fresh"].url)]},
         },
@@ -228,3 +234,34 @@ async def test_the_registry_outlives_a_router_replica(live: Live, http) -> None:
     assert REGISTRY.handle()._actor_id == actor_id  # the same registry, not a new one
     assert (await registry.get_manifest.remote()).version == version
     assert sum((await _providers(http, live, "m/live", 10)).values()) == 10
+
+
+async def test_admin_answers_never_carry_an_api_token(live: Live, http) -> None:
+    for path in ("/api/v1/config", "/api/v1/adapters"):
+        async with http.get(f"{live.url}{path}", headers=ADMIN) as resp:
+            assert resp.status == 200 and SECRET not in await resp.text()
+    code, answer = await _reload(live)
+    assert code == 200 and SECRET not in orjson.dumps(answer).decode()
+
+
+async def test_replicas_keep_serving_without_the_registry_and_bring_it_back(
+    live: Live, http
+) -> None:
+    registry = REGISTRY.handle()
+    version = (await registry.get_manifest.remote()).version
+    ray.kill(registry, no_restart=True)
+    # Serving does not depend on the registry being up.
+    assert sum((await _providers(http, live, "m/live", 10)).values()) == 10
+
+    # The replicas' followers re-create it from its file and follow it again.
+    deadline = asyncio.get_running_loop().time() + 30
+    while True:
+        async with http.get(f"{live.url}/api/v1/config", headers=ADMIN) as resp:
+            if resp.status == 200:
+                status = await resp.json()
+                if len(status["replicas"]) == 3:  # the ingress and both routers
+                    break
+        assert asyncio.get_running_loop().time() < deadline, "the registry did not come back"
+        await asyncio.sleep(0.1)
+    assert status["version"] == version
+    assert set(status["replicas"].values()) == {version}
