@@ -90,7 +90,7 @@ def deploy(
 
     wait_for(serving, 60, "the router to serve the new config")
     registry = REGISTRY.handle()
-    version = ray.get(registry.get_manifest.remote()).version
+    version = ray.get(registry.current.remote()).version
     behind = ray.get(registry.wait_for_followers.remote(version, 40))
     assert not behind, f"replicas not following the config: {behind}"
     return app_args

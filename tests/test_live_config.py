@@ -211,7 +211,7 @@ async def test_admin_endpoints_need_the_token(live: Live, http, path: str) -> No
 
 async def test_the_registry_outlives_a_router_replica(live: Live, http) -> None:
     registry = REGISTRY.handle()
-    version = (await registry.get_manifest.remote()).version
+    version = (await registry.current.remote()).version
     actor_id = registry._actor_id
     routers = {
         a["name"]
@@ -232,7 +232,7 @@ async def test_the_registry_outlives_a_router_replica(live: Live, http) -> None:
         assert asyncio.get_running_loop().time() < deadline, "no replacement replica followed"
         await asyncio.sleep(0.1)
     assert REGISTRY.handle()._actor_id == actor_id  # the same registry, not a new one
-    assert (await registry.get_manifest.remote()).version == version
+    assert (await registry.current.remote()).version == version
     assert sum((await _providers(http, live, "m/live", 10)).values()) == 10
 
 
@@ -248,7 +248,7 @@ async def test_replicas_keep_serving_without_the_registry_and_bring_it_back(
     live: Live, http
 ) -> None:
     registry = REGISTRY.handle()
-    version = (await registry.get_manifest.remote()).version
+    version = (await registry.current.remote()).version
     ray.kill(registry, no_restart=True)
     # Serving does not depend on the registry being up.
     assert sum((await _providers(http, live, "m/live", 10)).values()) == 10

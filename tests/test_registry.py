@@ -57,11 +57,11 @@ def test_acknowledged_adapters_survive_killing_the_registry(
     answer = ray.get(registry.register_adapter.remote(_sql(), 1.0))
     assert answer.status == 201
     assert vllm.loras == {"sql@v1": "/adapters/sql"}
-    before: Manifest = ray.get(registry.get_manifest.remote())
+    before: Manifest = ray.get(registry.current.remote())
 
     ray.kill(registry, no_restart=True)
     wait_for(lambda: _gone(ref.name), 30, "the registry to die")
-    after: Manifest = ray.get(ref.handle().get_manifest.remote())  # a new actor, from the file
+    after: Manifest = ray.get(ref.handle().current.remote())  # a new actor, from the file
     assert after == before
     assert after.adapters["sql"].current.source == "/adapters/sql"
 
@@ -75,7 +75,7 @@ def test_a_crashed_registry_is_restarted_with_its_manifest(
 
     def answers() -> bool:
         try:
-            return ray.get(registry.get_manifest.remote(), timeout=5).version == version
+            return ray.get(registry.current.remote(), timeout=5).version == version
         except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
             return False
 
@@ -105,13 +105,13 @@ def test_a_broken_config_changes_nothing(ref: RegistryRef, vllm: FakeUpstream) -
     del broken["llm_models"]["base"]["providers"][0]["api_host"]
     published = ray.get(registry.publish_config.remote(broken, "cfg"))
     assert published.problems == [("$.llm_models.base.providers[0].api_host", "Field required")]
-    assert ray.get(registry.get_manifest.remote()).version == v1 == published.version
+    assert ray.get(registry.current.remote()).version == v1 == published.version
 
 
 def test_the_ack_names_replicas_that_did_not_follow(ref: RegistryRef, vllm: FakeUpstream) -> None:
     registry = ref.handle()
     ray.get(registry.publish_config.remote(_config(vllm.url), "cfg"))
-    ray.get(registry.get_manifest.remote("stuck-replica"))  # follows, then never polls again
+    ray.get(registry.current.remote("stuck-replica"))  # follows, then never polls again
     answer = ray.get(registry.register_adapter.remote(_sql(), 0.3))
     assert answer.status == 201
     assert b'"unconfirmed_replicas":["stuck-replica"]' in answer.body
@@ -123,7 +123,7 @@ def test_an_old_version_is_unloaded_only_once_no_replica_uses_it(
     registry = ref.handle()
     ray.get(registry.publish_config.remote(_config(vllm.url), "cfg"))
     ray.get(registry.register_adapter.remote(_sql("/a/v1"), 1.0))
-    v = ray.get(registry.get_manifest.remote("replica")).version
+    v = ray.get(registry.current.remote("replica")).version
     answer = ray.get(registry.register_adapter.remote(_sql("/a/v2"), 0.2))
     assert answer.status == 201 and vllm.loras == {"sql@v1": "/a/v1", "sql@v2": "/a/v2"}
 
@@ -141,7 +141,7 @@ def test_an_old_version_is_unloaded_only_once_no_replica_uses_it(
     unloads = [r.body for r in vllm.requests if r.path == "/v1/unload_lora_adapter"]
     assert unloads == [{"lora_name": "sql@v1"}]
     wait_for(
-        lambda: ray.get(registry.get_manifest.remote()).adapters["sql"].retiring == (),
+        lambda: ray.get(registry.current.remote()).adapters["sql"].retiring == (),
         10,
         "the manifest to forget v1",
     )

@@ -31,10 +31,10 @@ from serve_app.coalesce import Coalescer
 from serve_app.config import ConfigError, parse_config, read_raw
 from serve_app.dispatch import Head, Unary
 from serve_app.errors import RouterError, model_not_found
+from serve_app.follow import Follower
 from serve_app.handler import ApiModelConfig
 from serve_app.providers.base import JSON
 from serve_app.registry.actor import Answer, Published, RegistryRef
-from serve_app.registry.follower import Follower
 from serve_app.registry.manifest import AdapterRegistration, Manifest, effective_config
 from serve_app.schemas import Endpoint, RequestMeta, validate_request
 from serve_app.serve_env import REPLICA_CPUS
@@ -162,7 +162,7 @@ class Ingress:
         self._type_of: dict[str, str] = {}
         self._models = b""
         replica = serve.get_replica_context().replica_id.unique_id
-        self._follower = Follower(registry, f"ingress:{replica}", self._apply)
+        self._follower = Follower(registry.handle, f"ingress:{replica}", Manifest(), self._apply)
         await self._follower.start()
         self._watcher = (
             asyncio.get_running_loop().create_task(self._watch()) if settings.watch_config else None
@@ -261,7 +261,7 @@ class Ingress:
 
     async def _registry_call(self, method: str, *args: object) -> object:
         try:
-            return await getattr(self._follower.registry(), method).remote(*args)
+            return await getattr(self._follower.actor(), method).remote(*args)
         except Exception as exc:
             log.warning(
                 "registry call failed", extra={"method": method, "reason": type(exc).__name__}
@@ -325,7 +325,7 @@ class Ingress:
             followers = await self._registry_call("followers")
         except RouterError as err:
             return _error(err)
-        manifest = self._follower.manifest
+        manifest = self._follower.state
         body = {
             "version": manifest.version,
             "source": manifest.config_source,

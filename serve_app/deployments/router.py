@@ -11,9 +11,9 @@ from ray import serve
 
 from serve_app.config import RouterConfig, RoutingConfig
 from serve_app.dispatch import Dispatcher, Head, Unary
+from serve_app.follow import Follower
 from serve_app.handler import ModelHandler
 from serve_app.registry.actor import RegistryRef
-from serve_app.registry.follower import Follower
 from serve_app.registry.manifest import Manifest, effective_config, retiring_names
 from serve_app.schemas import RequestMeta
 from serve_app.serve_env import REPLICA_CPUS
@@ -30,7 +30,7 @@ class ModelTypeRouter:
         self._dispatcher: Dispatcher | None = None
         replica = serve.get_replica_context().replica_id.unique_id
         self._follower = Follower(
-            registry, f"router-{model_type}:{replica}", self._apply, self._busy
+            registry.handle, f"router-{model_type}:{replica}", Manifest(), self._apply, self._busy
         )
         await self._follower.start()
 

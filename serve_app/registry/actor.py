@@ -10,7 +10,6 @@ replica routes to the new version, and an old version be unloaded only once noth
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import time
@@ -26,6 +25,7 @@ from ray.actor import ActorHandle
 
 from serve_app.config import ConfigError
 from serve_app.errors import RouterError
+from serve_app.follow import Signal
 from serve_app.registry import lora, store
 from serve_app.registry.manifest import (
     AdapterRegistration,
@@ -101,21 +101,6 @@ class RegistryRef(BaseModel):
         ).remote(self.path)
 
 
-class _Signal:
-    """Wakes every waiter once per `fire`, without locks (single event loop)."""
-
-    def __init__(self) -> None:
-        self._event = asyncio.Event()
-
-    def fire(self) -> None:
-        self._event.set()
-        self._event = asyncio.Event()
-
-    async def wait(self, timeout: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._event.wait(), timeout)
-
-
 @dataclass
 class _Follower:
     version: int
@@ -130,8 +115,8 @@ class Registry:
         self._path = Path(path)
         data = store.load(self._path)
         self._manifest = Manifest.model_validate_json(data) if data else Manifest()
-        self._changed = _Signal()
-        self._reported = _Signal()
+        self._changed = Signal()
+        self._reported = Signal()
         self._followers: dict[str, _Follower] = {}
         self._lock = asyncio.Lock()
         self._session: aiohttp.ClientSession | None = None
@@ -173,7 +158,7 @@ class Registry:
 
     # --- followers ---------------------------------------------------------------------------
 
-    async def get_manifest(self, follower_id: str | None = None) -> Manifest:
+    async def current(self, follower_id: str | None = None) -> Manifest:
         """The current manifest; a replica calls it before it takes traffic."""
         self._start_background()
         if follower_id is not None:
