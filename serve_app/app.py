@@ -56,6 +56,7 @@ def router_app(args: AppArgs, document: tuple[object, str] | None = None) -> App
             name=router_deployment_name(name),
             num_replicas=group.routing.num_replicas,
             max_ongoing_requests=group.routing.max_ongoing_requests,
+            graceful_shutdown_timeout_s=group.routing.drain_timeout_s,
             logging_config=LOGGING,
         ).bind(name, registry)
         for name, group in config.model_types.items()
@@ -66,7 +67,10 @@ def router_app(args: AppArgs, document: tuple[object, str] | None = None) -> App
         watch_config=args.watch_config,
         ack_timeout_s=args.ack_timeout_s,
     )
-    return Ingress.options(logging_config=LOGGING).bind(routers, registry, settings)
+    drain = max(g.routing.drain_timeout_s for g in config.model_types.values())
+    return Ingress.options(logging_config=LOGGING, graceful_shutdown_timeout_s=drain).bind(
+        routers, registry, settings
+    )
 
 
 def build_app(args: dict[str, object] | None = None) -> Application:

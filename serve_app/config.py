@@ -149,6 +149,15 @@ class RoutingConfig(BaseModel):
     # Covers the wait for the first byte and every gap between chunks after it.
     read_timeout_s: float = Field(default=300.0, gt=0)
     unhealthy_cooldown_s: float = Field(default=5.0, ge=0)
+    # The whole request, failover included; a client's `x-request-timeout` may only shorten it.
+    request_timeout_s: float = Field(default=600.0, gt=0)
+    health_check_interval_s: float = Field(default=5.0, gt=0)
+    health_check_timeout_s: float = Field(default=2.0, gt=0)
+    # Consecutive failed probes (or requests, in one replica) that open a provider's circuit.
+    circuit_failures: int = Field(default=3, ge=1)
+    circuit_cooldown_s: float = Field(default=10.0, gt=0)
+    # How long a replica being stopped (scale-down, redeploy) keeps serving what it has.
+    drain_timeout_s: float = Field(default=60.0, ge=0)
 
 
 class ModelTypeConfig(BaseModel):

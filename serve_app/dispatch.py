@@ -6,9 +6,10 @@ the result crosses a Ray Serve handle to the ingress.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from typing import NamedTuple
 
@@ -17,6 +18,7 @@ import aiohttp
 from serve_app.config import ProviderConfig, RoutingConfig
 from serve_app.errors import RouterError, sse_error_event
 from serve_app.handler import ModelHandler
+from serve_app.metrics import Tally
 from serve_app.providers import prepare
 from serve_app.providers.base import JSON, SSE
 from serve_app.schemas import RequestMeta
@@ -26,6 +28,9 @@ log = logging.getLogger("ray.serve")
 PROVIDER_HEADER = "x-router-provider"
 ATTEMPTS_HEADER = "x-router-attempts"
 UPSTREAM_ERRORS = (aiohttp.ClientError, TimeoutError, OSError, ValueError)
+ATTEMPTS_METRIC = "llm_router_upstream_attempts"
+# The longest an upstream's Retry-After keeps it aside.
+MAX_RETRY_AFTER_S = 300.0
 
 
 class Head(NamedTuple):
@@ -66,9 +71,16 @@ class _View(NamedTuple):
 
 class Dispatcher:
     def __init__(
-        self, handler: ModelHandler, routing: RoutingConfig, session: aiohttp.ClientSession
+        self,
+        handler: ModelHandler,
+        routing: RoutingConfig,
+        session: aiohttp.ClientSession,
+        on_trip: Callable[[str, str], None] = lambda provider_id, reason: None,
     ) -> None:
+        """`on_trip(provider_id, reason)`: a provider failed `circuit_failures` times in a row."""
         self.session = session
+        self.on_trip = on_trip
+        self.tally = Tally()
         # Requests under way per upstream model name (model_path): tells when nothing uses a
         # retiring adapter version any more.
         self.in_use: Counter[str] = Counter()
@@ -105,9 +117,17 @@ class Dispatcher:
         failure: _Failure,
         failures: list[_Failure],
     ) -> None:
-        view.handler.states[provider.id].down_until = (
-            view.handler.clock() + view.routing.unhealthy_cooldown_s
-        )
+        state = view.handler.states[provider.id]
+        pause = view.routing.unhealthy_cooldown_s
+        if failure.retry_after is not None:  # the upstream said when to come back: believe it
+            pause = min(max(_seconds(failure.retry_after), 0.0), MAX_RETRY_AFTER_S)
+        state.down_until = view.handler.clock() + pause
+        if failure.status != 429:  # busy is not broken
+            state.failures += 1
+            if state.failures >= view.routing.circuit_failures:
+                state.failures = 0
+                self.on_trip(provider.id, failure.reason)
+        self.tally.inc(ATTEMPTS_METRIC, (provider.id, failure.reason))
         failures.append(failure)
         log.warning(
             "upstream attempt failed",
@@ -117,6 +137,14 @@ class Dispatcher:
                 "reason": failure.reason,
             },
         )
+
+    def _succeeded(self, view: _View, provider: ProviderConfig) -> None:
+        state = view.handler.states[provider.id]
+        state.down_until, state.failures = 0.0, 0
+        self.tally.inc(ATTEMPTS_METRIC, (provider.id, "ok"))
+
+    def _deadline(self, view: _View, meta: RequestMeta) -> float:
+        return min(view.routing.request_timeout_s, meta.timeout_s or float("inf"))
 
     def _exhausted(self, meta: RequestMeta, failures: list[_Failure]) -> RouterError:
         detail = "; ".join(f"{f.provider_id}: {f.reason}" for f in failures)
@@ -138,6 +166,14 @@ class Dispatcher:
 
     async def unary(self, body: bytes, meta: RequestMeta) -> Unary:
         view = self._view
+        timeout = self._deadline(view, meta)
+        try:
+            async with asyncio.timeout(timeout):
+                return await self._unary(view, body, meta)
+        except TimeoutError:
+            return error_answer(_deadline_error(timeout))
+
+    async def _unary(self, view: _View, body: bytes, meta: RequestMeta) -> Unary:
         failures: list[_Failure] = []
         try:
             plan = view.handler.plan(meta)
@@ -164,7 +200,7 @@ class Dispatcher:
                         continue
                     finally:
                         state.in_flight -= 1
-                    state.down_until = 0.0
+                    self._succeeded(view, provider)
                     headers = _answer_headers(provider, failures)
                     return Unary(Head(resp.status, ctype, headers), out)
             raise self._exhausted(meta, failures)
@@ -172,8 +208,13 @@ class Dispatcher:
             return error_answer(err)
 
     async def stream(self, body: bytes, meta: RequestMeta) -> AsyncIterator[Head | bytes]:
-        """Yields a Head, then body chunks. Failover is possible until the Head is yielded."""
+        """Yields a Head, then body chunks. Failover is possible until the Head is yielded.
+
+        The request's deadline ends it with a 504 before the Head, an SSE error event after.
+        """
         view = self._view
+        timeout = self._deadline(view, meta)
+        deadline = asyncio.get_running_loop().time() + timeout
         failures: list[_Failure] = []
         try:
             plan = view.handler.plan(meta)
@@ -191,14 +232,18 @@ class Dispatcher:
                 state = view.handler.states[provider.id]
                 state.in_flight += 1
                 try:
-                    resp = await self.session.post(
-                        exchange.url,
-                        data=exchange.body,
-                        headers=exchange.headers,
-                        timeout=view.timeout,
-                    )
+                    async with asyncio.timeout_at(deadline):
+                        resp = await self.session.post(
+                            exchange.url,
+                            data=exchange.body,
+                            headers=exchange.headers,
+                            timeout=view.timeout,
+                        )
                 except UPSTREAM_ERRORS as exc:
                     state.in_flight -= 1
+                    if _past(deadline):
+                        answer = error_answer(_deadline_error(timeout))
+                        break
                     self._failed(view, provider, meta, _exc_failure(provider, exc), failures)
                     continue
                 try:
@@ -218,12 +263,17 @@ class Dispatcher:
                         yield Head(resp.status, ctype, headers)
                         yield out
                         return
-                    state.down_until = 0.0
+                    self._succeeded(view, provider)
                     yield Head(resp.status, SSE, headers)
                     try:
-                        async for out in exchange.stream(resp.content.iter_any()):
+                        async for out in _until(deadline, exchange.stream(resp.content.iter_any())):
                             yield out
                     except UPSTREAM_ERRORS as exc:
+                        if _past(deadline):
+                            yield sse_error_event(
+                                _deadline_error(timeout).message, code="deadline_exceeded"
+                            )
+                            return
                         log.warning(
                             "upstream stream broke",
                             extra={
@@ -241,6 +291,31 @@ class Dispatcher:
             answer = error_answer(self._exhausted(meta, failures))
         yield answer.head
         yield answer.body
+
+
+def _past(deadline: float) -> bool:
+    return asyncio.get_running_loop().time() >= deadline
+
+
+def _deadline_error(timeout: float) -> RouterError:
+    return RouterError(
+        504,
+        f"the request did not finish within its {timeout:g} s deadline",
+        type="api_error",
+        code="deadline_exceeded",
+    )
+
+
+async def _until(deadline: float, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """The chunks, ending with TimeoutError at the loop-time `deadline`."""
+    it = aiter(chunks)
+    while True:
+        async with asyncio.timeout_at(deadline):
+            try:
+                chunk = await anext(it)
+            except StopAsyncIteration:
+                return
+        yield chunk
 
 
 def _answer_headers(provider: ProviderConfig, failures: list[_Failure]) -> dict[str, str]:

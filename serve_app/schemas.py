@@ -73,6 +73,8 @@ class RequestMeta(NamedTuple):
     prompt_tokens: int
     needs_tools: bool
     request_id: str
+    # The client's deadline (`x-request-timeout`), seconds; the model type's limit still applies.
+    timeout_s: float | None = None
 
 
 def _as_error(exc: ValidationError) -> RouterError:
@@ -102,3 +104,21 @@ def validate_request(endpoint: Endpoint, body: bytes, request_id: str) -> Reques
         needs_tools = False
     stream = bool(req.stream) and endpoint is not Endpoint.EMBEDDINGS
     return RequestMeta(endpoint, req.model, stream, tokens, needs_tools, request_id)
+
+
+TIMEOUT_HEADER = "x-request-timeout"
+
+
+def parse_timeout(value: str | None) -> float | None:
+    """The `x-request-timeout` header: seconds, a positive number."""
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds < float("inf"):
+        raise RouterError(
+            400, f"{TIMEOUT_HEADER} must be a positive number of seconds", param=TIMEOUT_HEADER
+        )
+    return seconds

@@ -13,10 +13,13 @@ from serve_app.strategies import Strategy
 
 @dataclass
 class ProviderState:
-    """One replica's view of a provider: its load and when a recent failure stops counting."""
+    """One replica's view of a provider: its load, when a recent failure stops counting, its
+    failures in a row here, and whether the shared circuit has it out of service."""
 
     in_flight: int = 0
     down_until: float = 0.0
+    failures: int = 0
+    out_of_service: bool = False
 
 
 def fits(provider: ProviderConfig, meta: RequestMeta) -> bool:
@@ -55,8 +58,9 @@ def plan_attempts(
 ) -> list[ProviderConfig]:
     """Primaries in strategy order, then sleeping providers; each tier capped at max_attempts.
 
-    Providers marked down are kept as a last resort (the mark may be stale) so a request is only
-    refused when every fitting provider is busy at its limit (429) or none fits (400).
+    Providers marked down here are kept as a last resort (the mark may be stale); providers
+    whose shared circuit is open are not (their health checks failed). A request is refused when
+    none fits (400), every fitting one is out of service (503) or busy at its limit (429).
     """
 
     def in_flight(pid: str) -> int:
@@ -67,15 +71,26 @@ def plan_attempts(
 
     tiers: list[list[ProviderConfig]] = []
     down: list[ProviderConfig] = []
-    any_fit = False
+    any_fit = any_in_service = False
     for tier in (model.providers, model.providers_sleep):
         fitting = [p for p in tier if fits(p, meta)]
         any_fit = any_fit or bool(fitting)
+        fitting = [p for p in fitting if not states[p.id].out_of_service]
+        any_in_service = any_in_service or bool(fitting)
         ready = [p for p in fitting if not at_limit(p) and states[p.id].down_until <= now]
         down += [p for p in fitting if not at_limit(p) and states[p.id].down_until > now]
         tiers.append(strategy.order(ready, in_flight)[:max_attempts])
     if not any_fit:
         raise _no_fit_error(model_name, model, meta)
+    if not any_in_service:
+        raise RouterError(
+            503,
+            f"every provider of model {model_name} is out of service (failing health checks); "
+            "retry later",
+            type="api_error",
+            code="no_healthy_provider",
+            headers={"retry-after": "5"},
+        )
     plan = [*tiers[0], *tiers[1]]
     if plan:
         return plan

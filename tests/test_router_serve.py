@@ -63,6 +63,10 @@ def pool(serve_url: str, upstream_factory) -> Pool:
                 "providers_sleep": [provider("sleep", ups["sleep"].url, weight=0.1)],
             },
             "m/dead-first": {"providers": [provider("dead", dead), provider("b2", ups["b"].url)]},
+            "m/limited": {
+                "providers": [provider("ra", ups["a"].url), provider("rb", ups["b"].url)],
+                "providers_sleep": [provider("rs", ups["sleep"].url)],
+            },
             "m/fit": {
                 "providers": [
                     provider("small", ups["small"].url, input_size=50),
@@ -102,11 +106,13 @@ def pool(serve_url: str, upstream_factory) -> Pool:
             },
         },
         "routing": {
+            # These tests fail providers on purpose; circuits are tested in test_health.py.
+            "default": {"circuit_failures": 1000},
             "pool_models": {"strategy": "first_available", "unhealthy_cooldown_s": 0},
             "mixed_models": {"strategy": "weighted_random", "unhealthy_cooldown_s": 60},
         },
         "active_models": {
-            "pool_models": ["m/failover", "m/dead-first", "m/fit"],
+            "pool_models": ["m/failover", "m/dead-first", "m/fit", "m/limited"],
             "mixed_models": ["m/weighted", "m/ollama", "m/cooldown"],
         },
     }
@@ -204,10 +210,16 @@ async def test_all_failing_is_503_with_every_reason(pool: Pool, http) -> None:
 async def test_all_rate_limited_is_429_with_retry_after(pool: Pool, http) -> None:
     for up, wait in ((pool.a, "7"), (pool.b, "3"), (pool.sleep, "9")):
         up.knobs = Knobs(fail_status=429, retry_after=wait)
-    status, headers, body = await post(http, pool.url, chat("m/failover"))
+    status, headers, body = await post(http, pool.url, chat("m/limited"))
     assert status == 429
     assert headers["retry-after"] == "3"
     assert orjson.loads(body)["error"]["type"] == "rate_limit_error"
+    # Each provider is set aside for its own Retry-After: with all of them aside, the one that
+    # comes back first is tried first (config order would pick ra).
+    for up in (pool.a, pool.b, pool.sleep):
+        up.knobs = Knobs()
+    status, headers, _ = await post(http, pool.url, chat("m/limited"))
+    assert (status, headers["x-router-provider"]) == (200, "rb")
 
 
 async def test_upstream_4xx_is_passed_back_without_failover(pool: Pool, http) -> None:
@@ -402,6 +414,7 @@ def test_openai_client_sync_and_streaming(pool: Pool) -> None:
         "m/failover",
         "m/dead-first",
         "m/fit",
+        "m/limited",
         "m/weighted",
         "m/ollama",
         "m/cooldown",

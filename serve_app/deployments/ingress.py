@@ -11,8 +11,9 @@ parsed once here (by pydantic-core) and re-encoded only where an upstream needs 
 import asyncio
 import logging
 import os
+import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import orjson
@@ -21,28 +22,41 @@ import watchfiles
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, ValidationError
 from ray import serve
+from ray.actor import ActorHandle
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from starlette.exceptions import HTTPException
 
 from serve_app.admin import ADMIN_TOKEN_ENV, admin_refusal
 from serve_app.coalesce import Coalescer
 from serve_app.config import ConfigError, parse_config, read_raw
-from serve_app.dispatch import Head, Unary
+from serve_app.dispatch import ATTEMPTS_HEADER, PROVIDER_HEADER, Head, Unary, error_answer
 from serve_app.errors import RouterError, model_not_found
 from serve_app.follow import Follower
 from serve_app.handler import ApiModelConfig
+from serve_app.metrics import Tally
+from serve_app.monitor import monitor_handle
 from serve_app.providers.base import JSON
 from serve_app.registry.actor import Answer, Published, RegistryRef
 from serve_app.registry.manifest import AdapterRegistration, Manifest, effective_config
-from serve_app.schemas import Endpoint, RequestMeta, validate_request
+from serve_app.schemas import (
+    TIMEOUT_HEADER,
+    Endpoint,
+    RequestMeta,
+    parse_timeout,
+    validate_request,
+)
 from serve_app.serve_env import REPLICA_CPUS
 
 log = logging.getLogger("ray.serve")
 
 DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
 ADMIN_MAX_BODY_BYTES = 1024 * 1024
+# How much longer than a request's deadline the ingress waits for the router's own 504.
+HOP_SLACK_S = 5.0
+METRICS_PUSH_S = 1.0
 
 api = FastAPI(
     title="serve-router", version="0.1.0", description="OpenAI-compatible LLM router on Ray Serve"
@@ -94,14 +108,22 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def _rest(gen: DeploymentResponseGenerator) -> AsyncIterator[bytes]:
+async def _rest(
+    gen: DeploymentResponseGenerator,
+    on_first: Callable[[], None] | None,
+    on_end: Callable[[], None],
+) -> AsyncIterator[bytes]:
     """The stream's body; a client that leaves early cancels the router's call (and upstream)."""
     finished = False
     try:
         async for chunk in gen:
+            if on_first is not None:
+                on_first()
+                on_first = None
             yield chunk
         finished = True
     finally:
+        on_end()
         if not finished:
             gen.cancel()
 
@@ -123,6 +145,11 @@ def _first_problem(exc: ValidationError) -> str:
     err = exc.errors()[0]
     where = ".".join(str(p) for p in err["loc"])
     return f"{where}: {err['msg']}" if where else err["msg"]
+
+
+def _router_error(status: int, message: str) -> RouterError:
+    code = {503: "router_unavailable", 504: "deadline_exceeded"}[status]
+    return RouterError(status, f"{message}; retry", type="api_error", code=code)
 
 
 def _not_deployed(model_type: str) -> RouterError:
@@ -160,10 +187,15 @@ class Ingress:
         self._settings = settings
         self._admin_token = os.environ.get(ADMIN_TOKEN_ENV)
         self._type_of: dict[str, str] = {}
+        self._timeouts: dict[str, float] = {}
         self._models = b""
-        replica = serve.get_replica_context().replica_id.unique_id
-        self._follower = Follower(registry.handle, f"ingress:{replica}", Manifest(), self._apply)
+        self._id = f"ingress:{serve.get_replica_context().replica_id.unique_id}"
+        self._tally = Tally()
+        self._registry = registry
+        self._monitor_handle: ActorHandle | None = None
+        self._follower = Follower(registry.handle, self._id, Manifest(), self._apply)
         await self._follower.start()
+        self._pusher = asyncio.get_running_loop().create_task(self._push_metrics())
         self._watcher = (
             asyncio.get_running_loop().create_task(self._watch()) if settings.watch_config else None
         )
@@ -172,6 +204,7 @@ class Ingress:
         config = effective_config(manifest)
         parents = {name: adapter.base_model for name, adapter in manifest.adapters.items()}
         self._type_of = config.model_type_of()
+        self._timeouts = {t: g.routing.request_timeout_s for t, g in config.model_types.items()}
         self._models = orjson.dumps(
             {
                 "object": "list",
@@ -187,47 +220,92 @@ class Ingress:
     async def __del__(self) -> None:
         if self._watcher is not None:
             self._watcher.cancel()
+        self._pusher.cancel()
         await self._follower.stop()
 
+    def _monitor(self) -> ActorHandle:
+        if self._monitor_handle is None:
+            self._monitor_handle = monitor_handle(self._registry)
+        return self._monitor_handle
+
+    async def _push_metrics(self) -> None:
+        while True:
+            await asyncio.sleep(METRICS_PUSH_S)
+            try:
+                await asyncio.wait_for(
+                    self._monitor().push_metrics.remote(self._id, self._tally.snapshot()),
+                    METRICS_PUSH_S,
+                )
+            except Exception:
+                self._monitor_handle = None
+
     async def _relay(self, endpoint: Endpoint, request: Request) -> Response:
+        started = time.perf_counter()
         request_id = _request_id()
+        model = ""
         try:
             body = await read_body(request, self._settings.max_body_bytes)
             meta = validate_request(endpoint, body, request_id)
+            meta = meta._replace(timeout_s=parse_timeout(request.headers.get(TIMEOUT_HEADER)))
             model_type = self._type_of.get(meta.model)
             if model_type is None:
                 raise model_not_found(meta.model)
+            model = meta.model
             if model_type not in self._unary:
                 raise _not_deployed(model_type)
         except RouterError as err:
-            return _error(err)
+            return self._answered(model, started, error_answer(err))
+        # A backstop only: the router ends the request at its deadline and answers 504 itself.
+        wait = min(self._timeouts[model_type], meta.timeout_s or float("inf")) + HOP_SLACK_S
         try:
-            if meta.stream:
-                return await self._streamed(self._stream[model_type].remote(body, meta))
-            head, out = await self._unary[model_type].call((body, meta))
+            async with asyncio.timeout(wait):
+                if meta.stream:
+                    gen = self._stream[model_type].remote(body, meta)
+                    return await self._streamed(model, started, gen)
+                answer = await self._unary[model_type].call((body, meta))
+        except TimeoutError:
+            log.warning("router call timed out", extra={"request_id": request_id})
+            answer = error_answer(_router_error(504, "the router did not answer in time"))
         except Exception:
             log.exception("router call failed", extra={"request_id": request_id})
-            return _error(
-                RouterError(
-                    503,
-                    "the router for this model is unavailable; retry",
-                    type="api_error",
-                    code="router_unavailable",
-                )
+            answer = error_answer(_router_error(503, "the router for this model is unavailable"))
+        return self._answered(model, started, answer)
+
+    def _count(self, model: str, head: Head, started: float, first: float | None) -> None:
+        tally = self._tally
+        provider = head.headers.get(PROVIDER_HEADER, "")
+        tally.inc("llm_router_requests", (model, provider, str(head.status)))
+        if model:
+            now = time.perf_counter()
+            tally.observe("llm_router_request_duration_seconds", (model,), now - started)
+            tally.observe(
+                "llm_router_time_to_first_token_seconds", (model,), (first or now) - started
             )
+            extra = int(head.headers.get(ATTEMPTS_HEADER, "1")) - 1
+            if extra > 0:
+                tally.inc("llm_router_failovers", (model,), extra)
+
+    def _answered(self, model: str, started: float, answer: Unary) -> Response:
+        head, out = answer
+        self._count(model, head, started, None)
         return Response(
             out, status_code=head.status, media_type=head.content_type, headers=head.headers
         )
 
-    async def _streamed(self, gen: DeploymentResponseGenerator) -> Response:
+    async def _streamed(
+        self, model: str, started: float, gen: DeploymentResponseGenerator
+    ) -> Response:
         head: Head = await gen.__anext__()
         if head.status != 200:
             out = b"".join([chunk async for chunk in gen])
-            return Response(
-                out, status_code=head.status, media_type=head.content_type, headers=head.headers
-            )
+            return self._answered(model, started, Unary(head, out))
+        first: list[float] = []
         return StreamingResponse(
-            _rest(gen),
+            _rest(
+                gen,
+                lambda: first.append(time.perf_counter()),
+                lambda: self._count(model, head, started, first[0] if first else None),
+            ),
             status_code=head.status,
             media_type=head.content_type,
             headers={**head.headers, "cache-control": "no-cache"},
@@ -252,6 +330,18 @@ class Ingress:
     @api.get("/healthz")
     async def healthz(self) -> Response:
         return Response(b'{"status":"ok"}', media_type=JSON)
+
+    @api.get("/metrics")
+    async def metrics(self) -> Response:
+        """Prometheus text for the whole app (every replica's totals, provider health)."""
+        try:
+            text = await asyncio.wait_for(
+                self._monitor().render_metrics.remote(self._id, self._tally.snapshot()), 5.0
+            )
+        except Exception:
+            self._monitor_handle = None
+            return _error(_router_error(503, "metrics are unavailable"))
+        return Response(text, media_type=CONTENT_TYPE_LATEST)
 
     # --- admin API -------------------------------------------------------------------------
 

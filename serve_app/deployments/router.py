@@ -4,6 +4,7 @@ registry, so config and adapter changes apply without a restart."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -13,26 +14,34 @@ from serve_app.config import RouterConfig, RoutingConfig
 from serve_app.dispatch import Dispatcher, Head, Unary
 from serve_app.follow import Follower
 from serve_app.handler import ModelHandler
+from serve_app.health import HealthView
+from serve_app.monitor import monitor_handle
 from serve_app.registry.actor import RegistryRef
 from serve_app.registry.manifest import Manifest, effective_config, retiring_names
 from serve_app.schemas import RequestMeta
 from serve_app.serve_env import REPLICA_CPUS
+
+METRICS_PUSH_S = 1.0
 
 
 @serve.deployment(ray_actor_options={"num_cpus": REPLICA_CPUS}, max_ongoing_requests=1000)
 class ModelTypeRouter:
     async def __init__(self, model_type: str, registry: RegistryRef) -> None:
         """Runs on the replica's event loop; returns (and traffic starts) once the current
-        manifest is applied."""
+        manifest and provider health are applied."""
         self._model_type = model_type
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
         self._session = aiohttp.ClientSession(connector=connector)
         self._dispatcher: Dispatcher | None = None
-        replica = serve.get_replica_context().replica_id.unique_id
-        self._follower = Follower(
-            registry.handle, f"router-{model_type}:{replica}", Manifest(), self._apply, self._busy
+        self._id = f"router-{model_type}:{serve.get_replica_context().replica_id.unique_id}"
+        self._health = HealthView()
+        self._monitor = Follower(
+            lambda: monitor_handle(registry), self._id, HealthView(), self._apply_health
         )
+        self._follower = Follower(registry.handle, self._id, Manifest(), self._apply, self._busy)
         await self._follower.start()
+        await self._monitor.start()
+        self._pusher = asyncio.get_running_loop().create_task(self._push_metrics())
 
     def _apply(self, manifest: Manifest) -> None:
         group = effective_config(manifest).model_types.get(self._model_type)
@@ -42,16 +51,41 @@ class ModelTypeRouter:
         )
         routing = RoutingConfig() if group is None else group.routing
         if self._dispatcher is None:
-            self._dispatcher = Dispatcher(ModelHandler(config=config), routing, self._session)
+            self._dispatcher = Dispatcher(
+                ModelHandler(config=config), routing, self._session, self._trip
+            )
         else:
             states = self._dispatcher.handler.states
             self._dispatcher.update(ModelHandler(config=config, states=states), routing)
+        self._apply_health(self._health)
+
+    def _apply_health(self, view: HealthView) -> None:
+        self._health = view
+        if self._dispatcher is not None:
+            for pid, state in self._dispatcher.handler.states.items():
+                state.out_of_service = pid in view.out
+
+    def _trip(self, provider_id: str, reason: str) -> None:
+        self._monitor.actor().trip.remote(provider_id, reason)  # fire and forget
+
+    async def _push_metrics(self) -> None:
+        while True:
+            await asyncio.sleep(METRICS_PUSH_S)
+            dispatcher = self._live
+            for pid, state in dispatcher.handler.states.items():
+                dispatcher.tally.set("llm_router_provider_in_flight", (pid,), state.in_flight)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(
+                    self._monitor.actor().push_metrics.remote(
+                        self._id, dispatcher.tally.snapshot()
+                    ),
+                    METRICS_PUSH_S,
+                )
 
     def _busy(self, manifest: Manifest) -> list[str]:
         """Retiring adapter versions this replica still has requests on."""
-        assert self._dispatcher is not None
         retiring = retiring_names(manifest)
-        return sorted(n for n, c in self._dispatcher.in_use.items() if c > 0 and n in retiring)
+        return sorted(n for n, c in self._live.in_use.items() if c > 0 and n in retiring)
 
     @property
     def _live(self) -> Dispatcher:
@@ -83,5 +117,7 @@ class ModelTypeRouter:
             yield item
 
     async def __del__(self) -> None:
+        self._pusher.cancel()
         await self._follower.stop()
+        await self._monitor.stop()
         await self._session.close()

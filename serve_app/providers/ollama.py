@@ -293,12 +293,15 @@ class StreamTranslator:
         return out
 
 
+def ollama_root(provider: ProviderConfig) -> str:
+    """Ollama's native API lives under the host, whatever path `api_host` carries."""
+    return api_root(provider.api_host, default_path="").removesuffix("/v1").removesuffix("/api")
+
+
 class OllamaExchange:
     def __init__(self, provider: ProviderConfig, meta: RequestMeta, body: bytes) -> None:
         req = orjson.loads(body)
-        root = api_root(provider.api_host, default_path="")
-        root = root.removesuffix("/v1").removesuffix("/api")
-        self.url = root + _PATHS[meta.endpoint]
+        self.url = ollama_root(provider) + _PATHS[meta.endpoint]
         self.headers = json_headers(provider)
         self.body = orjson.dumps(
             to_ollama_request(

@@ -1,0 +1,187 @@
+"""The monitor actor: provider health (probes, circuits) and the app's metrics, for every replica.
+
+One named, detached actor per registry, separate from the registry because its state changes
+often, needs no disk and its probing I/O must never delay a manifest acknowledgement. One actor
+serves every model type: provider ids are unique across the config. Router replicas follow its
+`HealthView` (providers out of service) with the same long-poll as the manifest, report a trip
+when they see `circuit_failures` requests fail in a row, and push their metric totals each second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import aiohttp
+import ray
+from ray.actor import ActorHandle
+
+from serve_app.config import ConfigError, ProviderConfig, RoutingConfig
+from serve_app.follow import Follower, Signal
+from serve_app.health import CIRCUIT_LEVEL, Breaker, Circuit, HealthView
+from serve_app.metrics import Snapshot, Tally, render
+from serve_app.providers import probe_url
+from serve_app.providers.base import json_headers
+from serve_app.registry.actor import NAMESPACE, RegistryRef
+from serve_app.registry.manifest import Manifest, config_of
+
+log = logging.getLogger(__name__)
+
+TICK_S = 0.2
+# A replica that has not pushed metrics for this long is gone; its numbers leave the sums.
+METRICS_TTL_S = 15.0
+
+
+def monitor_handle(registry: RegistryRef) -> ActorHandle:
+    """The registry's monitor; created if there is none (it starts from the manifest)."""
+    return Monitor.options(
+        name=f"{registry.name}-monitor",
+        namespace=NAMESPACE,
+        get_if_exists=True,
+        lifetime="detached",
+        max_restarts=-1,
+        num_cpus=0,
+    ).remote(registry)
+
+
+class _Provider:
+    def __init__(self, provider: ProviderConfig, routing: RoutingConfig) -> None:
+        self.config = provider
+        self.routing = routing
+        self.breaker = Breaker(routing.circuit_failures, routing.circuit_cooldown_s)
+        self.next_probe = 0.0
+        self.probing = False
+        self.up: bool | None = None
+
+
+@ray.remote
+class Monitor:
+    def __init__(self, registry: RegistryRef) -> None:
+        self._registry = registry
+        self._providers: dict[str, _Provider] = {}
+        self._view = HealthView()
+        self._changed = Signal()
+        self._metrics: dict[str, tuple[float, Snapshot]] = {}
+        self._session: aiohttp.ClientSession | None = None
+        self._started: asyncio.Task[None] | None = None
+
+    async def _ensure_started(self) -> None:
+        if self._started is None:
+            self._started = asyncio.get_running_loop().create_task(self._run())
+        if not self._started.done():
+            await asyncio.shield(self._started)
+
+    async def _run(self) -> None:
+        """Follow the manifest (for the provider list), then keep probing in the background."""
+        self._session = aiohttp.ClientSession()
+        follower = Follower(self._registry.handle, "monitor", Manifest(), self._apply)
+        await follower.start()
+        asyncio.get_running_loop().create_task(self._probe_loop())
+
+    def _apply(self, manifest: Manifest) -> None:
+        try:
+            config = config_of(manifest)
+        except ConfigError:
+            return
+        wanted = {
+            p.id: (p, group.routing)
+            for group in config.model_types.values()
+            for model in group.models.values()
+            for p in (*model.providers, *model.providers_sleep)
+        }
+        for pid, (provider, routing) in wanted.items():
+            known = self._providers.get(pid)
+            if known is None or known.config != provider or known.routing != routing:
+                self._providers[pid] = _Provider(provider, routing)
+        for pid in set(self._providers) - set(wanted):
+            del self._providers[pid]
+        self._publish()
+
+    def _publish(self) -> None:
+        out = {
+            pid: p.breaker.state
+            for pid, p in self._providers.items()
+            if p.breaker.state is not Circuit.CLOSED
+        }
+        if out != self._view.out:
+            self._view = HealthView(version=self._view.version + 1, out=out)
+            self._changed.fire()
+            log.warning("provider health changed", extra={"out_of_service": list(out)})
+
+    async def _probe_loop(self) -> None:
+        while True:
+            now = time.monotonic()
+            for p in self._providers.values():
+                if p.probing:
+                    continue
+                if p.breaker.trial_due(now):
+                    self._publish()
+                elif p.breaker.state is Circuit.OPEN or p.next_probe > now:
+                    continue
+                p.probing = True
+                asyncio.get_running_loop().create_task(self._probe(p))
+            await asyncio.sleep(TICK_S)
+
+    async def _probe(self, p: _Provider) -> None:
+        assert self._session is not None
+        timeout = aiohttp.ClientTimeout(total=p.routing.health_check_timeout_s)
+        reason = ""
+        try:
+            async with self._session.get(
+                probe_url(p.config), headers=json_headers(p.config), timeout=timeout
+            ) as resp:
+                await resp.read()
+                ok = resp.status < 500
+                reason = f"probe HTTP {resp.status}"
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            ok, reason = False, f"probe {type(exc).__name__}"
+        finally:
+            p.probing = False
+        p.up = ok
+        p.next_probe = time.monotonic() + p.routing.health_check_interval_s
+        if p.breaker.record(ok, reason, time.monotonic()):
+            self._publish()
+
+    # --- follow protocol (router replicas) --------------------------------------------------
+
+    async def current(self, follower_id: str | None = None) -> HealthView:
+        await self._ensure_started()
+        return self._view
+
+    async def wait_for_change(
+        self, follower_id: str, known_version: int, busy: list[str], timeout_s: float
+    ) -> HealthView | None:
+        await self._ensure_started()
+        if self._view.version == known_version:
+            await self._changed.wait(timeout_s)
+        return None if self._view.version == known_version else self._view
+
+    async def leave(self, follower_id: str) -> None:
+        self._metrics.pop(follower_id, None)
+
+    async def trip(self, provider_id: str, reason: str) -> None:
+        """A replica saw the provider's requests fail `circuit_failures` times in a row."""
+        p = self._providers.get(provider_id)
+        if p is not None and p.breaker.trip(reason, time.monotonic()):
+            self._publish()
+
+    # --- metrics -----------------------------------------------------------------------------
+
+    async def push_metrics(self, replica_id: str, snapshot: Snapshot) -> None:
+        self._metrics[replica_id] = (time.monotonic(), snapshot)
+
+    async def render_metrics(self, replica_id: str, snapshot: Snapshot) -> bytes:
+        """Every live replica's totals plus the health gauges; the caller's own are fresh."""
+        await self._ensure_started()
+        await self.push_metrics(replica_id, snapshot)
+        cutoff = time.monotonic() - METRICS_TTL_S
+        for rid in [r for r, (at, _) in self._metrics.items() if at < cutoff]:
+            del self._metrics[rid]
+        health = Tally()
+        for pid, p in self._providers.items():
+            health.set("llm_router_circuit_state", (pid,), CIRCUIT_LEVEL[p.breaker.state])
+            if p.up is not None:
+                health.set("llm_router_provider_probe_up", (pid,), float(p.up))
+        snapshots = {rid: snap for rid, (_, snap) in self._metrics.items()}
+        return render({**snapshots, "monitor": health.snapshot()})
