@@ -56,8 +56,15 @@ class FakeUpstream:
     loras: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.app = web.Application(client_max_size=64 * 1024 * 1024)
-        r = self.app.router
+        self._stopping = asyncio.Event()
+        self._runner: web.AppRunner | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.port = 0
+
+    def _app(self) -> web.Application:
+        """A new application per start: one is bound to the loop it first ran on."""
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        r = app.router
         r.add_post("/v1/chat/completions", self._openai)
         r.add_post("/v1/completions", self._openai)
         r.add_post("/v1/embeddings", self._openai_embeddings)
@@ -68,10 +75,7 @@ class FakeUpstream:
         r.add_post("/api/generate", self._ollama)
         r.add_post("/api/embed", self._ollama_embed)
         r.add_get("/api/tags", self._ollama_tags)
-        self._stopping = asyncio.Event()
-        self._runner: web.AppRunner | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self.port = 0
+        return app
 
     @property
     def url(self) -> str:
@@ -83,7 +87,10 @@ class FakeUpstream:
     # ---- life cycle -------------------------------------------------------------------------
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
         self._stopping = asyncio.Event()
-        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        # Stopping (a chaos kill, test teardown) does not wait for slow handlers.
+        self._runner = web.AppRunner(
+            self._app(), access_log=None, handle_signals=False, shutdown_timeout=0.5
+        )
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port)
         await site.start()
@@ -404,7 +411,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     knobs = Knobs(latency_s=args.latency, chunk_delay_s=args.chunk_delay, chunks=args.chunks)
     upstream = FakeUpstream(args.name, knobs, record=False)
-    web.run_app(upstream.app, host=args.host, port=args.port, access_log=None, print=None)
+    web.run_app(upstream._app(), host=args.host, port=args.port, access_log=None, print=None)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,9 @@ FAST_SERVE_ENV = {
     "RAY_SERVE_ENABLE_HA_PROXY": "1",
     # gRPC handles, user code on the replica's main loop, no per-request stderr logging.
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+    # ...but write each log record at once: that mode holds 1000 records in memory (a failover
+    # warning could wait for hours). The router logs nothing per request on the happy path.
+    "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1",
 }
 
 
