@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install run test lint bench clean
+.PHONY: install run test chaos ci lint bench clean
 
 install: $(STAMP)
 
@@ -22,6 +22,13 @@ lint: install
 
 test: lint
 	$(BIN)/python -m pytest -q
+
+# Fault injection under load and hostile clients; prints its figures (also in bench/chaos.json).
+chaos: install
+	$(BIN)/python -m pytest -q -s -m chaos
+
+# What CI runs.
+ci: test chaos
 
 bench: install
 	$(BIN)/python -m bench.run

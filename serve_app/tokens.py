@@ -9,6 +9,7 @@ The estimate errs high for non-Latin text so a request is not sent where it cann
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -40,7 +41,11 @@ def _content(content: Any) -> int:
 def estimate_chat(messages: Sequence[Any], tools: Sequence[Any] | None) -> int:
     total = sum(MESSAGE_OVERHEAD + _content(m.content) for m in messages)
     if tools:
-        total += (len(orjson.dumps(list(tools))) + 3) // 4
+        try:
+            size = len(orjson.dumps(list(tools)))
+        except TypeError:  # integers beyond 64 bits: the standard encoder takes any size
+            size = len(json.dumps(list(tools)))
+        total += (size + 3) // 4
     return total
 
 

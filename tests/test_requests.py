@@ -5,7 +5,9 @@ from __future__ import annotations
 import orjson
 import pytest
 
+from serve_app.config import ProviderConfig
 from serve_app.errors import RouterError
+from serve_app.providers import prepare
 from serve_app.providers.base import api_root
 from serve_app.schemas import Endpoint, validate_request
 from serve_app.tokens import estimate_sequences, estimate_text
@@ -101,3 +103,18 @@ def test_bad_chat_bodies(body: bytes, param: str | None, code: str) -> None:
 )
 def test_openai_api_root(host: str, root: str) -> None:
     assert api_root(host, default_path="/v1") == root
+
+
+def test_numbers_beyond_64_bits_do_not_crash_the_ingress() -> None:
+    """Found by schemathesis: orjson cannot encode integers beyond 64 bits."""
+    body = (
+        b'{"model": "m", "messages": [{"role": "user", "content": "hi"}],'
+        b' "tools": [{"x": 1636667394968151392256}]}'
+    )
+    meta = validate_request(Endpoint.CHAT, body, "r")
+    assert meta.prompt_tokens == 4 + 1 + (len('[{"x": 1636667394968151392256}]') + 3) // 4
+    # Re-encoding for Ollama works too (orjson reads such a number as a float).
+    ollama = ProviderConfig(id="o", api_host="http://127.0.0.1:1", api_type="ollama", input_size=9)
+    assert orjson.loads(prepare(ollama, meta, body).body)["tools"] == [
+        {"x": float(1636667394968151392256)}
+    ]

@@ -38,11 +38,15 @@ from serve_app.follow import Follower
 from serve_app.handler import ApiModelConfig
 from serve_app.metrics import Tally
 from serve_app.monitor import monitor_handle
+from serve_app.openapi import json_body
 from serve_app.providers.base import JSON
 from serve_app.registry.actor import Answer, Published, RegistryRef
 from serve_app.registry.manifest import AdapterRegistration, Manifest, effective_config
 from serve_app.schemas import (
     TIMEOUT_HEADER,
+    ChatRequest,
+    CompletionRequest,
+    EmbeddingRequest,
     Endpoint,
     RequestMeta,
     parse_timeout,
@@ -311,15 +315,15 @@ class Ingress:
             headers={**head.headers, "cache-control": "no-cache"},
         )
 
-    @api.post("/v1/chat/completions")
+    @api.post("/v1/chat/completions", openapi_extra=json_body(ChatRequest))
     async def chat_completions(self, request: Request) -> Response:
         return await self._relay(Endpoint.CHAT, request)
 
-    @api.post("/v1/completions")
+    @api.post("/v1/completions", openapi_extra=json_body(CompletionRequest))
     async def completions(self, request: Request) -> Response:
         return await self._relay(Endpoint.COMPLETIONS, request)
 
-    @api.post("/v1/embeddings")
+    @api.post("/v1/embeddings", openapi_extra=json_body(EmbeddingRequest))
     async def embeddings(self, request: Request) -> Response:
         return await self._relay(Endpoint.EMBEDDINGS, request)
 
@@ -426,7 +430,7 @@ class Ingress:
         }
         return Response(orjson.dumps(body), media_type=JSON)
 
-    @api.post("/api/v1/adapters")
+    @api.post("/api/v1/adapters", openapi_extra=json_body(AdapterRegistration))
     async def register_adapter(self, request: Request) -> Response:
         if (refused := self._refusal(request)) is not None:
             return refused

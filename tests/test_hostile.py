@@ -1,0 +1,113 @@
+"""`make chaos`: hostile clients do not take a replica down, and no secret reaches a log."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import aiohttp
+import pytest
+import ray
+
+from tests.conftest import ADMIN, ADMIN_TOKEN, TOKEN_ENV, TOKEN_VALUE, deploy, provider
+
+pytestmark = [pytest.mark.serve, pytest.mark.chaos]
+
+
+@pytest.fixture(scope="module")
+def url(serve_url: str, upstream_factory) -> str:
+    up = upstream_factory("hostile")
+    config = {
+        "hostile_models": {
+            "m/hostile": {"providers": [provider("hp", up.url, api_token="${" + TOKEN_ENV + "}")]}
+        },
+        "active_models": {"hostile_models": ["m/hostile"]},
+    }
+    deploy(serve_url, config)
+    return serve_url
+
+
+async def _ok(http: aiohttp.ClientSession, url: str) -> None:
+    body = {"model": "m/hostile", "messages": [{"role": "user", "content": "still there?"}]}
+    async with http.post(f"{url}/v1/chat/completions", json=body) as resp:
+        assert resp.status == 200
+        assert "hostile: still there?" in await resp.text()
+
+
+def _address(url: str) -> tuple[str, int]:
+    parts = urlsplit(url)
+    assert parts.hostname == "127.0.0.1" and parts.port
+    return parts.hostname, parts.port
+
+
+async def test_thousands_of_idle_connections_do_not_stop_service(url: str, http) -> None:
+    host, port = _address(url)
+    idle = []
+    try:
+        for _ in range(2000):
+            _, writer = await asyncio.open_connection(host, port)
+            idle.append(writer)
+        for _ in range(5):
+            await _ok(http, url)
+    finally:
+        for writer in idle:
+            writer.close()
+
+
+async def test_slow_loris_clients_do_not_stop_service(url: str, http) -> None:
+    host, port = _address(url)
+    loris = []
+    try:
+        for _ in range(200):
+            _, writer = await asyncio.open_connection(host, port)
+            writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+            loris.append(writer)
+        for i in range(6):  # keep dribbling header bytes while real clients are served
+            for writer in loris:
+                with contextlib.suppress(ConnectionError):
+                    writer.write(f"X-Slow-{i}: {'a' * 8}\r\n".encode())
+            await _ok(http, url)
+            await asyncio.sleep(0.2)
+    finally:
+        for writer in loris:
+            writer.close()
+
+
+async def test_a_huge_body_is_refused_early_and_the_replica_lives(url: str, http) -> None:
+    async def endless() -> object:
+        chunk = b"x" * 65536
+        for _ in range(1600):  # 100 MiB, never all sent
+            yield chunk
+
+    async with http.post(
+        f"{url}/v1/chat/completions", data=endless(), headers={"content-type": "application/json"}
+    ) as resp:
+        assert resp.status == 413
+    host, port = _address(url)
+    with socket.create_connection((host, port), timeout=5) as s:  # declared size, no body
+        s.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 10000000000\r\n\r\n"
+        )
+        assert s.recv(4096).split(b"\r\n", 1)[0].split()[1] in (b"413", b"400")
+    await _ok(http, url)
+
+
+async def test_no_secret_reaches_any_log(url: str, http) -> None:
+    """Run last in `make chaos`: every log file of the session so far, Ray's and Serve's."""
+    await _ok(http, url)  # the upstream got the token as a Bearer header...
+    async with http.get(f"{url}/api/v1/config", headers=ADMIN) as resp:
+        assert resp.status == 200
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path())
+    files = [p for p in logs.rglob("*") if p.is_file()]
+    assert len(files) > 10
+    leaks = [
+        str(p)
+        for p in files
+        for secret in (TOKEN_VALUE.encode(), ADMIN_TOKEN.encode())
+        if secret in p.read_bytes()
+    ]
+    assert leaks == []
