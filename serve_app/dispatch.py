@@ -265,24 +265,26 @@ class Dispatcher:
                         return
                     self._succeeded(view, provider)
                     yield Head(resp.status, SSE, headers)
+                    timer = _BodyDeadline(deadline, resp)
                     try:
-                        async for out in _until(deadline, exchange.stream(resp.content.iter_any())):
+                        async for out in exchange.stream(resp.content.iter_any()):
                             yield out
                     except UPSTREAM_ERRORS as exc:
-                        if _past(deadline):
-                            yield sse_error_event(
-                                _deadline_error(timeout).message, code="deadline_exceeded"
+                        if not timer.expired:
+                            log.warning(
+                                "upstream stream broke",
+                                extra={
+                                    "request_id": meta.request_id,
+                                    "provider": provider.id,
+                                    "reason": type(exc).__name__,
+                                },
                             )
-                            return
-                        log.warning(
-                            "upstream stream broke",
-                            extra={
-                                "request_id": meta.request_id,
-                                "provider": provider.id,
-                                "reason": type(exc).__name__,
-                            },
-                        )
-                        yield sse_error_event(f"upstream {provider.id} broke off the stream")
+                            yield sse_error_event(f"upstream {provider.id} broke off the stream")
+                    finally:
+                        timer.cancel()
+                    if timer.expired:
+                        message = _deadline_error(timeout).message
+                        yield sse_error_event(message, code="deadline_exceeded")
                     return
                 finally:
                     resp.release()
@@ -291,6 +293,23 @@ class Dispatcher:
             answer = error_answer(self._exhausted(meta, failures))
         yield answer.head
         yield answer.body
+
+
+class _BodyDeadline:
+    """One timer per streamed body, not one per chunk: at the deadline it closes the upstream
+    response, which ends the read."""
+
+    def __init__(self, deadline: float, resp: aiohttp.ClientResponse) -> None:
+        self.expired = False
+        self._resp = resp
+        self._timer = asyncio.get_running_loop().call_at(deadline, self._expire)
+
+    def _expire(self) -> None:
+        self.expired = True
+        self._resp.close()
+
+    def cancel(self) -> None:
+        self._timer.cancel()
 
 
 def _past(deadline: float) -> bool:
@@ -304,18 +323,6 @@ def _deadline_error(timeout: float) -> RouterError:
         type="api_error",
         code="deadline_exceeded",
     )
-
-
-async def _until(deadline: float, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    """The chunks, ending with TimeoutError at the loop-time `deadline`."""
-    it = aiter(chunks)
-    while True:
-        async with asyncio.timeout_at(deadline):
-            try:
-                chunk = await anext(it)
-            except StopAsyncIteration:
-                return
-        yield chunk
 
 
 def _answer_headers(provider: ProviderConfig, failures: list[_Failure]) -> dict[str, str]:
