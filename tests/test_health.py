@@ -32,12 +32,20 @@ class Pool:
 @pytest.fixture(scope="module")
 def pool(serve_url: str, upstream_factory) -> Pool:
     h1, h2, slow = (upstream_factory(n) for n in ("h1", "h2", "slow-h"))
+    busy, spare = (upstream_factory(n) for n in ("busy", "spare"))
+    busy.knobs = spare.knobs = Knobs(latency_s=1.0)
     config = {
         TYPE: {
             "m/h": {"providers": [provider("h1", h1.url), provider("h2", h2.url)]},
             "m/slow": {"providers": [provider("slow-h", slow.url)]},
         },
-        "active_models": {TYPE: ["m/h", "m/slow"]},
+        "overload_models": {
+            "m/busy": {
+                "providers": [provider("busy", busy.url, max_concurrency=2)],
+                "providers_sleep": [provider("spare", spare.url, max_concurrency=1)],
+            }
+        },
+        "active_models": {TYPE: ["m/h", "m/slow"], "overload_models": ["m/busy"]},
         "routing": {
             TYPE: {
                 "strategy": "first_available",  # h1 first whenever it is in service
@@ -127,6 +135,15 @@ async def test_failing_requests_trip_the_circuit_even_when_probes_pass(pool: Poo
         return ("h1", "1") in await _answers(http, pool, 10)
 
     await _until(back, "h1 back after the cooldown")
+
+
+async def test_at_the_concurrency_limit_sleeping_providers_then_429(pool: Pool, http) -> None:
+    results = await asyncio.gather(*(_ask(http, pool.url, "m/busy") for _ in range(5)))
+    served = sorted(h["x-router-provider"] for status, h, _ in results if status == 200)
+    assert served == ["busy", "busy", "spare"]
+    refused = [(h, orjson.loads(body)) for status, h, body in results if status == 429]
+    assert len(refused) == 2
+    assert all(h["retry-after"] and b["error"]["code"] == "all_providers_busy" for h, b in refused)
 
 
 async def test_a_deadline_ends_a_unary_request_with_504(pool: Pool, http) -> None:
