@@ -60,6 +60,26 @@ def _config(upstream: str) -> dict:
     }
 
 
+def _replica_cpu_s() -> dict[str, float]:
+    """CPU seconds used so far by each kind of Serve replica of the app (Linux /proc).
+
+    CPU per request is a steadier cost figure than throughput on a noisy two-core host.
+    """
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if "ServeReplica:llm-router:" not in cmdline:
+            continue
+        kind = "ingress" if "ServeReplica:llm-router:Ingress" in cmdline else "router"
+        out[kind] = out.get(kind, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
 def _load(url: str, body: dict, concurrency: int, duration: float) -> dict:
     out = subprocess.run(
         [
@@ -141,10 +161,21 @@ def main(argv: list[str] | None = None) -> int:
                 if f"{kind}_c{c}" not in args.cases.split(","):
                     continue
                 direct = _load(f"{upstream_url}/v1/chat/completions", body, c, args.duration)
+                cpu_before = _replica_cpu_s()
                 routed = _load(f"{router_url}/v1/chat/completions", body, c, args.duration)
+                cpu_after = _replica_cpu_s()
                 case = {
                     "direct": direct,
                     "router": routed,
+                    "cpu_ms_per_request": {
+                        kind: round(
+                            (cpu_after[kind] - cpu_before.get(kind, 0.0))
+                            * 1000
+                            / max(1, routed["requests"]),
+                            3,
+                        )
+                        for kind in cpu_after
+                    },
                     "added_p50_ms": round(routed["p50_ms"] - direct["p50_ms"], 3),
                     "rps_ratio": round(routed["rps"] / direct["rps"], 3),
                 }
