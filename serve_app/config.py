@@ -40,11 +40,13 @@ _RESERVED_KEYS = frozenset({"active_models", "routing"})
 class ConfigError(ValueError):
     """A config file that cannot be served; carries every problem found, not just the first."""
 
-    def __init__(self, source: str, problems: list[tuple[str, str]]) -> None:
+    def __init__(
+        self, source: str, problems: list[tuple[str, str]], kind: str = "models config"
+    ) -> None:
         self.source = source
         self.problems = problems
         lines = "\n".join(f"  {path}: {why}" for path, why in problems)
-        super().__init__(f"invalid models config {source}:\n{lines}")
+        super().__init__(f"invalid {kind} {source}:\n{lines}")
 
 
 def json_path(parts: Iterable[str | int]) -> str:
@@ -297,18 +299,23 @@ def config_path(path: str | os.PathLike[str] | None = None) -> Path:
     return Path(path or os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG_PATH)
 
 
-def read_raw(path: str | os.PathLike[str] | None = None) -> tuple[object, str]:
-    """The decoded (not yet validated) document and its source name, for parse_config."""
-    file = config_path(path)
+def read_json(file: Path, kind: str = "models config") -> tuple[object, str]:
+    """A decoded (not yet validated) JSON document and its source name."""
     source = str(file)
     try:
         data = file.read_bytes()
     except OSError as exc:
-        raise ConfigError(source, [("$", f"cannot read file: {exc.strerror or exc}")]) from None
+        why = f"cannot read file: {exc.strerror or exc}"
+        raise ConfigError(source, [("$", why)], kind) from None
     try:
         return orjson.loads(data), source
     except orjson.JSONDecodeError as exc:
-        raise ConfigError(source, [("$", f"not valid JSON: {exc}")]) from None
+        raise ConfigError(source, [("$", f"not valid JSON: {exc}")], kind) from None
+
+
+def read_raw(path: str | os.PathLike[str] | None = None) -> tuple[object, str]:
+    """The models config document named by `path` (see config_path), for parse_config."""
+    return read_json(config_path(path))
 
 
 def load_config(path: str | os.PathLike[str] | None = None) -> RouterConfig:

@@ -35,6 +35,10 @@ class Knobs:
     embedding_dim: int = 8
     lora_fail_status: int | None = None  # /v1/load_lora_adapter answers with this status
     lora_load_s: float = 0.0  # time a LoRA load takes
+    pull_steps: int = 4  # progress lines of an /api/pull download
+    pull_step_s: float = 0.0  # time between them
+    pull_fail_after: int | None = None  # an /api/pull that breaks after this many steps
+    tags_status: int | None = None  # /api/tags answers with this status
 
 
 @dataclass
@@ -54,6 +58,8 @@ class FakeUpstream:
     disconnects: int = 0
     # LoRA adapters loaded through vLLM's runtime API: name -> path.
     loras: dict[str, str] = field(default_factory=dict)
+    # Ollama models on disk (/api/tags); the upstream's own name is always there.
+    pulled: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self._stopping = asyncio.Event()
@@ -75,6 +81,7 @@ class FakeUpstream:
         r.add_post("/api/generate", self._ollama)
         r.add_post("/api/embed", self._ollama_embed)
         r.add_get("/api/tags", self._ollama_tags)
+        r.add_post("/api/pull", self._ollama_pull)
         return app
 
     @property
@@ -390,7 +397,34 @@ class FakeUpstream:
         )
 
     async def _ollama_tags(self, request: web.Request) -> web.StreamResponse:
-        return web.json_response({"models": [{"name": self.name, "model": self.name}]})
+        if self.knobs.tags_status is not None:
+            return web.json_response({"error": "tags failing"}, status=self.knobs.tags_status)
+        names = [self.name, *sorted(self.pulled)]
+        return web.json_response({"models": [{"name": n, "model": n} for n in names]})
+
+    async def _ollama_pull(self, request: web.Request) -> web.StreamResponse:
+        """Ollama's streaming pull: NDJSON progress lines, then success (or an error line)."""
+        body = await self._record(request)
+        name = body.get("model") or body.get("name")
+        k = self.knobs
+        resp = web.StreamResponse(headers={"content-type": "application/x-ndjson"})
+        await resp.prepare(request)
+        await resp.write(orjson.dumps({"status": "pulling manifest"}) + b"\n")
+        total = 1000 * k.pull_steps
+        for step in range(1, k.pull_steps + 1):
+            if k.pull_step_s:
+                await asyncio.sleep(k.pull_step_s)
+            if k.pull_fail_after is not None and step > k.pull_fail_after:
+                line = {"error": f"pull {name}: connection reset while downloading layer"}
+                await resp.write(orjson.dumps(line) + b"\n")
+                await resp.write_eof()
+                return resp
+            line = {"status": "downloading", "digest": "sha256:0", "total": total}
+            await resp.write(orjson.dumps({**line, "completed": 1000 * step}) + b"\n")
+        self.pulled.add(str(name))
+        await resp.write(orjson.dumps({"status": "success"}) + b"\n")
+        await resp.write_eof()
+        return resp
 
 
 def _vllm_error(status: int, type_: str, message: str) -> web.Response:

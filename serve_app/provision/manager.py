@@ -1,0 +1,139 @@
+"""The seed's LLMModelManager: `ensure_models_installed`, with its report format.
+
+Roles that ended `exists`/`installed`/`updated` are cached for the life of the process (`force`
+bypasses the cache); concurrent calls for one role share one provisioning run (single flight)
+while different roles run in parallel. Each (role, provider) runs as a Ray task on the
+provider's node (see tasks.py). A role's `adapters` are registered through the adapter registry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import orjson
+
+from serve_app.config import ProviderConfig, RouterConfig
+from serve_app.profiles import AdapterSpec, Role
+from serve_app.provision.tasks import ENSURED, LOCAL_PROVIDERS, Status, placement, provision_on_node
+from serve_app.registry.actor import RegistryRef
+from serve_app.registry.manifest import AdapterRegistration, Manifest
+
+log = logging.getLogger("scripts.models.provision")
+
+
+def role_providers(config: RouterConfig, role: Role) -> list[ProviderConfig]:
+    """Providers of the role's kind whose upstream model is the role's model."""
+    return [
+        p
+        for group in config.model_types.values()
+        for model_name, model in group.models.items()
+        for p in (*model.providers, *model.providers_sleep)
+        if p.api_type == role.provider and (p.model_path or model_name) == role.name
+    ]
+
+
+class LLMModelManager:
+    def __init__(
+        self, roles: dict[str, Role], config: RouterConfig, registry: RegistryRef | None = None
+    ) -> None:
+        self._roles = roles
+        self._config = config
+        self._registry = registry
+        self._ensured: set[str] = set()
+        self._flights: dict[str, asyncio.Task[list[Status]]] = {}
+
+    def update(self, roles: dict[str, Role], config: RouterConfig) -> None:
+        """New profiles or models config; what was ensured stays ensured."""
+        self._roles, self._config = roles, config
+
+    async def ensure_models_installed(
+        self, roles: list[str] | None = None, force: bool = False
+    ) -> dict[str, list[dict[str, Any]]]:
+        keys = [r.lower() for r in roles] if roles else list(self._roles)
+        groups = await asyncio.gather(*(self.ensure_role(key, force) for key in keys))
+        return {"statuses": [s.model_dump() for group in groups for s in group]}
+
+    async def ensure_role(self, key: str, force: bool = False) -> list[Status]:
+        role = self._roles.get(key)
+        if role is None:
+            known = ", ".join(sorted(self._roles)) or "none"
+            detail = f"unknown_role: not in the active profile (roles: {known})"
+            return [Status(role=key, name="", provider="", action="error", detail=detail)]
+        if not force and key in self._ensured:
+            return [
+                Status(
+                    role=key,
+                    name=role.name,
+                    provider=role.provider,
+                    action="skipped",
+                    detail="already_ensured",
+                )
+            ]
+        flight = self._flights.get(key)
+        if flight is None:
+            flight = asyncio.get_running_loop().create_task(self._provision(key, role, force))
+            self._flights[key] = flight
+            flight.add_done_callback(lambda _: self._flights.pop(key, None))
+        return await asyncio.shield(flight)
+
+    async def _provision(self, key: str, role: Role, force: bool) -> list[Status]:
+        base = Status(role=key, name=role.name, provider=role.provider, action="skipped")
+        if role.provider not in LOCAL_PROVIDERS:
+            statuses = [base.model_copy(update={"detail": "unsupported_provider"})]
+        else:
+            providers = role_providers(self._config, role)
+            if not providers:
+                detail = f"no_provider: no active {role.provider} provider serves {role.name}"
+                statuses = [base.model_copy(update={"action": "error", "detail": detail})]
+            else:
+                statuses = list(
+                    await asyncio.gather(*(self._run(p, key, role, force) for p in providers))
+                )
+        statuses += [await self._adapter(key, role, spec) for spec in role.adapters]
+        for s in statuses:
+            log.info(
+                "role provisioned",
+                extra={"role": s.role, "provider_id": s.provider_id, "action": s.action},
+            )
+        if statuses and all(s.action in ENSURED for s in statuses):
+            self._ensured.add(key)
+        return statuses
+
+    async def _run(self, provider: ProviderConfig, key: str, role: Role, force: bool) -> Status:
+        options, note = placement(provider)
+        status: Status = await provision_on_node.options(**options).remote(
+            provider, key, role, force
+        )
+        if note:
+            detail = f"{status.detail}; {note}" if status.detail else note
+            status = status.model_copy(update={"detail": detail})
+        return status
+
+    async def _adapter(self, key: str, role: Role, spec: AdapterSpec) -> Status:
+        """An adapter of the role's model, registered (or refreshed) through the registry."""
+        status = Status(
+            role=f"{key}:{spec.name}", name=spec.name, provider="adapter", action="error"
+        )
+        if self._registry is None:
+            return status.model_copy(update={"detail": "no adapter registry"})
+        started = time.monotonic()
+        registry = self._registry.handle()
+        manifest: Manifest = await registry.current.remote()
+        current = manifest.adapters.get(spec.name)
+        if current is not None and (current.current.source == spec.source or not spec.auto_update):
+            return status.model_copy(update={"action": "exists"})
+        req = AdapterRegistration(base_model=role.name, name=spec.name, source=spec.source)
+        answer = await registry.register_adapter.remote(req, 5.0)
+        doc = orjson.loads(answer.body)
+        duration = round(time.monotonic() - started, 3)
+        if answer.status != 201:
+            detail = f"adapter_failed: {doc['error']['message']}"
+            return status.model_copy(update={"detail": detail, "duration_s": duration})
+        action = "updated" if current is not None else "installed"
+        detail = f"version {doc['version']}"
+        return status.model_copy(
+            update={"action": action, "detail": detail, "duration_s": duration}
+        )

@@ -1,0 +1,176 @@
+"""Profiles and provisioning: pure parsing, then the manager's Ray tasks against fake upstreams."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import ray
+
+from serve_app.config import ConfigError, parse_config
+from serve_app.demo_upstream import FakeUpstream, Knobs
+from serve_app.profiles import parse_profiles, with_role_defaults
+from serve_app.provision.manager import LLMModelManager
+from tests.conftest import free_port, provider
+
+# Loopback providers match no single node by IP, so their tasks run where the caller is.
+CALLER_NODE = "no single Ray node has IP 127.0.0.1; ran on the caller's node"
+
+
+def test_roles_take_both_forms_and_match_case_insensitively() -> None:
+    profiles = parse_profiles(
+        {
+            "profiles": {
+                "default": {
+                    "models": {
+                        "General": {"name": "m1", "parameters": {"top_p": 0.9, "num_predict": 64}},
+                        "coding": "m2",
+                    }
+                }
+            }
+        }
+    )
+    roles = profiles.roles("default")
+    assert roles["general"].name == "m1" and roles["general"].auto_download
+    assert roles["coding"].name == "m2" and roles["coding"].provider == "ollama"
+    with pytest.raises(ConfigError, match="no profile 'other'"):
+        profiles.roles("other")
+
+
+def test_role_parameters_are_defaults_the_request_overrides() -> None:
+    role = parse_profiles(
+        {
+            "profiles": {
+                "p": {
+                    "models": {"r": {"name": "m1", "parameters": {"top_p": 0.9, "num_predict": 64}}}
+                }
+            }
+        }
+    ).roles("p")["r"]
+    assert with_role_defaults({"model": "r", "top_p": 0.5}, role) == {
+        "model": "m1",
+        "top_p": 0.5,
+        "max_tokens": 64,
+    }
+    assert with_role_defaults({"model": "r", "max_tokens": 5}, role)["max_tokens"] == 5
+
+
+def test_bad_profiles_name_every_field() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_profiles(
+            {
+                "profiles": {
+                    "p": {
+                        "models": {
+                            "a": {"provider": "ollama"},
+                            "b": {"name": "x", "auto_download": "maybe"},
+                        }
+                    },
+                    "q": {},
+                }
+            },
+            "llm_models.json",
+        )
+    assert [path for path, _ in info.value.problems] == [
+        "$.profiles.p.models.a.name",
+        "$.profiles.p.models.b.auto_download",
+        "$.profiles.q.models",
+    ]
+
+
+@pytest.fixture
+def ollama(serve_url: str, upstream_factory) -> FakeUpstream:  # serve_url: Ray is up
+    return upstream_factory("ollama-prov")
+
+
+def _manager(ollama: FakeUpstream, dead: str) -> LLMModelManager:
+    config = parse_config(
+        {
+            "local": {
+                "m/general": {
+                    "providers": [provider("op", ollama.url, "ollama", model_path="llama3:8b")]
+                },
+                "ollama-prov": {"providers": [provider("op2", ollama.url, "ollama")]},
+                "m/broken": {
+                    "providers": [provider("op3", ollama.url, "ollama", model_path="broken:1b")]
+                },
+                "m/down": {"providers": [provider("dead", dead, "ollama", model_path="down:1b")]},
+                "m/vl": {"providers": [provider("vl", ollama.url, "vllm", model_path="qwen-7b")]},
+                "m/manual": {
+                    "providers": [
+                        provider("om", ollama.url, "ollama", model_path="llama3:8b-manual")
+                    ]
+                },
+            },
+            "active_models": {
+                "local": ["m/general", "ollama-prov", "m/broken", "m/down", "m/vl", "m/manual"]
+            },
+        }
+    )
+    roles = parse_profiles(
+        {
+            "profiles": {
+                "default": {
+                    "models": {
+                        "general": "llama3:8b",
+                        "ready": "ollama-prov",
+                        "broken": "broken:1b",
+                        "down": "down:1b",
+                        "vl": {"name": "qwen-7b", "provider": "vllm"},
+                        "cloud": {"name": "gpt-x", "provider": "openai"},
+                        "manual": {"name": "llama3:8b-manual", "auto_download": False},
+                    }
+                }
+            }
+        }
+    ).roles("default")
+    return LLMModelManager(roles, config)
+
+
+def _actions(report: dict) -> dict[str, tuple[str, str | None]]:
+    return {s["role"]: (s["action"], s["detail"]) for s in report["statuses"]}
+
+
+async def test_each_action_of_the_report(ollama: FakeUpstream) -> None:
+    ollama.knobs = Knobs(pull_fail_after=None)
+    manager = _manager(ollama, f"http://127.0.0.1:{free_port()}")
+    report = await manager.ensure_models_installed(["general", "ready", "vl", "cloud", "down"])
+    actions = _actions(report)
+    assert actions["general"][0] == "installed"
+    assert actions["ready"][0] == "exists"
+    assert actions["vl"][0] == "error" and actions["vl"][1].startswith("missing_on_vllm")
+    assert actions["cloud"] == ("skipped", "unsupported_provider")
+    assert actions["down"][0] == "unavailable"
+    status = next(s for s in report["statuses"] if s["role"] == "general")
+    assert status["provider_id"] == "op" and status["provider"] == "ollama"
+    assert status["node"] == ray.get_runtime_context().get_node_id()
+    assert "ran on the caller's node" in status["detail"]
+
+    again = _actions(await manager.ensure_models_installed(["GENERAL"]))
+    assert again == {"general": ("skipped", "already_ensured")}
+    forced = _actions(await manager.ensure_models_installed(["general"], force=True))
+    assert forced["general"][0] == "updated"
+    assert ollama.count("/api/pull") == 2
+
+
+async def test_a_pull_that_breaks_midway_is_an_error_with_the_reason(ollama: FakeUpstream) -> None:
+    ollama.knobs = Knobs(pull_fail_after=2)
+    manager = _manager(ollama, f"http://127.0.0.1:{free_port()}")
+    actions = _actions(await manager.ensure_models_installed(["broken", "manual", "nope"]))
+    assert actions["nope"][1].startswith("unknown_role")
+    assert actions["broken"][0] == "error"
+    assert actions["broken"][1].startswith("download_failed: pull broken:1b: connection reset")
+    assert actions["manual"] == ("skipped", "auto_download_disabled; " + CALLER_NODE)
+    # Not cached: the next call tries again.
+    ollama.knobs = Knobs()
+    assert _actions(await manager.ensure_models_installed(["broken"]))["broken"][0] == "installed"
+
+
+async def test_concurrent_calls_share_one_pull(ollama: FakeUpstream) -> None:
+    ollama.knobs = Knobs(pull_step_s=0.1)
+    manager = _manager(ollama, f"http://127.0.0.1:{free_port()}")
+    first, second = await asyncio.gather(
+        manager.ensure_models_installed(["general"]), manager.ensure_models_installed(["general"])
+    )
+    assert _actions(first) == _actions(second) and _actions(first)["general"][0] == "installed"
+    assert ollama.count("/api/pull") == 1
