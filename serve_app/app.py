@@ -14,6 +14,12 @@ from ray.serve.schema import LoggingConfig
 from serve_app.config import ConfigError, config_path, parse_config, read_raw
 from serve_app.deployments.ingress import DEFAULT_MAX_BODY_BYTES, Ingress, IngressSettings
 from serve_app.deployments.router import ModelTypeRouter
+from serve_app.profiles import (
+    KIND,
+    active_profile_name,
+    profiles_path,
+    read_profiles,
+)
 from serve_app.registry.actor import Published, RegistryRef
 
 APP_NAME = "llm-router"
@@ -27,6 +33,8 @@ class AppArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     models_config: str | None = None
+    # configs/llm_models.json (default: $LLM_MODELS_CONFIG, else that path if it exists).
+    profiles_config: str | None = None
     max_body_bytes: int = Field(default=DEFAULT_MAX_BODY_BYTES, gt=0)
     # Registry actor name and manifest file (default: $LLM_ADAPTER_REGISTRY_PATH, else
     # state/registry.json under the working directory).
@@ -51,6 +59,12 @@ def router_app(args: AppArgs, document: tuple[object, str] | None = None) -> App
     published: Published = ray.get(registry.handle().publish_config.remote(raw, source))
     if published.problems:
         raise ConfigError(source, published.problems)
+    profiles = read_profiles(args.profiles_config)
+    active = active_profile_name()
+    if profiles is not None:
+        published = ray.get(registry.handle().publish_profiles.remote(*profiles, active))
+        if published.problems:
+            raise ConfigError(profiles[1], published.problems, KIND)
     routers = {
         name: ModelTypeRouter.options(
             name=router_deployment_name(name),
@@ -64,6 +78,8 @@ def router_app(args: AppArgs, document: tuple[object, str] | None = None) -> App
     settings = IngressSettings(
         max_body_bytes=args.max_body_bytes,
         config_path=str(config_path(args.models_config).resolve()),
+        profiles_path=None if profiles is None else str(profiles_path(profiles[1]).resolve()),
+        active_profile=active,
         watch_config=args.watch_config,
         ack_timeout_s=args.ack_timeout_s,
     )

@@ -90,16 +90,21 @@ def profiles_path(path: str | os.PathLike[str] | None = None) -> Path:
     return Path(path or os.environ.get(PROFILES_PATH_ENV) or DEFAULT_PROFILES_PATH)
 
 
-def read_profiles(path: str | os.PathLike[str] | None = None) -> tuple[object, str]:
-    return read_json(profiles_path(path), KIND)
+def read_profiles(path: str | os.PathLike[str] | None = None) -> tuple[object, str] | None:
+    """The decoded profiles file; None when it was not named and the default is absent."""
+    file = profiles_path(path)
+    if path is None and os.environ.get(PROFILES_PATH_ENV) is None and not file.exists():
+        return None
+    return read_json(file, KIND)
 
 
 def active_profile_name() -> str:
     return os.environ.get(PROFILE_ENV) or DEFAULT_PROFILE
 
 
-def with_role_defaults(doc: dict[str, Any], role: Role) -> dict[str, Any]:
-    """The request for the role's model, its parameters filling in what the request left out.
+def with_role_defaults(doc: dict[str, Any], role: Role, model: str) -> dict[str, Any]:
+    """The request for `model` (the one serving the role), the role's parameters filling in
+    what the request left out.
 
     `num_predict` (Ollama's name) becomes `max_tokens` unless the request sets a token limit;
     the Ollama translation maps it back.
@@ -109,4 +114,4 @@ def with_role_defaults(doc: dict[str, Any], role: Role) -> dict[str, Any]:
         limit = defaults.pop("num_predict")
         if "max_tokens" not in doc and "max_completion_tokens" not in doc:
             defaults["max_tokens"] = limit
-    return {**defaults, **doc, "model": role.name}
+    return {**defaults, **doc, "model": model}

@@ -47,12 +47,12 @@ def test_role_parameters_are_defaults_the_request_overrides() -> None:
             }
         }
     ).roles("p")["r"]
-    assert with_role_defaults({"model": "r", "top_p": 0.5}, role) == {
+    assert with_role_defaults({"model": "r", "top_p": 0.5}, role, "m1") == {
         "model": "m1",
         "top_p": 0.5,
         "max_tokens": 64,
     }
-    assert with_role_defaults({"model": "r", "max_tokens": 5}, role)["max_tokens"] == 5
+    assert with_role_defaults({"model": "r", "max_tokens": 5}, role, "m1")["max_tokens"] == 5
 
 
 def test_bad_profiles_name_every_field() -> None:

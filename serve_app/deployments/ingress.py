@@ -39,7 +39,16 @@ from serve_app.handler import ApiModelConfig
 from serve_app.metrics import Tally
 from serve_app.monitor import monitor_handle
 from serve_app.openapi import json_body
+from serve_app.profiles import (
+    DEFAULT_PROFILE,
+    KIND,
+    Role,
+    parse_profiles,
+    read_profiles,
+    with_role_defaults,
+)
 from serve_app.providers.base import JSON
+from serve_app.provision.manager import LLMModelManager, ProvisionRequest, role_models
 from serve_app.registry.actor import Answer, Published, RegistryRef
 from serve_app.registry.manifest import AdapterRegistration, Manifest, effective_config
 from serve_app.schemas import (
@@ -172,6 +181,9 @@ class IngressSettings(BaseModel):
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     # The models config file that `POST /api/v1/config/reload` and the watcher re-read.
     config_path: str
+    # configs/llm_models.json, re-read with the models config; None: no profiles.
+    profiles_path: str | None = None
+    active_profile: str = DEFAULT_PROFILE
     watch_config: bool = False
     # How long an admin change waits for every replica to confirm it before answering.
     ack_timeout_s: float = 5.0
@@ -196,6 +208,9 @@ class Ingress:
         self._id = f"ingress:{serve.get_replica_context().replica_id.unique_id}"
         self._tally = Tally()
         self._registry = registry
+        self._roles: dict[str, Role] = {}
+        self._role_models: dict[str, str] = {}
+        self._manager: LLMModelManager | None = None
         self._monitor_handle: ActorHandle | None = None
         self._follower = Follower(registry.handle, self._id, Manifest(), self._apply)
         await self._follower.start()
@@ -207,6 +222,12 @@ class Ingress:
     def _apply(self, manifest: Manifest) -> None:
         config = effective_config(manifest)
         parents = {name: adapter.base_model for name, adapter in manifest.adapters.items()}
+        self._roles = manifest.roles()
+        self._role_models = role_models(config, self._roles)
+        if self._manager is None:
+            self._manager = LLMModelManager(self._roles, config, self._registry)
+        else:
+            self._manager.update(self._roles, config)
         self._type_of = config.model_type_of()
         self._timeouts = {t: g.routing.request_timeout_s for t, g in config.model_types.items()}
         self._models = orjson.dumps(
@@ -250,6 +271,14 @@ class Ingress:
         try:
             body = await read_body(request, self._settings.max_body_bytes)
             meta = validate_request(endpoint, body, request_id)
+            key = meta.model.lower()
+            if meta.model not in self._type_of and key in self._role_models:
+                # A role of the active profile: the model serving it, with the role's defaults.
+                doc = with_role_defaults(
+                    orjson.loads(body), self._roles[key], self._role_models[key]
+                )
+                body = orjson.dumps(doc)
+                meta = validate_request(endpoint, body, request_id)
             meta = meta._replace(timeout_s=parse_timeout(request.headers.get(TIMEOUT_HEADER)))
             model_type = self._type_of.get(meta.model)
             if model_type is None:
@@ -369,13 +398,26 @@ class Ingress:
 
     async def _publish_file(self) -> dict[str, object]:
         """Re-read the models config file and publish it; RouterError (400) if it is invalid."""
+        settings = self._settings
         try:
-            raw, source = read_raw(self._settings.config_path)
+            raw, source = read_raw(settings.config_path)
             types = set(parse_config(raw, source).model_types)
+            profiles = (
+                None if settings.profiles_path is None else read_profiles(settings.profiles_path)
+            )
+            if profiles is not None:  # both files valid before either is published
+                parse_profiles(*profiles).roles(settings.active_profile)
             published = await self._registry_call("publish_config", raw, source)
             assert isinstance(published, Published)
             if published.problems:
                 raise ConfigError(source, published.problems)
+            if profiles is not None:
+                published = await self._registry_call(
+                    "publish_profiles", *profiles, settings.active_profile
+                )
+                assert isinstance(published, Published)
+                if published.problems:
+                    raise ConfigError(profiles[1], published.problems, KIND)
         except ConfigError as exc:
             raise RouterError(400, str(exc), code="invalid_config") from None
         unconfirmed = await self._registry_call(
@@ -429,6 +471,41 @@ class Ingress:
             "replicas": followers,
         }
         return Response(orjson.dumps(body), media_type=JSON)
+
+    @api.get("/api/v1/models")
+    async def model_profiles(self, request: Request) -> Response:
+        """The active profile with its resolved roles, and every profile in the manifest."""
+        if (refused := self._refusal(request)) is not None:
+            return refused
+        manifest = self._follower.state
+        roles = {
+            key: role.model_dump() | {"model": self._role_models.get(key)}
+            for key, role in self._roles.items()
+        }
+        body = {
+            "active_profile": manifest.active_profile,
+            "source": manifest.profiles_source or None,
+            "roles": roles,
+            "profiles": sorted((manifest.profiles or {}).get("profiles", {})),
+        }
+        return Response(orjson.dumps(body), media_type=JSON)
+
+    @api.post("/api/v1/models/provision", openapi_extra=json_body(ProvisionRequest))
+    async def provision(self, request: Request) -> Response:
+        """Ensure the roles' models are on their providers; the seed's report format."""
+        if (refused := self._refusal(request)) is not None:
+            return refused
+        try:
+            body = await read_body(request, ADMIN_MAX_BODY_BYTES)
+            try:
+                req = ProvisionRequest.model_validate_json(body or b"{}")
+            except ValidationError as exc:
+                raise RouterError(400, _first_problem(exc), code="invalid_request") from None
+        except RouterError as err:
+            return _error(err)
+        assert self._manager is not None
+        report = await self._manager.ensure_models_installed(req.roles, req.force)
+        return Response(orjson.dumps(report), media_type=JSON)
 
     @api.post("/api/v1/adapters", openapi_extra=json_body(AdapterRegistration))
     async def register_adapter(self, request: Request) -> Response:

@@ -16,6 +16,7 @@ from serve_app.follow import Follower
 from serve_app.handler import ModelHandler
 from serve_app.health import HealthView
 from serve_app.monitor import monitor_handle
+from serve_app.provision.manager import LLMModelManager, auto_pull_models
 from serve_app.registry.actor import RegistryRef
 from serve_app.registry.manifest import Manifest, effective_config, retiring_names
 from serve_app.schemas import RequestMeta
@@ -33,6 +34,9 @@ class ModelTypeRouter:
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
         self._session = aiohttp.ClientSession(connector=connector)
         self._dispatcher: Dispatcher | None = None
+        self._manager: LLMModelManager | None = None
+        self._auto_pull: dict[str, str] = {}
+        self._pull_tried: set[str] = set()
         self._id = f"router-{model_type}:{serve.get_replica_context().replica_id.unique_id}"
         self._health = HealthView()
         self._monitor = Follower(
@@ -49,6 +53,12 @@ class ModelTypeRouter:
             source=manifest.config_source,
             model_types={} if group is None else {group.name: group},
         )
+        roles = manifest.roles()
+        self._auto_pull = auto_pull_models(config, roles)
+        if self._manager is None:
+            self._manager = LLMModelManager(roles, config)
+        else:
+            self._manager.update(roles, config)
         routing = RoutingConfig() if group is None else group.routing
         if self._dispatcher is None:
             self._dispatcher = Dispatcher(
@@ -87,12 +97,23 @@ class ModelTypeRouter:
         retiring = retiring_names(manifest)
         return sorted(n for n, c in self._live.in_use.items() if c > 0 and n in retiring)
 
+    async def _ready(self, meta: RequestMeta) -> None:
+        """The seed's runtime rule: before the first request for a model whose role has
+        `auto_download`, ensure it is on its Ollama providers (once per replica, whatever the
+        outcome; the admin API or the CLI retries)."""
+        role = self._auto_pull.get(meta.model)
+        if role is not None and meta.model not in self._pull_tried:
+            assert self._manager is not None
+            await self._manager.ensure_role(role)
+            self._pull_tried.add(meta.model)
+
     @property
     def _live(self) -> Dispatcher:
         assert self._dispatcher is not None  # set by __init__ before any request
         return self._dispatcher
 
     async def unary(self, body: bytes, meta: RequestMeta) -> Unary:
+        await self._ready(meta)
         return await self._live.unary(body, meta)
 
     async def unary_many(
@@ -102,6 +123,7 @@ class ModelTypeRouter:
         dispatcher = self._live
 
         async def one(index: int, body: bytes, meta: RequestMeta) -> tuple[int, Unary]:
+            await self._ready(meta)
             return index, await dispatcher.unary(body, meta)
 
         tasks = [asyncio.ensure_future(one(i, b, m)) for i, (b, m) in enumerate(calls)]
@@ -113,6 +135,7 @@ class ModelTypeRouter:
                 task.cancel()
 
     async def stream(self, body: bytes, meta: RequestMeta) -> AsyncIterator[Head | bytes]:
+        await self._ready(meta)
         async for item in self._live.stream(body, meta):
             yield item
 

@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 import orjson
+from pydantic import BaseModel, ConfigDict
 
 from serve_app.config import ProviderConfig, RouterConfig
 from serve_app.profiles import AdapterSpec, Role
@@ -22,6 +23,15 @@ from serve_app.registry.actor import RegistryRef
 from serve_app.registry.manifest import AdapterRegistration, Manifest
 
 log = logging.getLogger("scripts.models.provision")
+
+
+class ProvisionRequest(BaseModel):
+    """`POST /api/v1/models/provision`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    roles: list[str] | None = None
+    force: bool = False
 
 
 def role_providers(config: RouterConfig, role: Role) -> list[ProviderConfig]:
@@ -33,6 +43,39 @@ def role_providers(config: RouterConfig, role: Role) -> list[ProviderConfig]:
         for p in (*model.providers, *model.providers_sleep)
         if p.api_type == role.provider and (p.model_path or model_name) == role.name
     ]
+
+
+def role_models(config: RouterConfig, roles: dict[str, Role]) -> dict[str, str]:
+    """Role -> the configured model that serves it: one named like the role's model, else one
+    with a provider of the role's kind whose upstream model it is."""
+    out = {}
+    type_of = config.model_type_of()
+    for key, role in roles.items():
+        if role.name in type_of:
+            out[key] = role.name
+            continue
+        for group in config.model_types.values():
+            for model_name, model in group.models.items():
+                if any(
+                    p in role_providers(config, role)
+                    for p in (*model.providers, *model.providers_sleep)
+                ):
+                    out.setdefault(key, model_name)
+    return out
+
+
+def auto_pull_models(config: RouterConfig, roles: dict[str, Role]) -> dict[str, str]:
+    """Model name -> role, for models served by an Ollama provider of an auto_download role."""
+    return {
+        model_name: key
+        for key, role in roles.items()
+        if role.provider == "ollama" and role.auto_download
+        for group in config.model_types.values()
+        for model_name, model in group.models.items()
+        if any(
+            p in role_providers(config, role) for p in (*model.providers, *model.providers_sleep)
+        )
+    }
 
 
 class LLMModelManager:
@@ -94,10 +137,8 @@ class LLMModelManager:
                 )
         statuses += [await self._adapter(key, role, spec) for spec in role.adapters]
         for s in statuses:
-            log.info(
-                "role provisioned",
-                extra={"role": s.role, "provider_id": s.provider_id, "action": s.action},
-            )
+            event = {"event": "role provisioned", "role": s.role, "provider_id": s.provider_id}
+            log.info(orjson.dumps({**event, "action": s.action, "detail": s.detail}).decode())
         if statuses and all(s.action in ENSURED for s in statuses):
             self._ensured.add(key)
         return statuses

@@ -14,6 +14,7 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import aiohttp
+import orjson
 import ray
 from pydantic import BaseModel
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -84,10 +85,8 @@ async def _provision(provider: ProviderConfig, role_key: str, role: Role, force:
             )
 
         def progress(line: dict[str, object]) -> None:
-            log.info(
-                "pull progress",
-                extra={"role": role_key, "provider_id": provider.id, "progress": line},
-            )
+            event = {"event": "pull progress", "role": role_key, "provider_id": provider.id}
+            log.info(orjson.dumps({**event, **line}).decode())
 
         try:
             await upstreams.pull(session, provider, role.name, progress)
@@ -98,6 +97,9 @@ async def _provision(provider: ProviderConfig, role_key: str, role: Role, force:
 
 @ray.remote(num_cpus=0, max_retries=0)
 def provision_on_node(provider: ProviderConfig, role_key: str, role: Role, force: bool) -> Status:
+    if not log.handlers:  # progress lines go to the worker's stderr, which Ray forwards
+        log.addHandler(logging.StreamHandler())
+        log.setLevel(logging.INFO)
     started = time.monotonic()
     status = asyncio.run(_provision(provider, role_key, role, force))
     return status.model_copy(

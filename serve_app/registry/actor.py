@@ -13,6 +13,7 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -37,6 +38,7 @@ from serve_app.registry.manifest import (
     providers_by_id,
     with_config,
     with_new_version,
+    with_profiles,
     with_unloaded,
 )
 
@@ -198,17 +200,24 @@ class Registry:
 
     # --- models config -----------------------------------------------------------------------
 
-    async def publish_config(self, raw: object, source: str) -> Published:
-        """Validate and publish a models config; problems come back as values, nothing changes."""
+    async def _publish(self, change: Callable[[Manifest], Manifest]) -> Published:
         async with self._lock:
             try:
-                manifest = with_config(self._manifest, raw, source)
+                manifest = change(self._manifest)
             except ConfigError as exc:
                 return Published(self.version, False, exc.problems)
             changed = manifest is not self._manifest
             if changed:
                 self._commit(manifest)
         return Published(manifest.version, changed, [])
+
+    async def publish_config(self, raw: object, source: str) -> Published:
+        """Validate and publish a models config; problems come back as values, nothing changes."""
+        return await self._publish(lambda m: with_config(m, raw, source))
+
+    async def publish_profiles(self, raw: object, source: str, active: str) -> Published:
+        """Validate and publish the model profiles and the active profile's name."""
+        return await self._publish(lambda m: with_profiles(m, raw, source, active))
 
     # --- adapters ----------------------------------------------------------------------------
 

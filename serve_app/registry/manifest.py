@@ -25,6 +25,7 @@ from serve_app.config import (
     parse_config,
 )
 from serve_app.errors import RouterError
+from serve_app.profiles import DEFAULT_PROFILE, Role, parse_profiles
 
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _RESERVED_KEYS = frozenset({"active_models", "routing"})
@@ -59,7 +60,15 @@ class Manifest(BaseModel):
     config_source: str = ""
     models_config: dict[str, Any] | None = None
     profiles: dict[str, Any] | None = None
+    profiles_source: str = ""
+    active_profile: str = DEFAULT_PROFILE
     adapters: dict[str, Adapter] = Field(default_factory=dict)  # adapter name -> adapter
+
+    def roles(self) -> dict[str, Role]:
+        """The active profile's roles (none without profiles); ConfigError if it is missing."""
+        if self.profiles is None:
+            return {}
+        return parse_profiles(self.profiles, self.profiles_source).roles(self.active_profile)
 
 
 class AdapterRegistration(BaseModel):
@@ -127,6 +136,22 @@ def with_config(manifest: Manifest, raw: object, source: str) -> Manifest:
             "config_source": source,
         }
     )
+
+
+def with_profiles(manifest: Manifest, raw: object, source: str, active: str) -> Manifest:
+    """The manifest with these profiles, or the same one; ConfigError if they do not validate
+    or lack the active profile."""
+    parse_profiles(raw, source).roles(active)
+    assert isinstance(raw, Mapping)
+    unchanged = (raw, source, active) == (
+        manifest.profiles,
+        manifest.profiles_source,
+        manifest.active_profile,
+    )
+    if unchanged:
+        return manifest
+    update = {"profiles": dict(raw), "profiles_source": source, "active_profile": active}
+    return manifest.model_copy(update={"version": manifest.version + 1, **update})
 
 
 def check_registration(manifest: Manifest, req: AdapterRegistration) -> list[ProviderConfig]:

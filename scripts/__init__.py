@@ -1,0 +1,1 @@
+"""Operator entry points (`python -m scripts.<name>`)."""
