@@ -37,6 +37,11 @@ REGISTRY = RegistryRef(
     path=os.path.join(tempfile.mkdtemp(prefix="router-registry-"), "registry.json"),
 )
 ADMIN = {"authorization": f"Bearer {ADMIN_TOKEN}"}
+# Deployments get no roles unless a test names its own profiles (configs/llm_models.json has the
+# demo's, which would pull models on the test upstreams).
+NO_PROFILES = os.path.join(os.path.dirname(REGISTRY.path), "no-profiles.json")
+with open(NO_PROFILES, "w") as f:
+    f.write('{"profiles": {"default": {"models": {}}}}')
 
 
 def free_port() -> int:
@@ -75,7 +80,7 @@ def deploy(
         max_body_bytes=max_body_bytes,
         registry_name=REGISTRY.name,
         registry_path=REGISTRY.path,
-        **args,
+        **{"profiles_config": NO_PROFILES, **args},
     )
     serve.run(router_app(app_args, (raw_config, "test-config")), name=APP_NAME, route_prefix="/")
     expected = sorted(n for t in raw_config["active_models"].values() for n in t)
