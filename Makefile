@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install run test chaos ci lint bench clean
+.PHONY: install run test chaos job-demo ci lint bench clean
 
 install: $(STAMP)
 
@@ -27,8 +27,20 @@ test: lint
 chaos: install
 	$(BIN)/python -m pytest -q -s -m chaos
 
+# `ray job submit` of the provisioning CLI against a local `ray start --head` cluster, with the
+# demo upstream (loopback only; token auth off for this throwaway local cluster). CI runs it.
+job-demo: install
+	@set -e; export PATH="$(CURDIR)/$(BIN):$$PATH" RAY_AUTH_MODE=disabled; \
+	python -m serve_app.demo_upstream --port 8101 & demo=$$!; \
+	trap 'ray stop --force >/dev/null 2>&1; kill $$demo' EXIT; \
+	ray start --head --port=6390 --dashboard-host=127.0.0.1 --dashboard-port=8266 \
+		--include-dashboard=true --num-cpus=2 --resources='{"gpu_node_demo": 1}' \
+		--disable-usage-stats >/dev/null; \
+	ray job submit --address http://127.0.0.1:8266 --working-dir . -- \
+		python -m scripts.provision_models --json
+
 # What CI runs.
-ci: test chaos
+ci: test chaos job-demo
 
 bench: install
 	$(BIN)/python -m bench.run
