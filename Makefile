@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install run test chaos job-demo ci lint bench clean
+.PHONY: install run test chaos job-demo ci lint bench openapi clean
 
 install: $(STAMP)
 
@@ -41,6 +41,10 @@ job-demo: install
 
 # What CI runs.
 ci: test chaos job-demo
+
+# Rewrite docs/api/openapi.json after changing an endpoint (a test checks it is current).
+openapi: install
+	$(BIN)/python -m tests.test_openapi_doc
 
 bench: install
 	$(BIN)/python -m bench.run
