@@ -11,6 +11,7 @@ from serve_app.config import ConfigError, parse_config
 from serve_app.demo_upstream import FakeUpstream, Knobs
 from serve_app.profiles import parse_profiles, with_role_defaults
 from serve_app.provision.manager import LLMModelManager
+from serve_app.registry.actor import RegistryRef
 from tests.conftest import free_port, provider
 
 # Loopback providers match no single node by IP, so their tasks run where the caller is.
@@ -174,3 +175,33 @@ async def test_concurrent_calls_share_one_pull(ollama: FakeUpstream) -> None:
     )
     assert _actions(first) == _actions(second) and _actions(first)["general"][0] == "installed"
     assert ollama.count("/api/pull") == 1
+
+
+async def test_role_adapters_are_registered_through_the_registry(
+    serve_url: str, upstream_factory, tmp_path
+) -> None:
+    vllm = upstream_factory("vllm-tuned")
+    registry = RegistryRef(name=f"prov-registry-{vllm.port}", path=str(tmp_path / "reg.json"))
+    config_doc = {
+        "gpu": {
+            "m/base": {"providers": [provider("vt", vllm.url, "vllm", model_path="vllm-tuned")]}
+        },
+        "active_models": {"gpu": ["m/base"]},
+    }
+    await registry.handle().publish_config.remote(config_doc, "cfg")
+
+    def manager(source: str, auto_update: bool) -> LLMModelManager:
+        adapter = {"name": "sql", "source": source, "auto_update": auto_update}
+        role = {"name": "vllm-tuned", "provider": "vllm", "adapters": [adapter]}
+        roles = parse_profiles({"profiles": {"p": {"models": {"tuned": role}}}}).roles("p")
+        return LLMModelManager(roles, parse_config(config_doc), registry)
+
+    first = _actions(await manager("/a/1", False).ensure_models_installed())
+    assert first["tuned"][0] == "exists"
+    assert first["tuned:sql"] == ("installed", "version 1")
+    assert vllm.loras == {"sql@v1": "/a/1"}
+    again = _actions(await manager("/a/2", False).ensure_models_installed())
+    assert again["tuned:sql"][0] == "exists"  # no auto_update: the registered version stays
+    updated = _actions(await manager("/a/2", True).ensure_models_installed())
+    assert updated["tuned:sql"] == ("updated", "version 2")
+    ray.kill(registry.handle(), no_restart=True)

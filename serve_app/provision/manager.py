@@ -166,7 +166,10 @@ class LLMModelManager:
         current = manifest.adapters.get(spec.name)
         if current is not None and (current.current.source == spec.source or not spec.auto_update):
             return status.model_copy(update={"action": "exists"})
-        req = AdapterRegistration(base_model=role.name, name=spec.name, source=spec.source)
+        base = role_models(self._config, {key: role}).get(key)
+        if base is None:
+            return status.model_copy(update={"detail": f"no_provider: nothing serves {role.name}"})
+        req = AdapterRegistration(base_model=base, name=spec.name, source=spec.source)
         answer = await registry.register_adapter.remote(req, 5.0)
         doc = orjson.loads(answer.body)
         duration = round(time.monotonic() - started, 3)

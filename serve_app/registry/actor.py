@@ -238,6 +238,10 @@ class Registry:
                 targets = check_registration(self._manifest, req)
             except RouterError as err:
                 return Answer.error(err)
+            except ConfigError:
+                return Answer.error(
+                    RouterError(409, "no models config is published yet", code="no_config")
+                )
             existing = self._manifest.adapters.get(req.name)
             number = existing.current.version + 1 if existing else 1
             name = lora_name(req.name, number)
