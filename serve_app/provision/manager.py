@@ -145,9 +145,19 @@ class LLMModelManager:
 
     async def _run(self, provider: ProviderConfig, key: str, role: Role, force: bool) -> Status:
         options, note = placement(provider)
-        status: Status = await provision_on_node.options(**options).remote(
-            provider, key, role, force
-        )
+        try:
+            status: Status = await provision_on_node.options(**options).remote(
+                provider, key, role, force
+            )
+        except Exception as exc:  # the task's node died, or the task could not run
+            status = Status(
+                role=key,
+                name=role.name,
+                provider=role.provider,
+                action="error",
+                detail=f"task_failed: {type(exc).__name__}",
+                provider_id=provider.id,
+            )
         if note:
             detail = f"{status.detail}; {note}" if status.detail else note
             status = status.model_copy(update={"detail": detail})
