@@ -18,7 +18,14 @@ from pydantic import BaseModel, ConfigDict
 
 from serve_app.config import ProviderConfig, RouterConfig
 from serve_app.profiles import AdapterSpec, Role
-from serve_app.provision.tasks import ENSURED, LOCAL_PROVIDERS, Status, placement, provision_on_node
+from serve_app.provision.tasks import (
+    ENSURED,
+    LOCAL_PROVIDERS,
+    Progress,
+    Status,
+    placement,
+    provision_on_node,
+)
 from serve_app.registry.actor import RegistryRef
 from serve_app.registry.manifest import AdapterRegistration, Manifest
 
@@ -145,10 +152,17 @@ class LLMModelManager:
 
     async def _run(self, provider: ProviderConfig, key: str, role: Role, force: bool) -> Status:
         options, note = placement(provider)
+        status: Status | None = None
         try:
-            status: Status = await provision_on_node.options(**options).remote(
+            async for ref in provision_on_node.options(**options).remote(
                 provider, key, role, force
-            )
+            ):
+                item = await ref
+                if isinstance(item, Progress):
+                    event = {"event": "pull progress", "role": key, "provider_id": provider.id}
+                    log.info(orjson.dumps({**event, **item.line}).decode())
+                else:
+                    status = item
         except Exception as exc:  # the task's node died, or the task could not run
             status = Status(
                 role=key,
@@ -158,6 +172,7 @@ class LLMModelManager:
                 detail=f"task_failed: {type(exc).__name__}",
                 provider_id=provider.id,
             )
+        assert status is not None  # the task always ends with its Status
         if note:
             detail = f"{status.detail}; {note}" if status.detail else note
             status = status.model_copy(update={"detail": detail})

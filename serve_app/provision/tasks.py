@@ -8,13 +8,12 @@ node carries (e.g. `"ray_resource": "gpu_node_71"`); else the one alive node who
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
+from collections.abc import AsyncIterator, Iterator
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import aiohttp
-import orjson
 import ray
 from pydantic import BaseModel
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -23,11 +22,17 @@ from serve_app.config import ProviderConfig
 from serve_app.profiles import Role
 from serve_app.provision import upstreams
 
-log = logging.getLogger("scripts.models.provision")
-
 Action = Literal["exists", "installed", "updated", "skipped", "error", "unavailable"]
 ENSURED = frozenset({"exists", "installed", "updated"})
 LOCAL_PROVIDERS = frozenset({"ollama", "vllm"})
+
+
+class Progress(BaseModel):
+    """One of Ollama's pull progress lines, on its way from the provider's node to the caller."""
+
+    role: str
+    provider_id: str
+    line: dict[str, Any]
 
 
 class Status(BaseModel):
@@ -62,50 +67,63 @@ def placement(provider: ProviderConfig) -> tuple[dict[str, Any], str | None]:
     return {"scheduling_strategy": strategy}, f"{note}; ran on the caller's node"
 
 
-async def _provision(provider: ProviderConfig, role_key: str, role: Role, force: bool) -> Status:
+async def _provision(
+    provider: ProviderConfig, role_key: str, role: Role, force: bool
+) -> AsyncIterator[Progress | Status]:
+    """Pull progress lines as they come, then the Status."""
     status = Status(role=role_key, name=role.name, provider=role.provider, action="error")
     async with aiohttp.ClientSession() as session:
         try:
             present = upstreams.has_model(await upstreams.list_models(session, provider), role.name)
         except upstreams.Unreachable as exc:
-            return status.model_copy(update={"action": "unavailable", "detail": str(exc)})
+            yield status.model_copy(update={"action": "unavailable", "detail": str(exc)})
+            return
         except upstreams.Failed as exc:
-            return status.model_copy(update={"detail": f"list_failed: {exc}"})
-        if present and not force:
-            return status.model_copy(update={"action": "exists"})
+            yield status.model_copy(update={"detail": f"list_failed: {exc}"})
+            return
+        if present and (not force or provider.api_type == "vllm"):
+            yield status.model_copy(update={"action": "exists"})
+            return
         if provider.api_type == "vllm":
-            if present:
-                return status.model_copy(update={"action": "exists"})
-            return status.model_copy(
-                update={"detail": "missing_on_vllm: vLLM serves only the models it started with"}
-            )
+            detail = "missing_on_vllm: vLLM serves only the models it started with"
+            yield status.model_copy(update={"detail": detail})
+            return
         if not present and not role.auto_download:
-            return status.model_copy(
+            yield status.model_copy(
                 update={"action": "skipped", "detail": "auto_download_disabled"}
             )
-
-        def progress(line: dict[str, object]) -> None:
-            event = {"event": "pull progress", "role": role_key, "provider_id": provider.id}
-            log.info(orjson.dumps({**event, **line}).decode())
-
+            return
         try:
-            await upstreams.pull(session, provider, role.name, progress)
+            async for line in upstreams.pull(session, provider, role.name):
+                yield Progress(role=role_key, provider_id=provider.id, line=line)
         except upstreams.Failed as exc:
-            return status.model_copy(update={"detail": f"download_failed: {exc}"})
-    return status.model_copy(update={"action": "updated" if present else "installed"})
+            yield status.model_copy(update={"detail": f"download_failed: {exc}"})
+            return
+    yield status.model_copy(update={"action": "updated" if present else "installed"})
 
 
 @ray.remote(num_cpus=0, max_retries=0)
-def provision_on_node(provider: ProviderConfig, role_key: str, role: Role, force: bool) -> Status:
-    if not log.handlers:  # progress lines go to the worker's stderr, which Ray forwards
-        log.addHandler(logging.StreamHandler())
-        log.setLevel(logging.INFO)
+def provision_on_node(
+    provider: ProviderConfig, role_key: str, role: Role, force: bool
+) -> Iterator[Progress | Status]:
+    """A streaming task: the caller gets each progress line as it happens, then the Status."""
     started = time.monotonic()
-    status = asyncio.run(_provision(provider, role_key, role, force))
-    return status.model_copy(
-        update={
-            "provider_id": provider.id,
-            "node": ray.get_runtime_context().get_node_id(),
-            "duration_s": round(time.monotonic() - started, 3),
-        }
-    )
+    loop = asyncio.new_event_loop()
+    steps = _provision(provider, role_key, role, force)
+    try:
+        while True:
+            try:
+                item = loop.run_until_complete(anext(steps))
+            except StopAsyncIteration:
+                return
+            if isinstance(item, Status):
+                item = item.model_copy(
+                    update={
+                        "provider_id": provider.id,
+                        "node": ray.get_runtime_context().get_node_id(),
+                        "duration_s": round(time.monotonic() - started, 3),
+                    }
+                )
+            yield item
+    finally:
+        loop.close()

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator
 
 import aiohttp
 import orjson
@@ -12,8 +11,6 @@ from serve_app.config import ProviderConfig
 from serve_app.providers import probe_url
 from serve_app.providers.base import json_headers
 from serve_app.providers.ollama import ollama_root
-
-log = logging.getLogger("scripts.models.provision")
 
 LIST_TIMEOUT = aiohttp.ClientTimeout(total=30, sock_connect=5)
 # A pull may take an hour for a large model; what must not stall is the progress stream.
@@ -54,28 +51,25 @@ def has_model(names: set[str], name: str) -> bool:
 
 
 async def pull(
-    session: aiohttp.ClientSession,
-    provider: ProviderConfig,
-    name: str,
-    progress: Callable[[dict[str, object]], None],
-) -> None:
-    """Ollama's streaming `/api/pull`; each progress line goes to `progress`. Raises Failed."""
+    session: aiohttp.ClientSession, provider: ProviderConfig, name: str
+) -> AsyncIterator[dict[str, object]]:
+    """Ollama's streaming `/api/pull`, yielding its progress lines. Raises Failed."""
     url = f"{ollama_root(provider)}/api/pull"
     body = {"model": name, "stream": True}
+    last: dict[str, object] = {}
     try:
         async with session.post(
             url, json=body, headers=json_headers(provider), timeout=PULL_TIMEOUT
         ) as resp:
             if resp.status != 200:
                 raise Failed(f"HTTP {resp.status}: {(await resp.text())[:200]}")
-            last: dict[str, object] = {}
             async for line in resp.content:
                 if not line.strip():
                     continue
                 last = orjson.loads(line)
                 if "error" in last:
                     raise Failed(str(last["error"]))
-                progress(last)
+                yield last
     except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
         raise Failed(f"{type(exc).__name__} {exc}".strip()) from None
     if last.get("status") != "success":
