@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray.serve import Application
 from ray.serve.schema import LoggingConfig
 
-from serve_app.config import ConfigError, config_path, parse_config, read_raw
+from serve_app.config import config_path, parse_config, read_raw
 from serve_app.deployments.ingress import DEFAULT_MAX_BODY_BYTES, Ingress, IngressSettings
 from serve_app.deployments.router import ModelTypeRouter
 from serve_app.profiles import (
@@ -57,14 +57,12 @@ def router_app(args: AppArgs, document: tuple[object, str] | None = None) -> App
     config = parse_config(raw, source)
     registry = RegistryRef.resolve(args.registry_name, args.registry_path)
     published: Published = ray.get(registry.handle().publish_config.remote(raw, source))
-    if published.problems:
-        raise ConfigError(source, published.problems)
+    published.checked(source)
     profiles = read_profiles(args.profiles_config)
     active = active_profile_name()
     if profiles is not None:
         published = ray.get(registry.handle().publish_profiles.remote(*profiles, active))
-        if published.problems:
-            raise ConfigError(profiles[1], published.problems, KIND)
+        published.checked(profiles[1], KIND)
     routers = {
         name: ModelTypeRouter.options(
             name=router_deployment_name(name),

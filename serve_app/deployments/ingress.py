@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import TypeVar
 
 import orjson
 import ray.serve.context
@@ -67,6 +68,7 @@ log = logging.getLogger("ray.serve")
 
 DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
 ADMIN_MAX_BODY_BYTES = 1024 * 1024
+Body = TypeVar("Body", bound=BaseModel)
 # How much longer than a request's deadline the ingress waits for the router's own 504.
 HOP_SLACK_S = 5.0
 METRICS_PUSH_S = 1.0
@@ -152,6 +154,26 @@ def _coalescer(handle: DeploymentHandle) -> Coalescer[tuple[bytes, RequestMeta],
         return many.remote(calls)
 
     return Coalescer(send_one, send_many)
+
+
+async def _admin_body(
+    request: Request, model: type[Body], code: str, empty: bytes | None = None
+) -> Body:
+    """An admin request's JSON body as `model` (`empty` stands for a missing body); 400 with
+    the first problem otherwise."""
+    body = await read_body(request, ADMIN_MAX_BODY_BYTES)
+    if not body and empty is not None:
+        body = empty
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as exc:
+        raise RouterError(400, _first_problem(exc), code=code) from None
+
+
+def _relayed(answer: object) -> Response:
+    """A registry actor's Answer, as the HTTP response it describes."""
+    assert isinstance(answer, Answer)
+    return Response(answer.body, status_code=answer.status, media_type=JSON)
 
 
 def _first_problem(exc: ValidationError) -> str:
@@ -409,15 +431,13 @@ class Ingress:
                 parse_profiles(*profiles).roles(settings.active_profile)
             published = await self._registry_call("publish_config", raw, source)
             assert isinstance(published, Published)
-            if published.problems:
-                raise ConfigError(source, published.problems)
+            published.checked(source)
             if profiles is not None:
                 published = await self._registry_call(
                     "publish_profiles", *profiles, settings.active_profile
                 )
                 assert isinstance(published, Published)
-                if published.problems:
-                    raise ConfigError(profiles[1], published.problems, KIND)
+                published.checked(profiles[1], KIND)
         except ConfigError as exc:
             raise RouterError(400, str(exc), code="invalid_config") from None
         unconfirmed = await self._registry_call(
@@ -496,11 +516,7 @@ class Ingress:
         if (refused := self._refusal(request)) is not None:
             return refused
         try:
-            body = await read_body(request, ADMIN_MAX_BODY_BYTES)
-            try:
-                req = ProvisionRequest.model_validate_json(body or b"{}")
-            except ValidationError as exc:
-                raise RouterError(400, _first_problem(exc), code="invalid_request") from None
+            req = await _admin_body(request, ProvisionRequest, "invalid_request", b"{}")
         except RouterError as err:
             return _error(err)
         assert self._manager is not None
@@ -512,18 +528,13 @@ class Ingress:
         if (refused := self._refusal(request)) is not None:
             return refused
         try:
-            body = await read_body(request, ADMIN_MAX_BODY_BYTES)
-            try:
-                req = AdapterRegistration.model_validate_json(body)
-            except ValidationError as exc:
-                raise RouterError(400, _first_problem(exc), code="invalid_adapter") from None
+            req = await _admin_body(request, AdapterRegistration, "invalid_adapter")
             answer = await self._registry_call(
                 "register_adapter", req, self._settings.ack_timeout_s
             )
         except RouterError as err:
             return _error(err)
-        assert isinstance(answer, Answer)
-        return Response(answer.body, status_code=answer.status, media_type=JSON)
+        return _relayed(answer)
 
     @api.get("/api/v1/adapters")
     async def list_adapters(self, request: Request) -> Response:
@@ -533,5 +544,4 @@ class Ingress:
             answer = await self._registry_call("adapters")
         except RouterError as err:
             return _error(err)
-        assert isinstance(answer, Answer)
-        return Response(answer.body, status_code=answer.status, media_type=JSON)
+        return _relayed(answer)

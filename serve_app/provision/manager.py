@@ -41,10 +41,11 @@ class ProvisionRequest(BaseModel):
     force: bool = False
 
 
-def role_providers(config: RouterConfig, role: Role) -> list[ProviderConfig]:
-    """Providers of the role's kind whose upstream model is the role's model."""
+def _serving(config: RouterConfig, role: Role) -> list[tuple[str, ProviderConfig]]:
+    """(model name, provider) for each provider of the role's kind whose upstream model is the
+    role's model, in config order."""
     return [
-        p
+        (model_name, p)
         for group in config.model_types.values()
         for model_name, model in group.models.items()
         for p in (*model.providers, *model.providers_sleep)
@@ -52,22 +53,20 @@ def role_providers(config: RouterConfig, role: Role) -> list[ProviderConfig]:
     ]
 
 
+def role_providers(config: RouterConfig, role: Role) -> list[ProviderConfig]:
+    return [p for _, p in _serving(config, role)]
+
+
 def role_models(config: RouterConfig, roles: dict[str, Role]) -> dict[str, str]:
     """Role -> the configured model that serves it: one named like the role's model, else one
     with a provider of the role's kind whose upstream model it is."""
-    out = {}
     type_of = config.model_type_of()
+    out = {}
     for key, role in roles.items():
         if role.name in type_of:
             out[key] = role.name
-            continue
-        for group in config.model_types.values():
-            for model_name, model in group.models.items():
-                if any(
-                    p in role_providers(config, role)
-                    for p in (*model.providers, *model.providers_sleep)
-                ):
-                    out.setdefault(key, model_name)
+        elif serving := _serving(config, role):
+            out[key] = serving[0][0]
     return out
 
 
@@ -77,11 +76,7 @@ def auto_pull_models(config: RouterConfig, roles: dict[str, Role]) -> dict[str, 
         model_name: key
         for key, role in roles.items()
         if role.provider == "ollama" and role.auto_download
-        for group in config.model_types.values()
-        for model_name, model in group.models.items()
-        if any(
-            p in role_providers(config, role) for p in (*model.providers, *model.providers_sleep)
-        )
+        for model_name, _ in _serving(config, role)
     }
 
 

@@ -72,6 +72,12 @@ class Published(NamedTuple):
     changed: bool
     problems: list[tuple[str, str]]
 
+    def checked(self, source: str, kind: str = "models config") -> Published:
+        """Itself, or the ConfigError its problems make (as at start)."""
+        if self.problems:
+            raise ConfigError(source, self.problems, kind)
+        return self
+
 
 class RegistryRef(BaseModel):
     """How a replica finds the registry (and re-creates it from its file if it is gone)."""
