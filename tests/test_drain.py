@@ -9,7 +9,7 @@ import orjson
 import pytest
 
 from serve_app.demo_upstream import Knobs
-from tests.conftest import deploy, provider
+from tests.conftest import deploy, provider, wait_for
 
 pytestmark = [pytest.mark.serve, pytest.mark.chaos]
 
@@ -55,7 +55,13 @@ async def test_scale_down_and_redeploy_cut_no_request(serve_url: str, upstream_f
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as http:
         load = [asyncio.ensure_future(stream(http)) for _ in range(8)]
         load += [asyncio.ensure_future(unary(http)) for _ in range(4)]
-        await asyncio.sleep(1.0)  # streams are mid-flight when the replicas go
+        # The replicas go while streams are mid-flight: every stream worker has one under way.
+        await asyncio.to_thread(
+            wait_for,
+            lambda: sum(1 for r in up.requests if r.body.get("stream")) >= 8,
+            30,
+            "streams under way",
+        )
         await asyncio.to_thread(deploy, serve_url, _config(up.url, 1))  # scale down
         await asyncio.to_thread(deploy, serve_url, _config(up.url, 1), 32 * 1024)  # redeploy
         stop.set()
