@@ -11,7 +11,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray.serve import Application
 from ray.serve.schema import LoggingConfig
 
-from serve_app.config import config_path, parse_config, read_raw
+from serve_app.config import (
+    StrategyName,
+    config_path,
+    default_strategy,
+    parse_config,
+    read_raw,
+)
 from serve_app.deployments.ingress import DEFAULT_MAX_BODY_BYTES, Ingress, IngressSettings
 from serve_app.deployments.router import ModelTypeRouter
 from serve_app.profiles import (
@@ -42,6 +48,9 @@ class AppArgs(BaseModel):
     registry_path: str | None = None
     watch_config: bool = False
     ack_timeout_s: float = Field(default=5.0, gt=0)
+    # For model types whose routing names no strategy (default: $LLM_ROUTER_BALANCE_STRATEGY,
+    # else balanced).
+    balance_strategy: StrategyName | None = None
 
 
 def router_deployment_name(model_type: str) -> str:
@@ -55,6 +64,7 @@ def router_app(args: AppArgs, document: tuple[object, str] | None = None) -> App
     """
     raw, source = document or read_raw(args.models_config)
     config = parse_config(raw, source)
+    strategy = default_strategy(args.balance_strategy)
     registry = RegistryRef.resolve(args.registry_name, args.registry_path)
     published: Published = ray.get(registry.handle().publish_config.remote(raw, source))
     published.checked(source)
@@ -70,7 +80,7 @@ def router_app(args: AppArgs, document: tuple[object, str] | None = None) -> App
             max_ongoing_requests=group.routing.max_ongoing_requests,
             graceful_shutdown_timeout_s=group.routing.drain_timeout_s,
             logging_config=LOGGING,
-        ).bind(name, registry)
+        ).bind(name, registry, strategy)
         for name, group in config.model_types.items()
     }
     settings = IngressSettings(

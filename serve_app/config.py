@@ -6,6 +6,7 @@ ignored even if present). Every problem is reported with the file and the JSON p
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from collections.abc import Iterable, Mapping
@@ -28,13 +29,43 @@ CONFIG_ENV = "LLM_ROUTER_MODELS_CONFIG"
 DEFAULT_CONFIG_PATH = "configs/models-config.json"
 
 ApiType = Literal["openai", "vllm", "ollama"]
-StrategyName = Literal["weighted_random", "round_robin", "least_in_flight", "first_available"]
+STRATEGY_ENV = "LLM_ROUTER_BALANCE_STRATEGY"
+# The seed system's strategies (balanced is its default), then this router's own.
+StrategyName = Literal[
+    "balanced",
+    "weighted",
+    "dynamic_weighted",
+    "first_available",
+    "first_available_optim",
+    "first_available_optim_nworkers",
+    "weighted_random",
+    "round_robin",
+    "least_in_flight",
+]
+DEFAULT_STRATEGY: StrategyName = "balanced"
+# Strategies that hold a slot (a lease) on the provider for the whole request.
+SLOT_STRATEGIES = frozenset(
+    {"first_available", "first_available_optim", "first_available_optim_nworkers"}
+)
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 # Go's time.ParseDuration (what Ollama accepts) or a plain number of seconds.
 _DURATION = re.compile(r"^-?(\d+(\.\d+)?(ns|us|µs|ms|s|m|h))+$|^-?\d+$")
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
+_UNIT_S = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _RESERVED_KEYS = frozenset({"active_models", "routing"})
+
+log = logging.getLogger(__name__)
+
+
+def duration_s(text: str) -> float:
+    """A keep_alive value (validated by ProviderConfig) in seconds; negative means forever."""
+    sign = -1.0 if text.startswith("-") else 1.0
+    body = text.lstrip("-")
+    if body.isdigit():
+        return sign * float(body)
+    return sign * sum(float(n) * _UNIT_S[u] for n, u in _DURATION_PART.findall(body))
 
 
 class ConfigError(ValueError):
@@ -86,6 +117,28 @@ class ProviderConfig(BaseModel):
     keep_alive: str | None = None
     tool_calling: bool = False
     max_concurrency: int | None = Field(default=None, gt=0)
+    # Parallel requests the provider takes under first_available_optim_nworkers.
+    nworkers: int = 1
+    # What first_available_optim calls a host (one model server); default: api_host's host:port.
+    host: str | None = None
+
+    @property
+    def host_key(self) -> str:
+        return self.host or (urlsplit(self.api_host).netloc or self.api_host)
+
+    @field_validator("nworkers", mode="before")
+    @classmethod
+    def _nworkers(cls, value: object) -> int:
+        """The seed's rule: a missing, invalid or non-positive value is 1, with a warning."""
+        number: int | None = None
+        if isinstance(value, int) and not isinstance(value, bool):
+            number = value
+        elif isinstance(value, str) and value.strip().isdigit():
+            number = int(value)
+        if number is None or number < 1:
+            log.warning("provider nworkers %r is not a positive integer; using 1", value)
+            return 1
+        return number
 
     @field_validator("api_host")
     @classmethod
@@ -136,6 +189,8 @@ class ModelConfig(BaseModel):
 
     providers: list[ProviderConfig] = Field(min_length=1)
     providers_sleep: list[ProviderConfig] = Field(default_factory=list)
+    # An active model that serves this one's requests when none of its providers can.
+    fallback_model: str | None = Field(default=None, min_length=1)
 
 
 class RoutingConfig(BaseModel):
@@ -143,7 +198,8 @@ class RoutingConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    strategy: StrategyName = "weighted_random"
+    # None: $LLM_ROUTER_BALANCE_STRATEGY where the app is built, else `balanced`.
+    strategy: StrategyName | None = None
     max_attempts: int = Field(default=3, ge=1, le=20)
     num_replicas: int = Field(default=1, ge=1)
     max_ongoing_requests: int = Field(default=1000, ge=1)
@@ -160,6 +216,14 @@ class RoutingConfig(BaseModel):
     circuit_cooldown_s: float = Field(default=10.0, gt=0)
     # How long a replica being stopped (scale-down, redeploy) keeps serving what it has.
     drain_timeout_s: float = Field(default=60.0, ge=0)
+    # first_available*: how long a request waits for a free provider before 503 (or fallback).
+    wait_timeout_s: float = Field(default=60.0, gt=0)
+    # A replica's slots return to the pool this long after it stops renewing them (it died).
+    lease_s: float = Field(default=10.0, ge=1.0)
+    # first_available_optim*: a host stays pinned to the model it served for this long idle.
+    pin_ttl_s: float = Field(default=300.0, gt=0)
+    # dynamic_weighted: weight of the newest latency sample in the moving average.
+    latency_alpha: float = Field(default=0.3, gt=0, le=1)
 
 
 class ModelTypeConfig(BaseModel):
@@ -258,6 +322,7 @@ def parse_config(raw: object, source: str = "<memory>") -> RouterConfig:
             models_by_type[type_name] = loaded
 
     problems += _duplicate_ids(models_by_type)
+    problems += _fallback_problems(models_by_type)
     routing, routing_problems = _routing(raw.get("routing"), set(models_by_type))
     problems += routing_problems
     if problems:
@@ -292,6 +357,38 @@ def _duplicate_ids(models_by_type: dict[str, dict[str, ModelConfig]]) -> list[tu
                     else:
                         first_seen[provider.id] = path
     return problems
+
+
+def _fallback_problems(models_by_type: dict[str, dict[str, ModelConfig]]) -> list:
+    active = {name for models in models_by_type.values() for name in models}
+    problems: list[tuple[str, str]] = []
+    for type_name, models in models_by_type.items():
+        for name, model in models.items():
+            target = model.fallback_model
+            if target is None:
+                continue
+            path = json_path([type_name, name, "fallback_model"])
+            if target == name:
+                problems.append((path, "a model cannot fall back to itself"))
+            elif target not in active:
+                problems.append((path, f"{target!r} is not an active model"))
+    return problems
+
+
+_STRATEGY = TypeAdapter(StrategyName)
+
+
+def default_strategy(value: str | None = None) -> StrategyName:
+    """The strategy of model types whose routing names none: `value`, else
+    $LLM_ROUTER_BALANCE_STRATEGY, else `balanced`."""
+    name = value or os.environ.get(STRATEGY_ENV) or DEFAULT_STRATEGY
+    try:
+        return _STRATEGY.validate_python(name)
+    except ValidationError:
+        choices = ", ".join(StrategyName.__args__)
+        raise ConfigError(
+            STRATEGY_ENV, [("$", f"unknown strategy {name!r}; one of {choices}")], "setting"
+        ) from None
 
 
 def config_path(path: str | os.PathLike[str] | None = None) -> Path:

@@ -18,6 +18,7 @@ import orjson
 from aiohttp import web
 
 Drop = Literal["before_headers", "mid_stream"]
+_NOT_INFERENCE = frozenset({"/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/api/pull"})
 
 
 @dataclass
@@ -60,6 +61,9 @@ class FakeUpstream:
     loras: dict[str, str] = field(default_factory=dict)
     # Ollama models on disk (/api/tags); the upstream's own name is always there.
     pulled: set[str] = field(default_factory=set)
+    # Inference requests being answered now, and the most there ever were at once.
+    active: int = 0
+    peak: int = 0
 
     def __post_init__(self) -> None:
         self._stopping = asyncio.Event()
@@ -69,7 +73,7 @@ class FakeUpstream:
 
     def _app(self) -> web.Application:
         """A new application per start: one is bound to the loop it first ran on."""
-        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[self._concurrency])
         r = app.router
         r.add_post("/v1/chat/completions", self._openai)
         r.add_post("/v1/completions", self._openai)
@@ -83,6 +87,17 @@ class FakeUpstream:
         r.add_get("/api/tags", self._ollama_tags)
         r.add_post("/api/pull", self._ollama_pull)
         return app
+
+    @web.middleware
+    async def _concurrency(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        if request.method != "POST" or request.path in _NOT_INFERENCE:
+            return await handler(request)
+        self.active += 1
+        self.peak = max(self.peak, self.active)
+        try:
+            return await handler(request)
+        finally:
+            self.active -= 1
 
     @property
     def url(self) -> str:

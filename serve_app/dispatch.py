@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
@@ -15,18 +16,33 @@ from typing import NamedTuple
 
 import aiohttp
 
-from serve_app.config import ProviderConfig, RoutingConfig
+from serve_app.config import SLOT_STRATEGIES, ProviderConfig, RoutingConfig
 from serve_app.errors import RouterError, sse_error_event
 from serve_app.handler import ModelHandler
 from serve_app.metrics import Tally
 from serve_app.providers import prepare
-from serve_app.providers.base import JSON, SSE
+from serve_app.providers.base import JSON, SSE, Exchange
 from serve_app.schemas import RequestMeta
+from serve_app.selection import plan_attempts
+from serve_app.shared import SharedState, Slot
+from serve_app.strategies import Stats
 
 log = logging.getLogger("ray.serve")
 
 PROVIDER_HEADER = "x-router-provider"
 ATTEMPTS_HEADER = "x-router-attempts"
+# Set on answers that say the model cannot be served at all (the ingress then tries the
+# model's fallback_model; it never reaches the client).
+UNSERVABLE_HEADER = "x-router-unservable"
+UNSERVABLE = frozenset(
+    {
+        "no_healthy_provider",
+        "all_providers_busy",
+        "no_free_provider",
+        "upstream_unavailable",
+        "upstream_rate_limited",
+    }
+)
 UPSTREAM_ERRORS = (aiohttp.ClientError, TimeoutError, OSError, ValueError)
 ATTEMPTS_METRIC = "llm_router_upstream_attempts"
 # The longest an upstream's Retry-After keeps it aside.
@@ -58,7 +74,10 @@ def _retryable(status: int) -> bool:
 
 
 def error_answer(err: RouterError) -> Unary:
-    return Unary(Head(err.status, JSON, dict(err.headers)), err.body())
+    headers = dict(err.headers)
+    if err.code in UNSERVABLE:
+        headers[UNSERVABLE_HEADER] = "1"
+    return Unary(Head(err.status, JSON, headers), err.body())
 
 
 class _View(NamedTuple):
@@ -69,6 +88,92 @@ class _View(NamedTuple):
     timeout: aiohttp.ClientTimeout
 
 
+class _Attempts:
+    """The providers one request tries, one at a time. Each is held while it is tried and its
+    answer relayed: this replica's in-flight count, and under first_available* a slot taken
+    from the broker (waiting for one up to wait_timeout_s)."""
+
+    def __init__(
+        self, view: _View, meta: RequestMeta, deadline: float, shared: SharedState | None
+    ) -> None:
+        handler = view.handler
+        self._view, self._meta, self._deadline, self._shared = view, meta, deadline, shared
+        candidates = handler.candidates(meta)
+        self._tiers = candidates.tiers
+        self.paths = {p.model_path for tier in self._tiers for p in tier if p.model_path}
+        self._strategy = handler.strategy_names[meta.model]
+        self._left = view.routing.max_attempts
+        self._plan: Iterator[ProviderConfig] | None = None
+        if shared is None or self._strategy not in SLOT_STRATEGIES:
+            in_flight = {pid: s.in_flight for pid, s in handler.states.items()}
+            stats = shared.stats(meta.model, in_flight) if shared else Stats(in_flight=in_flight)
+            strategy = handler.strategies[meta.model]
+            self._plan = iter(plan_attempts(candidates, strategy, stats, self._left))
+        self._current: ProviderConfig | None = None
+        self._slot: Slot | None = None
+        self._tried: set[str] = set()
+        self._started = 0.0
+
+    async def next(self, failures: list[_Failure]) -> ProviderConfig | None:
+        """The next provider to try (the previous one is let go); None when there is none."""
+        self.release()
+        provider = await (self._next_planned() if self._plan else self._next_slot(failures))
+        if provider is not None:
+            self._current = provider
+            self._tried.add(provider.id)
+            self._view.handler.states[provider.id].in_flight += 1
+            self._started = time.monotonic()
+            if self._shared is not None:
+                self._shared.used(self._meta.model, provider.id)
+        return provider
+
+    async def _next_planned(self) -> ProviderConfig | None:
+        assert self._plan is not None
+        return next(self._plan, None)
+
+    async def _next_slot(self, failures: list[_Failure]) -> ProviderConfig | None:
+        assert self._shared is not None
+        tiers = [[p for p in tier if p.id not in self._tried] for tier in self._tiers]
+        if self._left <= 0 or not any(tiers):
+            return None
+        self._left -= 1
+        wait = min(
+            self._view.routing.wait_timeout_s,
+            self._deadline - asyncio.get_running_loop().time(),
+        )
+        slot = await self._shared.acquire(self._meta.model, self._strategy, tiers, wait)
+        if slot is None:
+            if failures:
+                return None
+            raise _no_free_provider(self._meta.model, max(wait, 0.0))
+        self._slot = slot
+        return next(p for tier in tiers for p in tier if p.id == slot.provider)
+
+    def answered(self) -> None:
+        """The provider's answer began: its latency (to the answer's head) is one sample."""
+        if self._shared is not None and self._current is not None:
+            self._shared.took(self._current.id, time.monotonic() - self._started)
+
+    def release(self) -> None:
+        if self._current is not None:
+            self._view.handler.states[self._current.id].in_flight -= 1
+            self._current = None
+        if self._slot is not None:
+            assert self._shared is not None
+            self._shared.release(self._slot)
+            self._slot = None
+
+
+def _no_free_provider(model: str, wait_s: float) -> RouterError:
+    return RouterError(
+        503,
+        f"no provider of model {model} came free within {wait_s:g} s",
+        type="api_error",
+        code="no_free_provider",
+        headers={"retry-after": "1"},
+    )
+
+
 class Dispatcher:
     def __init__(
         self,
@@ -76,10 +181,14 @@ class Dispatcher:
         routing: RoutingConfig,
         session: aiohttp.ClientSession,
         on_trip: Callable[[str, str], None] = lambda provider_id, reason: None,
+        shared: SharedState | None = None,
     ) -> None:
-        """`on_trip(provider_id, reason)`: a provider failed `circuit_failures` times in a row."""
+        """`on_trip(provider_id, reason)`: a provider failed `circuit_failures` times in a row.
+        `shared`: the state shared with the other replicas (without it, first_available*
+        strategies order by config and hold nothing, and counts stay local)."""
         self.session = session
         self.on_trip = on_trip
+        self.shared = shared
         self.tally = Tally()
         # Requests under way per upstream model name (model_path): tells when nothing uses a
         # retiring adapter version any more.
@@ -101,13 +210,15 @@ class Dispatcher:
         return self._view.handler
 
     @contextmanager
-    def _using(self, plan: list[ProviderConfig]) -> Iterator[None]:
-        paths = {p.model_path for p in plan if p.model_path}
-        self.in_use.update(paths)
+    def _attempts(self, view: _View, meta: RequestMeta, deadline: float) -> Iterator[_Attempts]:
+        """The request's attempts; raises RouterError when it cannot go anywhere."""
+        attempts = _Attempts(view, meta, deadline, self.shared)
+        self.in_use.update(attempts.paths)
         try:
-            yield
+            yield attempts
         finally:
-            self.in_use.subtract(paths)
+            attempts.release()
+            self.in_use.subtract(attempts.paths)
 
     def _failed(
         self,
@@ -167,21 +278,19 @@ class Dispatcher:
     async def unary(self, body: bytes, meta: RequestMeta) -> Unary:
         view = self._view
         timeout = self._deadline(view, meta)
+        deadline = asyncio.get_running_loop().time() + timeout
         try:
-            async with asyncio.timeout(timeout):
-                return await self._unary(view, body, meta)
+            async with asyncio.timeout_at(deadline):
+                return await self._unary(view, body, meta, deadline)
         except TimeoutError:
             return error_answer(_deadline_error(timeout))
 
-    async def _unary(self, view: _View, body: bytes, meta: RequestMeta) -> Unary:
+    async def _unary(self, view: _View, body: bytes, meta: RequestMeta, deadline: float) -> Unary:
         failures: list[_Failure] = []
         try:
-            plan = view.handler.plan(meta)
-            with self._using(plan):
-                for provider in plan:
+            with self._attempts(view, meta, deadline) as attempts:
+                while (provider := await attempts.next(failures)) is not None:
                     exchange = prepare(provider, meta, body)
-                    state = view.handler.states[provider.id]
-                    state.in_flight += 1
                     try:
                         async with self.session.post(
                             exchange.url,
@@ -198,8 +307,7 @@ class Dispatcher:
                     except UPSTREAM_ERRORS as exc:
                         self._failed(view, provider, meta, _exc_failure(provider, exc), failures)
                         continue
-                    finally:
-                        state.in_flight -= 1
+                    attempts.answered()
                     self._succeeded(view, provider)
                     headers = _answer_headers(provider, failures)
                     return Unary(Head(resp.status, ctype, headers), out)
@@ -217,82 +325,85 @@ class Dispatcher:
         deadline = asyncio.get_running_loop().time() + timeout
         failures: list[_Failure] = []
         try:
-            plan = view.handler.plan(meta)
-        except RouterError as err:
-            plan, answer = [], error_answer(err)
-        else:
-            answer = None
-        with self._using(plan):
-            for provider in plan:
-                try:
+            with self._attempts(view, meta, deadline) as attempts:
+                while (provider := await attempts.next(failures)) is not None:
                     exchange = prepare(provider, meta, body)
-                except RouterError as err:
-                    answer = error_answer(err)
-                    break
-                state = view.handler.states[provider.id]
-                state.in_flight += 1
-                try:
-                    async with asyncio.timeout_at(deadline):
-                        resp = await self.session.post(
-                            exchange.url,
-                            data=exchange.body,
-                            headers=exchange.headers,
-                            timeout=view.timeout,
-                        )
-                except UPSTREAM_ERRORS as exc:
-                    state.in_flight -= 1
-                    if _past(deadline):
-                        answer = error_answer(_deadline_error(timeout))
-                        break
-                    self._failed(view, provider, meta, _exc_failure(provider, exc), failures)
-                    continue
-                try:
-                    if _retryable(resp.status):
-                        failure = _status_failure(provider, resp)
-                        self._failed(view, provider, meta, failure, failures)
+                    try:
+                        async with asyncio.timeout_at(deadline):
+                            resp = await self.session.post(
+                                exchange.url,
+                                data=exchange.body,
+                                headers=exchange.headers,
+                                timeout=view.timeout,
+                            )
+                    except UPSTREAM_ERRORS as exc:
+                        if _past(deadline):
+                            raise _deadline_error(timeout) from None
+                        self._failed(view, provider, meta, _exc_failure(provider, exc), failures)
                         continue
-                    headers = _answer_headers(provider, failures)
-                    if resp.status >= 400:
-                        try:
-                            data = await resp.read()
-                        except UPSTREAM_ERRORS as exc:
-                            failure = _exc_failure(provider, exc)
+                    try:
+                        if _retryable(resp.status):
+                            failure = _status_failure(provider, resp)
                             self._failed(view, provider, meta, failure, failures)
                             continue
-                        out, ctype = exchange.unary(resp.status, data, resp.content_type)
-                        yield Head(resp.status, ctype, headers)
-                        yield out
-                        return
-                    self._succeeded(view, provider)
-                    yield Head(resp.status, SSE, headers)
-                    timer = _BodyDeadline(deadline, resp)
-                    try:
-                        async for out in exchange.stream(resp.content.iter_any()):
+                        attempts.answered()
+                        headers = _answer_headers(provider, failures)
+                        if resp.status >= 400:
+                            try:
+                                data = await resp.read()
+                            except UPSTREAM_ERRORS as exc:
+                                failure = _exc_failure(provider, exc)
+                                self._failed(view, provider, meta, failure, failures)
+                                continue
+                            out, ctype = exchange.unary(resp.status, data, resp.content_type)
+                            yield Head(resp.status, ctype, headers)
                             yield out
-                    except UPSTREAM_ERRORS as exc:
-                        if not timer.expired:
-                            log.warning(
-                                "upstream stream broke",
-                                extra={
-                                    "request_id": meta.request_id,
-                                    "provider": provider.id,
-                                    "reason": type(exc).__name__,
-                                },
-                            )
-                            yield sse_error_event(f"upstream {provider.id} broke off the stream")
+                            return
+                        self._succeeded(view, provider)
+                        yield Head(resp.status, SSE, headers)
+                        relay = self._relay(exchange, resp, meta, provider, deadline, timeout)
+                        async for out in relay:
+                            yield out
+                        return
                     finally:
-                        timer.cancel()
-                    if timer.expired:
-                        message = _deadline_error(timeout).message
-                        yield sse_error_event(message, code="deadline_exceeded")
-                    return
-                finally:
-                    resp.release()
-                    state.in_flight -= 1
-        if answer is None:
-            answer = error_answer(self._exhausted(meta, failures))
+                        resp.release()
+                raise self._exhausted(meta, failures)
+        except RouterError as err:
+            answer = error_answer(err)
         yield answer.head
         yield answer.body
+
+    async def _relay(
+        self,
+        exchange: Exchange,
+        resp: aiohttp.ClientResponse,
+        meta: RequestMeta,
+        provider: ProviderConfig,
+        deadline: float,
+        timeout: float,
+    ) -> AsyncIterator[bytes]:
+        """The upstream's streamed body, translated; a break or the deadline ends it with an
+        SSE error event."""
+        timer = _BodyDeadline(deadline, resp)
+        try:
+            async for out in exchange.stream(resp.content.iter_any()):
+                yield out
+        except UPSTREAM_ERRORS as exc:
+            if not timer.expired:
+                log.warning(
+                    "upstream stream broke",
+                    extra={
+                        "request_id": meta.request_id,
+                        "provider": provider.id,
+                        "reason": type(exc).__name__,
+                    },
+                )
+                yield sse_error_event(f"upstream {provider.id} broke off the stream")
+        finally:
+            timer.cancel()
+        if timer.expired:
+            message = _deadline_error(timeout).message
+            yield sse_error_event(message, code="deadline_exceeded")
 
 
 class _BodyDeadline:

@@ -19,12 +19,19 @@ from serve_app.config import (
     RouterConfig,
     RoutingConfig,
     StrategyName,
+    default_strategy,
     load_config,
 )
 from serve_app.errors import model_not_found
 from serve_app.schemas import Endpoint, RequestMeta
-from serve_app.selection import ProviderState, initial_states, plan_attempts
-from serve_app.strategies import Strategy, make_strategy
+from serve_app.selection import (
+    Candidates,
+    ProviderState,
+    candidate_tiers,
+    initial_states,
+    plan_attempts,
+)
+from serve_app.strategies import Stats, Strategy, make_strategy
 
 SECRET_FIELDS = frozenset({"api_token", "model_path"})
 
@@ -90,20 +97,31 @@ class ModelHandler:
         *,
         config: RouterConfig | None = None,
         clock: Callable[[], float] = time.monotonic,
-        states: dict[str, ProviderState] | None = None,
+        previous: ModelHandler | None = None,
+        default: StrategyName | None = None,
     ) -> None:
-        """`states`: a previous handler's, so providers that stay keep their load and health."""
+        """`provider_chooser`: one strategy for every model; else each model type's routing
+        strategy, else `default` (see config.default_strategy). `previous`: the handler this
+        one replaces, so providers that stay keep their load and health, and models their
+        strategy's state."""
         self.api_model_config = ApiModelConfig(config or load_config(models_config_path))
         models = self.api_model_config.models_configs
-        previous = states or {}
+        before = previous.states if previous else {}
         self.states: dict[str, ProviderState] = {
-            pid: previous.get(pid, state)
+            pid: before.get(pid, state)
             for pid, state in initial_states(list(models.values())).items()
         }
-        self.strategies: dict[str, Strategy] = {
-            name: make_strategy(provider_chooser or self.api_model_config.routing[name].strategy)
+        fallback = default_strategy(default)
+        self.strategy_names: dict[str, StrategyName] = {
+            name: provider_chooser or self.api_model_config.routing[name].strategy or fallback
             for name in models
         }
+        self.strategies: dict[str, Strategy] = {}
+        for name, strategy in self.strategy_names.items():
+            kept = previous is not None and previous.strategy_names.get(name) == strategy
+            self.strategies[name] = (
+                previous.strategies[name] if previous and kept else make_strategy(strategy)
+            )
         self.clock = clock
 
     def _model(self, model_name: str) -> ModelConfig:
@@ -112,16 +130,21 @@ class ModelHandler:
             raise model_not_found(model_name)
         return model
 
-    def plan(self, meta: RequestMeta) -> list[ProviderConfig]:
-        """Every provider to try for this request, in order (see selection.plan_attempts)."""
+    def candidates(self, meta: RequestMeta) -> Candidates:
+        """The providers this request may go to (see selection.candidate_tiers)."""
+        return candidate_tiers(meta.model, self._model(meta.model), meta, self.states, self.clock())
+
+    def plan(self, meta: RequestMeta, stats: Stats | None = None) -> list[ProviderConfig]:
+        """Every provider to try for this request, in order (see selection.plan_attempts).
+
+        `stats`: the shared counts; by default this handler's own in-flight counts only."""
+        if stats is None:
+            stats = Stats(in_flight={pid: s.in_flight for pid, s in self.states.items()})
         return plan_attempts(
-            meta.model,
-            self._model(meta.model),
-            meta,
-            self.states,
+            self.candidates(meta),
             self.strategies[meta.model],
+            stats,
             self.api_model_config.routing[meta.model].max_attempts,
-            self.clock(),
         )
 
     def get_model_provider(self, model_name: str) -> ApiModel:

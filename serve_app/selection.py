@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from serve_app.config import ModelConfig, ProviderConfig
 from serve_app.errors import RouterError
 from serve_app.schemas import RequestMeta
-from serve_app.strategies import Strategy
+from serve_app.strategies import Stats, Strategy
 
 
 @dataclass
@@ -47,24 +48,27 @@ def _no_fit_error(model_name: str, model: ModelConfig, meta: RequestMeta) -> Rou
     )
 
 
-def plan_attempts(
+class Candidates(NamedTuple):
+    """The providers a request may go to: by tier (primaries, then sleeping providers), or,
+    when all of them cool down after recent failures, those by the end of their cooldown."""
+
+    tiers: list[list[ProviderConfig]]
+    last_resort: bool = False
+
+
+def candidate_tiers(
     model_name: str,
     model: ModelConfig,
     meta: RequestMeta,
     states: dict[str, ProviderState],
-    strategy: Strategy,
-    max_attempts: int,
     now: float,
-) -> list[ProviderConfig]:
-    """Primaries in strategy order, then sleeping providers; each tier capped at max_attempts.
+) -> Candidates:
+    """The providers a request may go to (see Candidates).
 
     Providers marked down here are kept as a last resort (the mark may be stale); providers
     whose shared circuit is open are not (their health checks failed). A request is refused when
     none fits (400), every fitting one is out of service (503) or busy at its limit (429).
     """
-
-    def in_flight(pid: str) -> int:
-        return states[pid].in_flight
 
     def at_limit(p: ProviderConfig) -> bool:
         return p.max_concurrency is not None and states[p.id].in_flight >= p.max_concurrency
@@ -77,9 +81,8 @@ def plan_attempts(
         any_fit = any_fit or bool(fitting)
         fitting = [p for p in fitting if not states[p.id].out_of_service]
         any_in_service = any_in_service or bool(fitting)
-        ready = [p for p in fitting if not at_limit(p) and states[p.id].down_until <= now]
+        tiers.append([p for p in fitting if not at_limit(p) and states[p.id].down_until <= now])
         down += [p for p in fitting if not at_limit(p) and states[p.id].down_until > now]
-        tiers.append(strategy.order(ready, in_flight)[:max_attempts])
     if not any_fit:
         raise _no_fit_error(model_name, model, meta)
     if not any_in_service:
@@ -91,11 +94,10 @@ def plan_attempts(
             code="no_healthy_provider",
             headers={"retry-after": "5"},
         )
-    plan = [*tiers[0], *tiers[1]]
-    if plan:
-        return plan
+    if any(tiers):
+        return Candidates(tiers)
     if down:
-        return sorted(down, key=lambda p: states[p.id].down_until)[:max_attempts]
+        return Candidates([sorted(down, key=lambda p: states[p.id].down_until)], True)
     raise RouterError(
         429,
         f"every provider of model {model_name} is at its concurrency limit",
@@ -103,6 +105,15 @@ def plan_attempts(
         code="all_providers_busy",
         headers={"retry-after": "1"},
     )
+
+
+def plan_attempts(
+    candidates: Candidates, strategy: Strategy, stats: Stats, max_attempts: int
+) -> list[ProviderConfig]:
+    """Each tier in strategy order, capped at max_attempts (the last resort in its order)."""
+    if candidates.last_resort:
+        return candidates.tiers[0][:max_attempts]
+    return [p for tier in candidates.tiers for p in strategy.order(tier, stats)[:max_attempts]]
 
 
 def initial_states(models: Sequence[ModelConfig]) -> dict[str, ProviderState]:

@@ -1,25 +1,85 @@
-"""Provider-choice strategies: pure functions of the candidates and their load.
+"""Provider-choice strategies: pure functions of the candidates and what is known about them.
 
-Each returns the full try order (its first choice, then the fallbacks), so failover follows
-the same policy as the first pick. Stateful strategies (round-robin) keep one object per model.
+Ordering strategies return the full try order (first choice, then the fallbacks), so failover
+follows the same policy as the first pick. Slot strategies (`first_available*`) return the
+providers with a free slot in the order they should be taken; the broker applies the same order
+with the shared, authoritative state. Stateful orderings (round-robin, smooth weighted) keep one
+object per model.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from serve_app.config import ProviderConfig, StrategyName
 
-InFlight = Callable[[str], int]
+# dynamic_weighted: a provider never drops below this share of its weight, so it keeps getting
+# the requests that show when it has recovered.
+MIN_WEIGHT_SHARE = 0.05
+
+
+@dataclass(frozen=True)
+class Stats:
+    """What an ordering may look at: this replica's requests under way per provider, and the
+    shared use counts (for this model) and latency averages (seconds)."""
+
+    in_flight: Mapping[str, int] = field(default_factory=dict)
+    uses: Mapping[str, int] = field(default_factory=dict)
+    latency: Mapping[str, float] = field(default_factory=dict)
 
 
 class Strategy(Protocol):
-    def order(
-        self, candidates: Sequence[ProviderConfig], in_flight: InFlight
-    ) -> list[ProviderConfig]:
+    def order(self, candidates: Sequence[ProviderConfig], stats: Stats) -> list[ProviderConfig]:
         """Candidates in the order they should be tried."""
+
+
+class Balanced:
+    """The provider used least so far for this model first (ties: config order)."""
+
+    def order(self, candidates: Sequence[ProviderConfig], stats: Stats) -> list[ProviderConfig]:
+        return sorted(candidates, key=lambda p: stats.uses.get(p.id, 0))
+
+
+class SmoothWeighted:
+    """Smooth weighted round-robin (nginx): deterministic, and over any window of
+    sum-of-weights picks each provider is chosen exactly its weight times (integer weights)."""
+
+    def __init__(self) -> None:
+        self._current: dict[str, float] = {}
+
+    def weights(self, candidates: Sequence[ProviderConfig], stats: Stats) -> dict[str, float]:
+        return {p.id: p.weight for p in candidates}
+
+    def order(self, candidates: Sequence[ProviderConfig], stats: Stats) -> list[ProviderConfig]:
+        if len(candidates) < 2:
+            return list(candidates)
+        weights = self.weights(candidates, stats)
+        total = sum(weights.values())
+        for p in candidates:
+            self._current[p.id] = self._current.get(p.id, 0.0) + weights[p.id]
+        first = max(candidates, key=lambda p: self._current[p.id])
+        self._current[first.id] -= total
+        rest = sorted((p for p in candidates if p is not first), key=lambda p: -weights[p.id])
+        return [first, *rest]
+
+
+class DynamicWeighted(SmoothWeighted):
+    """Smooth weighted, each weight scaled by (fastest average latency / own average latency):
+    a provider twice as slow as the fastest gets half its configured share. Providers without
+    samples count as fast."""
+
+    def weights(self, candidates: Sequence[ProviderConfig], stats: Stats) -> dict[str, float]:
+        known = [stats.latency[p.id] for p in candidates if p.id in stats.latency]
+        best = min(known, default=0.0)
+        out = {}
+        for p in candidates:
+            own = stats.latency.get(p.id)
+            scale = 1.0 if own is None or own <= 0 or best <= 0 else best / own
+            out[p.id] = p.weight * max(scale, MIN_WEIGHT_SHARE)
+        return out
 
 
 class WeightedRandom:
@@ -28,9 +88,7 @@ class WeightedRandom:
     def __init__(self, rng: random.Random) -> None:
         self._rng = rng
 
-    def order(
-        self, candidates: Sequence[ProviderConfig], in_flight: InFlight
-    ) -> list[ProviderConfig]:
+    def order(self, candidates: Sequence[ProviderConfig], stats: Stats) -> list[ProviderConfig]:
         if len(candidates) < 2:
             return list(candidates)
         keyed = []
@@ -45,9 +103,7 @@ class RoundRobin:
     def __init__(self) -> None:
         self._next = 0
 
-    def order(
-        self, candidates: Sequence[ProviderConfig], in_flight: InFlight
-    ) -> list[ProviderConfig]:
+    def order(self, candidates: Sequence[ProviderConfig], stats: Stats) -> list[ProviderConfig]:
         if not candidates:
             return []
         start = self._next % len(candidates)
@@ -61,38 +117,86 @@ class LeastInFlight:
     def __init__(self, rng: random.Random) -> None:
         self._rng = rng
 
-    def order(
-        self, candidates: Sequence[ProviderConfig], in_flight: InFlight
-    ) -> list[ProviderConfig]:
+    def order(self, candidates: Sequence[ProviderConfig], stats: Stats) -> list[ProviderConfig]:
         if len(candidates) < 2:
             return list(candidates)
+        load = stats.in_flight
         a, b = self._rng.sample(range(len(candidates)), 2)
-        first = (
-            candidates[a]
-            if in_flight(candidates[a].id) <= in_flight(candidates[b].id)
-            else candidates[b]
-        )
-        rest = sorted((p for p in candidates if p is not first), key=lambda p: in_flight(p.id))
+        pa, pb = candidates[a], candidates[b]
+        first = pa if load.get(pa.id, 0) <= load.get(pb.id, 0) else pb
+        rest = sorted((p for p in candidates if p is not first), key=lambda p: load.get(p.id, 0))
         return [first, *rest]
 
 
-class FirstAvailable:
-    """Config order, idle providers first: the first free one serves."""
+class ConfigOrder:
+    """Slot strategies plan through the broker; outside it (the seed's get_model_provider)
+    they read as config order."""
 
-    def order(
-        self, candidates: Sequence[ProviderConfig], in_flight: InFlight
-    ) -> list[ProviderConfig]:
-        return sorted(candidates, key=lambda p: in_flight(p.id) > 0)
+    def order(self, candidates: Sequence[ProviderConfig], stats: Stats) -> list[ProviderConfig]:
+        return list(candidates)
 
 
 def make_strategy(name: StrategyName, rng: random.Random | None = None) -> Strategy:
     rng = rng or random.Random()
-    if name == "weighted_random":
-        return WeightedRandom(rng)
-    if name == "round_robin":
-        return RoundRobin()
-    if name == "least_in_flight":
-        return LeastInFlight(rng)
-    if name == "first_available":
-        return FirstAvailable()
-    raise ValueError(f"unknown strategy {name!r}")
+    makers = {
+        "balanced": Balanced,
+        "weighted": SmoothWeighted,
+        "dynamic_weighted": DynamicWeighted,
+        "weighted_random": lambda: WeightedRandom(rng),
+        "round_robin": RoundRobin,
+        "least_in_flight": lambda: LeastInFlight(rng),
+        "first_available": ConfigOrder,
+        "first_available_optim": ConfigOrder,
+        "first_available_optim_nworkers": ConfigOrder,
+    }
+    if name not in makers:
+        raise ValueError(f"unknown strategy {name!r}")
+    return makers[name]()
+
+
+# ---- slot strategies ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PinView:
+    """Host pins: the model each pinned host serves, and the host that last served each model."""
+
+    owner: Mapping[str, str] = field(default_factory=dict)
+    last_host: Mapping[str, str] = field(default_factory=dict)
+
+
+def capacity(strategy: StrategyName, provider: ProviderConfig) -> int:
+    """Requests a provider takes at once: `nworkers` under the nworkers strategy, else one."""
+    return provider.nworkers if strategy == "first_available_optim_nworkers" else 1
+
+
+def slot_order(
+    strategy: StrategyName,
+    model: str,
+    candidates: Sequence[ProviderConfig],
+    busy: Mapping[str, int],
+    pins: PinView,
+) -> list[ProviderConfig]:
+    """The candidates that have a free slot, best first.
+
+    first_available: config order. The optim strategies skip hosts pinned to another model and
+    rank the last host of this model, then hosts pinned to it (model loaded), then unpinned
+    hosts; nworkers ranks by busy slots before that.
+    """
+    free = [(i, p) for i, p in enumerate(candidates) if busy.get(p.id, 0) < capacity(strategy, p)]
+    if strategy == "first_available":
+        return [p for _, p in free]
+    last = pins.last_host.get(model)
+
+    def host_rank(p: ProviderConfig) -> int:
+        owner = pins.owner.get(p.host_key)
+        if owner != model:
+            return 2
+        return 0 if p.host_key == last else 1
+
+    usable = [(i, p) for i, p in free if pins.owner.get(p.host_key) in (None, model)]
+    if strategy == "first_available_optim_nworkers":
+        usable.sort(key=lambda ip: (busy.get(ip[1].id, 0), host_rank(ip[1]), ip[0]))
+    else:
+        usable.sort(key=lambda ip: (host_rank(ip[1]), ip[0]))
+    return [p for _, p in usable]

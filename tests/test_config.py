@@ -8,7 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from serve_app.config import ConfigError, load_config, parse_config
+from serve_app.config import (
+    STRATEGY_ENV,
+    ConfigError,
+    ProviderConfig,
+    default_strategy,
+    load_config,
+    parse_config,
+)
 from serve_app.handler import ModelHandler
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,7 +56,7 @@ def test_seed_example_loads_with_its_defaults() -> None:
     assert gemini.weight == 1.0 and gemini.keep_alive is None
     qwen = cfg.model_types["qwen_models"].models["qwen3-coder:30b"].providers[0]
     assert qwen.keep_alive == "35m" and qwen.api_type == "ollama"
-    assert cfg.model_types["google_models"].routing.strategy == "weighted_random"
+    assert cfg.model_types["google_models"].routing.strategy is None  # the global default
 
 
 def test_shipped_demo_config_loads() -> None:
@@ -138,6 +145,21 @@ def test_numeric_string_input_size_and_keep_alive_forms() -> None:
             "round_robin",
         ),
         (lambda r: r.update(routing={"ghost": {}}), "$.routing.ghost", "not an active"),
+        (
+            lambda r: r["t"]["m/one"].update(fallback_model="m/one"),
+            '$.t["m/one"].fallback_model',
+            "itself",
+        ),
+        (
+            lambda r: r["t"]["m/one"].update(fallback_model="m/ghost"),
+            '$.t["m/one"].fallback_model',
+            "not an active model",
+        ),
+        (
+            lambda r: r.update(routing={"t": {"lease_s": 0.1}}),
+            "$.routing.t.lease_s",
+            "greater than or equal to 1",
+        ),
     ],
 )
 def test_bad_fields_are_named_with_their_json_path(mutate, path: str, why: str) -> None:
@@ -184,6 +206,47 @@ def test_token_from_env_is_resolved_and_never_printed(monkeypatch) -> None:
     prov = cfg.model_types["t"].models["m/one"].providers[0]
     assert prov.api_token.get_secret_value() == "abc-secret-999"
     assert "abc-secret-999" not in repr(cfg) + str(cfg) + cfg.model_dump_json()
+
+
+def test_nworkers_falls_back_to_one_with_a_warning(caplog) -> None:
+    raw = base()
+    providers = raw["t"]["m/one"]["providers"]
+    values = [4, "3", 0, -2, "many", None, True, 2.5]
+    template = providers[0]
+    raw["t"]["m/one"]["providers"] = [
+        {**template, "id": f"p{i}", "nworkers": v} for i, v in enumerate(values)
+    ]
+    with caplog.at_level("WARNING", logger="serve_app.config"):
+        cfg = parse_config(raw)
+    got = [p.nworkers for p in cfg.model_types["t"].models["m/one"].providers]
+    assert got == [4, 3, 1, 1, 1, 1, 1, 1]
+    assert len([r for r in caplog.records if "nworkers" in r.getMessage()]) == 6
+    assert ProviderConfig.model_validate({**template, "id": "x"}).nworkers == 1
+
+
+def test_default_strategy_from_the_environment(monkeypatch) -> None:
+    monkeypatch.delenv(STRATEGY_ENV, raising=False)
+    assert default_strategy() == "balanced"
+    monkeypatch.setenv(STRATEGY_ENV, "first_available_optim")
+    assert default_strategy() == "first_available_optim"
+    assert default_strategy("weighted") == "weighted"  # an explicit value wins
+    handler = ModelHandler(config=parse_config(base()))
+    assert handler.strategy_names == {"m/one": "first_available_optim"}
+    raw = base()
+    raw["routing"] = {"t": {"strategy": "dynamic_weighted"}}
+    assert ModelHandler(config=parse_config(raw)).strategy_names == {"m/one": "dynamic_weighted"}
+    monkeypatch.setenv(STRATEGY_ENV, "fastest")
+    with pytest.raises(ConfigError) as info:
+        default_strategy()
+    assert "fastest" in str(info.value) and "first_available_optim_nworkers" in str(info.value)
+
+
+def test_host_key_defaults_to_the_server_address() -> None:
+    raw = base()["t"]["m/one"]["providers"][0]
+    assert ProviderConfig.model_validate(
+        {**raw, "api_host": "http://10.0.0.5:11434/"}
+    ).host_key == ("10.0.0.5:11434")
+    assert ProviderConfig.model_validate({**raw, "host": "gpu-71"}).host_key == "gpu-71"
 
 
 def test_model_handler_seed_interface() -> None:

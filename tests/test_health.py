@@ -36,7 +36,7 @@ def pool(serve_url: str, upstream_factory) -> Pool:
     busy.knobs = spare.knobs = Knobs(latency_s=1.0)
     config = {
         TYPE: {
-            "m/h": {"providers": [provider("h1", h1.url), provider("h2", h2.url)]},
+            "m/h": {"providers": [provider("h1", h1.url), provider("h2", h2.url, weight=0)]},
             "m/slow": {"providers": [provider("slow-h", slow.url)]},
         },
         "overload_models": {
@@ -48,7 +48,7 @@ def pool(serve_url: str, upstream_factory) -> Pool:
         "active_models": {TYPE: ["m/h", "m/slow"], "overload_models": ["m/busy"]},
         "routing": {
             TYPE: {
-                "strategy": "first_available",  # h1 first whenever it is in service
+                "strategy": "weighted",  # h1 (h2 has weight 0) whenever it is in service
                 "num_replicas": 2,
                 "unhealthy_cooldown_s": 0,  # only the shared circuit keeps h1 aside
                 "health_check_interval_s": 0.2,
@@ -86,8 +86,7 @@ async def _until(check, what: str, timeout: float = 20.0) -> None:
 
 
 async def _answers(http: aiohttp.ClientSession, pool: Pool, n: int) -> set[tuple[str, str]]:
-    """(provider, attempts) of n answers, one at a time (first_available picks h1 only when it
-    is idle), all required to be 200."""
+    """(provider, attempts) of n answers, one at a time, all required to be 200."""
     results = [await _ask(http, pool.url) for _ in range(n)]
     assert {status for status, _, _ in results} == {200}
     return {(h["x-router-provider"], h["x-router-attempts"]) for _, h, _ in results}

@@ -53,7 +53,7 @@ def live(serve_url: str, upstream_factory, tmp_path_factory) -> Live:
             "m/later": {"providers": [provider("fresh", ups["fresh"].url)]},
         },
         "active_models": {TYPE: ["m/live", "m/slow"]},
-        "routing": {TYPE: {"num_replicas": 2}},
+        "routing": {TYPE: {"num_replicas": 2, "strategy": "weighted_random"}},
     }
     file = tmp_path_factory.mktemp("live") / "models-config.json"
     file.write_bytes(orjson.dumps(config))

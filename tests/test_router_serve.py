@@ -488,7 +488,9 @@ async def test_concurrent_unary_calls_each_get_their_own_answer(pool: Pool, http
         assert content == f"{headers['x-router-provider']}: prompt-{i}"
 
     await asyncio.gather(*(one(i) for i in range(64)))
-    assert pool.a.count() + pool.b.count() == 64
+    # first_available: one request at a time on a and b, the overflow on the sleeping provider
+    assert pool.a.peak == pool.b.peak == 1
+    assert pool.a.count() + pool.b.count() + pool.sleep.count() == 64
 
 
 async def test_client_leaving_a_stream_cancels_the_upstream_call(pool: Pool, http) -> None:

@@ -10,14 +10,17 @@ import pytest
 from serve_app.config import ModelConfig, ProviderConfig
 from serve_app.errors import RouterError
 from serve_app.schemas import Endpoint, RequestMeta
-from serve_app.selection import initial_states, plan_attempts
+from serve_app.selection import candidate_tiers, initial_states, plan_attempts
 from serve_app.strategies import (
-    FirstAvailable,
+    ConfigOrder,
     LeastInFlight,
     RoundRobin,
+    Stats,
     WeightedRandom,
     make_strategy,
 )
+
+IDLE = Stats()
 
 
 def prov(pid: str, **kw: object) -> ProviderConfig:
@@ -42,16 +45,16 @@ def ids(providers: list[ProviderConfig]) -> list[str]:
 def test_weighted_random_first_pick_follows_weights() -> None:
     ps = [prov("a", weight=1.0), prov("b", weight=3.0), prov("c", weight=0.0)]
     strat = WeightedRandom(random.Random(7))
-    firsts = Counter(strat.order(ps, lambda _: 0)[0].id for _ in range(20_000))
+    firsts = Counter(strat.order(ps, IDLE)[0].id for _ in range(20_000))
     assert firsts["c"] == 0
     assert abs(firsts["b"] / 20_000 - 0.75) < 0.015
-    assert sorted(ids(strat.order(ps, lambda _: 0))) == ["a", "b", "c"]
+    assert sorted(ids(strat.order(ps, IDLE))) == ["a", "b", "c"]
 
 
 def test_round_robin_rotates() -> None:
     ps = [prov("a"), prov("b"), prov("c")]
     rr = RoundRobin()
-    assert [ids(rr.order(ps, lambda _: 0)) for _ in range(4)] == [
+    assert [ids(rr.order(ps, IDLE)) for _ in range(4)] == [
         ["a", "b", "c"],
         ["b", "c", "a"],
         ["c", "a", "b"],
@@ -63,19 +66,12 @@ def test_least_in_flight_prefers_the_less_loaded_of_two() -> None:
     ps = [prov("a"), prov("b")]
     load = {"a": 5, "b": 1}
     strat = LeastInFlight(random.Random(1))
-    assert all(strat.order(ps, load.__getitem__)[0].id == "b" for _ in range(50))
+    assert all(strat.order(ps, Stats(in_flight=load))[0].id == "b" for _ in range(50))
     three = [prov("a"), prov("b"), prov("c")]
     load3 = {"a": 9, "b": 0, "c": 4}
-    firsts = Counter(strat.order(three, load3.__getitem__)[0].id for _ in range(3000))
+    firsts = Counter(strat.order(three, Stats(in_flight=load3))[0].id for _ in range(3000))
     assert firsts["a"] == 0  # the most loaded never wins a pair
-    assert ids(strat.order(three, load3.__getitem__))[1:] in (["c", "a"], ["b", "a"])
-
-
-def test_first_available_is_config_order_idle_first() -> None:
-    ps = [prov("a"), prov("b"), prov("c")]
-    load = {"a": 1, "b": 0, "c": 0}
-    assert ids(FirstAvailable().order(ps, load.__getitem__)) == ["b", "c", "a"]
-    assert ids(FirstAvailable().order(ps, lambda _: 0)) == ["a", "b", "c"]
+    assert ids(strat.order(three, Stats(in_flight=load3)))[1:] in (["c", "a"], ["b", "a"])
 
 
 def test_make_strategy_rejects_unknown_names() -> None:
@@ -87,7 +83,8 @@ def plan(
     model: ModelConfig, m: RequestMeta, states=None, now: float = 0.0, attempts: int = 3
 ) -> list[str]:
     states = states or initial_states([model])
-    return ids(plan_attempts("m", model, m, states, FirstAvailable(), attempts, now))
+    candidates = candidate_tiers("m", model, m, states, now)
+    return ids(plan_attempts(candidates, ConfigOrder(), IDLE, attempts))
 
 
 def test_primaries_then_sleeping_each_tier_capped() -> None:

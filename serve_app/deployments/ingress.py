@@ -31,9 +31,17 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from starlette.exceptions import HTTPException
 
 from serve_app.admin import ADMIN_TOKEN_ENV, admin_refusal
+from serve_app.broker import broker_handle
 from serve_app.coalesce import Coalescer
 from serve_app.config import ConfigError, parse_config, read_raw
-from serve_app.dispatch import ATTEMPTS_HEADER, PROVIDER_HEADER, Head, Unary, error_answer
+from serve_app.dispatch import (
+    ATTEMPTS_HEADER,
+    PROVIDER_HEADER,
+    UNSERVABLE_HEADER,
+    Head,
+    Unary,
+    error_answer,
+)
 from serve_app.errors import RouterError, model_not_found
 from serve_app.follow import Follower
 from serve_app.handler import ApiModelConfig
@@ -51,7 +59,12 @@ from serve_app.profiles import (
 from serve_app.providers.base import JSON
 from serve_app.provision.manager import LLMModelManager, ProvisionRequest, role_models
 from serve_app.registry.actor import Answer, Published, RegistryRef
-from serve_app.registry.manifest import AdapterRegistration, Manifest, effective_config
+from serve_app.registry.manifest import (
+    AdapterRegistration,
+    Manifest,
+    WeightsUpdate,
+    effective_config,
+)
 from serve_app.schemas import (
     TIMEOUT_HEADER,
     ChatRequest,
@@ -71,6 +84,8 @@ ADMIN_MAX_BODY_BYTES = 1024 * 1024
 Body = TypeVar("Body", bound=BaseModel)
 # How much longer than a request's deadline the ingress waits for the router's own 504.
 HOP_SLACK_S = 5.0
+# Names the model that served a request its own model could not (fallback_model).
+FALLBACK_HEADER = "x-router-fallback-model"
 METRICS_PUSH_S = 1.0
 
 api = FastAPI(
@@ -182,6 +197,15 @@ def _first_problem(exc: ValidationError) -> str:
     return f"{where}: {err['msg']}" if where else err["msg"]
 
 
+def _with_model(body: bytes, model: str) -> bytes:
+    doc = orjson.loads(body)
+    doc["model"] = model
+    return orjson.dumps(doc)
+
+
+Routed = Unary | tuple[Head, DeploymentResponseGenerator]
+
+
 def _router_error(status: int, message: str) -> RouterError:
     code = {503: "router_unavailable", 504: "deadline_exceeded"}[status]
     return RouterError(status, f"{message}; retry", type="api_error", code=code)
@@ -225,6 +249,7 @@ class Ingress:
         self._settings = settings
         self._admin_token = os.environ.get(ADMIN_TOKEN_ENV)
         self._type_of: dict[str, str] = {}
+        self._fallbacks: dict[str, str] = {}
         self._timeouts: dict[str, float] = {}
         self._models = b""
         self._id = f"ingress:{serve.get_replica_context().replica_id.unique_id}"
@@ -251,6 +276,12 @@ class Ingress:
         else:
             self._manager.update(self._roles, config)
         self._type_of = config.model_type_of()
+        self._fallbacks = {
+            name: model.fallback_model
+            for group in config.model_types.values()
+            for name, model in group.models.items()
+            if model.fallback_model is not None
+        }
         self._timeouts = {t: g.routing.request_timeout_s for t, g in config.model_types.items()}
         self._models = orjson.dumps(
             {
@@ -314,17 +345,46 @@ class Ingress:
         wait = min(self._timeouts[model_type], meta.timeout_s or float("inf")) + HOP_SLACK_S
         try:
             async with asyncio.timeout(wait):
-                if meta.stream:
-                    gen = self._stream[model_type].remote(body, meta)
-                    return await self._streamed(model, started, gen)
-                answer = await self._unary[model_type].call((body, meta))
+                routed = await self._call(model_type, body, meta)
+                served = [meta.model]
+                while isinstance(routed, Unary) and routed.head.headers.pop(UNSERVABLE_HEADER, ""):
+                    fallback = self._fallbacks.get(served[-1])
+                    if fallback is None or fallback in served or fallback not in self._type_of:
+                        break
+                    served.append(fallback)
+                    log.warning(
+                        "model unservable; using its fallback",
+                        extra={"request_id": request_id, "model": model, "fallback": fallback},
+                    )
+                    body = _with_model(body, fallback)
+                    meta = meta._replace(model=fallback)
+                    routed = await self._call(self._type_of[fallback], body, meta)
+                if len(served) > 1:
+                    head = routed.head if isinstance(routed, Unary) else routed[0]
+                    head.headers[FALLBACK_HEADER] = served[-1]
+                if not isinstance(routed, Unary):
+                    return self._streamed(model, started, *routed)
+                answer = routed
         except TimeoutError:
             log.warning("router call timed out", extra={"request_id": request_id})
             answer = error_answer(_router_error(504, "the router did not answer in time"))
         except Exception:
             log.exception("router call failed", extra={"request_id": request_id})
             answer = error_answer(_router_error(503, "the router for this model is unavailable"))
+        answer.head.headers.pop(UNSERVABLE_HEADER, None)
         return self._answered(model, started, answer)
+
+    async def _call(self, model_type: str, body: bytes, meta: RequestMeta) -> Routed:
+        """The router's answer; a stream that failed before its first byte, collected."""
+        if model_type not in self._unary:
+            return error_answer(_not_deployed(model_type))
+        if not meta.stream:
+            return await self._unary[model_type].call((body, meta))
+        gen = self._stream[model_type].remote(body, meta)
+        head: Head = await gen.__anext__()
+        if head.status != 200:
+            return Unary(head, b"".join([chunk async for chunk in gen]))
+        return head, gen
 
     def _count(self, model: str, head: Head, started: float, first: float | None) -> None:
         tally = self._tally
@@ -347,13 +407,9 @@ class Ingress:
             out, status_code=head.status, media_type=head.content_type, headers=head.headers
         )
 
-    async def _streamed(
-        self, model: str, started: float, gen: DeploymentResponseGenerator
+    def _streamed(
+        self, model: str, started: float, head: Head, gen: DeploymentResponseGenerator
     ) -> Response:
-        head: Head = await gen.__anext__()
-        if head.status != 200:
-            out = b"".join([chunk async for chunk in gen])
-            return self._answered(model, started, Unary(head, out))
         first: list[float] = []
         return StreamingResponse(
             _rest(
@@ -472,6 +528,46 @@ class Ingress:
             return Response(orjson.dumps(await self._publish_file()), media_type=JSON)
         except RouterError as err:
             return _error(err)
+
+    @api.post("/api/v1/weights", openapi_extra=json_body(WeightsUpdate))
+    async def set_weights(self, request: Request) -> Response:
+        """Runtime weights (weighted, dynamic_weighted, weighted_random): written into the
+        published models config as a new version, until the file is reloaded."""
+        if (refused := self._refusal(request)) is not None:
+            return refused
+        try:
+            update = await _admin_body(request, WeightsUpdate, "invalid_weights")
+            published = await self._registry_call("publish_weights", update)
+            assert isinstance(published, Published)
+            try:
+                published.checked(self._follower.state.config_source)
+            except ConfigError as exc:
+                raise RouterError(400, str(exc), code="invalid_weights") from None
+            unconfirmed = await self._registry_call(
+                "wait_for_followers", published.version, self._settings.ack_timeout_s
+            )
+        except RouterError as err:
+            return _error(err)
+        body = {
+            "version": published.version,
+            "changed": published.changed,
+            "model": update.model,
+            "weights": update.weights,
+            "unconfirmed_replicas": unconfirmed,
+        }
+        return Response(orjson.dumps(body), media_type=JSON)
+
+    @api.get("/api/v1/providers/state")
+    async def provider_state(self, request: Request) -> Response:
+        """The shared routing state: slots taken per provider and by which replica, host pins,
+        requests waiting for a slot, use counts, latency averages, keep-alive warms."""
+        if (refused := self._refusal(request)) is not None:
+            return refused
+        try:
+            state = await asyncio.wait_for(broker_handle(self._registry).state.remote(), 5.0)
+        except Exception:
+            return _error(_router_error(503, "the routing state is unavailable"))
+        return Response(orjson.dumps(state), media_type=JSON)
 
     @api.get("/api/v1/config")
     async def config_status(self, request: Request) -> Response:

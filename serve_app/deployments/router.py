@@ -10,7 +10,8 @@ from collections.abc import AsyncIterator
 import aiohttp
 from ray import serve
 
-from serve_app.config import RouterConfig, RoutingConfig
+from serve_app.broker import Terms, broker_handle
+from serve_app.config import RouterConfig, RoutingConfig, StrategyName
 from serve_app.dispatch import Dispatcher, Head, Unary
 from serve_app.follow import Follower
 from serve_app.handler import ModelHandler
@@ -21,16 +22,21 @@ from serve_app.registry.actor import RegistryRef
 from serve_app.registry.manifest import Manifest, effective_config, retiring_names
 from serve_app.schemas import RequestMeta
 from serve_app.serve_env import REPLICA_CPUS
+from serve_app.shared import SharedState
 
 METRICS_PUSH_S = 1.0
 
 
 @serve.deployment(ray_actor_options={"num_cpus": REPLICA_CPUS}, max_ongoing_requests=1000)
 class ModelTypeRouter:
-    async def __init__(self, model_type: str, registry: RegistryRef) -> None:
+    async def __init__(
+        self, model_type: str, registry: RegistryRef, default_strategy: StrategyName = "balanced"
+    ) -> None:
         """Runs on the replica's event loop; returns (and traffic starts) once the current
-        manifest and provider health are applied."""
+        manifest and provider health are applied. `default_strategy`: for a routing without
+        one (resolved where the app is built)."""
         self._model_type = model_type
+        self._default_strategy = default_strategy
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
         self._session = aiohttp.ClientSession(connector=connector)
         self._dispatcher: Dispatcher | None = None
@@ -39,12 +45,14 @@ class ModelTypeRouter:
         self._pull_tried: set[str] = set()
         self._id = f"router-{model_type}:{serve.get_replica_context().replica_id.unique_id}"
         self._health = HealthView()
+        self._shared = SharedState(lambda: broker_handle(registry), self._id)
         self._monitor = Follower(
             lambda: monitor_handle(registry), self._id, HealthView(), self._apply_health
         )
         self._follower = Follower(registry.handle, self._id, Manifest(), self._apply, self._busy)
         await self._follower.start()
         await self._monitor.start()
+        self._shared.start()
         self._pusher = asyncio.get_running_loop().create_task(self._push_metrics())
 
     def _apply(self, manifest: Manifest) -> None:
@@ -60,13 +68,16 @@ class ModelTypeRouter:
         else:
             self._manager.update(roles, config)
         routing = RoutingConfig() if group is None else group.routing
+        previous = None if self._dispatcher is None else self._dispatcher.handler
+        handler = ModelHandler(config=config, previous=previous, default=self._default_strategy)
+        self._shared.configure(
+            list(handler.states),
+            Terms(routing.lease_s, routing.pin_ttl_s, routing.latency_alpha),
+        )
         if self._dispatcher is None:
-            self._dispatcher = Dispatcher(
-                ModelHandler(config=config), routing, self._session, self._trip
-            )
+            self._dispatcher = Dispatcher(handler, routing, self._session, self._trip, self._shared)
         else:
-            states = self._dispatcher.handler.states
-            self._dispatcher.update(ModelHandler(config=config, states=states), routing)
+            self._dispatcher.update(handler, routing)
         self._apply_health(self._health)
 
     def _apply_health(self, view: HealthView) -> None:
@@ -143,4 +154,5 @@ class ModelTypeRouter:
         self._pusher.cancel()
         await self._follower.stop()
         await self._monitor.stop()
+        await self._shared.stop()
         await self._session.close()

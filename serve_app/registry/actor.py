@@ -31,6 +31,7 @@ from serve_app.registry import lora, store
 from serve_app.registry.manifest import (
     AdapterRegistration,
     Manifest,
+    WeightsUpdate,
     adapter_report,
     check_registration,
     config_of,
@@ -40,6 +41,7 @@ from serve_app.registry.manifest import (
     with_new_version,
     with_profiles,
     with_unloaded,
+    with_weights,
 )
 
 log = logging.getLogger(__name__)
@@ -220,6 +222,10 @@ class Registry:
     async def publish_config(self, raw: object, source: str) -> Published:
         """Validate and publish a models config; problems come back as values, nothing changes."""
         return await self._publish(lambda m: with_config(m, raw, source))
+
+    async def publish_weights(self, update: WeightsUpdate) -> Published:
+        """New weights for some providers of one model, written into the models config."""
+        return await self._publish(lambda m: with_weights(m, update))
 
     async def publish_profiles(self, raw: object, source: str, active: str) -> Published:
         """Validate and publish the model profiles and the active profile's name."""

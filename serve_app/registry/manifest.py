@@ -9,9 +9,10 @@ can be loaded side by side during a rolling update; the client always names the 
 
 from __future__ import annotations
 
+import copy
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -80,6 +81,42 @@ class AdapterRegistration(BaseModel):
     name: str = Field(min_length=1)
     source: str = Field(min_length=1, description="path or URI vLLM loads the adapter from")
     sha256: str | None = Field(default=None, pattern=r"^[0-9a-fA-F]{64}$")
+
+
+class WeightsUpdate(BaseModel):
+    """`POST /api/v1/weights`: new weights for some providers of one model."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1)
+    weights: dict[str, Annotated[float, Field(ge=0, allow_inf_nan=False)]] = Field(min_length=1)
+
+
+def with_weights(manifest: Manifest, update: WeightsUpdate) -> Manifest:
+    """The manifest with these provider weights written into its models config (a new version,
+    like a reload); ConfigError naming what does not fit."""
+    raw = copy.deepcopy(manifest.models_config)
+    source = manifest.config_source
+    where = [
+        t
+        for t, names in raw.get("active_models", {}).items()
+        if isinstance(names, list) and update.model in names
+    ]
+    if not where:
+        raise ConfigError(source, [("$.model", f"{update.model!r} is not an active model")])
+    model = raw[where[0]][update.model]
+    problems: list[tuple[str, str]] = []
+    seen = set()
+    for tier in ("providers", "providers_sleep"):
+        for provider in model.get(tier, []):
+            if provider.get("id") in update.weights:
+                provider["weight"] = update.weights[provider["id"]]
+                seen.add(provider["id"])
+    for pid in sorted(set(update.weights) - seen):
+        problems.append((json_path(["weights", pid]), f"no provider {pid!r} in {update.model}"))
+    if problems:
+        raise ConfigError(source, problems)
+    return with_config(manifest, raw, source)
 
 
 def lora_name(name: str, number: int) -> str:

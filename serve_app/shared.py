@@ -1,0 +1,240 @@
+"""A router replica's side of the shared provider state: a local copy of the broker's snapshot,
+the slots this replica holds, and the counts it has not sent yet.
+
+Why local: a call to the broker per request would cost more than the whole routing decision.
+Use counts and latency samples go out in one batch every SYNC_S; held slots are renewed in the
+same call. While no other replica takes slots of the same providers, a slot whose request ended
+stays with this replica for LINGER_S, so the next request here takes it without a call (the
+steady state of one replica: no call per request). When other replicas compete, or anyone
+waits for a slot, every slot is taken from the broker and given back at once, so the broker's
+order and first come, first served hold across replicas.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from ray.actor import ActorHandle
+
+from serve_app.broker import AcquireRequest, SlotSpec, Snapshot, SyncRequest, Terms
+from serve_app.config import ProviderConfig, StrategyName
+from serve_app.strategies import Stats, capacity, slot_order
+
+log = logging.getLogger("ray.serve")
+
+SYNC_S = 0.05
+LINGER_S = 0.05
+CALL_TIMEOUT_S = 5.0
+RETRY_S = 0.2
+
+
+class Slot(NamedTuple):
+    lease_id: str
+    provider: str
+
+
+@dataclass
+class _Held:
+    provider: str
+    busy: bool
+    idle_since: float = 0.0
+
+
+class SharedState:
+    def __init__(self, connect: Callable[[], ActorHandle], holder: str) -> None:
+        """`connect` returns the broker's handle, creating the broker if it is gone."""
+        self.holder = holder
+        self.snapshot = Snapshot()
+        self._connect = connect
+        self._handle: ActorHandle | None = None
+        self._providers: list[str] = []
+        self._terms = Terms(lease_s=10.0, pin_ttl_s=300.0, latency_alpha=0.3)
+        self._held: dict[str, _Held] = {}
+        self._release: list[str] = []
+        self._uses: dict[str, Counter[str]] = {}
+        self._latency: dict[str, tuple[float, int]] = {}
+        self._waiting = 0
+        self._next_renew = 0.0
+        self._task: asyncio.Task[None] | None = None
+
+    def configure(self, providers: Sequence[str], terms: Terms) -> None:
+        self._providers, self._terms = list(providers), terms
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    def _actor(self) -> ActorHandle:
+        if self._handle is None:
+            self._handle = self._connect()
+        return self._handle
+
+    # --- counts ------------------------------------------------------------------------------
+
+    def stats(self, model: str, in_flight: dict[str, int]) -> Stats:
+        shared = self.snapshot.uses.get(model, {})
+        local = self._uses.get(model)
+        uses = shared if not local else {p: shared.get(p, 0) + local[p] for p in {*shared, *local}}
+        return Stats(in_flight=in_flight, uses=uses, latency=self.snapshot.latency)
+
+    def used(self, model: str, provider: str) -> None:
+        self._uses.setdefault(model, Counter())[provider] += 1
+
+    def took(self, provider: str, seconds: float) -> None:
+        total, count = self._latency.get(provider, (0.0, 0))
+        self._latency[provider] = (total + seconds, count + 1)
+
+    # --- slots -------------------------------------------------------------------------------
+
+    async def acquire(
+        self,
+        model: str,
+        strategy: StrategyName,
+        tiers: Sequence[Sequence[ProviderConfig]],
+        wait_s: float,
+    ) -> Slot | None:
+        """A slot on the best provider of `tiers` with one free, waiting up to `wait_s`;
+        None when none came free."""
+        slot = self._take_idle(model, strategy, tiers)
+        if slot is not None:
+            return slot
+        idle = [lid for lid, h in self._held.items() if not h.busy]
+        for lid in idle:
+            del self._held[lid]
+        request = AcquireRequest(
+            holder=self.holder,
+            model=model,
+            strategy=strategy,
+            tiers=[[SlotSpec(p.id, p.nworkers, p.host_key) for p in tier] for tier in tiers],
+            wait_s=wait_s,
+            terms=self._terms,
+            providers=self._providers,
+            release=idle,
+        )
+        deadline = time.monotonic() + wait_s
+        self._waiting += 1
+        try:
+            while True:
+                try:
+                    grant = await asyncio.wait_for(
+                        self._actor().acquire.remote(request), request.wait_s + CALL_TIMEOUT_S
+                    )
+                    break
+                except Exception as exc:  # broker gone or slow: retry within the wait
+                    self._lost(exc)
+                    request.release = []
+                    request.wait_s = deadline - time.monotonic()
+                    if request.wait_s <= 0:
+                        return None
+                    await asyncio.sleep(RETRY_S)
+        finally:
+            self._waiting -= 1
+        self.snapshot = grant.snapshot
+        if grant.lease_id is None or grant.provider is None:
+            return None
+        self._held[grant.lease_id] = _Held(grant.provider, busy=True)
+        return Slot(grant.lease_id, grant.provider)
+
+    def _take_idle(
+        self, model: str, strategy: StrategyName, tiers: Sequence[Sequence[ProviderConfig]]
+    ) -> Slot | None:
+        """A slot this replica already holds, if it is on the provider the strategy would pick
+        now by the local view; None sends the request to the broker."""
+        if not self._may_keep() or not self._held:
+            return None
+        busy: Counter[str] = Counter(self.snapshot.others)
+        leased: Counter[str] = Counter(self.snapshot.others)
+        idle: dict[str, str] = {}
+        for lid, held in self._held.items():
+            leased[held.provider] += 1
+            if held.busy:
+                busy[held.provider] += 1
+            else:
+                idle.setdefault(held.provider, lid)
+        for tier in tiers:
+            for p in slot_order(strategy, model, tier, busy, self.snapshot.pins):
+                lid = idle.get(p.id)
+                if lid is not None:
+                    self._held[lid].busy = True
+                    return Slot(lid, p.id)
+                if leased[p.id] < capacity(strategy, p):
+                    return None  # a better slot is free at the broker
+        return None
+
+    def _may_keep(self) -> bool:
+        return self.snapshot.alone and not self.snapshot.contended and not self._waiting
+
+    def release(self, slot: Slot) -> None:
+        held = self._held.get(slot.lease_id)
+        if held is None:
+            return
+        if not self._may_keep():
+            del self._held[slot.lease_id]
+            with contextlib.suppress(Exception):
+                self._actor().release.remote(self.holder, [slot.lease_id])
+            return
+        held.busy, held.idle_since = False, time.monotonic()
+
+    # --- the batch loop ----------------------------------------------------------------------
+
+    def _lost(self, exc: BaseException) -> None:
+        log.warning(
+            "broker call failed; retrying",
+            extra={"holder": self.holder, "reason": type(exc).__name__},
+        )
+        self._handle = None
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(SYNC_S)
+            now = time.monotonic()
+            for lid, held in list(self._held.items()):
+                if not held.busy and now - held.idle_since >= LINGER_S:
+                    del self._held[lid]
+                    self._release.append(lid)
+            if not (self._release or self._uses or self._latency or now >= self._next_renew):
+                continue
+            request = SyncRequest(
+                holder=self.holder,
+                providers=self._providers,
+                terms=self._terms,
+                held=[(lid, h.provider) for lid, h in self._held.items()],
+                released=self._release,
+                uses={m: dict(c) for m, c in self._uses.items()},
+                latency=self._latency,
+            )
+            self._release, self._uses, self._latency = [], {}, {}
+            try:
+                self.snapshot = await asyncio.wait_for(
+                    self._actor().sync.remote(request), CALL_TIMEOUT_S
+                )
+            except Exception as exc:
+                self._lost(exc)
+                self._restore(request)
+                await asyncio.sleep(RETRY_S)
+                continue
+            self._next_renew = now + self._terms.lease_s / 3
+
+    def _restore(self, request: SyncRequest) -> None:
+        """A sync that did not arrive: its releases and counts go with the next one."""
+        self._release = [*request.released, *self._release]
+        for model, counts in request.uses.items():
+            self._uses.setdefault(model, Counter()).update(counts)
+        for provider, (total, count) in request.latency.items():
+            now_total, now_count = self._latency.get(provider, (0.0, 0))
+            self._latency[provider] = (now_total + total, now_count + count)
+
+    async def stop(self) -> None:
+        """Gives every slot back (a replica shutting down)."""
+        if self._task is not None:
+            self._task.cancel()
+        ids = [*self._release, *self._held]
+        if ids:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._actor().release.remote(self.holder, ids), 2.0)
