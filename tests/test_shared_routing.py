@@ -216,6 +216,7 @@ async def test_runtime_weights_through_the_admin_api(pool: Pool, http) -> None:
     served = Counter()
     for _ in range(12):
         status, headers, _ = await _ask(http, pool.url, "m/alive")
+        assert status == 200
         served[headers["x-router-provider"]] += 1
     assert served == {"a1": 12}
     bad = [
