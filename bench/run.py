@@ -2,6 +2,8 @@
 
 Starts the demo upstream (zero latency), Ray, Serve and the router with the fast settings,
 runs each case in a separate load-generator process, writes bench/results.json and prints it.
+With --strategies, the cases run once per strategy (the app redeployed with it as the default,
+in --rounds interleaved rounds) and the report compares each with `balanced`.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import argparse
 import os
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -43,21 +46,28 @@ def _wait_http(url: str, timeout: float = 60.0) -> None:
     raise RuntimeError(f"{url} did not answer within {timeout}s")
 
 
-def _config(upstream: str) -> dict:
-    provider = {
-        "id": "bench-upstream",
-        "api_host": upstream,
-        "api_token": "",
-        "api_type": "openai",
-        "input_size": 8192,
-        "model_path": "",
-        "keep_alive": None,
-        "tool_calling": False,
-    }
-    return {
-        "bench_models": {MODEL: {"providers": [provider]}},
+def _config(upstream: str, strategy: str | None, count: int) -> dict:
+    providers = [
+        {
+            "id": f"bench-upstream-{i}",
+            "api_host": upstream,
+            "api_token": "",
+            "api_type": "openai",
+            "input_size": 8192,
+            "model_path": "",
+            "keep_alive": None,
+            "tool_calling": False,
+            "nworkers": 2,
+        }
+        for i in range(count)
+    ]
+    config: dict = {
+        "bench_models": {MODEL: {"providers": providers}},
         "active_models": {"bench_models": [MODEL]},
     }
+    if strategy:
+        config["routing"] = {"bench_models": {"strategy": strategy}}
+    return config
 
 
 def _replica_cpu_s() -> dict[str, float]:
@@ -102,6 +112,67 @@ def _load(url: str, body: dict, concurrency: int, duration: float) -> dict:
     return orjson.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _cases(
+    router_url: str, upstream_url: str, cases: list[str], duration: float
+) -> dict[str, dict]:
+    message = [{"role": "user", "content": "Say hello to the benchmark."}]
+    results: dict[str, dict] = {}
+    for kind, extra in (("unary", {}), ("stream", {"stream": True})):
+        body = {"model": MODEL, "messages": message, **extra}
+        for c in (1, 32):
+            if f"{kind}_c{c}" not in cases:
+                continue
+            direct = _load(f"{upstream_url}/v1/chat/completions", body, c, duration)
+            cpu_before = _replica_cpu_s()
+            routed = _load(f"{router_url}/v1/chat/completions", body, c, duration)
+            cpu_after = _replica_cpu_s()
+            case = {
+                "direct": direct,
+                "router": routed,
+                "cpu_ms_per_request": {
+                    kind: round(
+                        (cpu_after[kind] - cpu_before.get(kind, 0.0))
+                        * 1000
+                        / max(1, routed["requests"]),
+                        3,
+                    )
+                    for kind in cpu_after
+                },
+                "added_p50_ms": round(routed["p50_ms"] - direct["p50_ms"], 3),
+                "rps_ratio": round(routed["rps"] / direct["rps"], 3),
+            }
+            if kind == "stream":
+                case["added_ttfb_p50_ms"] = round(routed["ttfb_p50_ms"] - direct["ttfb_p50_ms"], 3)
+            results[f"{kind}_c{c}"] = case
+            print(kind, f"c={c}", orjson.dumps(case).decode(), flush=True)
+    return results
+
+
+def _versus_balanced(runs: dict[str, list[dict[str, dict]]]) -> dict[str, dict]:
+    """Per strategy, the median over rounds of: added p50 at c=1 minus balanced's, and
+    throughput at c=32 as a share of balanced's (each round against the same round's)."""
+    base = runs.get("balanced")
+    if not base:
+        return {}
+    out: dict[str, dict] = {}
+    for name, rounds in runs.items():
+        extra_p50, share = [], []
+        for mine, theirs in zip(rounds, base, strict=True):
+            if "unary_c1" in mine:
+                extra_p50.append(
+                    mine["unary_c1"]["added_p50_ms"] - theirs["unary_c1"]["added_p50_ms"]
+                )
+            if "unary_c32" in mine:
+                share.append(
+                    mine["unary_c32"]["router"]["rps"] / theirs["unary_c32"]["router"]["rps"]
+                )
+        out[name] = {
+            "c1_extra_p50_ms": round(statistics.median(extra_p50), 3) if extra_p50 else None,
+            "c32_rps_share": round(statistics.median(share), 3) if share else None,
+        }
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=float, default=8.0, help="seconds per case")
@@ -110,6 +181,19 @@ def main(argv: list[str] | None = None) -> int:
         "--cases",
         default="unary_c1,unary_c32,stream_c1,stream_c32",
         help="comma-separated subset of the cases",
+    )
+    parser.add_argument(
+        "--strategies",
+        default="",
+        help="comma-separated strategies to compare (include balanced, the reference)",
+    )
+    parser.add_argument("--rounds", type=int, default=1, help="interleaved rounds of strategies")
+    parser.add_argument(
+        "--providers",
+        type=int,
+        default=1,
+        help="providers of the model, all on the one upstream (with --strategies use enough "
+        "that first_available* are not capped below the concurrency: 40)",
     )
     parser.add_argument(
         "--hold",
@@ -139,60 +223,38 @@ def main(argv: list[str] | None = None) -> int:
     from serve_app.app import APP_NAME, AppArgs, router_app
 
     state_dir = tempfile.mkdtemp(prefix="bench-registry-")
+    strategies: list[str | None] = [s for s in args.strategies.split(",") if s] or [None]
+    runs: dict[str, list[dict[str, dict]]] = {}
     try:
         _wait_http(f"{upstream_url}/v1/models")
         ray.init(include_dashboard=False, logging_level="error", log_to_driver=False)
         serve.start(http_options={"host": "127.0.0.1", "port": router_port})
-        serve.run(
-            router_app(
-                AppArgs(registry_path=f"{state_dir}/registry.json"),
-                (_config(upstream_url), "bench"),
-            ),
-            name=APP_NAME,
-            route_prefix="/",
-        )
         router_url = f"http://127.0.0.1:{router_port}"
-        _wait_http(f"{router_url}/v1/models")
-        message = [{"role": "user", "content": "Say hello to the benchmark."}]
-        results: dict[str, dict] = {}
-        for kind, extra in (("unary", {}), ("stream", {"stream": True})):
-            body = {"model": MODEL, "messages": message, **extra}
-            for c in (1, 32):
-                if f"{kind}_c{c}" not in args.cases.split(","):
-                    continue
-                direct = _load(f"{upstream_url}/v1/chat/completions", body, c, args.duration)
-                cpu_before = _replica_cpu_s()
-                routed = _load(f"{router_url}/v1/chat/completions", body, c, args.duration)
-                cpu_after = _replica_cpu_s()
-                case = {
-                    "direct": direct,
-                    "router": routed,
-                    "cpu_ms_per_request": {
-                        kind: round(
-                            (cpu_after[kind] - cpu_before.get(kind, 0.0))
-                            * 1000
-                            / max(1, routed["requests"]),
-                            3,
-                        )
-                        for kind in cpu_after
-                    },
-                    "added_p50_ms": round(routed["p50_ms"] - direct["p50_ms"], 3),
-                    "rps_ratio": round(routed["rps"] / direct["rps"], 3),
-                }
-                if kind == "stream":
-                    case["added_ttfb_p50_ms"] = round(
-                        routed["ttfb_p50_ms"] - direct["ttfb_p50_ms"], 3
-                    )
-                results[f"{kind}_c{c}"] = case
-                print(kind, f"c={c}", orjson.dumps(case).decode(), flush=True)
+        print("router at", router_url, flush=True)
+        for _ in range(args.rounds):
+            for strategy in strategies:
+                serve.run(
+                    router_app(
+                        AppArgs(registry_path=f"{state_dir}/registry.json"),
+                        (_config(upstream_url, strategy, args.providers), "bench"),
+                    ),
+                    name=APP_NAME,
+                    route_prefix="/",
+                )
+                _wait_http(f"{router_url}/v1/models")
+                print("strategy", strategy or "(default)", flush=True)
+                results = _cases(router_url, upstream_url, args.cases.split(","), args.duration)
+                runs.setdefault(strategy or "default", []).append(results)
         report = {
             "machine": {"cpus": os.cpu_count()},
             "duration_s": args.duration,
             "stream_chunks": args.chunks,
-            "results": results,
+            "providers": args.providers,
+            "results": runs["default"][0] if "default" in runs else runs,
+            "versus_balanced": _versus_balanced(runs),
         }
         RESULTS.write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
-        print(RESULTS.read_text())
+        print(orjson.dumps(report["versus_balanced"], option=orjson.OPT_INDENT_2).decode())
         time.sleep(args.hold)
     finally:
         serve.shutdown()

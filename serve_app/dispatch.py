@@ -189,7 +189,7 @@ class Dispatcher:
         self.session = session
         self.on_trip = on_trip
         self.shared = shared
-        self.tally = Tally()
+        self.tally = shared.tally if shared is not None else Tally()
         # Requests under way per upstream model name (model_path): tells when nothing uses a
         # retiring adapter version any more.
         self.in_use: Counter[str] = Counter()

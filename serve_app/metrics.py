@@ -48,6 +48,12 @@ SPECS: dict[str, Spec] = {
     "llm_router_provider_in_flight": Spec(
         "gauge", "Upstream requests in flight, by provider", ("provider",)
     ),
+    "llm_router_slot_takes": Spec(
+        "counter",
+        "first_available* slots taken: from this replica's own (local), from the broker "
+        "(broker), none within the wait (timeout)",
+        ("path",),
+    ),
     "llm_router_circuit_state": Spec(
         "gauge", "Provider circuit: 0 closed, 1 half-open, 2 open", ("provider",)
     ),

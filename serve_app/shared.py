@@ -25,6 +25,7 @@ from ray.actor import ActorHandle
 
 from serve_app.broker import AcquireRequest, SlotSpec, Snapshot, SyncRequest, Terms
 from serve_app.config import ProviderConfig, StrategyName
+from serve_app.metrics import Tally
 from serve_app.strategies import Stats, capacity, slot_order
 
 log = logging.getLogger("ray.serve")
@@ -33,6 +34,7 @@ SYNC_S = 0.05
 LINGER_S = 0.05
 CALL_TIMEOUT_S = 5.0
 RETRY_S = 0.2
+TAKES_METRIC = "llm_router_slot_takes"
 
 
 class Slot(NamedTuple):
@@ -48,9 +50,13 @@ class _Held:
 
 
 class SharedState:
-    def __init__(self, connect: Callable[[], ActorHandle], holder: str) -> None:
-        """`connect` returns the broker's handle, creating the broker if it is gone."""
+    def __init__(
+        self, connect: Callable[[], ActorHandle], holder: str, tally: Tally | None = None
+    ) -> None:
+        """`connect` returns the broker's handle, creating the broker if it is gone; `tally`
+        counts where slots came from."""
         self.holder = holder
+        self.tally = tally or Tally()
         self.snapshot = Snapshot()
         self._connect = connect
         self._handle: ActorHandle | None = None
@@ -101,8 +107,9 @@ class SharedState:
     ) -> Slot | None:
         """A slot on the best provider of `tiers` with one free, waiting up to `wait_s`;
         None when none came free."""
-        slot = self._take_idle(model, strategy, tiers)
+        slot, free = self._take_idle(model, strategy, tiers)
         if slot is not None:
+            self.tally.inc(TAKES_METRIC, ("local",))
             return slot
         idle = [lid for lid, h in self._held.items() if not h.busy]
         for lid in idle:
@@ -118,7 +125,8 @@ class SharedState:
             release=idle,
         )
         deadline = time.monotonic() + wait_s
-        self._waiting += 1
+        # Nothing looked free: this request will likely wait, and slots ending here go back.
+        self._waiting += not free
         try:
             while True:
                 try:
@@ -131,23 +139,25 @@ class SharedState:
                     request.release = []
                     request.wait_s = deadline - time.monotonic()
                     if request.wait_s <= 0:
+                        self.tally.inc(TAKES_METRIC, ("timeout",))
                         return None
                     await asyncio.sleep(RETRY_S)
         finally:
-            self._waiting -= 1
+            self._waiting -= not free
         self.snapshot = grant.snapshot
         if grant.lease_id is None or grant.provider is None:
+            self.tally.inc(TAKES_METRIC, ("timeout",))
             return None
+        self.tally.inc(TAKES_METRIC, ("broker",))
         self._held[grant.lease_id] = _Held(grant.provider, busy=True)
         return Slot(grant.lease_id, grant.provider)
 
     def _take_idle(
         self, model: str, strategy: StrategyName, tiers: Sequence[Sequence[ProviderConfig]]
-    ) -> Slot | None:
+    ) -> tuple[Slot | None, bool]:
         """A slot this replica already holds, if it is on the provider the strategy would pick
-        now by the local view; None sends the request to the broker."""
-        if not self._may_keep() or not self._held:
-            return None
+        now by the local view; else (None, whether the local view has a free slot at the
+        broker)."""
         busy: Counter[str] = Counter(self.snapshot.others)
         leased: Counter[str] = Counter(self.snapshot.others)
         idle: dict[str, str] = {}
@@ -157,15 +167,16 @@ class SharedState:
                 busy[held.provider] += 1
             else:
                 idle.setdefault(held.provider, lid)
+        keep = self._may_keep()
         for tier in tiers:
             for p in slot_order(strategy, model, tier, busy, self.snapshot.pins):
                 lid = idle.get(p.id)
-                if lid is not None:
+                if lid is not None and keep:
                     self._held[lid].busy = True
-                    return Slot(lid, p.id)
-                if leased[p.id] < capacity(strategy, p):
-                    return None  # a better slot is free at the broker
-        return None
+                    return Slot(lid, p.id), True
+                if lid is not None or leased[p.id] < capacity(strategy, p):
+                    return None, True  # the broker gives out the best free slot
+        return None, False
 
     def _may_keep(self) -> bool:
         return self.snapshot.alone and not self.snapshot.contended and not self._waiting
