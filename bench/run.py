@@ -71,11 +71,18 @@ def _config(upstream: str, strategy: str | None, count: int) -> dict:
 
 
 def _replica_cpu_s() -> dict[str, float]:
-    """CPU seconds used so far by each kind of Serve replica of the app (Linux /proc).
+    """CPU seconds used so far by the app's processes of each kind: the Serve replicas (ingress,
+    router) and the actors they talk to on the request path (broker, monitor). Linux /proc.
 
     CPU per request is a steadier cost figure than throughput on a noisy two-core host.
     """
     tick = os.sysconf("SC_CLK_TCK")
+    kinds = {
+        "ServeReplica:llm-router:Ingress": "ingress",
+        "ServeReplica:llm-router:": "router",
+        "ray::Broker": "broker",
+        "ray::Monitor": "monitor",
+    }
     out: dict[str, float] = {}
     for proc in Path("/proc").glob("[0-9]*"):
         try:
@@ -83,10 +90,9 @@ def _replica_cpu_s() -> dict[str, float]:
             fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if "ServeReplica:llm-router:" not in cmdline:
-            continue
-        kind = "ingress" if "ServeReplica:llm-router:Ingress" in cmdline else "router"
-        out[kind] = out.get(kind, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+        kind = next((k for marker, k in kinds.items() if marker in cmdline), None)
+        if kind is not None:
+            out[kind] = out.get(kind, 0.0) + (int(fields[11]) + int(fields[12])) / tick
     return out
 
 

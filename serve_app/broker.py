@@ -193,7 +193,9 @@ class Broker:
                 self._hosts[spec.id] = spec.host_key
         if self._released(self._leases.release(req.holder, req.release), now):
             self._serve_waiters(now)
-        granted = None if self._waiters else self._try_grant(req, now)
+        # A slot free now is one no earlier waiter can use (each release serves them first), so
+        # taking it keeps first come, first served.
+        granted = self._try_grant(req, now)
         if granted is None:
             waiter = _Waiter(req, asyncio.get_running_loop().create_future())
             self._waiters.append(waiter)
@@ -237,8 +239,15 @@ class Broker:
             uses={m: dict(self._uses[m]) for m in models if m in self._uses},
             latency={p: self._latency.average[p] for p in providers if p in self._latency.average},
             pins=self._pins.view(),
-            contended=bool(self._waiters),
+            contended=self._contended(providers),
             alone=self._alone(holder, providers),
+        )
+
+    def _contended(self, providers: list[str]) -> bool:
+        """Whether a request waits for a slot on any of these providers."""
+        mine = set(providers)
+        return any(
+            spec.id in mine for w in self._waiters for tier in w.request.tiers for spec in tier
         )
 
     def _alone(self, holder: str, providers: list[str]) -> bool:

@@ -1,13 +1,13 @@
 """A router replica's side of the shared provider state: a local copy of the broker's snapshot,
 the slots this replica holds, and the counts it has not sent yet.
 
-Why local: a call to the broker per request would cost more than the whole routing decision.
-Use counts and latency samples go out in one batch every SYNC_S; held slots are renewed in the
-same call. While no other replica takes slots of the same providers, a slot whose request ended
-stays with this replica for LINGER_S, so the next request here takes it without a call (the
-steady state of one replica: no call per request). When other replicas compete, or anyone
-waits for a slot, every slot is taken from the broker and given back at once, so the broker's
-order and first come, first served hold across replicas.
+Why local: a call to the broker costs about a millisecond, more than the whole routing decision.
+Use counts and latency samples go out in one batch every COUNTS_S; held slots are renewed, and
+idle ones given back, in the same call. While no other replica takes slots of the same
+providers, a slot whose request ended stays with this replica for LINGER_S, so the next request
+here takes it without a call (the steady state of one replica: no call per request). When other
+replicas compete, or a request waits, every slot is taken from the broker and given back at
+once, so the broker's order and first come, first served hold across replicas.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ from serve_app.strategies import Stats, capacity, slot_order
 
 log = logging.getLogger("ray.serve")
 
-SYNC_S = 0.05
-LINGER_S = 0.05
+LINGER_S = 0.05  # also how often idle slots are looked at
+COUNTS_S = 0.5  # use counts and latency samples go out this often
 CALL_TIMEOUT_S = 5.0
 RETRY_S = 0.2
 TAKES_METRIC = "llm_router_slot_takes"
@@ -68,6 +68,7 @@ class SharedState:
         self._latency: dict[str, tuple[float, int]] = {}
         self._waiting = 0
         self._next_renew = 0.0
+        self._next_counts = 0.0
         self._task: asyncio.Task[None] | None = None
 
     def configure(self, providers: Sequence[str], terms: Terms) -> None:
@@ -203,13 +204,14 @@ class SharedState:
 
     async def _loop(self) -> None:
         while True:
-            await asyncio.sleep(SYNC_S)
+            await asyncio.sleep(LINGER_S)
             now = time.monotonic()
             for lid, held in list(self._held.items()):
                 if not held.busy and now - held.idle_since >= LINGER_S:
                     del self._held[lid]
                     self._release.append(lid)
-            if not (self._release or self._uses or self._latency or now >= self._next_renew):
+            counts_due = (self._uses or self._latency) and now >= self._next_counts
+            if not (self._release or counts_due or now >= self._next_renew):
                 continue
             request = SyncRequest(
                 holder=self.holder,
@@ -231,6 +233,7 @@ class SharedState:
                 await asyncio.sleep(RETRY_S)
                 continue
             self._next_renew = now + self._terms.lease_s / 3
+            self._next_counts = now + COUNTS_S
 
     def _restore(self, request: SyncRequest) -> None:
         """A sync that did not arrive: its releases and counts go with the next one."""
