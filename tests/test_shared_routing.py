@@ -31,7 +31,7 @@ class Pool:
 
 @pytest.fixture(scope="module")
 def pool(serve_url: str, upstream_factory) -> Pool:
-    names = ["e1", "e2", "n1", "n2", "n3", "hold", "k1", "a1", "a2"]
+    names = ["e1", "e2", "n1", "n2", "n3", "hold", "k1", "a1", "a2", "slow1"]
     ups = {n: upstream_factory(n) for n in names}
     dead = f"http://127.0.0.1:{free_port()}"
     config = {
@@ -49,6 +49,13 @@ def pool(serve_url: str, upstream_factory) -> Pool:
             },
             "m/ka": {"providers": [provider("k1", ups["k1"].url, "ollama", keep_alive="1s")]},
         },
+        "busy_models": {
+            "m/busy": {
+                "providers": [provider("slow1", ups["slow1"].url)],
+                "fallback_model": "m/excl",
+            },
+            "m/busy-alone": {"providers": [provider("slow2", ups["slow1"].url + "/v1")]},
+        },
         "dyn_models": {
             "m/alive": {
                 "providers": [provider("a1", ups["a1"].url), provider("a2", ups["a2"].url)]
@@ -63,12 +70,14 @@ def pool(serve_url: str, upstream_factory) -> Pool:
             "excl_models": ["m/excl", "m/hold"],
             "nw_models": ["m/nw", "m/ka"],
             "dyn_models": ["m/alive", "m/dead", "m/dead-alone"],
+            "busy_models": ["m/busy", "m/busy-alone"],
         },
         "routing": {
             "default": {"num_replicas": 2, "lease_s": LEASE_S, "unhealthy_cooldown_s": 0},
             "excl_models": {"strategy": "first_available", "wait_timeout_s": 20},
             "nw_models": {"strategy": "first_available_optim_nworkers", "pin_ttl_s": 3},
             "dyn_models": {"strategy": "dynamic_weighted", "num_replicas": 1},
+            "busy_models": {"strategy": "first_available", "num_replicas": 1, "wait_timeout_s": 1},
         },
     }
     deploy(serve_url, config)
@@ -172,10 +181,27 @@ async def test_fallback_model_serves_when_every_provider_is_down(pool: Pool, htt
         assert headers["x-router-fallback-model"] == "m/excl"
         assert headers["x-router-provider"] in {"e1", "e2"}
         assert "x-router-unservable" not in headers
-        assert b'"model":"m/excl"' in body
+        assert b'"m/excl"' in body  # the fallback's upstream answered
     status, headers, body = await _ask(http, pool.url, "m/dead-alone")
     assert status == 503 and "x-router-fallback-model" not in headers
     assert "x-router-unservable" not in headers
+
+
+async def test_busy_past_the_wait_is_503_or_the_fallback(pool: Pool, http) -> None:
+    pool.ups["slow1"].knobs = Knobs(latency_s=4.0)  # each provider holds its one slot 4 s
+    hogs = [asyncio.ensure_future(_ask(http, pool.url, m)) for m in ("m/busy", "m/busy-alone")]
+
+    async def both_taken() -> bool:
+        busy = (await _state(http, pool.url))["busy"]
+        return busy.get("slow1") == 1 and busy.get("slow2") == 1
+
+    await _until(both_taken, "both slots to be taken")
+    status, headers, body = await _ask(http, pool.url, "m/busy-alone")
+    assert status == 503 and b"no_free_provider" in body
+    assert headers["retry-after"] == "1"
+    status, headers, body = await _ask(http, pool.url, "m/busy")
+    assert status == 200 and headers["x-router-fallback-model"] == "m/excl"
+    assert [s for s, _, _ in await asyncio.gather(*hogs)] == [200, 200]
 
 
 async def test_keep_alive_rewarms_a_pinned_model_until_the_pin_lapses(pool: Pool, http) -> None:
