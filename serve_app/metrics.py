@@ -51,7 +51,8 @@ SPECS: dict[str, Spec] = {
     "llm_router_slot_takes": Spec(
         "counter",
         "first_available* slots taken: from this replica's own (local), from the broker "
-        "(broker), none within the wait (timeout)",
+        "(broker), none within the wait (timeout), granted after the request left and given "
+        "back (abandoned)",
         ("path",),
     ),
     "llm_router_circuit_state": Spec(

@@ -23,7 +23,7 @@ from typing import NamedTuple
 
 from ray.actor import ActorHandle
 
-from serve_app.broker import AcquireRequest, SlotSpec, Snapshot, SyncRequest, Terms
+from serve_app.broker import AcquireRequest, Grant, SlotSpec, Snapshot, SyncRequest, Terms
 from serve_app.config import ProviderConfig, StrategyName
 from serve_app.metrics import Tally
 from serve_app.strategies import Stats, capacity, slot_order
@@ -130,13 +130,18 @@ class SharedState:
         self._waiting += not free
         try:
             while True:
+                call = asyncio.ensure_future(self._ask(request))
                 try:
                     grant = await asyncio.wait_for(
-                        self._actor().acquire.remote(request), request.wait_s + CALL_TIMEOUT_S
+                        asyncio.shield(call), request.wait_s + CALL_TIMEOUT_S
                     )
                     break
-                except Exception as exc:  # broker gone or slow: retry within the wait
-                    self._lost(exc)
+                except BaseException as exc:
+                    # The broker may still grant the slot: whenever it does, it goes back.
+                    call.add_done_callback(self._give_back_late)
+                    if not isinstance(exc, Exception):
+                        raise  # the request was cancelled (its client left)
+                    self._lost(exc)  # broker gone or slow: retry within the wait
                     request.release = []
                     request.wait_s = deadline - time.monotonic()
                     if request.wait_s <= 0:
@@ -178,6 +183,17 @@ class SharedState:
                 if lid is not None or leased[p.id] < capacity(strategy, p):
                     return None, True  # the broker gives out the best free slot
         return None, False
+
+    async def _ask(self, request: AcquireRequest) -> Grant:
+        return await self._actor().acquire.remote(request)
+
+    def _give_back_late(self, call: asyncio.Future[Grant]) -> None:
+        if call.cancelled() or call.exception() is not None:
+            return
+        lease_id = call.result().lease_id
+        if lease_id is not None:
+            self._release.append(lease_id)
+            self.tally.inc(TAKES_METRIC, ("abandoned",))
 
     def _may_keep(self) -> bool:
         return self.snapshot.alone and not self.snapshot.contended and not self._waiting

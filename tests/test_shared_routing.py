@@ -174,6 +174,35 @@ async def test_a_killed_replicas_slots_come_back_within_the_lease(pool: Pool, ht
     assert status in (500, 502, 503)
 
 
+async def test_a_request_that_leaves_while_waiting_gives_its_slot_back(pool: Pool, http) -> None:
+    pool.ups["hold"].knobs = Knobs(latency_s=1.0)
+    first = asyncio.ensure_future(_ask(http, pool.url, "m/hold"))
+
+    async def taken() -> bool:
+        return (await _state(http, pool.url))["busy"].get("hold") == 1
+
+    await _until(taken, "the slot to be taken")
+    body = {"model": "m/hold", "messages": [{"role": "user", "content": "x"}], "stream": True}
+    with pytest.raises(TimeoutError):  # this client gives up while its request waits
+        async with http.post(
+            f"{pool.url}/v1/chat/completions",
+            json=body,
+            timeout=aiohttp.ClientTimeout(total=0.3),
+        ) as resp:
+            await resp.read()
+    assert (await first)[0] == 200
+
+    async def given_back() -> bool:
+        async with http.get(f"{pool.url}/metrics") as resp:
+            text = await resp.text()
+        return 'llm_router_slot_takes_total{path="abandoned"} 1.0' in text
+
+    await _until(given_back, "the late grant to be given back")
+    pool.ups["hold"].knobs = Knobs()
+    status, headers, _ = await _ask(http, pool.url, "m/hold")
+    assert status == 200 and headers["x-router-provider"] == "hold"
+
+
 async def test_fallback_model_serves_when_every_provider_is_down(pool: Pool, http) -> None:
     for stream in (False, True):
         status, headers, body = await _ask(http, pool.url, "m/dead", stream=stream)
