@@ -53,7 +53,7 @@ async def _measure(strategy: str, registry: object, count: int, n: int) -> dict:
     routing = config.model_types["t"].routing
     handler = ModelHandler(config=config)
     shared = SharedState(lambda: broker_handle(registry), f"bench-{strategy}")
-    shared.configure(list(handler.states), Terms(routing.lease_s, routing.pin_ttl_s, 0.3))
+    shared.configure(list(handler.states), [MODEL], Terms(routing.lease_s, routing.pin_ttl_s, 0.3))
     shared.start()
     dispatcher = Dispatcher(handler, routing, None, shared=shared)  # type: ignore[arg-type]
     meta = RequestMeta(Endpoint.CHAT, MODEL, False, 10, False, "r")

@@ -77,6 +77,7 @@ class Terms:
 class SyncRequest:
     holder: str
     providers: list[str]
+    models: list[str]
     terms: Terms
     held: list[tuple[str, str]] = field(default_factory=list)  # (lease id, provider id)
     released: list[str] = field(default_factory=list)
@@ -107,6 +108,7 @@ class AcquireRequest:
     wait_s: float
     terms: Terms
     providers: list[str]
+    models: list[str]
     release: list[str] = field(default_factory=list)  # the holder's idle leases, given back
 
 
@@ -179,7 +181,7 @@ class Broker:
             self._latency.add(provider, total, count, req.terms.latency_alpha)
         if changed:
             self._serve_waiters(now)
-        return self._snapshot(req.holder, req.providers, list(req.uses))
+        return self._snapshot(req.holder, req.providers, req.models)
 
     async def acquire(self, req: AcquireRequest) -> Grant:
         """A slot on the best free provider of the request's tiers, waiting up to `wait_s`
@@ -208,7 +210,7 @@ class Broker:
                 if waiter in self._waiters:
                     self._waiters.remove(waiter)
         lease_id, provider = granted if granted else (None, None)
-        return Grant(lease_id, provider, self._snapshot(req.holder, req.providers, [req.model]))
+        return Grant(lease_id, provider, self._snapshot(req.holder, req.providers, req.models))
 
     async def release(self, holder: str, lease_ids: list[str]) -> None:
         now = time.monotonic()

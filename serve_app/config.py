@@ -10,6 +10,7 @@ import logging
 import os
 import re
 from collections.abc import Iterable, Mapping
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -122,7 +123,7 @@ class ProviderConfig(BaseModel):
     # What first_available_optim calls a host (one model server); default: api_host's host:port.
     host: str | None = None
 
-    @property
+    @cached_property
     def host_key(self) -> str:
         return self.host or (urlsplit(self.api_host).netloc or self.api_host)
 

@@ -61,6 +61,7 @@ class SharedState:
         self._connect = connect
         self._handle: ActorHandle | None = None
         self._providers: list[str] = []
+        self._models: list[str] = []
         self._terms = Terms(lease_s=10.0, pin_ttl_s=300.0, latency_alpha=0.3)
         self._held: dict[str, _Held] = {}
         self._release: list[str] = []
@@ -71,8 +72,9 @@ class SharedState:
         self._next_counts = 0.0
         self._task: asyncio.Task[None] | None = None
 
-    def configure(self, providers: Sequence[str], terms: Terms) -> None:
-        self._providers, self._terms = list(providers), terms
+    def configure(self, providers: Sequence[str], models: Sequence[str], terms: Terms) -> None:
+        """The providers and models this replica routes to (their shared state comes back)."""
+        self._providers, self._models, self._terms = list(providers), list(models), terms
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop())
@@ -123,6 +125,7 @@ class SharedState:
             wait_s=wait_s,
             terms=self._terms,
             providers=self._providers,
+            models=self._models,
             release=idle,
         )
         deadline = time.monotonic() + wait_s
@@ -232,6 +235,7 @@ class SharedState:
             request = SyncRequest(
                 holder=self.holder,
                 providers=self._providers,
+                models=self._models,
                 terms=self._terms,
                 held=[(lid, h.provider) for lid, h in self._held.items()],
                 released=self._release,

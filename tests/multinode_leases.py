@@ -32,7 +32,7 @@ class Client:
     def __init__(self, registry: RegistryRef, name: str, providers: list[dict]) -> None:
         self._providers = [ProviderConfig.model_validate(p) for p in providers]
         self._shared = SharedState(lambda: broker_handle(registry), name)
-        self._shared.configure([p.id for p in self._providers], TERMS)
+        self._shared.configure([p.id for p in self._providers], ["m"], TERMS)
         self._started = False
 
     def node(self) -> str:

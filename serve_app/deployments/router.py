@@ -72,6 +72,7 @@ class ModelTypeRouter:
         handler = ModelHandler(config=config, previous=previous, default=self._default_strategy)
         self._shared.configure(
             list(handler.states),
+            list(handler.strategy_names),
             Terms(routing.lease_s, routing.pin_ttl_s, routing.latency_alpha),
         )
         if self._dispatcher is None:
