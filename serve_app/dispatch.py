@@ -102,13 +102,15 @@ class _Attempts:
         self._tiers = candidates.tiers
         self.paths = {p.model_path for tier in self._tiers for p in tier if p.model_path}
         self._strategy = handler.strategy_names[meta.model]
-        self._left = view.routing.max_attempts
+        # As many attempts as a plan has: max_attempts per tier that has providers.
+        self._left = view.routing.max_attempts * sum(1 for tier in self._tiers if tier)
         self._plan: Iterator[ProviderConfig] | None = None
         if shared is None or self._strategy not in SLOT_STRATEGIES:
             in_flight = {pid: s.in_flight for pid, s in handler.states.items()}
             stats = shared.stats(meta.model, in_flight) if shared else Stats(in_flight=in_flight)
             strategy = handler.strategies[meta.model]
-            self._plan = iter(plan_attempts(candidates, strategy, stats, self._left))
+            max_attempts = view.routing.max_attempts
+            self._plan = iter(plan_attempts(candidates, strategy, stats, max_attempts))
         self._current: ProviderConfig | None = None
         self._slot: Slot | None = None
         self._tried: set[str] = set()
