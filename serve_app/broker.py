@@ -24,11 +24,11 @@ import ray
 from ray.actor import ActorHandle
 
 from serve_app.config import ConfigError, ProviderConfig, StrategyName, duration_s
-from serve_app.follow import Follower
 from serve_app.leases import Latency, LeaseTable, Pins
 from serve_app.providers.base import json_headers, upstream_model
 from serve_app.providers.ollama import ollama_root
-from serve_app.registry.actor import NAMESPACE, RegistryRef
+from serve_app.registry.actor import RegistryRef
+from serve_app.registry.companion import ManifestCompanion, companion_handle
 from serve_app.registry.manifest import Manifest, config_of
 from serve_app.strategies import PinView, slot_order
 
@@ -46,14 +46,7 @@ PINNING = frozenset({"first_available_optim", "first_available_optim_nworkers"})
 def broker_handle(registry: RegistryRef) -> ActorHandle:
     """The registry's broker; created if there is none (replicas then renew their leases
     into it)."""
-    return Broker.options(
-        name=f"{registry.name}-broker",
-        namespace=NAMESPACE,
-        get_if_exists=True,
-        lifetime="detached",
-        max_restarts=-1,
-        num_cpus=0,
-    ).remote(registry)
+    return companion_handle(Broker, registry, "broker")
 
 
 class SlotSpec(NamedTuple):
@@ -125,9 +118,9 @@ class _Waiter:
 
 
 @ray.remote
-class Broker:
-    def __init__(self, registry: RegistryRef) -> None:
-        self._registry = registry
+class Broker(ManifestCompanion):
+    def __init__(self, registry: RegistryRef, role: str) -> None:
+        super().__init__(registry, role)
         self._leases = LeaseTable()
         self._pins = Pins()
         self._uses: defaultdict[str, Counter[str]] = defaultdict(Counter)
@@ -140,20 +133,6 @@ class Broker:
         self._warmed: dict[str, float] = {}
         self._warming: set[str] = set()
         self._warms: Counter[str] = Counter()
-        self._session: aiohttp.ClientSession | None = None
-        self._started: asyncio.Task[None] | None = None
-
-    async def _ensure_started(self) -> None:
-        if self._started is None:
-            self._started = asyncio.get_running_loop().create_task(self._run())
-        if not self._started.done():
-            await asyncio.shield(self._started)
-
-    async def _run(self) -> None:
-        self._session = aiohttp.ClientSession()
-        follower = Follower(self._registry.handle, "broker", Manifest(), self._apply)
-        await follower.start()
-        asyncio.get_running_loop().create_task(self._tick_loop())
 
     def _apply(self, manifest: Manifest) -> None:
         with contextlib.suppress(ConfigError):
@@ -292,7 +271,8 @@ class Broker:
                 waiter.future.set_result(granted)
                 self._waiters.remove(waiter)
 
-    async def _tick_loop(self) -> None:
+    async def _background(self) -> None:
+        """Expires leases, lapses pins, serves waiters they free, and keeps pins warm."""
         while True:
             await asyncio.sleep(TICK_S)
             now = time.monotonic()

@@ -18,12 +18,13 @@ import ray
 from ray.actor import ActorHandle
 
 from serve_app.config import ConfigError, ProviderConfig, RoutingConfig
-from serve_app.follow import Follower, Signal
+from serve_app.follow import Signal
 from serve_app.health import CIRCUIT_LEVEL, Breaker, Circuit, HealthView
 from serve_app.metrics import Snapshot, Tally, render
 from serve_app.providers import probe_url
 from serve_app.providers.base import json_headers
-from serve_app.registry.actor import NAMESPACE, RegistryRef
+from serve_app.registry.actor import RegistryRef
+from serve_app.registry.companion import ManifestCompanion, companion_handle
 from serve_app.registry.manifest import Manifest, config_of
 
 log = logging.getLogger(__name__)
@@ -35,14 +36,7 @@ METRICS_TTL_S = 15.0
 
 def monitor_handle(registry: RegistryRef) -> ActorHandle:
     """The registry's monitor; created if there is none (it starts from the manifest)."""
-    return Monitor.options(
-        name=f"{registry.name}-monitor",
-        namespace=NAMESPACE,
-        get_if_exists=True,
-        lifetime="detached",
-        max_restarts=-1,
-        num_cpus=0,
-    ).remote(registry)
+    return companion_handle(Monitor, registry, "monitor")
 
 
 class _Provider:
@@ -56,28 +50,13 @@ class _Provider:
 
 
 @ray.remote
-class Monitor:
-    def __init__(self, registry: RegistryRef) -> None:
-        self._registry = registry
+class Monitor(ManifestCompanion):
+    def __init__(self, registry: RegistryRef, role: str) -> None:
+        super().__init__(registry, role)
         self._providers: dict[str, _Provider] = {}
         self._view = HealthView()
         self._changed = Signal()
         self._metrics: dict[str, tuple[float, Snapshot]] = {}
-        self._session: aiohttp.ClientSession | None = None
-        self._started: asyncio.Task[None] | None = None
-
-    async def _ensure_started(self) -> None:
-        if self._started is None:
-            self._started = asyncio.get_running_loop().create_task(self._run())
-        if not self._started.done():
-            await asyncio.shield(self._started)
-
-    async def _run(self) -> None:
-        """Follow the manifest (for the provider list), then keep probing in the background."""
-        self._session = aiohttp.ClientSession()
-        follower = Follower(self._registry.handle, "monitor", Manifest(), self._apply)
-        await follower.start()
-        asyncio.get_running_loop().create_task(self._probe_loop())
 
     def _apply(self, manifest: Manifest) -> None:
         try:
@@ -109,7 +88,8 @@ class Monitor:
             self._changed.fire()
             log.warning("provider health changed", extra={"out_of_service": list(out)})
 
-    async def _probe_loop(self) -> None:
+    async def _background(self) -> None:
+        """Probes each provider of the manifest when due."""
         while True:
             now = time.monotonic()
             for p in self._providers.values():
