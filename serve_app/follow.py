@@ -52,6 +52,29 @@ class Signal:
             await asyncio.wait_for(self._event.wait(), timeout)
 
 
+class ActorLink:
+    """A handle that `connect` gets (creating the actor if it is gone), dropped after a failed
+    call so that the next call connects again."""
+
+    def __init__(self, connect: Callable[[], ActorHandle], caller: str, what: str) -> None:
+        self._connect = connect
+        self._caller = caller
+        self._what = what
+        self._handle: ActorHandle | None = None
+
+    def get(self) -> ActorHandle:
+        if self._handle is None:
+            self._handle = self._connect()
+        return self._handle
+
+    def lost(self, exc: BaseException) -> None:
+        log.warning(
+            f"{self._what} call failed; retrying",
+            extra={"caller": self._caller, "reason": type(exc).__name__},
+        )
+        self._handle = None
+
+
 class Follower(Generic[S]):
     def __init__(
         self,
@@ -63,17 +86,14 @@ class Follower(Generic[S]):
     ) -> None:
         """`connect` returns the actor's handle, creating the actor if it is gone."""
         self.id = follower_id
-        self._connect = connect
+        self._link = ActorLink(connect, follower_id, "follow")
         self._apply = apply
         self._busy = busy
-        self._handle: ActorHandle | None = None
         self._task: asyncio.Task[None] | None = None
         self.state = initial
 
     def actor(self) -> ActorHandle:
-        if self._handle is None:
-            self._handle = self._connect()
-        return self._handle
+        return self._link.get()
 
     async def start(self) -> None:
         """Apply the current manifest (retrying until the registry answers), then follow it."""
@@ -82,7 +102,7 @@ class Follower(Generic[S]):
                 state = await asyncio.wait_for(self.actor().current.remote(self.id), CALL_SLACK_S)
                 break
             except Exception as exc:
-                self._lost(exc)
+                self._link.lost(exc)
                 await asyncio.sleep(RETRY_S)
         self._set(state)
         self._task = asyncio.get_running_loop().create_task(self._follow())
@@ -90,13 +110,6 @@ class Follower(Generic[S]):
     def _set(self, state: S) -> None:
         self._apply(state)
         self.state = state
-
-    def _lost(self, exc: BaseException) -> None:
-        log.warning(
-            "follow call failed; retrying",
-            extra={"follower": self.id, "reason": type(exc).__name__},
-        )
-        self._handle = None
 
     async def _follow(self) -> None:
         while True:
@@ -108,7 +121,7 @@ class Follower(Generic[S]):
                     timeout + CALL_SLACK_S,
                 )
             except Exception as exc:
-                self._lost(exc)
+                self._link.lost(exc)
                 await asyncio.sleep(RETRY_S)
                 continue
             if state is not None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -25,10 +24,9 @@ from ray.actor import ActorHandle
 
 from serve_app.broker import AcquireRequest, Grant, SlotSpec, Snapshot, SyncRequest, Terms
 from serve_app.config import ProviderConfig, StrategyName
+from serve_app.follow import ActorLink
 from serve_app.metrics import Tally
 from serve_app.strategies import Stats, capacity, slot_order
-
-log = logging.getLogger("ray.serve")
 
 LINGER_S = 0.05  # also how often idle slots are looked at
 COUNTS_S = 0.5  # use counts and latency samples go out this often
@@ -58,8 +56,7 @@ class SharedState:
         self.holder = holder
         self.tally = tally or Tally()
         self.snapshot = Snapshot()
-        self._connect = connect
-        self._handle: ActorHandle | None = None
+        self._link = ActorLink(connect, holder, "broker")
         self._providers: list[str] = []
         self._models: list[str] = []
         self._terms = Terms(lease_s=10.0, pin_ttl_s=300.0, latency_alpha=0.3)
@@ -78,11 +75,6 @@ class SharedState:
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop())
-
-    def _actor(self) -> ActorHandle:
-        if self._handle is None:
-            self._handle = self._connect()
-        return self._handle
 
     # --- counts ------------------------------------------------------------------------------
 
@@ -144,7 +136,7 @@ class SharedState:
                     call.add_done_callback(self._give_back_late)
                     if not isinstance(exc, Exception):
                         raise  # the request was cancelled (its client left)
-                    self._lost(exc)  # broker gone or slow: retry within the wait
+                    self._link.lost(exc)  # broker gone or slow: retry within the wait
                     request.release = []
                     request.wait_s = deadline - time.monotonic()
                     if request.wait_s <= 0:
@@ -188,7 +180,7 @@ class SharedState:
         return None, False
 
     async def _ask(self, request: AcquireRequest) -> Grant:
-        return await self._actor().acquire.remote(request)
+        return await self._link.get().acquire.remote(request)
 
     def _give_back_late(self, call: asyncio.Future[Grant]) -> None:
         if call.cancelled() or call.exception() is not None:
@@ -208,18 +200,11 @@ class SharedState:
         if not self._may_keep():
             del self._held[slot.lease_id]
             with contextlib.suppress(Exception):
-                self._actor().release.remote(self.holder, [slot.lease_id])
+                self._link.get().release.remote(self.holder, [slot.lease_id])
             return
         held.busy, held.idle_since = False, time.monotonic()
 
     # --- the batch loop ----------------------------------------------------------------------
-
-    def _lost(self, exc: BaseException) -> None:
-        log.warning(
-            "broker call failed; retrying",
-            extra={"holder": self.holder, "reason": type(exc).__name__},
-        )
-        self._handle = None
 
     async def _loop(self) -> None:
         while True:
@@ -245,10 +230,10 @@ class SharedState:
             self._release, self._uses, self._latency = [], {}, {}
             try:
                 self.snapshot = await asyncio.wait_for(
-                    self._actor().sync.remote(request), CALL_TIMEOUT_S
+                    self._link.get().sync.remote(request), CALL_TIMEOUT_S
                 )
             except Exception as exc:
-                self._lost(exc)
+                self._link.lost(exc)
                 self._restore(request)
                 await asyncio.sleep(RETRY_S)
                 continue
@@ -271,4 +256,4 @@ class SharedState:
         ids = [*self._release, *self._held]
         if ids:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._actor().release.remote(self.holder, ids), 2.0)
+                await asyncio.wait_for(self._link.get().release.remote(self.holder, ids), 2.0)
