@@ -23,7 +23,6 @@ from serve_app.metrics import Tally
 from serve_app.providers import prepare
 from serve_app.providers.base import JSON, SSE, Exchange
 from serve_app.schemas import RequestMeta
-from serve_app.selection import plan_attempts
 from serve_app.shared import SharedState, Slot
 from serve_app.strategies import Stats
 
@@ -106,11 +105,9 @@ class _Attempts:
         self._left = view.routing.max_attempts * sum(1 for tier in self._tiers if tier)
         self._plan: Iterator[ProviderConfig] | None = None
         if shared is None or self._strategy not in SLOT_STRATEGIES:
-            in_flight = {pid: s.in_flight for pid, s in handler.states.items()}
+            in_flight = handler.in_flight()
             stats = shared.stats(meta.model, in_flight) if shared else Stats(in_flight=in_flight)
-            strategy = handler.strategies[meta.model]
-            max_attempts = view.routing.max_attempts
-            self._plan = iter(plan_attempts(candidates, strategy, stats, max_attempts))
+            self._plan = iter(handler.order(meta.model, candidates, stats))
         self._current: ProviderConfig | None = None
         self._slot: Slot | None = None
         self._tried: set[str] = set()

@@ -134,18 +134,23 @@ class ModelHandler:
         """The providers this request may go to (see selection.candidate_tiers)."""
         return candidate_tiers(meta.model, self._model(meta.model), meta, self.states, self.clock())
 
-    def plan(self, meta: RequestMeta, stats: Stats | None = None) -> list[ProviderConfig]:
-        """Every provider to try for this request, in order (see selection.plan_attempts).
+    def in_flight(self) -> dict[str, int]:
+        """This handler's requests under way, per provider."""
+        return {pid: s.in_flight for pid, s in self.states.items()}
 
-        `stats`: the shared counts; by default this handler's own in-flight counts only."""
-        if stats is None:
-            stats = Stats(in_flight={pid: s.in_flight for pid, s in self.states.items()})
+    def order(self, model_name: str, candidates: Candidates, stats: Stats) -> list[ProviderConfig]:
+        """The candidates in the model's strategy order, capped per tier (plan_attempts)."""
         return plan_attempts(
-            self.candidates(meta),
-            self.strategies[meta.model],
+            candidates,
+            self.strategies[model_name],
             stats,
-            self.api_model_config.routing[meta.model].max_attempts,
+            self.api_model_config.routing[model_name].max_attempts,
         )
+
+    def plan(self, meta: RequestMeta) -> list[ProviderConfig]:
+        """Every provider to try for this request, by this handler's own counts."""
+        stats = Stats(in_flight=self.in_flight())
+        return self.order(meta.model, self.candidates(meta), stats)
 
     def get_model_provider(self, model_name: str) -> ApiModel:
         """The provider the strategy picks now for a small, tool-less request."""
