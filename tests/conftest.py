@@ -5,16 +5,20 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
+import sys
 import tempfile
 import time
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
 from serve_app.serve_env import apply_fast_serve_env
 
+ROOT = Path(__file__).resolve().parent.parent
 apply_fast_serve_env(single_node=True)  # before ray.serve is imported anywhere in this process
 # Ray workers inherit the driver's environment when ray.init starts the node; the replicas and
 # the registry read the admin token and resolve `${ENV}` api tokens there.
@@ -114,6 +118,22 @@ def upstream_factory() -> Iterator[Callable[[str], FakeUpstream]]:
     yield make
     for up in started:
         up.stop_thread()
+
+
+def run_cluster_script(module: str) -> dict:
+    """Runs `python -m <module>` (a multi-node scenario) and returns the JSON of its last line.
+
+    Its own process: this session's Ray is single-node, and one process holds one Ray.
+    """
+    run = subprocess.run(
+        [sys.executable, "-m", module],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
 
 
 def provider(pid: str, url: str, api_type: str = "openai", **extra: object) -> dict:

@@ -8,22 +8,11 @@ import sys
 from pathlib import Path
 
 from serve_app.demo_upstream import Knobs
-from tests.conftest import provider
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.conftest import ROOT, provider, run_cluster_script
 
 
 def test_each_provider_is_provisioned_on_its_node() -> None:
-    # Its own process: this session's Ray is single-node, and one process holds one Ray.
-    run = subprocess.run(
-        [sys.executable, "-m", "tests.multinode_provision"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    out = json.loads(run.stdout.strip().splitlines()[-1])
+    out = run_cluster_script("tests.multinode_provision")
     by_role = {s["role"]: s for s in out["report"]["statuses"]}
     assert by_role["ra"]["action"] == by_role["rb"]["action"] == "installed"
     assert by_role["ra"]["node"] == out["nodes"]["gpu_node_a"]

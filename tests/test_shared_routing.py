@@ -5,22 +5,17 @@ keep-alive of pinned Ollama models, runtime weights."""
 from __future__ import annotations
 
 import asyncio
-import json
-import subprocess
-import sys
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 
 import aiohttp
 import pytest
 import ray
 
 from serve_app.demo_upstream import FakeUpstream, Knobs
-from tests.conftest import ADMIN, deploy, free_port, provider
+from tests.conftest import ADMIN, deploy, free_port, provider, run_cluster_script
 
 LEASE_S = 2.0
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @dataclass
@@ -303,16 +298,7 @@ async def test_dynamic_weighted_moves_share_away_from_a_slow_provider(pool: Pool
 
 
 def test_slots_are_exclusive_across_nodes_and_leases_outlive_no_node() -> None:
-    # Its own process: this session's Ray is single-node, and one process holds one Ray.
-    run = subprocess.run(
-        [sys.executable, "-m", "tests.multinode_leases"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    out = json.loads(run.stdout.strip().splitlines()[-1])
+    out = run_cluster_script("tests.multinode_leases")
     assert len(set(out["nodes"])) == 2 and out["head"] not in out["nodes"]
     # each node's actor made 40 calls over both providers, never two on one at once
     assert [sum(s.values()) for s in out["served"]] == [40, 40]
