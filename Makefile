@@ -13,8 +13,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
+# `make run RUN_ARGS="--port 8080 --watch"`: see `python -m serve_app.run --help`.
+RUN_ARGS ?=
 run: install
-	$(BIN)/python -m serve_app.run
+	$(BIN)/python -m serve_app.run $(RUN_ARGS)
 
 lint: install
 	$(BIN)/ruff check .

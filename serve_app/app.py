@@ -6,15 +6,22 @@ validates the models config and publishes it to the registry, so the replicas st
 
 from __future__ import annotations
 
+import sys
+from typing import NamedTuple, NoReturn
+
 import ray
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray.serve import Application
+from ray.serve.exceptions import RayServeException
 from ray.serve.schema import LoggingConfig
 
 from serve_app.config import (
+    ConfigError,
+    RouterConfig,
     StrategyName,
     config_path,
     default_strategy,
+    json_path,
     parse_config,
     read_raw,
 )
@@ -23,6 +30,7 @@ from serve_app.deployments.router import ModelTypeRouter
 from serve_app.profiles import (
     KIND,
     active_profile_name,
+    parse_profiles,
     profiles_path,
     read_profiles,
 )
@@ -31,6 +39,9 @@ from serve_app.registry.actor import Published, RegistryRef
 APP_NAME = "llm-router"
 # JSON lines, no per-request access log (it costs throughput and carries client paths).
 LOGGING = LoggingConfig(encoding="JSON", enable_access_log=False, log_level="INFO")
+# How often a stopping replica checks that its requests are done (Serve's default, 2 s, is
+# slept before the first check, so every stop and redeploy took at least that long).
+DRAIN_POLL_S = 0.1
 
 
 class AppArgs(BaseModel):
@@ -57,21 +68,49 @@ def router_deployment_name(model_type: str) -> str:
     return f"router-{model_type}"
 
 
+class Checked(NamedTuple):
+    """Everything the app is built from, validated before any Ray call."""
+
+    raw: object
+    source: str
+    config: RouterConfig
+    strategy: StrategyName
+    profiles: tuple[object, str] | None
+    active_profile: str
+
+
+def check_settings(args: AppArgs, document: tuple[object, str] | None = None) -> Checked:
+    """The models config, the profiles and the settings from the environment, validated.
+
+    Pure (files and environment only), so `make run` checks them before Ray starts. Raises
+    ConfigError (one line: file, JSON path, reason) on the first file or setting that fails.
+    """
+    raw, source = document or read_raw(args.models_config)
+    config = parse_config(raw, source)
+    strategy = default_strategy(args.balance_strategy)
+    profiles = read_profiles(args.profiles_config)
+    active = active_profile_name()
+    if profiles is not None:
+        parse_profiles(*profiles).roles(active)
+    return Checked(raw, source, config, strategy, profiles, active)
+
+
 def router_app(args: AppArgs, document: tuple[object, str] | None = None) -> Application:
     """The app for the models config file named in `args` (or `document`, already decoded).
 
     Raises ConfigError when the config does not validate (or clashes with a registered adapter).
     """
-    raw, source = document or read_raw(args.models_config)
-    config = parse_config(raw, source)
-    strategy = default_strategy(args.balance_strategy)
+    checked = check_settings(args, document)
+    config, profiles = checked.config, checked.profiles
     registry = RegistryRef.resolve(args.registry_name, args.registry_path)
-    published: Published = ray.get(registry.handle().publish_config.remote(raw, source))
-    published.checked(source)
-    profiles = read_profiles(args.profiles_config)
-    active = active_profile_name()
+    published: Published = ray.get(
+        registry.handle().publish_config.remote(checked.raw, checked.source)
+    )
+    published.checked(checked.source)
     if profiles is not None:
-        published = ray.get(registry.handle().publish_profiles.remote(*profiles, active))
+        published = ray.get(
+            registry.handle().publish_profiles.remote(*profiles, checked.active_profile)
+        )
         published.checked(profiles[1], KIND)
     routers = {
         name: ModelTypeRouter.options(
@@ -79,24 +118,48 @@ def router_app(args: AppArgs, document: tuple[object, str] | None = None) -> App
             num_replicas=group.routing.num_replicas,
             max_ongoing_requests=group.routing.max_ongoing_requests,
             graceful_shutdown_timeout_s=group.routing.drain_timeout_s,
+            graceful_shutdown_wait_loop_s=DRAIN_POLL_S,
             logging_config=LOGGING,
-        ).bind(name, registry, strategy)
+        ).bind(name, registry, checked.strategy)
         for name, group in config.model_types.items()
     }
     settings = IngressSettings(
         max_body_bytes=args.max_body_bytes,
         config_path=str(config_path(args.models_config).resolve()),
         profiles_path=None if profiles is None else str(profiles_path(profiles[1]).resolve()),
-        active_profile=active,
+        active_profile=checked.active_profile,
         watch_config=args.watch_config,
         ack_timeout_s=args.ack_timeout_s,
     )
     drain = max(g.routing.drain_timeout_s for g in config.model_types.values())
-    return Ingress.options(logging_config=LOGGING, graceful_shutdown_timeout_s=drain).bind(
-        routers, registry, settings
-    )
+    return Ingress.options(
+        logging_config=LOGGING,
+        graceful_shutdown_timeout_s=drain,
+        graceful_shutdown_wait_loop_s=DRAIN_POLL_S,
+    ).bind(routers, registry, settings)
 
 
 def build_app(args: dict[str, object] | None = None) -> Application:
-    """Serve's app-builder entry: args are the YAML's `args` (see AppArgs)."""
-    return router_app(AppArgs.model_validate(args or {}))
+    """Serve's app-builder entry: args are the YAML's `args` (see AppArgs).
+
+    A bad config or setting is one line, never a traceback: in a terminal (`serve run
+    serve_app.app:build_app`, which builds before Ray starts) it is printed and the process
+    exits 2; where Serve builds the app in its controller (`serve run` / `serve deploy` of a
+    YAML) it is the application's status message (`serve status`).
+    """
+    try:
+        app_args = AppArgs.model_validate(args or {})
+    except ValidationError as exc:
+        problems = [(json_path(e["loc"]), e["msg"]) for e in exc.errors()]
+        return _refuse(ConfigError(APP_NAME, problems, "args of the Serve application"))
+    try:
+        return router_app(app_args)
+    except ConfigError as exc:
+        return _refuse(exc)
+
+
+def _refuse(exc: ConfigError) -> NoReturn:
+    if not ray.is_initialized():
+        print(f"serve-router: {exc}", file=sys.stderr)
+        raise SystemExit(2)
+    raise RayServeException(str(exc))

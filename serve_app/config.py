@@ -77,8 +77,9 @@ class ConfigError(ValueError):
     ) -> None:
         self.source = source
         self.problems = problems
-        lines = "\n".join(f"  {path}: {why}" for path, why in problems)
-        super().__init__(f"invalid {kind} {source}:\n{lines}")
+        # One line (file, JSON path, reason; every problem): what a terminal and a log show.
+        found = "; ".join(f"{path}: {why}" for path, why in problems)
+        super().__init__(f"invalid {kind} {source}: {found}")
 
 
 def json_path(parts: Iterable[str | int]) -> str:

@@ -1,42 +1,103 @@
 """`make run`: the demo upstream and the router on 127.0.0.1, until Ctrl-C.
 
 With `--no-demo` it serves only the models config (point it at a real Ollama or vLLM).
+
+Every problem found before start (a config file, a setting, a busy port) is one line on stderr
+and exit status 2. The first Ctrl-C (or SIGTERM) stops in order: the router stops taking
+requests and finishes those under way, Ray stops, the demo upstream stops last. A second
+Ctrl-C stops everything at once.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
+from types import FrameType
+from typing import TYPE_CHECKING
 
-from serve_app.config import ConfigError, load_config
+import psutil
+
+from serve_app.config import ConfigError
+from serve_app.local.ports import busy_port, needed_ports, port_free, sweep_leftovers
+from serve_app.local.terminal import detached_child, own_ctrl_c
 from serve_app.serve_env import apply_fast_serve_env
 
+if TYPE_CHECKING:
+    from ray.serve import Application
+
 DEMO_PORT = 8101  # what configs/models-config.json points at
+# A whole-router stop, not a redeploy: the ingress replica stays registered this long for
+# HAProxy (itself stopping) instead of the 5 s tests and redeploys keep (serve_env.py).
+STOP_DRAINING_S = "1"
+STOP_TIMEOUT_S = 30.0
 
 
-def _port_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
+def _say(message: str) -> None:
+    print(f"serve-router: {message}", file=sys.stderr, flush=True)
 
 
 def _listening(proc: subprocess.Popen[bytes], port: int, timeout: float = 15.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return True
-        except OSError:
-            time.sleep(0.1)
+        if not port_free(port):
+            return True
+        time.sleep(0.05)
     return False
+
+
+def _kill_tree() -> None:
+    """Everything this process started (Ray's processes, HAProxy, the demo), at once."""
+    children = psutil.Process().children(recursive=True)
+    for child in children:
+        with contextlib.suppress(psutil.Error):
+            child.kill()
+
+
+class Stop:
+    """The first SIGINT/SIGTERM asks for an orderly stop; the second stops at once."""
+
+    def __init__(self) -> None:
+        self.requested = threading.Event()
+
+    def install(self) -> None:
+        signal.signal(signal.SIGINT, self._on_signal)
+        signal.signal(signal.SIGTERM, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        if self.requested.is_set():
+            _kill_tree()
+            os._exit(128 + signum)
+        self.requested.set()
+        _say("stopping (Ctrl-C again to stop at once)")
+
+
+def _stop_serve() -> None:
+    """Serve's shutdown, but without waiting on the controller's reply: it deletes the app
+    (replicas finish their requests), stops HAProxy and then kills itself, which made Serve's
+    own `serve.shutdown()` print a failed-task warning for the call still waiting."""
+    import ray
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    def controller() -> ray.actor.ActorHandle | None:
+        try:
+            return ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+        except ValueError:
+            return None
+
+    handle = controller()
+    if handle is None:
+        return
+    ray.get(handle.graceful_shutdown.remote(False), timeout=STOP_TIMEOUT_S)
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    while controller() is not None and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,54 +113,77 @@ def main(argv: list[str] | None = None) -> int:
         "--watch", action="store_true", help="publish the models config whenever the file changes"
     )
     args = parser.parse_args(argv)
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
-        return 2
+    os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", STOP_DRAINING_S)
+    apply_fast_serve_env(single_node=True)  # before anything imports ray.serve
+    from serve_app.app import APP_NAME, AppArgs, check_settings, router_app
 
-    demo = None
-    if not args.no_demo:
-        if _port_free(DEMO_PORT):
-            demo = subprocess.Popen(
-                [sys.executable, "-m", "serve_app.demo_upstream", "--port", str(DEMO_PORT)]
-            )
-        if demo is None or not _listening(demo, DEMO_PORT):
-            print(
-                f"the demo upstream could not listen on 127.0.0.1:{DEMO_PORT} (port in use?); "
-                "free it or run with --no-demo",
-                file=sys.stderr,
-            )
-            if demo is not None:
-                demo.kill()
-            return 2
-    apply_fast_serve_env(single_node=True)
+    app_args = AppArgs(models_config=args.config, watch_config=args.watch)
+    try:
+        checked = check_settings(app_args)
+    except ConfigError as exc:
+        _say(str(exc))
+        return 2
+    for line in sweep_leftovers():
+        _say(line)
+    problem = busy_port(needed_ports(args.port, None if args.no_demo else DEMO_PORT), args.host)
+    if problem is not None:
+        _say(problem)
+        return 2
+    models = ", ".join(m for g in checked.config.model_types.values() for m in g.models)
+    with own_ctrl_c():
+        return _serve(args, lambda: router_app(app_args), APP_NAME, models)
+
+
+def _serve(
+    args: argparse.Namespace, build: Callable[[], Application], app_name: str, models: str
+) -> int:
+    """Start Ray, Serve and the app (the demo upstream first), wait for the stop, stop."""
     import ray
     from ray import serve
 
-    from serve_app.app import APP_NAME, AppArgs, router_app
-
-    stop = threading.Event()
+    demo = None
+    if not args.no_demo:
+        demo = subprocess.Popen(
+            [sys.executable, "-m", "serve_app.demo_upstream", "--port", str(DEMO_PORT)],
+            process_group=0,
+            preexec_fn=detached_child,
+        )
+        if not _listening(demo, DEMO_PORT):
+            _say(f"the demo upstream did not start on 127.0.0.1:{DEMO_PORT}; try --no-demo")
+            demo.kill()
+            return 2
+    stop = Stop()
     try:
         ray.init(include_dashboard=False, logging_level="warning")
+        stop.install()  # after ray.init, which installs handlers of its own
         serve.start(http_options={"host": args.host, "port": args.port})
-        app = router_app(AppArgs(models_config=args.config, watch_config=args.watch))
-        serve.run(app, name=APP_NAME, route_prefix="/")
-        # After ray.init, which installs handlers of its own.
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())
-        signal.signal(signal.SIGINT, lambda *_: stop.set())
-        models = ", ".join(m for g in config.model_types.values() for m in g.models)
+        serve.run(build(), name=app_name, route_prefix="/")
         print(
             f"serve-router ready on http://{args.host}:{args.port} (models: {models})", flush=True
         )
-        stop.wait()
+        stop.requested.wait()
+    except KeyboardInterrupt:  # before the handlers were installed
+        _say("stopping")
     finally:
-        serve.shutdown()
+        # In a thread, so that a second Ctrl-C is handled at once by the main thread.
+        stopper = threading.Thread(target=_stop_in_order, args=(demo,), daemon=True)
+        stopper.start()
+        while stopper.is_alive():
+            stopper.join(0.1)
+    return 0
+
+
+def _stop_in_order(demo: subprocess.Popen[bytes] | None) -> None:
+    import ray
+
+    try:
+        if ray.is_initialized():
+            _stop_serve()
+    finally:
         ray.shutdown()
         if demo is not None:
             demo.terminate()
             demo.wait(10)
-    return 0
 
 
 if __name__ == "__main__":

@@ -45,6 +45,7 @@ from serve_app.dispatch import (
 from serve_app.errors import RouterError, model_not_found
 from serve_app.follow import Follower
 from serve_app.handler import ApiModelConfig
+from serve_app.local.loopback import keep_replica_grpc_on_loopback
 from serve_app.metrics import Tally
 from serve_app.monitor import monitor_handle
 from serve_app.openapi import json_body
@@ -244,6 +245,7 @@ class Ingress:
         registry: RegistryRef,
         settings: IngressSettings,
     ) -> None:
+        keep_replica_grpc_on_loopback()  # before Serve opens this replica's gRPC server
         self._unary = {t: _coalescer(h) for t, h in routers.items()}
         self._stream = {t: h.options(method_name="stream", stream=True) for t, h in routers.items()}
         self._settings = settings

@@ -16,6 +16,7 @@ from serve_app.dispatch import Dispatcher, Head, Unary
 from serve_app.follow import Follower
 from serve_app.handler import ModelHandler
 from serve_app.health import HealthView
+from serve_app.local.loopback import keep_replica_grpc_on_loopback
 from serve_app.monitor import monitor_handle
 from serve_app.provision.manager import LLMModelManager, auto_pull_models
 from serve_app.registry.actor import RegistryRef
@@ -35,6 +36,7 @@ class ModelTypeRouter:
         """Runs on the replica's event loop; returns (and traffic starts) once the current
         manifest and provider health are applied. `default_strategy`: for a routing without
         one (resolved where the app is built)."""
+        keep_replica_grpc_on_loopback()  # before Serve opens this replica's gRPC server
         self._model_type = model_type
         self._default_strategy = default_strategy
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
