@@ -1,5 +1,5 @@
 """The broker actor: the one authoritative copy of the provider state that strategies share
-across router replicas on any node (what the seed system keeps in Redis).
+across router replicas on any node (what llm-router keeps in Redis).
 
 Replicas take slots from it for first_available*, send it their use counts and latency samples
 in batches, and read a snapshot back (serve_app/shared.py keeps that local, so most requests

@@ -1,7 +1,8 @@
-"""The seed's `models-config.json`, validated once so a bad file stops the router at start.
+"""llm-router's `models-config.json`, validated once so a bad file stops the router at start.
 
-Only models listed in `active_models` are loaded and validated (the seed: an unlisted model is
-ignored even if present). Every problem is reported with the file and the JSON path of the field.
+Only models listed in `active_models` are loaded and validated (as in llm-router: an unlisted
+model is ignored even if present). Every problem is reported with the file and the JSON path of
+the field.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ DEFAULT_CONFIG_PATH = "configs/models-config.json"
 
 ApiType = Literal["openai", "vllm", "ollama"]
 STRATEGY_ENV = "LLM_ROUTER_BALANCE_STRATEGY"
-# The seed system's strategies (balanced is its default), then this router's own.
+# llm-router's strategies (balanced is its default), then this router's own.
 StrategyName = Literal[
     "balanced",
     "weighted",
@@ -105,7 +106,7 @@ def _expand_env(value: str) -> str:
 
 
 class ProviderConfig(BaseModel):
-    """One upstream endpoint. Unknown keys are kept (the seed system's files may carry more)."""
+    """One upstream endpoint. Unknown keys are kept (llm-router's files may carry more)."""
 
     model_config = ConfigDict(extra="allow", frozen=True)
 
@@ -131,7 +132,7 @@ class ProviderConfig(BaseModel):
     @field_validator("nworkers", mode="before")
     @classmethod
     def _nworkers(cls, value: object) -> int:
-        """The seed's rule: a missing, invalid or non-positive value is 1, with a warning."""
+        """llm-router's rule: a missing, invalid or non-positive value is 1, with a warning."""
         number: int | None = None
         if isinstance(value, int) and not isinstance(value, bool):
             number = value

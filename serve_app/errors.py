@@ -30,9 +30,18 @@ class RouterError(Exception):
         return error_body(self.message, self.type, self.code, self.param)
 
 
+# How much of a client's text an error message quotes back.
+QUOTE_CHARS = 256
+
+
+def quoted(text: str) -> str:
+    """`text` as an error message quotes it: repr, cut to QUOTE_CHARS characters."""
+    return repr(text[:QUOTE_CHARS]) + ("..." if len(text) > QUOTE_CHARS else "")
+
+
 def model_not_found(model: str) -> RouterError:
     return RouterError(
-        404, f"the model {model!r} does not exist", code="model_not_found", param="model"
+        404, f"the model {quoted(model)} does not exist", code="model_not_found", param="model"
     )
 
 

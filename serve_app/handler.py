@@ -1,7 +1,7 @@
-"""The seed's ModelHandler / ApiModelConfig / ApiModel, over the validated config.
+"""llm-router's ModelHandler / ApiModelConfig / ApiModel, over the validated config.
 
-The router replicas plan every request through a ModelHandler, so these seed interfaces and the
-served path are the same code.
+The router replicas plan every request through a ModelHandler, so these llm-router interfaces
+and the served path are the same code.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ def sanitized(provider: ProviderConfig) -> dict[str, Any]:
 
 
 class ApiModelConfig:
-    """Active model name -> its configuration (the seed's `models_configs`)."""
+    """Active model name -> its configuration (llm-router's `models_configs`)."""
 
     def __init__(self, config: RouterConfig) -> None:
         self.config = config

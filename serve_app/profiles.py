@@ -1,4 +1,4 @@
-"""The seed's `configs/llm_models.json`: profiles of roles, each role a model with defaults.
+"""monGARS's `configs/llm_models.json`: profiles of roles, each role a model with defaults.
 
 `profiles -> <name> -> models -> <role>`; a role is the model name (shorthand) or an object with
 `name`, `provider` (default ollama), `auto_download` (default true), `parameters`, `description`

@@ -129,7 +129,7 @@ class LeastInFlight:
 
 
 class ConfigOrder:
-    """Slot strategies plan through the broker; outside it (the seed's get_model_provider)
+    """Slot strategies plan through the broker; outside it (llm-router's get_model_provider)
     they read as config order."""
 
     def order(self, candidates: Sequence[ProviderConfig], stats: Stats) -> list[ProviderConfig]:

@@ -92,7 +92,8 @@ def deploy(
     def serving() -> bool:
         try:
             with urllib.request.urlopen(f"{serve_url}/v1/models", timeout=2) as resp:
-                listed = [m["id"] for m in json.load(resp)["data"] if "parent" not in m]
+                data = json.load(resp)["data"]
+                listed = [m["id"] for m in data if "parent" not in m and "root" not in m]
                 return sorted(listed) == expected
         except OSError:
             return False

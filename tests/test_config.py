@@ -1,4 +1,4 @@
-"""models-config.json loading: the seed's schema, and errors that name file, path and reason."""
+"""models-config.json loading: llm-router's schema, and errors that name file, path and reason."""
 
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ def problems(raw: dict) -> list[tuple[str, str]]:
     return info.value.problems
 
 
-def test_seed_example_loads_with_its_defaults() -> None:
+def test_llm_router_example_loads_with_its_defaults() -> None:
     cfg = load_config(EXAMPLE)
     assert list(cfg.model_types) == ["google_models", "openai_models", "qwen_models"]
     gemma = cfg.model_types["google_models"].models["google/gemma-3-12b-it"]
@@ -249,7 +249,7 @@ def test_host_key_defaults_to_the_server_address() -> None:
     assert ProviderConfig.model_validate({**raw, "host": "gpu-71"}).host_key == "gpu-71"
 
 
-def test_model_handler_seed_interface() -> None:
+def test_model_handler_llm_router_interface() -> None:
     handler = ModelHandler(str(EXAMPLE))
     api_model = handler.get_model_provider("google/gemma-3-12b-it")
     assert api_model.id in {"gemma3_12b-vllm-71:7000", "gemma3_12b-vllm-71:7001"}

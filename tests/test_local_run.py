@@ -279,7 +279,7 @@ BAD_API_TYPE = """{"m": {"x": {"providers": [{"id": "p", "api_host": "http://127
         ("config_not_json", ["invalid models config", "bad.json: $: not valid JSON"]),
         ("config_bad_field", ["invalid models config", "$.m.x.providers[0].api_type: Input"]),
         ("config_missing", ["invalid models config", "missing.json: $: cannot read file"]),
-        ("profiles_bad", ["invalid models profiles", "profiles.json: $.profiles: must be an object"]),
+        ("profiles_bad", ["invalid models profiles", "profiles.json: $.profiles: must be an"]),
         ("profile_unknown", ["invalid models profiles", "$.profiles: no profile 'nope'"]),
         ("strategy_unknown", ["LLM_ROUTER_BALANCE_STRATEGY: $: unknown strategy 'fastest'"]),
         ("serve_run_strategy", ["LLM_ROUTER_BALANCE_STRATEGY: $: unknown strategy 'fastest'"]),

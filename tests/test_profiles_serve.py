@@ -86,3 +86,18 @@ async def test_the_models_admin_api_shows_profiles_and_provisions(setup, http) -
     assert status == 400 and report["error"]["code"] == "invalid_request"
     async with http.post(f"{url}/api/v1/models/provision", json={}) as resp:
         assert resp.status == 401
+
+
+async def test_models_lists_the_roles_a_client_may_send(setup, http) -> None:
+    url, _ = setup
+    async with http.get(f"{url}/v1/models") as resp:
+        listed = {m["id"]: m for m in (await resp.json())["data"]}
+    assert listed["m/auto"]["owned_by"] == "role_models" and "root" not in listed["m/auto"]
+    assert listed["chat"] == {
+        "id": "chat",
+        "object": "model",
+        "created": 0,
+        "owned_by": "role_models",
+        "root": "m/auto",
+    }
+    assert "cloud" not in listed  # no configured model serves it: a client cannot use it

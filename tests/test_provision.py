@@ -7,15 +7,13 @@ import asyncio
 import pytest
 import ray
 
-from serve_app.config import ConfigError, parse_config
+from serve_app.config import ConfigError, ProviderConfig, parse_config
 from serve_app.demo_upstream import FakeUpstream, Knobs
 from serve_app.profiles import parse_profiles, with_role_defaults
 from serve_app.provision.manager import LLMModelManager
+from serve_app.provision.tasks import placement
 from serve_app.registry.actor import RegistryRef
 from tests.conftest import free_port, provider
-
-# Loopback providers match no single node by IP, so their tasks run where the caller is.
-CALLER_NODE = "no single Ray node has IP 127.0.0.1; ran on the caller's node"
 
 
 def test_roles_take_both_forms_and_match_case_insensitively() -> None:
@@ -144,8 +142,9 @@ async def test_each_action_of_the_report(ollama: FakeUpstream) -> None:
     assert actions["down"][0] == "unavailable"
     status = next(s for s in report["statuses"] if s["role"] == "general")
     assert status["provider_id"] == "op" and status["provider"] == "ollama"
+    # The test session's Ray node has address 127.0.0.1 (single-node mode), the providers'.
     assert status["node"] == ray.get_runtime_context().get_node_id()
-    assert "ran on the caller's node" in status["detail"]
+    assert status["detail"] is None
 
     again = _actions(await manager.ensure_models_installed(["GENERAL"]))
     assert again == {"general": ("skipped", "already_ensured")}
@@ -161,7 +160,7 @@ async def test_a_pull_that_breaks_midway_is_an_error_with_the_reason(ollama: Fak
     assert actions["nope"][1].startswith("unknown_role")
     assert actions["broken"][0] == "error"
     assert actions["broken"][1].startswith("download_failed: pull broken:1b: connection reset")
-    assert actions["manual"] == ("skipped", "auto_download_disabled; " + CALLER_NODE)
+    assert actions["manual"] == ("skipped", "auto_download_disabled")
     # Not cached: the next call tries again.
     ollama.knobs = Knobs()
     assert _actions(await manager.ensure_models_installed(["broken"]))["broken"][0] == "installed"
@@ -205,3 +204,12 @@ async def test_role_adapters_are_registered_through_the_registry(
     updated = _actions(await manager("/a/2", True).ensure_models_installed())
     assert updated["tuned:sql"] == ("updated", "version 2")
     ray.kill(registry.handle(), no_restart=True)
+
+
+def test_a_provider_on_no_ray_node_is_provisioned_where_the_caller_is(serve_url: str) -> None:
+    # A documentation address (never contacted: placement only compares node addresses).
+    config = ProviderConfig.model_validate(provider("far", "http://192.0.2.99:1", "ollama"))
+    options, note = placement(config)
+    assert note == "no single Ray node has IP 192.0.2.99; ran on the caller's node"
+    strategy = options["scheduling_strategy"]
+    assert strategy.node_id == ray.get_runtime_context().get_node_id() and not strategy.soft

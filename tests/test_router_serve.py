@@ -462,6 +462,14 @@ async def test_bad_input_gets_an_openai_error(
     assert pool.a.count() == 0
 
 
+async def test_unknown_model_message_quotes_at_most_256_characters(pool: Pool, http) -> None:
+    name = "n" * 100_000
+    status, _, raw = await post(http, pool.url, orjson.dumps(chat(name)))
+    message = orjson.loads(raw)["error"]["message"]
+    assert status == 404
+    assert f"'{'n' * 256}'..." in message and "n" * 257 not in message
+
+
 async def test_deeply_nested_json_is_a_400(pool: Pool, http) -> None:
     nested = b'{"model":"m/failover","messages":' + b"[" * 5000 + b"]" * 5000 + b"}"
     status, _, raw = await post(http, pool.url, nested)

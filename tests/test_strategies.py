@@ -1,4 +1,4 @@
-"""The seed system's strategies and the shared-state bookkeeping: pure, exact sequences."""
+"""llm-router's strategies and the shared-state bookkeeping: pure, exact sequences."""
 
 from __future__ import annotations
 

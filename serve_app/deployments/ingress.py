@@ -285,17 +285,25 @@ class Ingress:
             if model.fallback_model is not None
         }
         self._timeouts = {t: g.routing.request_timeout_s for t, g in config.model_types.items()}
-        self._models = orjson.dumps(
+        models = [
+            {"id": name, "object": "model", "created": 0, "owned_by": group}
+            | ({"parent": parents[name]} if name in parents else {})
+            for group, names in ApiModelConfig(config).active_names().items()
+            for name in names
+        ]
+        # Roles of the active profile, named as clients send them; `root`: the model serving it.
+        roles = [
             {
-                "object": "list",
-                "data": [
-                    {"id": name, "object": "model", "created": 0, "owned_by": group}
-                    | ({"parent": parents[name]} if name in parents else {})
-                    for group, names in ApiModelConfig(config).active_names().items()
-                    for name in names
-                ],
+                "id": key,
+                "object": "model",
+                "created": 0,
+                "owned_by": self._type_of[model],
+                "root": model,
             }
-        )
+            for key, model in self._role_models.items()
+            if key not in self._type_of and model in self._type_of
+        ]
+        self._models = orjson.dumps({"object": "list", "data": models + roles})
 
     async def __del__(self) -> None:
         if self._watcher is not None:
@@ -610,7 +618,7 @@ class Ingress:
 
     @api.post("/api/v1/models/provision", openapi_extra=json_body(ProvisionRequest))
     async def provision(self, request: Request) -> Response:
-        """Ensure the roles' models are on their providers; the seed's report format."""
+        """Ensure the roles' models are on their providers; monGARS's provisioning report."""
         if (refused := self._refusal(request)) is not None:
             return refused
         try:

@@ -112,7 +112,7 @@ class ModelTypeRouter:
         return sorted(n for n, c in self._live.in_use.items() if c > 0 and n in retiring)
 
     async def _ready(self, meta: RequestMeta) -> None:
-        """The seed's runtime rule: before the first request for a model whose role has
+        """monGARS's runtime rule: before the first request for a model whose role has
         `auto_download`, ensure it is on its Ollama providers (once per replica, whatever the
         outcome; the admin API or the CLI retries)."""
         role = self._auto_pull.get(meta.model)

@@ -1,7 +1,8 @@
 """The ports a local run needs, and what an earlier run left behind when it was killed.
 
 A `make run` killed with SIGKILL cannot stop what Ray started: Serve's HAProxy can outlive it
-holding the router's port and its stats and Prometheus ports, and Ray's node agents linger.
+holding the router's port and its stats and Prometheus ports, and Ray's workers and node agents
+linger while they notice that their node is gone.
 Those are swept before a new start, but only when they provably belong to this install (their
 program lies in this Python environment) and their parent is gone; anything else holding a
 port is named in one line and left alone.
@@ -26,8 +27,6 @@ HAPROXY_METRICS_PORT_ENV = "RAY_SERVE_HAPROXY_METRICS_PORT"
 SERVE_HAPROXY_DIR = os.path.dirname(
     os.environ.get("RAY_SERVE_HAPROXY_CONFIG_FILE_LOC", "/tmp/haproxy-serve/haproxy.cfg")
 )
-# Ray's per-node agents and the raylet that starts them.
-RAY_AGENTS = frozenset({"ray::DashboardAgent", "ray::RuntimeEnvAgent"})
 
 
 class Need(NamedTuple):
@@ -70,12 +69,21 @@ def _ours(proc: psutil.Process) -> bool:
     return False
 
 
-def _parent_name(proc: psutil.Process) -> str:
+def _parent(proc: psutil.Process) -> psutil.Process | None:
     with contextlib.suppress(psutil.Error):
-        parent = proc.parent()
-        if parent is not None:
-            return parent.name()
+        return proc.parent()
+    return None
+
+
+def _name(proc: psutil.Process | None) -> str:
+    with contextlib.suppress(psutil.Error):
+        return "" if proc is None else proc.name()
     return ""
+
+
+def _orphaned_ray_process(proc: psutil.Process) -> bool:
+    """A Ray worker or agent (`ray::...`) whose raylet is gone: its node died with the run."""
+    return _name(proc).startswith("ray::") and _name(_parent(proc)) != "raylet"
 
 
 def leftover(proc: psutil.Process) -> str | None:
@@ -86,11 +94,15 @@ def leftover(proc: psutil.Process) -> str | None:
         return None
     if not _ours(proc):
         return None
-    if name == "haproxy" and _parent_name(proc) != "ray::HAProxyManager":
+    if name == "haproxy":
         config = config_file(cmdline)
-        if config is not None and config.startswith(SERVE_HAPROXY_DIR + os.sep):
+        if config is None or not config.startswith(SERVE_HAPROXY_DIR + os.sep):
+            return None
+        manager = _parent(proc)
+        if _name(manager) != "ray::HAProxyManager" or _orphaned_ray_process(manager):
             return "Serve's HAProxy"
-    if name in RAY_AGENTS and _parent_name(proc) != "raylet":
+        return None
+    if _orphaned_ray_process(proc):
         return f"Ray's {name.removeprefix('ray::')}"
     return None
 

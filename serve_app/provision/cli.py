@@ -2,8 +2,8 @@
 
 It connects to the running Ray cluster when there is one (`ray job submit` sets RAY_ADDRESS),
 else starts a local one, reads the models config and the profiles, and provisions the roles as
-Ray tasks on their providers' nodes. A human table by default, the seed's JSON report with
-`--json`; the exit status is 1 when any role failed.
+Ray tasks on their providers' nodes. A human table by default, monGARS's JSON provisioning
+report with `--json`; the exit status is 1 when any role failed.
 """
 
 from __future__ import annotations

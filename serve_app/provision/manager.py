@@ -1,4 +1,4 @@
-"""The seed's LLMModelManager: `ensure_models_installed`, with its report format.
+"""monGARS's LLMModelManager: `ensure_models_installed`, with its report format.
 
 Roles that ended `exists`/`installed`/`updated` are cached for the life of the process (`force`
 bypasses the cache); concurrent calls for one role share one provisioning run (single flight)

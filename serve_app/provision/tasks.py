@@ -36,7 +36,7 @@ class Progress(BaseModel):
 
 
 class Status(BaseModel):
-    """One line of the seed's report; `provider_id`, `node`, `duration_s` are additions."""
+    """One line of monGARS's provisioning report (`provider_id`, `node`, `duration_s` added)."""
 
     role: str
     name: str
