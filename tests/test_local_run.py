@@ -103,7 +103,7 @@ def alive(procs: list[psutil.Process]) -> list[str]:
     for proc in procs:
         try:
             if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
-                out.append(f"{proc.pid} {proc.name()}")
+                out.append(f"{proc.pid} {' '.join(proc.cmdline())[:160]}")
         except psutil.NoSuchProcess:
             pass
     return out
@@ -188,7 +188,7 @@ def test_ctrl_c_restart_kill_and_loopback(runs: Callable[[list[str]], Run]) -> N
     third = runs(make)
     third.wait_ready()
     assert chat(port) == 200
-    assert alive(tree) == [], "the killed run's processes are gone"
+    assert alive(tree) == [], third.output()[-3000:]  # the killed run's processes are gone
     tree = third.tree()
     third.ctrl_c()
     wait_for(lambda: "stopping" in third.output(), 10, "the orderly stop to begin")

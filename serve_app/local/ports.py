@@ -4,8 +4,8 @@ A `make run` killed with SIGKILL cannot stop what Ray started: Serve's HAProxy c
 holding the router's port and its stats and Prometheus ports, and Ray's workers and node agents
 linger while they notice that their node is gone.
 Those are swept before a new start, but only when they provably belong to this install (their
-program lies in this Python environment) and their parent is gone; anything else holding a
-port is named in one line and left alone.
+program is this environment's Python or lies in it) and their parent is gone; anything else
+holding a port is named in one line and left alone.
 """
 
 from __future__ import annotations
@@ -27,6 +27,9 @@ HAPROXY_METRICS_PORT_ENV = "RAY_SERVE_HAPROXY_METRICS_PORT"
 SERVE_HAPROXY_DIR = os.path.dirname(
     os.environ.get("RAY_SERVE_HAPROXY_CONFIG_FILE_LOC", "/tmp/haproxy-serve/haproxy.cfg")
 )
+
+
+RAY_WORKER_SCRIPT = os.path.join("ray", "_private", "workers", "default_worker.py")
 
 
 class Need(NamedTuple):
@@ -63,9 +66,12 @@ def port_free(port: int, host: str = "127.0.0.1") -> bool:
 
 
 def _ours(proc: psutil.Process) -> bool:
-    """Its program lies in this Python environment (this install's Ray, HAProxy, Python)."""
+    """Its program is this environment's Python (Ray's workers) or lies in this environment
+    (Serve's HAProxy)."""
     with contextlib.suppress(psutil.Error):
-        return os.path.realpath(proc.exe()).startswith(os.path.realpath(sys.prefix) + os.sep)
+        exe = os.path.realpath(proc.exe())
+        here = os.path.realpath(sys.prefix) + os.sep
+        return exe == os.path.realpath(sys.executable) or exe.startswith(here)
     return False
 
 
@@ -81,9 +87,18 @@ def _name(proc: psutil.Process | None) -> str:
     return ""
 
 
+def _ray_worker(proc: psutil.Process) -> bool:
+    """A Ray worker or agent: named `ray::...` once it runs, `default_worker.py` before."""
+    if _name(proc).startswith("ray::"):
+        return True
+    with contextlib.suppress(psutil.Error):
+        return any(arg.endswith(RAY_WORKER_SCRIPT) for arg in proc.cmdline()[:3])
+    return False
+
+
 def _orphaned_ray_process(proc: psutil.Process) -> bool:
-    """A Ray worker or agent (`ray::...`) whose raylet is gone: its node died with the run."""
-    return _name(proc).startswith("ray::") and _name(_parent(proc)) != "raylet"
+    """A Ray worker or agent whose raylet is gone: its node died with the run."""
+    return _ray_worker(proc) and _name(_parent(proc)) != "raylet"
 
 
 def leftover(proc: psutil.Process) -> str | None:
@@ -103,7 +118,7 @@ def leftover(proc: psutil.Process) -> str | None:
             return "Serve's HAProxy"
         return None
     if _orphaned_ray_process(proc):
-        return f"Ray's {name.removeprefix('ray::')}"
+        return f"Ray's {name.removeprefix('ray::') if name.startswith('ray::') else 'worker'}"
     return None
 
 
