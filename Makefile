@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install run test chaos job-demo ci lint bench openapi clean
+.PHONY: install run test chaos e2e job-demo ci lint bench openapi clean
 
 install: $(STAMP)
 
@@ -29,6 +29,10 @@ test: lint
 chaos: install
 	$(BIN)/python -m pytest -q -s -m chaos
 
+# Two real vLLM servers (CPU build, .venv-vllm, a tiny model made in .e2e/) behind the router.
+e2e: install
+	$(BIN)/python -m tests.e2e.harness
+
 # `ray job submit` of the provisioning CLI against a local `ray start --head` cluster, with the
 # demo upstream (loopback only; token auth off for this throwaway local cluster). CI runs it.
 job-demo: install
@@ -52,4 +56,4 @@ bench: install
 	$(BIN)/python -m bench.run
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) .venv-vllm .e2e .pytest_cache .ruff_cache *.egg-info

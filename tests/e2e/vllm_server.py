@@ -1,0 +1,120 @@
+"""One real vLLM OpenAI server (CPU build) on 127.0.0.1, started and stopped by pid.
+
+Its environment keeps it on loopback and inside the repo's `.e2e/` folder: VLLM_HOST_IP for its
+internal queues, TMPDIR and VLLM_RPC_BASE_PATH for its socket files, its caches, no hub, no
+usage stats, runtime LoRA loading on, 1 GiB of KV cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+WORK = ROOT / ".e2e"  # git-ignored: the model, each server's folder and log
+MODEL_DIR = WORK / "model"
+VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
+SERVED_MODEL = "tiny"
+MAX_MODEL_LEN = 256
+READY_S = 300.0
+
+
+class VllmServer:
+    def __init__(self, name: str, port: int) -> None:
+        self.name = name
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.folder = WORK / "servers" / name
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        """Start it (a new process group: vLLM starts engine processes of its own)."""
+        shutil.rmtree(self.folder, ignore_errors=True)
+        self.folder.mkdir(parents=True)
+        env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("RAY_")},
+            "VLLM_HOST_IP": "127.0.0.1",
+            "TMPDIR": str(self.folder),
+            "VLLM_RPC_BASE_PATH": str(self.folder),
+            "VLLM_CACHE_ROOT": str(self.folder / "cache"),
+            "XDG_CACHE_HOME": str(self.folder / "xdg"),
+            "HF_HOME": str(self.folder / "hf"),
+            "HF_HUB_OFFLINE": "1",
+            "VLLM_NO_USAGE_STATS": "1",
+            "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
+            "VLLM_CPU_KVCACHE_SPACE": "1",
+        }
+        command = [
+            str(VLLM_PYTHON),
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            str(MODEL_DIR / "base"),
+            "--served-model-name",
+            SERVED_MODEL,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--enable-lora",
+            "--max-lora-rank",
+            "8",
+            "--max-loras",
+            "2",
+            "--max-model-len",
+            str(MAX_MODEL_LEN),
+            "--dtype",
+            "float32",
+            "--enable-prefix-caching",
+        ]
+        with open(self.folder / "log", "ab") as log:
+            self.proc = subprocess.Popen(
+                command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+
+    def ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.url}/v1/models", timeout=2) as resp:
+                return resp.status == 200
+        except OSError:
+            return False
+
+    def wait_ready(self, timeout: float = READY_S) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.ready():
+                return
+            if self.proc is None or self.proc.poll() is not None:
+                break
+            time.sleep(0.5)
+        raise RuntimeError(f"vLLM {self.name} did not start; its log ends:\n{self.log_tail()}")
+
+    def log_tail(self, chars: int = 3000) -> str:
+        try:
+            return (self.folder / "log").read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+    def kill(self) -> None:
+        """kill -9 of the server and its engine processes."""
+        self._signal(signal.SIGKILL)
+
+    def stop(self) -> None:
+        self._signal(signal.SIGTERM)
+        if self.proc is not None:
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self._signal(signal.SIGKILL)
+                self.proc.wait(5)
+
+    def _signal(self, sig: int) -> None:
+        if self.proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, sig)
