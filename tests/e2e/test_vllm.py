@@ -8,15 +8,18 @@ import os
 import re
 import subprocess
 import sys
+import threading
+import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import openai
 import pytest
 from openai import OpenAI
 
-from tests.conftest import ADMIN, ROOT
+from tests.conftest import ADMIN, ROOT, wait_for
 from tests.e2e.conftest import MODEL, models_config
 from tests.e2e.vllm_server import MAX_MODEL_LEN, MODEL_DIR, SERVED_MODEL, VllmServer
 
@@ -199,3 +202,54 @@ def test_provisioning_reports_what_the_real_servers_serve(
     (absent,) = by_role["absent"]
     assert absent["action"] == "error" and absent["detail"].startswith("missing_on_vllm")
     assert done.returncode == 1  # a role failed
+
+
+def _circuit(router: str, provider: str) -> float | None:
+    with urllib.request.urlopen(f"{router}/metrics", timeout=30) as resp:
+        text = resp.read().decode()
+    found = re.search(rf'llm_router_circuit_state{{provider="{provider}"}} ([\d.]+)', text)
+    return None if found is None else float(found.group(1))
+
+
+def test_kill_9_of_one_server_under_load_loses_nothing(router: str, vllm: list[VllmServer]) -> None:
+    """Last in the module: it kills and restarts a server. 300 unary requests at concurrency 8;
+    one server is killed (-9, with its engine) after the 50th answer. A unary request has no
+    byte before its answer, so every one must be served (failover); the monitor opens that
+    server's circuit; after a restart traffic reaches it again."""
+    victim = vllm[1]
+    served: list[str] = []
+    failures: list[str] = []
+    killed = threading.Event()
+
+    def one(_: int) -> None:
+        try:
+            raw = client(router).chat.completions.with_raw_response.create(
+                model=MODEL, messages=HELLO, max_tokens=4
+            )
+            raw.parse()
+            served.append(raw.headers["x-router-provider"])
+        except Exception as exc:
+            failures.append(repr(exc))
+        if len(served) >= 50 and not killed.is_set():
+            killed.set()
+            victim.kill()
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(one, range(300)))
+    assert killed.is_set()
+    assert failures == [] and len(served) == 300
+    assert served.count(vllm[0].name) > 150  # the survivor took over
+    wait_for(lambda: _circuit(router, victim.name) == 2.0, 30, "the circuit to open")
+
+    victim.start()
+    victim.wait_ready()
+    deadline = time.monotonic() + 120
+    back: list[str] = []
+    while time.monotonic() < deadline and victim.name not in back:
+        raw = client(router).chat.completions.with_raw_response.create(
+            model=MODEL, messages=HELLO, max_tokens=2
+        )
+        raw.parse()
+        back.append(raw.headers["x-router-provider"])
+        time.sleep(0.2)
+    assert victim.name in back, "traffic did not return to the restarted server"
