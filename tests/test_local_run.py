@@ -128,19 +128,24 @@ def not_loopback(procs: list[psutil.Process]) -> list[str]:
     return bad
 
 
+def _as_a_user(tmp_path: Path) -> dict[str, str]:
+    """The environment as a user's shell has it: no Ray of the test session, none of the
+    settings this test session set for its own Serve (`make run` sets its own), and a registry
+    file of the test's own."""
+    env = {**os.environ, "LLM_ADAPTER_REGISTRY_PATH": str(tmp_path / "registry.json")}
+    for name in ["RAY_ADDRESS", *FAST_SERVE_ENV, *LOCAL_SERVE_ENV, HAPROXY_BINARY_ENV]:
+        env.pop(name, None)
+    return env
+
+
 @pytest.fixture
 def runs(tmp_path: Path) -> Iterator[Callable[[list[str]], Run]]:
     """Starts runs with their own ports and registry; kills whatever a failed test left."""
     env = {
-        **os.environ,
+        **_as_a_user(tmp_path),
         "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
         "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
-        "LLM_ADAPTER_REGISTRY_PATH": str(tmp_path / "registry.json"),
     }
-    # As a user's shell has it: no Ray of the test session, none of the settings that this
-    # test session set for its own Serve (`make run` sets its own).
-    for name in ["RAY_ADDRESS", *FAST_SERVE_ENV, *LOCAL_SERVE_ENV, HAPROXY_BINARY_ENV]:
-        env.pop(name, None)
     started: list[Run] = []
 
     def start(command: list[str]) -> Run:
@@ -244,10 +249,7 @@ def _start_fails(command: list[str], env: dict[str, str]) -> tuple[int, list[str
 
 @pytest.fixture
 def user_env(tmp_path: Path) -> dict[str, str]:
-    env = {**os.environ, "LLM_ADAPTER_REGISTRY_PATH": str(tmp_path / "registry.json")}
-    for name in ["RAY_ADDRESS", *FAST_SERVE_ENV, *LOCAL_SERVE_ENV, HAPROXY_BINARY_ENV]:
-        env.pop(name, None)
-    return env
+    return _as_a_user(tmp_path)
 
 
 def test_a_busy_port_is_one_line_naming_its_holder(user_env: dict[str, str]) -> None:
