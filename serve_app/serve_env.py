@@ -30,12 +30,12 @@ FAST_SERVE_ENV = {
 }
 
 
-# Single-node only (`make run`, tests, bench): a stopping ingress replica stays registered for
-# this long so HAProxy stops sending it new requests first (Serve's default is 30 s, which made
-# every local shutdown take 30 s). 1 s was too short: HAProxy still sent a few new requests to
-# the stopping replica during a redeploy under load (3 of ~1800 cut in tests/test_drain.py);
-# 5 s cut none. Clusters keep Serve's default.
+# Single-node only (`make run`, tests, bench); clusters keep Serve's defaults.
 LOCAL_SERVE_ENV = {
+    # A stopping ingress replica stays registered this long so HAProxy stops sending it new
+    # requests first (Serve's default is 30 s, which made every local shutdown take 30 s). 1 s
+    # was too short: HAProxy still sent a few new requests to the stopping replica during a
+    # redeploy under load (3 of ~1800 cut in tests/test_drain.py); 5 s cut none.
     "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5",
     # Ray then takes 127.0.0.1 as the node's address, and its GCS, raylet, dashboard agent and
     # every worker's gRPC server listen there instead of on all interfaces. (The variable is
