@@ -3,6 +3,10 @@
 It answers `"<name>: <last user text>"`, split into `chunks` pieces when streaming, and has knobs
 for latency, pacing, error statuses, dropped connections and hangs. It records every request so
 tests can check what the router sent. Run alone: `python -m serve_app.demo_upstream --port 8101`.
+
+Where it imitates vLLM (error bodies, the runtime LoRA API, `/v1/models`) it is held to a real
+vLLM by `tests/e2e/test_conformance.py`. Unlike vLLM it serves any model name unless `served`
+names its models, so that one demo process can stand in for many models.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import asyncio
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import orjson
@@ -57,7 +62,10 @@ class FakeUpstream:
     requests: list[Recorded] = field(default_factory=list)
     calls: int = 0
     disconnects: int = 0
-    # LoRA adapters loaded through vLLM's runtime API: name -> path.
+    # The model names it serves besides its adapters, as vLLM's --served-model-name; None: any.
+    served: frozenset[str] | None = None
+    # LoRA adapters loaded through vLLM's runtime API: name -> path. A start forgets them, as a
+    # restarted vLLM does.
     loras: dict[str, str] = field(default_factory=dict)
     # Ollama models on disk (/api/tags); the upstream's own name is always there.
     pulled: set[str] = field(default_factory=set)
@@ -109,6 +117,7 @@ class FakeUpstream:
     # ---- life cycle -------------------------------------------------------------------------
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
         self._stopping = asyncio.Event()
+        self.loras = {}
         # Stopping (a chaos kill, test teardown) does not wait for slow handlers.
         self._runner = web.AppRunner(
             self._app(), access_log=None, handle_signals=False, shutdown_timeout=0.5
@@ -231,9 +240,10 @@ class FakeUpstream:
         chat = request.path.endswith("chat/completions")
         text = self._reply_text(body)
         rid, created, model = f"{self.name}-{self.calls}", int(time.time()), body.get("model")
-        if isinstance(model, str) and "@" in model and model not in self.loras:
-            # Names with "@" are router-made LoRA names: like vLLM, refuse one not loaded.
-            return _vllm_error(404, "NotFoundError", f"The model `{model}` does not exist.")
+        if not self._serves(model):
+            return _vllm_error(
+                404, "NotFoundError", f"The model `{model}` does not exist.", param="model"
+            )
         usage = {
             "prompt_tokens": 5,
             "completion_tokens": len(self._pieces(text)),
@@ -273,9 +283,12 @@ class FakeUpstream:
             return b"data: " + orjson.dumps(doc) + b"\n\n"
 
         lines = []
-        for i, piece in enumerate(self._pieces(text)):
+        if chat:  # as vLLM: the role first, with empty content
+            role = {"role": "assistant", "content": ""}
+            lines.append(event({"index": 0, "delta": role, "finish_reason": None}))
+        for piece in self._pieces(text):
             if chat:
-                delta = {"role": "assistant", "content": piece} if i == 0 else {"content": piece}
+                delta = {"content": piece}
                 lines.append(event({"index": 0, "delta": delta, "finish_reason": None}))
             else:
                 lines.append(
@@ -315,10 +328,29 @@ class FakeUpstream:
             }
         )
 
+    def _serves(self, model: object) -> bool:
+        if model in self.loras:
+            return True
+        if self.served is not None:
+            return model in self.served
+        # Names with "@" are the router's LoRA names: like vLLM, refuse one not loaded.
+        return not (isinstance(model, str) and "@" in model)
+
     async def _openai_models(self, request: web.Request) -> web.StreamResponse:
-        base = {"id": self.name, "object": "model", "created": 0, "owned_by": "demo"}
-        loras = [{**base, "id": name, "parent": self.name} for name in self.loras]
-        return web.json_response({"object": "list", "data": [base, *loras]})
+        def entry(name: str, root: str, parent: str | None) -> dict[str, Any]:
+            return {
+                "id": name,
+                "object": "model",
+                "created": 0,
+                "owned_by": "demo",
+                "root": root,
+                "parent": parent,
+            }
+
+        bases = sorted(self.served or {self.name})
+        loras = [entry(name, path, bases[0]) for name, path in self.loras.items()]
+        data = [entry(name, name, None) for name in bases] + loras
+        return web.json_response({"object": "list", "data": data})
 
     # ---- vLLM runtime LoRA API ----------------------------------------------------------------
     async def _load_lora(self, request: web.Request) -> web.StreamResponse:
@@ -328,11 +360,19 @@ class FakeUpstream:
             await asyncio.sleep(self.knobs.lora_load_s)
         if self.knobs.lora_fail_status is not None:
             return _vllm_error(self.knobs.lora_fail_status, "BadRequestError", "load failed")
-        if not name or not path:
-            return _vllm_error(400, "BadRequestError", "Both 'lora_name' and 'lora_path' needed.")
-        if name in self.loras:
+        for key in ("lora_name", "lora_path"):
+            if not isinstance(body.get(key), str):
+                return _vllm_error(400, "Bad Request", f"body.{key}: Field required", f"body.{key}")
+        if name in self.loras and body.get("load_inplace") is not True:
             return _vllm_error(
-                400, "BadRequestError", f"The lora adapter '{name}' has already been loaded."
+                400,
+                "InvalidUserInput",
+                f"The lora adapter '{name}' has already been loaded. If you want to load the "
+                "adapter in place, set 'load_inplace' to True.",
+            )
+        if not (Path(path) / "adapter_config.json").is_file():
+            return _vllm_error(
+                404, "NotFoundError", f"Loading lora {name} failed: No adapter found for {path}"
             )
         self.loras[name] = path
         return web.Response(text=f"Success: LoRA adapter '{name}' added successfully.")
@@ -442,11 +482,9 @@ class FakeUpstream:
         return resp
 
 
-def _vllm_error(status: int, type_: str, message: str) -> web.Response:
-    return web.json_response(
-        {"object": "error", "message": message, "type": type_, "param": None, "code": status},
-        status=status,
-    )
+def _vllm_error(status: int, type_: str, message: str, param: str | None = None) -> web.Response:
+    error = {"message": message, "type": type_, "param": param, "code": status}
+    return web.json_response({"error": error}, status=status)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -22,6 +22,7 @@ from serve_app.handler import ModelHandler
 from serve_app.metrics import Tally
 from serve_app.providers import prepare
 from serve_app.providers.base import JSON, SSE, Exchange
+from serve_app.registry.manifest import is_lora_name
 from serve_app.schemas import RequestMeta
 from serve_app.shared import SharedState, Slot
 from serve_app.strategies import Stats
@@ -68,8 +69,10 @@ class _Failure(NamedTuple):
     retry_after: str | None
 
 
-def _retryable(status: int) -> bool:
-    return status == 429 or status >= 500
+def _retryable(status: int, provider: ProviderConfig) -> bool:
+    """Worth another provider: busy, broken, or without this adapter version (a restarted vLLM
+    forgot it, and the registry has not yet noticed and loaded it again)."""
+    return status == 429 or status >= 500 or (status == 404 and is_lora_name(provider.model_path))
 
 
 def error_answer(err: RouterError) -> Unary:
@@ -231,8 +234,9 @@ class Dispatcher:
         pause = view.routing.unhealthy_cooldown_s
         if failure.retry_after is not None:  # the upstream said when to come back: believe it
             pause = min(max(_seconds(failure.retry_after), 0.0), MAX_RETRY_AFTER_S)
-        state.down_until = view.handler.clock() + pause
-        if failure.status != 429:  # busy is not broken
+        if failure.status != 404:  # a missing adapter version says nothing of the server
+            state.down_until = view.handler.clock() + pause
+        if failure.status not in (404, 429):  # nor is busy broken
             state.failures += 1
             if state.failures >= view.routing.circuit_failures:
                 state.failures = 0
@@ -297,7 +301,7 @@ class Dispatcher:
                             headers=exchange.headers,
                             timeout=view.timeout,
                         ) as resp:
-                            if _retryable(resp.status):
+                            if _retryable(resp.status, provider):
                                 failure = _status_failure(provider, resp)
                                 self._failed(view, provider, meta, failure, failures)
                                 continue
@@ -341,7 +345,7 @@ class Dispatcher:
                         self._failed(view, provider, meta, _exc_failure(provider, exc), failures)
                         continue
                     try:
-                        if _retryable(resp.status):
+                        if _retryable(resp.status, provider):
                             failure = _status_failure(provider, resp)
                             self._failed(view, provider, meta, failure, failures)
                             continue

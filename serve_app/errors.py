@@ -45,6 +45,19 @@ def model_not_found(model: str) -> RouterError:
     )
 
 
+def adapter_unavailable(name: str) -> RouterError:
+    """A registered adapter that no server has loaded right now (they restarted and the registry
+    is loading it again, or every load failed): a retry can succeed, unlike an unknown model."""
+    return RouterError(
+        503,
+        f"the adapter {quoted(name)} is not loaded on any server right now; retry shortly",
+        type="api_error",
+        code="adapter_unavailable",
+        param="model",
+        headers={"retry-after": "2"},
+    )
+
+
 def error_body(message: str, type: str, code: str | None = None, param: str | None = None) -> bytes:
     return orjson.dumps({"error": {"message": message, "type": type, "param": param, "code": code}})
 

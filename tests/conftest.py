@@ -54,6 +54,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def lora_dir(name: str) -> str:
+    """A folder vLLM (and the demo upstream) takes for a LoRA adapter: adapter_config.json in it."""
+    folder = Path(REGISTRY.path).parent / "adapters" / name
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "adapter_config.json").write_text("{}")
+    return str(folder)
+
+
 def wait_for(predicate: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

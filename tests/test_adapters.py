@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import aiohttp
 import pytest
+import ray
 
 from serve_app.demo_upstream import FakeUpstream
-from tests.conftest import ADMIN, deploy, provider, wait_for
+from tests.conftest import ADMIN, REGISTRY, deploy, lora_dir, provider, wait_for
 
 pytestmark = pytest.mark.serve
 
@@ -24,6 +27,7 @@ class Pool:
     va: FakeUpstream
     vb: FakeUpstream
     vo: FakeUpstream
+    config: dict
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +48,7 @@ def pool(serve_url: str, upstream_factory) -> Pool:
         "routing": {TYPE: {"num_replicas": 2}},
     }
     deploy(serve_url, config)
-    return Pool(serve_url, va, vb, vo)
+    return Pool(serve_url, va, vb, vo, config)
 
 
 async def _register(http: aiohttp.ClientSession, url: str, body: object) -> tuple[int, dict]:
@@ -64,7 +68,7 @@ async def test_an_adapter_is_loaded_on_vllm_providers_and_served_from_them(
     pool: Pool, http
 ) -> None:
     status, answer = await _register(
-        http, pool.url, {"base_model": "m/base", "name": "sql", "source": "/adapters/sql/1"}
+        http, pool.url, {"base_model": "m/base", "name": "sql", "source": lora_dir("sql-1")}
     )
     assert status == 201, answer
     assert answer["version"] == 1 and answer["unconfirmed_replicas"] == []
@@ -72,7 +76,7 @@ async def test_an_adapter_is_loaded_on_vllm_providers_and_served_from_them(
         "va": "loaded",
         "vb": "loaded",
     }
-    assert pool.va.loras["sql@v1"] == pool.vb.loras["sql@v1"] == "/adapters/sql/1"
+    assert pool.va.loras["sql@v1"] == pool.vb.loras["sql@v1"] == lora_dir("sql-1")
 
     async with http.get(f"{pool.url}/v1/models") as resp:
         listed = {m["id"]: m for m in (await resp.json())["data"]}
@@ -90,25 +94,172 @@ async def test_an_adapter_is_loaded_on_vllm_providers_and_served_from_them(
     assert rows["vo"]["status"] == "unsupported" and "ollama" in rows["vo"]["detail"]
 
 
-async def test_a_version_is_served_only_where_it_loaded(pool: Pool, http) -> None:
+def _loaded(name: str) -> tuple[str, ...]:
+    """The providers the registry routes the adapter's current version to."""
+    adapter = ray.get(REGISTRY.handle().current.remote()).adapters.get(name)
+    return () if adapter is None else adapter.current.loaded
+
+
+async def _until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    await asyncio.to_thread(wait_for, predicate, timeout, what)
+
+
+def _asked_before_loaded(up: FakeUpstream, lora: str, since: int = 0) -> list[int]:
+    """Positions of requests for `lora` that reached `up` before its load of `lora` did."""
+    load = next(
+        (
+            i
+            for i, r in enumerate(up.requests[since:])
+            if r.path == "/v1/load_lora_adapter" and r.body.get("lora_name") == lora
+        ),
+        None,
+    )
+    return [
+        i
+        for i, r in enumerate(up.requests[since:])
+        if r.path == "/v1/chat/completions"
+        and r.body.get("model") == lora
+        and (load is None or i < load)
+    ]
+
+
+async def test_a_version_is_served_where_it_loaded_and_loaded_where_it_failed(
+    pool: Pool, http
+) -> None:
     pool.va.knobs.lora_fail_status = 500
     try:
         status, answer = await _register(
-            http, pool.url, {"base_model": "m/base", "name": "partial", "source": "/p/1"}
+            http,
+            pool.url,
+            {"base_model": "m/base", "name": "partial", "source": lora_dir("partial")},
         )
+        assert status == 201
+        rows = {r["provider"]: r for r in answer["providers"]}
+        assert rows["va"]["status"] == "failed" and "HTTP 500" in rows["va"]["detail"]
+        results = await asyncio.gather(*(_ask(http, pool.url, "partial") for _ in range(20)))
+        assert set(results) == {(200, "vb", "partial@v1")}
     finally:
         pool.va.knobs.lora_fail_status = None
-    assert status == 201
-    rows = {r["provider"]: r for r in answer["providers"]}
-    assert rows["va"]["status"] == "failed" and "HTTP 500" in rows["va"]["detail"]
+    # The registry keeps trying where the load failed.
+    await _until(lambda: "va" in _loaded("partial"), 15, "partial@v1 loaded on va")
     results = await asyncio.gather(*(_ask(http, pool.url, "partial") for _ in range(20)))
-    assert set(results) == {(200, "vb", "partial@v1")}
+    assert "va" in {r[1] for r in results} and {r[0] for r in results} == {200}
+
+
+async def test_a_restarted_server_gets_its_adapters_back_and_no_adapter_request_before(
+    pool: Pool, http
+) -> None:
+    body = {"base_model": "m/base", "name": "back", "source": lora_dir("back")}
+    assert (await _register(http, pool.url, body))[0] == 201
+    results: list[tuple[int, str, str]] = []
+    stop = asyncio.Event()
+
+    async def worker() -> None:
+        while not stop.is_set():
+            results.append(await _ask(http, pool.url, "back"))
+
+    workers = [asyncio.create_task(worker()) for _ in range(4)]
+    try:
+        await asyncio.to_thread(pool.va.stop_thread)
+        await _until(lambda: "va" not in _loaded("back"), 10, "the registry to see va gone")
+        pool.va.knobs.lora_load_s = 1.0  # a window in which va answers but lacks the adapter
+        mark = len(pool.va.requests)
+        await asyncio.to_thread(pool.va.start_in_thread, pool.va.port)
+        started = time.monotonic()
+        await _until(lambda: "va" in _loaded("back"), 10, "back@v1 loaded on va again")
+        assert time.monotonic() - started < 10
+        await _until(lambda: any(r[1] == "va" for r in results[-10:]), 10, "va serving back")
+    finally:
+        stop.set()
+        await asyncio.gather(*workers)
+        pool.va.knobs.lora_load_s = 0.0
+    assert pool.va.loras["back@v1"] == body["source"]
+    loads = [r.body for r in pool.va.requests[mark:] if r.path == "/v1/load_lora_adapter"]
+    assert [b["lora_name"] for b in loads].count("back@v1") == 1
+    assert {r[0] for r in results} == {200} and {r[2] for r in results} == {"back@v1"}
+    assert _asked_before_loaded(pool.va, "back@v1", mark) == []
+
+
+async def test_an_adapter_loaded_nowhere_answers_503_then_comes_back(pool: Pool, http) -> None:
+    body = {"base_model": "m/base", "name": "lonely", "source": lora_dir("lonely")}
+    assert (await _register(http, pool.url, body))[0] == 201
+    pool.va.knobs.lora_fail_status = pool.vb.knobs.lora_fail_status = 500
+    try:
+        # Both servers forget it (as after a restart) and cannot load it for now.
+        del pool.va.loras["lonely@v1"], pool.vb.loras["lonely@v1"]
+        await _until(lambda: _loaded("lonely") == (), 10, "the registry to see it gone")
+        req = {"model": "lonely", "messages": [{"role": "user", "content": "q"}]}
+        async with http.post(f"{pool.url}/v1/chat/completions", json=req) as resp:
+            error = (await resp.json())["error"]
+            assert (resp.status, error["code"]) == (503, "adapter_unavailable")
+            assert resp.headers["retry-after"] == "2"
+    finally:
+        pool.va.knobs.lora_fail_status = pool.vb.knobs.lora_fail_status = None
+    await _until(lambda: len(_loaded("lonely")) == 2, 15, "lonely loaded again")
+    assert (await _ask(http, pool.url, "lonely"))[0] == 200
+
+
+async def test_a_provider_added_by_a_reload_gets_the_adapters_first(
+    pool: Pool, http, upstream_factory
+) -> None:
+    body = {"base_model": "m/base", "name": "late", "source": lora_dir("late")}
+    assert (await _register(http, pool.url, body))[0] == 201
+    vc = upstream_factory("vc")
+    vc.knobs.lora_load_s = 1.0
+    grown = copy.deepcopy(pool.config)
+    grown[TYPE]["m/base"]["providers"].append(provider("vc", vc.url, "vllm"))
+    registry = REGISTRY.handle()
+    try:
+        version = ray.get(registry.publish_config.remote(grown, "test-config")).version
+        assert ray.get(registry.wait_for_followers.remote(version, 10)) == []
+        # Until it has loaded the adapter, vc serves the base model but not the adapter.
+        asked = await asyncio.gather(*(_ask(http, pool.url, "late") for _ in range(20)))
+        assert {r[0] for r in asked} == {200}
+        await _until(lambda: "vc" in _loaded("late"), 10, "late@v1 loaded on vc")
+        asked = await asyncio.gather(*(_ask(http, pool.url, "late") for _ in range(20)))
+        assert "vc" in {r[1] for r in asked} and {r[0] for r in asked} == {200}
+    finally:
+        ray.get(registry.publish_config.remote(pool.config, "test-config"))
+    current = ray.get(registry.current.remote()).adapters
+    assert vc.loras == {f"{n}@v{a.current.version}": a.current.source for n, a in current.items()}
+    assert _asked_before_loaded(vc, "late@v1") == []
+
+
+async def _delete(
+    http: aiohttp.ClientSession, url: str, name: str, headers=ADMIN
+) -> tuple[int, dict]:
+    async with http.delete(f"{url}/api/v1/adapters/{name}", headers=headers) as resp:
+        return resp.status, await resp.json()
+
+
+async def test_a_deleted_adapter_answers_404_and_is_unloaded_once_unused(pool: Pool, http) -> None:
+    body = {"base_model": "m/base", "name": "gone", "source": lora_dir("gone")}
+    assert (await _register(http, pool.url, body))[0] == 201
+    pool.va.knobs.latency_s = pool.vb.knobs.latency_s = 1.5
+    try:
+        slow = asyncio.create_task(_ask(http, pool.url, "gone"))
+        await _until(lambda: pool.va.active + pool.vb.active == 1, 10, "a request on gone")
+        status, answer = await _delete(http, pool.url, "gone")
+        assert status == 200 and answer["unloading"] == ["gone@v1"], answer
+        assert answer["unconfirmed_replicas"] == []
+        assert (await _ask(http, pool.url, "gone"))[0] == 404
+        # Still loaded while a request uses it.
+        assert "gone@v1" in pool.va.loras and "gone@v1" in pool.vb.loras
+        assert (await slow)[0] == 200
+    finally:
+        pool.va.knobs.latency_s = pool.vb.knobs.latency_s = 0.0
+    for up in (pool.va, pool.vb):
+        await _until(lambda up=up: "gone@v1" not in up.loras, 15, f"gone@v1 unloaded on {up.name}")
+    async with http.get(f"{pool.url}/api/v1/adapters", headers=ADMIN) as resp:
+        assert "gone" not in {a["name"] for a in (await resp.json())["data"]}
+    assert (await _delete(http, pool.url, "gone"))[1]["error"]["code"] == "adapter_not_found"
+    assert (await _delete(http, pool.url, "gone", {}))[0] == 401
 
 
 async def test_a_rolling_update_under_load_fails_nothing_and_serves_nothing_stale(
     pool: Pool, http
 ) -> None:
-    body = {"base_model": "m/base", "name": "roll", "source": "/roll/1"}
+    body = {"base_model": "m/base", "name": "roll", "source": lora_dir("roll-1")}
     assert (await _register(http, pool.url, body))[0] == 201
     total, workers = 400, 8
     done: list[tuple[float, int, str]] = []
@@ -125,7 +276,7 @@ async def test_a_rolling_update_under_load_fails_nothing_and_serves_nothing_stal
 
     async def update() -> None:
         await halfway.wait()
-        status, answer = await _register(http, pool.url, {**body, "source": "/roll/2"})
+        status, answer = await _register(http, pool.url, {**body, "source": lora_dir("roll-2")})
         acked_at.append(time.monotonic())
         assert status == 201 and answer["unconfirmed_replicas"] == [], answer
 
@@ -141,7 +292,7 @@ async def test_a_rolling_update_under_load_fails_nothing_and_serves_nothing_stal
         await asyncio.to_thread(
             wait_for, lambda up=up: "roll@v1" not in up.loras, 15, "roll@v1 unloaded"
         )
-        assert up.loras["roll@v2"] == "/roll/2"
+        assert up.loras["roll@v2"] == lora_dir("roll-2")
         assert {"lora_name": "roll@v1"} in [
             r.body for r in up.requests if r.path == "/v1/unload_lora_adapter"
         ]
@@ -171,7 +322,7 @@ async def test_a_load_that_fails_everywhere_changes_nothing(pool: Pool, http) ->
     pool.va.knobs.lora_fail_status = pool.vb.knobs.lora_fail_status = 503
     try:
         status, answer = await _register(
-            http, pool.url, {"base_model": "m/base", "name": "broken", "source": "/b"}
+            http, pool.url, {"base_model": "m/base", "name": "broken", "source": lora_dir("broken")}
         )
     finally:
         pool.va.knobs.lora_fail_status = pool.vb.knobs.lora_fail_status = None

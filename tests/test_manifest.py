@@ -12,17 +12,20 @@ from serve_app.admin import admin_refusal
 from serve_app.config import ConfigError
 from serve_app.errors import RouterError
 from serve_app.registry import store
-from serve_app.registry.manifest import (
+from serve_app.registry.adapters import (
     AdapterRegistration,
-    Manifest,
     adapter_report,
     check_registration,
-    effective_config,
+    loads_due,
+    next_number,
     retiring_names,
-    with_config,
+    with_listings,
+    with_loaded,
     with_new_version,
     with_unloaded,
+    without_adapter,
 )
+from serve_app.registry.manifest import Manifest, effective_config, is_lora_name, with_config
 from tests.conftest import provider
 
 
@@ -122,16 +125,16 @@ def test_new_versions_retire_the_old_one_and_route_to_the_new(manifest: Manifest
     v2 = with_new_version(v1, _reg(source="/adapters/sql2"), ["v2"], 20.0)
     adapter = v2.adapters["sql"]
     assert (adapter.current.version, adapter.current.source) == (2, "/adapters/sql2")
-    assert [(o.version, o.retired_in) for o in adapter.retiring] == [(1, v2.version)]
+    assert [(o.adapter, o.version, o.retired_in) for o in v2.retiring] == [("sql", 1, v2.version)]
     assert retiring_names(v2) == {"sql@v1"}
     model = effective_config(v2).model_types["llm_models"].models["sql"]
     # v1 has not loaded version 2: the sleeping provider that has is promoted, nothing stale.
     assert [(p.id, p.model_path) for p in model.providers] == [("v2", "sql@v2")]
     assert model.providers_sleep == []
 
-    done = with_unloaded(v2, "sql", 1, {"v1"})
-    assert done.adapters["sql"].retiring[0].loaded == ("v2",)
-    assert with_unloaded(done, "sql", 1, {"v2"}).adapters["sql"].retiring == ()
+    done = with_unloaded(v2, "sql@v1", {"v1"})
+    assert done.retiring[0].loaded == ("v2",)
+    assert with_unloaded(done, "sql@v1", {"v2"}).retiring == ()
 
 
 def test_the_report_shows_versions_per_provider_and_says_ollama_is_unsupported(
@@ -150,6 +153,76 @@ def test_the_report_shows_versions_per_provider_and_says_ollama_is_unsupported(
     assert rows["v2"]["status"] == "missing" and rows["v2"]["loaded_versions"] == [1]
     assert rows["o1"]["status"] == "unsupported" and "ollama" in rows["o1"]["detail"]
     assert report["version"] == 2 and report["retiring_versions"] == [1]
+
+
+def _listing(*loras: str, source: str = "/adapters/sql") -> dict[str, str]:
+    return {"base": "/models/base", **{name: source for name in loras}}
+
+
+def test_a_server_that_lost_a_version_stops_serving_it_until_it_is_loaded_again(
+    manifest: Manifest,
+) -> None:
+    m = with_new_version(manifest, _reg(), ["v1", "v2"], 0.0)
+    # v1 restarted (lists no adapter), v2 is down: neither is routed the adapter any more.
+    seen = with_listings(m, {"v1": _listing(), "v2": None})
+    assert seen.version == m.version + 1 and seen.adapters["sql"].current.loaded == ()
+    assert "sql" not in effective_config(seen).model_types["llm_models"].models
+    # Only the server that answered is loaded again.
+    due = loads_due(seen, {"v1": _listing(), "v2": None})
+    assert [(d.provider.id, d.lora, d.source) for d in due] == [("v1", "sql@v1", "/adapters/sql")]
+    back = with_loaded(seen, "sql", 1, {"v1"})
+    assert back.adapters["sql"].current.loaded == ("v1",)
+    assert with_loaded(back, "sql", 1, {"v1"}) is back  # nothing new
+    assert with_listings(back, {"v1": _listing("sql@v1")}) is back  # agrees: no new version
+
+
+def test_listings_decide_what_is_loaded_for_the_providers_that_answered(
+    manifest: Manifest,
+) -> None:
+    m = with_new_version(manifest, _reg(), ["v1"], 0.0)
+    # v2 lists it (a load at registration timed out but happened): it is routed there too.
+    found = with_listings(m, {"v2": _listing("sql@v1")})
+    assert found.adapters["sql"].current.loaded == ("v1", "v2")
+    # The same name from another path is not this version: not loaded there, to load again.
+    other = with_listings(m, {"v1": _listing("sql@v1", source="/elsewhere")})
+    assert other.adapters["sql"].current.loaded == ()
+    # A server that does not say where an adapter came from is taken at its word.
+    assert with_listings(m, {"v1": {"sql@v1": ""}}) is m
+    # Retiring versions a server no longer lists are gone from it: nothing left to unload.
+    v2 = with_new_version(found, _reg(source="/adapters/sql2"), ["v1", "v2"], 0.0)
+    gone = with_listings(v2, {"v1": _listing("sql@v2", source="/adapters/sql2")})
+    assert [r.loaded for r in gone.retiring] == [("v2",)] and retiring_names(gone) == {"sql@v1"}
+    assert with_listings(gone, {"v2": _listing()}).retiring == ()
+
+
+def test_a_load_for_a_version_no_longer_current_changes_nothing(manifest: Manifest) -> None:
+    m = with_new_version(manifest, _reg(), [], 0.0)
+    m = with_new_version(m, _reg(source="/adapters/sql2"), ["v1"], 0.0)
+    assert with_loaded(m, "sql", 1, {"v2"}) is m
+    assert with_loaded(m, "gone", 1, {"v2"}) is m
+
+
+def test_a_deleted_adapter_retires_and_its_name_never_reuses_a_loaded_version(
+    manifest: Manifest,
+) -> None:
+    m = with_new_version(manifest, _reg(), ["v1", "v2"], 0.0)
+    deleted = without_adapter(m, "sql")
+    assert "sql" not in deleted.adapters and deleted.version == m.version + 1
+    assert "sql" not in effective_config(deleted).model_types["llm_models"].models
+    [old] = deleted.retiring
+    assert (old.lora, old.loaded, old.retired_in) == ("sql@v1", ("v1", "v2"), deleted.version)
+    assert loads_due(deleted, {"v1": _listing(), "v2": _listing()}) == []
+    assert next_number(deleted, "sql") == 2  # sql@v1 is still loaded: registered again as v2
+    again = with_new_version(deleted, _reg(), ["v1"], 0.0)
+    assert again.adapters["sql"].current.version == 2
+    assert next_number(with_unloaded(deleted, "sql@v1", {"v1", "v2"}), "sql") == 1
+    with pytest.raises(KeyError):
+        without_adapter(deleted, "sql")
+
+
+def test_lora_names_are_recognised() -> None:
+    assert is_lora_name("sql@v12") and not is_lora_name("sql") and not is_lora_name(None)
+    assert not is_lora_name("user@example.com")
 
 
 def test_the_manifest_file_is_replaced_whole_and_private(tmp_path: Path) -> None:

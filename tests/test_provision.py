@@ -13,7 +13,7 @@ from serve_app.profiles import parse_profiles, with_role_defaults
 from serve_app.provision.manager import LLMModelManager
 from serve_app.provision.tasks import placement
 from serve_app.registry.actor import RegistryRef
-from tests.conftest import free_port, provider
+from tests.conftest import free_port, lora_dir, provider
 
 
 def test_roles_take_both_forms_and_match_case_insensitively() -> None:
@@ -195,13 +195,14 @@ async def test_role_adapters_are_registered_through_the_registry(
         roles = parse_profiles({"profiles": {"p": {"models": {"tuned": role}}}}).roles("p")
         return LLMModelManager(roles, parse_config(config_doc), registry)
 
-    first = _actions(await manager("/a/1", False).ensure_models_installed())
+    one, two = lora_dir("tuned-1"), lora_dir("tuned-2")
+    first = _actions(await manager(one, False).ensure_models_installed())
     assert first["tuned"][0] == "exists"
     assert first["tuned:sql"] == ("installed", "version 1")
-    assert vllm.loras == {"sql@v1": "/a/1"}
-    again = _actions(await manager("/a/2", False).ensure_models_installed())
+    assert vllm.loras == {"sql@v1": one}
+    again = _actions(await manager(two, False).ensure_models_installed())
     assert again["tuned:sql"][0] == "exists"  # no auto_update: the registered version stays
-    updated = _actions(await manager("/a/2", True).ensure_models_installed())
+    updated = _actions(await manager(two, True).ensure_models_installed())
     assert updated["tuned:sql"] == ("updated", "version 2")
     ray.kill(registry.handle(), no_restart=True)
 

@@ -13,8 +13,9 @@ import ray
 
 from serve_app.demo_upstream import FakeUpstream
 from serve_app.registry.actor import NAMESPACE, RegistryRef
-from serve_app.registry.manifest import AdapterRegistration, Manifest
-from tests.conftest import provider, wait_for
+from serve_app.registry.adapters import AdapterRegistration
+from serve_app.registry.manifest import Manifest
+from tests.conftest import lora_dir, provider, wait_for
 
 
 @pytest.fixture
@@ -37,7 +38,10 @@ def _config(url: str, weight: float = 1.0) -> dict:
     }
 
 
-def _sql(source: str = "/adapters/sql") -> AdapterRegistration:
+SQL = lora_dir("sql")
+
+
+def _sql(source: str = SQL) -> AdapterRegistration:
     return AdapterRegistration(base_model="base", name="sql", source=source)
 
 
@@ -56,14 +60,14 @@ def test_acknowledged_adapters_survive_killing_the_registry(
     assert ray.get(registry.publish_config.remote(_config(vllm.url), "cfg")).problems == []
     answer = ray.get(registry.register_adapter.remote(_sql(), 1.0))
     assert answer.status == 201
-    assert vllm.loras == {"sql@v1": "/adapters/sql"}
+    assert vllm.loras == {"sql@v1": SQL}
     before: Manifest = ray.get(registry.current.remote())
 
     ray.kill(registry, no_restart=True)
     wait_for(lambda: _gone(ref.name), 30, "the registry to die")
     after: Manifest = ray.get(ref.handle().current.remote())  # a new actor, from the file
     assert after == before
-    assert after.adapters["sql"].current.source == "/adapters/sql"
+    assert after.adapters["sql"].current.source == SQL
 
 
 def test_a_crashed_registry_is_restarted_with_its_manifest(
@@ -122,10 +126,11 @@ def test_an_old_version_is_unloaded_only_once_no_replica_uses_it(
 ) -> None:
     registry = ref.handle()
     ray.get(registry.publish_config.remote(_config(vllm.url), "cfg"))
-    ray.get(registry.register_adapter.remote(_sql("/a/v1"), 1.0))
+    one, two = lora_dir("sql-v1"), lora_dir("sql-v2")
+    ray.get(registry.register_adapter.remote(_sql(one), 1.0))
     v = ray.get(registry.current.remote("replica")).version
-    answer = ray.get(registry.register_adapter.remote(_sql("/a/v2"), 0.2))
-    assert answer.status == 201 and vllm.loras == {"sql@v1": "/a/v1", "sql@v2": "/a/v2"}
+    answer = ray.get(registry.register_adapter.remote(_sql(two), 0.2))
+    assert answer.status == 201 and vllm.loras == {"sql@v1": one, "sql@v2": two}
 
     # The replica has applied the new version but still has a request on v1.
     v2 = ray.get(registry.wait_for_change.remote("replica", v, [], 1)).version
@@ -137,11 +142,11 @@ def test_an_old_version_is_unloaded_only_once_no_replica_uses_it(
 
     ray.get(registry.wait_for_change.remote("replica", v2, [], 0.05))
     wait_for(lambda: "sql@v1" not in vllm.loras, 10, "v1 to be unloaded")
-    assert vllm.loras == {"sql@v2": "/a/v2"}
+    assert vllm.loras == {"sql@v2": two}
     unloads = [r.body for r in vllm.requests if r.path == "/v1/unload_lora_adapter"]
     assert unloads == [{"lora_name": "sql@v1"}]
     wait_for(
-        lambda: ray.get(registry.current.remote()).adapters["sql"].retiring == (),
+        lambda: ray.get(registry.current.remote()).retiring == (),
         10,
         "the manifest to forget v1",
     )

@@ -42,7 +42,7 @@ from serve_app.dispatch import (
     Unary,
     error_answer,
 )
-from serve_app.errors import RouterError, model_not_found
+from serve_app.errors import RouterError, adapter_unavailable, model_not_found
 from serve_app.follow import Follower
 from serve_app.handler import ApiModelConfig
 from serve_app.local.loopback import keep_replica_grpc_on_loopback
@@ -60,12 +60,8 @@ from serve_app.profiles import (
 from serve_app.providers.base import JSON
 from serve_app.provision.manager import LLMModelManager, ProvisionRequest, role_models
 from serve_app.registry.actor import Answer, Published, RegistryRef
-from serve_app.registry.manifest import (
-    AdapterRegistration,
-    Manifest,
-    WeightsUpdate,
-    effective_config,
-)
+from serve_app.registry.adapters import AdapterRegistration
+from serve_app.registry.manifest import Manifest, WeightsUpdate, effective_config
 from serve_app.schemas import (
     TIMEOUT_HEADER,
     ChatRequest,
@@ -251,6 +247,7 @@ class Ingress:
         self._settings = settings
         self._admin_token = os.environ.get(ADMIN_TOKEN_ENV)
         self._type_of: dict[str, str] = {}
+        self._unplaced: frozenset[str] = frozenset()  # adapters loaded on no server now
         self._fallbacks: dict[str, str] = {}
         self._timeouts: dict[str, float] = {}
         self._models = b""
@@ -278,6 +275,7 @@ class Ingress:
         else:
             self._manager.update(self._roles, config)
         self._type_of = config.model_type_of()
+        self._unplaced = frozenset(parents) - set(self._type_of)
         self._fallbacks = {
             name: model.fallback_model
             for group in config.model_types.values()
@@ -345,6 +343,8 @@ class Ingress:
             meta = meta._replace(timeout_s=parse_timeout(request.headers.get(TIMEOUT_HEADER)))
             model_type = self._type_of.get(meta.model)
             if model_type is None:
+                if meta.model in self._unplaced:
+                    raise adapter_unavailable(meta.model)
                 raise model_not_found(meta.model)
             model = meta.model
             if model_type not in self._unary:
@@ -638,6 +638,18 @@ class Ingress:
             answer = await self._registry_call(
                 "register_adapter", req, self._settings.ack_timeout_s
             )
+        except RouterError as err:
+            return _error(err)
+        return _relayed(answer)
+
+    @api.delete("/api/v1/adapters/{name}")
+    async def delete_adapter(self, name: str, request: Request) -> Response:
+        """The adapter stops being a model at once; its versions are unloaded from every server
+        once no request uses them."""
+        if (refused := self._refusal(request)) is not None:
+            return refused
+        try:
+            answer = await self._registry_call("delete_adapter", name, self._settings.ack_timeout_s)
         except RouterError as err:
             return _error(err)
         return _relayed(answer)

@@ -20,7 +20,8 @@ from serve_app.local.loopback import keep_replica_grpc_on_loopback
 from serve_app.monitor import monitor_handle
 from serve_app.provision.manager import LLMModelManager, auto_pull_models
 from serve_app.registry.actor import RegistryRef
-from serve_app.registry.manifest import Manifest, effective_config, retiring_names
+from serve_app.registry.adapters import retiring_names
+from serve_app.registry.manifest import Manifest, effective_config
 from serve_app.schemas import RequestMeta
 from serve_app.serve_env import REPLICA_CPUS
 from serve_app.shared import SharedState

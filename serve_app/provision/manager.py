@@ -27,7 +27,8 @@ from serve_app.provision.tasks import (
     provision_on_node,
 )
 from serve_app.registry.actor import RegistryRef
-from serve_app.registry.manifest import AdapterRegistration, Manifest
+from serve_app.registry.adapters import AdapterRegistration
+from serve_app.registry.manifest import Manifest
 
 log = logging.getLogger("scripts.models.provision")
 

@@ -13,7 +13,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -28,19 +28,27 @@ from serve_app.config import ConfigError
 from serve_app.errors import RouterError
 from serve_app.follow import Signal
 from serve_app.registry import lora, store
-from serve_app.registry.manifest import (
+from serve_app.registry.adapters import (
     AdapterRegistration,
-    Manifest,
-    WeightsUpdate,
     adapter_report,
     check_registration,
+    loads_due,
+    next_number,
+    watched,
+    with_listings,
+    with_loaded,
+    with_new_version,
+    with_unloaded,
+    without_adapter,
+)
+from serve_app.registry.manifest import (
+    Manifest,
+    WeightsUpdate,
     config_of,
     lora_name,
     providers_by_id,
     with_config,
-    with_new_version,
     with_profiles,
-    with_unloaded,
     with_weights,
 )
 
@@ -55,7 +63,11 @@ FOLLOWER_TTL_S = 30.0
 # After this long an old adapter version is unloaded even if a replica still reports a request
 # on it (a stream that never ends must not pin GPU memory forever).
 DRAIN_TIMEOUT_S = 600.0
-UNLOAD_RETRY_S = 10.0
+# A failed load or unload is tried again after this long.
+LORA_RETRY_S = 5.0
+# How often the vLLM servers' listings are compared with the manifest: a restarted server gets
+# its adapters back within about this long of answering again.
+RECONCILE_S = 1.0
 
 
 class Answer(NamedTuple):
@@ -130,21 +142,25 @@ class Registry:
         self._followers: dict[str, _Follower] = {}
         self._lock = asyncio.Lock()
         self._session: aiohttp.ClientSession | None = None
-        self._retire_task: asyncio.Task[None] | None = None
+        self._background: list[asyncio.Task[None]] = []
         self._retiring_since: dict[str, float] = {}
-        self._next_unload: dict[str, float] = {}
+        self._next_try: dict[tuple[str, str], float] = {}  # (lora name, provider id) -> when
         log.info("registry ready", extra={"path": str(self._path), "version": self.version})
 
     @property
     def version(self) -> int:
         return self._manifest.version
 
-    def _commit(self, manifest: Manifest) -> None:
-        """Persist, then publish: nothing is acknowledged before it is on disk."""
+    def _commit(self, manifest: Manifest) -> bool:
+        """Persist, then publish: nothing is acknowledged before it is on disk. False (and
+        nothing done) when the manifest is the current one."""
+        if manifest is self._manifest:
+            return False
         store.save(self._path, manifest.model_dump_json().encode())
         self._manifest = manifest
         self._changed.fire()
         log.info("manifest published", extra={"version": manifest.version})
+        return True
 
     def _seen(self, follower_id: str, version: int, busy: frozenset[str], waiting: int) -> None:
         f = self._followers.get(follower_id)
@@ -163,8 +179,25 @@ class Registry:
         return self._followers
 
     def _start_background(self) -> None:
-        if self._retire_task is None or self._retire_task.done():
-            self._retire_task = asyncio.get_running_loop().create_task(self._retire_loop())
+        if not self._background:
+            loop = asyncio.get_running_loop()
+            self._background = [
+                loop.create_task(self._every(self._unload_drained, self._reported.wait, 1.0)),
+                loop.create_task(self._every(self._reconcile, asyncio.sleep, RECONCILE_S)),
+            ]
+
+    @staticmethod
+    async def _every(
+        step: Callable[[], Awaitable[None]],
+        pause: Callable[[float], Awaitable[None]],
+        period: float,
+    ) -> None:
+        while True:
+            try:
+                await step()
+            except Exception:
+                log.exception("adapter background step failed", extra={"step": step.__name__})
+            await pause(period)
 
     # --- followers ---------------------------------------------------------------------------
 
@@ -214,9 +247,7 @@ class Registry:
                 manifest = change(self._manifest)
             except ConfigError as exc:
                 return Published(self.version, False, exc.problems)
-            changed = manifest is not self._manifest
-            if changed:
-                self._commit(manifest)
+            changed = self._commit(manifest)
         return Published(manifest.version, changed, [])
 
     async def publish_config(self, raw: object, source: str) -> Published:
@@ -254,8 +285,7 @@ class Registry:
                 return Answer.error(
                     RouterError(409, "no models config is published yet", code="no_config")
                 )
-            existing = self._manifest.adapters.get(req.name)
-            number = existing.current.version + 1 if existing else 1
+            number = next_number(self._manifest, req.name)
             name = lora_name(req.name, number)
             reasons = await asyncio.gather(
                 *(lora.load(self._http(), p, name, req.source) for p in targets)
@@ -294,49 +324,93 @@ class Registry:
         }
         return Answer(201, orjson.dumps(body))
 
+    async def delete_adapter(self, name: str, ack_timeout_s: float) -> Answer:
+        """Stop routing to the adapter (the answer comes once every live replica has); its
+        versions are unloaded from every server once no request uses them."""
+        self._start_background()
+        async with self._lock:
+            if name not in self._manifest.adapters:
+                return Answer.error(
+                    RouterError(404, f"no adapter {name!r} is registered", code="adapter_not_found")
+                )
+            manifest = without_adapter(self._manifest, name)
+            self._commit(manifest)
+        log.info("adapter deleted", extra={"adapter": name})
+        unconfirmed = await self.wait_for_followers(manifest.version, ack_timeout_s)
+        body = {
+            "name": name,
+            "deleted": True,
+            "manifest_version": manifest.version,
+            "unloading": sorted(r.lora for r in manifest.retiring if r.adapter == name),
+            "unconfirmed_replicas": unconfirmed,
+        }
+        return Answer(200, orjson.dumps(body))
+
     async def adapters(self) -> Answer:
         return Answer(
             200, orjson.dumps({"version": self.version, "data": adapter_report(self._manifest)})
         )
 
+    def _due(self, lora_name: str, provider_id: str) -> bool:
+        return self._next_try.get((lora_name, provider_id), 0.0) <= time.monotonic()
+
+    def _failed(self, what: str, lora_name: str, provider_id: str, why: str) -> None:
+        self._next_try[(lora_name, provider_id)] = time.monotonic() + LORA_RETRY_S
+        log.warning(
+            f"adapter {what} failed",
+            extra={"adapter": lora_name, "provider": provider_id, "reason": why},
+        )
+
     def _drained(self, retired_in: int, name: str) -> bool:
         return all(f.version >= retired_in and name not in f.busy for f in self._live().values())
 
-    async def _retire_loop(self) -> None:
-        while True:
-            try:
-                await self._unload_drained()
-            except Exception:
-                log.exception("unloading retired adapter versions failed")
-            await self._reported.wait(1.0)
-
     async def _unload_drained(self) -> None:
         now = time.monotonic()
-        for adapter_name, adapter in self._manifest.adapters.items():
-            for old in adapter.retiring:
-                name = lora_name(adapter_name, old.version)
-                since = self._retiring_since.setdefault(name, now)
-                if self._next_unload.get(name, 0.0) > now:
-                    continue
-                assert old.retired_in is not None
-                if not self._drained(old.retired_in, name) and now - since < DRAIN_TIMEOUT_S:
-                    continue
-                await self._unload(adapter_name, old.version, old.loaded)
+        for old in self._manifest.retiring:
+            since = self._retiring_since.setdefault(old.lora, now)
+            if not self._drained(old.retired_in, old.lora) and now - since < DRAIN_TIMEOUT_S:
+                continue
+            await self._unload(old.lora, old.loaded)
 
-    async def _unload(self, adapter_name: str, number: int, loaded: tuple[str, ...]) -> None:
-        name = lora_name(adapter_name, number)
+    async def _unload(self, name: str, loaded: tuple[str, ...]) -> None:
         providers = providers_by_id(config_of(self._manifest))
         # A provider no longer in the config is not ours to call any more.
         gone = {pid for pid in loaded if pid not in providers}
-        present = [providers[pid] for pid in loaded if pid in providers]
+        present = [providers[pid] for pid in loaded if pid in providers and self._due(name, pid)]
         reasons = await asyncio.gather(*(lora.unload(self._http(), p, name) for p in present))
         done = gone | {p.id for p, why in zip(present, reasons, strict=True) if why is None}
         for p, why in zip(present, reasons, strict=True):
             if why is not None:
-                log.warning("adapter unload failed", extra={"provider": p.id, "reason": why})
-        if len(done) < len(loaded):
-            self._next_unload[name] = time.monotonic() + UNLOAD_RETRY_S
+                self._failed("unload", name, p.id, why)
         if done:
             async with self._lock:
-                self._commit(with_unloaded(self._manifest, adapter_name, number, done))
+                self._commit(with_unloaded(self._manifest, name, done))
             log.info("adapter version unloaded", extra={"adapter": name, "providers": len(done)})
+
+    async def _reconcile(self) -> None:
+        """Compare what each vLLM server lists with the manifest: versions a server no longer
+        lists (it restarted, or does not answer) stop being routed there, and current versions
+        missing on a server that answers are loaded there (a restarted server, a provider added
+        by a reload, a load that failed at registration)."""
+        targets = watched(self._manifest)
+        if not targets:
+            return
+        async with self._lock:  # a registration's loads cannot land between listing and commit
+            found = await asyncio.gather(*(lora.listing(self._http(), p) for p in targets.values()))
+            listings = dict(zip(targets, found, strict=True))
+            if self._commit(with_listings(self._manifest, listings)):
+                log.info("adapter versions follow the servers' listings")
+            manifest = self._manifest
+        due = [
+            load for load in loads_due(manifest, listings) if self._due(load.lora, load.provider.id)
+        ]
+        reasons = await asyncio.gather(
+            *(lora.load(self._http(), d.provider, d.lora, d.source) for d in due)
+        )
+        for d, why in zip(due, reasons, strict=True):
+            if why is not None:
+                self._failed("load", d.lora, d.provider.id, why)
+                continue
+            async with self._lock:
+                self._commit(with_loaded(self._manifest, d.adapter, d.version, {d.provider.id}))
+            log.info("adapter version loaded", extra={"adapter": d.lora, "provider": d.provider.id})

@@ -1,7 +1,8 @@
 """The registry's manifest: models config, profiles, LoRA adapter versions, one version number.
 
 Pure data and rules, no Ray and no HTTP: the registry actor applies them and persists the result,
-and every replica derives the config it routes with from `effective_config`.
+and every replica derives the config it routes with from `effective_config`. The adapter rules
+are in `adapters`.
 
 An adapter version is loaded on vLLM under its own name, `<adapter>@v<version>`, so two versions
 can be loaded side by side during a rolling update; the client always names the bare adapter.
@@ -25,11 +26,10 @@ from serve_app.config import (
     json_path,
     parse_config,
 )
-from serve_app.errors import RouterError
 from serve_app.profiles import DEFAULT_PROFILE, Role, parse_profiles
 
-ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _RESERVED_KEYS = frozenset({"active_models", "routing"})
+_LORA_NAME = re.compile(r"@v[0-9]+$")
 
 
 class AdapterVersion(BaseModel):
@@ -41,17 +41,28 @@ class AdapterVersion(BaseModel):
     created: float
     # Provider ids on which this version is loaded now.
     loaded: tuple[str, ...] = ()
-    # The manifest version that replaced it; set once it is retiring.
-    retired_in: int | None = None
 
 
 class Adapter(BaseModel):
+    """A registered adapter: clients name it, it routes to its current version."""
+
     model_config = ConfigDict(frozen=True)
 
     base_model: str
     current: AdapterVersion
-    # Older versions still loaded somewhere: unloaded once no replica has a request on them.
-    retiring: tuple[AdapterVersion, ...] = ()
+
+
+class RetiringVersion(AdapterVersion):
+    """A version replaced by a newer one, or of a deleted adapter, still loaded somewhere: it is
+    unloaded once no replica has a request on it."""
+
+    adapter: str
+    # The manifest version that stopped routing to it.
+    retired_in: int
+
+    @property
+    def lora(self) -> str:
+        return lora_name(self.adapter, self.version)
 
 
 class Manifest(BaseModel):
@@ -64,23 +75,13 @@ class Manifest(BaseModel):
     profiles_source: str = ""
     active_profile: str = DEFAULT_PROFILE
     adapters: dict[str, Adapter] = Field(default_factory=dict)  # adapter name -> adapter
+    retiring: tuple[RetiringVersion, ...] = ()
 
     def roles(self) -> dict[str, Role]:
         """The active profile's roles (none without profiles); ConfigError if it is missing."""
         if self.profiles is None:
             return {}
         return parse_profiles(self.profiles, self.profiles_source).roles(self.active_profile)
-
-
-class AdapterRegistration(BaseModel):
-    """`POST /api/v1/adapters`."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    base_model: str = Field(min_length=1)
-    name: str = Field(min_length=1)
-    source: str = Field(min_length=1, description="path or URI vLLM loads the adapter from")
-    sha256: str | None = Field(default=None, pattern=r"^[0-9a-fA-F]{64}$")
 
 
 class WeightsUpdate(BaseModel):
@@ -122,6 +123,11 @@ def with_weights(manifest: Manifest, update: WeightsUpdate) -> Manifest:
 def lora_name(name: str, number: int) -> str:
     """The name vLLM serves one adapter version under."""
     return f"{name}@v{number}"
+
+
+def is_lora_name(name: str | None) -> bool:
+    """Whether an upstream model name is one of `lora_name`'s."""
+    return name is not None and _LORA_NAME.search(name) is not None
 
 
 def config_of(manifest: Manifest) -> RouterConfig:
@@ -191,95 +197,6 @@ def with_profiles(manifest: Manifest, raw: object, source: str, active: str) -> 
     return manifest.model_copy(update={"version": manifest.version + 1, **update})
 
 
-def check_registration(manifest: Manifest, req: AdapterRegistration) -> list[ProviderConfig]:
-    """The vLLM providers to load the adapter on; RouterError (4xx) for a request to refuse."""
-    config = config_of(manifest)
-    models = {m: g.models[m] for g in config.model_types.values() for m in g.models}
-    base = models.get(req.base_model)
-    if base is None:
-        raise RouterError(
-            404,
-            f"unknown base model {req.base_model!r}: not an active model",
-            code="unknown_base_model",
-            param="base_model",
-        )
-    if not ADAPTER_NAME.match(req.name):
-        raise RouterError(
-            400,
-            "adapter name must be 1-128 letters, digits, '.', '_' or '-', starting with a letter "
-            "or digit",
-            code="invalid_adapter_name",
-            param="name",
-        )
-    assert manifest.models_config is not None
-    if req.name in defined_model_names(manifest.models_config):
-        raise RouterError(
-            409, f"{req.name!r} is already a model name", code="adapter_name_clash", param="name"
-        )
-    existing = manifest.adapters.get(req.name)
-    if existing is not None and existing.base_model != req.base_model:
-        raise RouterError(
-            409,
-            f"adapter {req.name!r} is registered for base model {existing.base_model!r}",
-            code="adapter_name_clash",
-            param="name",
-        )
-    targets = [p for p in (*base.providers, *base.providers_sleep) if p.api_type == "vllm"]
-    if not targets:
-        raise RouterError(
-            400,
-            f"base model {req.base_model!r} has no vLLM provider; LoRA adapters are loaded only "
-            "on vLLM providers (not on ollama or openai ones)",
-            code="no_vllm_provider",
-            param="base_model",
-        )
-    return targets
-
-
-def with_new_version(
-    manifest: Manifest, req: AdapterRegistration, loaded: list[str], now: float
-) -> Manifest:
-    """The manifest where `req` is the adapter's current version, loaded on `loaded`."""
-    version = manifest.version + 1
-    existing = manifest.adapters.get(req.name)
-    retiring: tuple[AdapterVersion, ...] = ()
-    number = 1
-    if existing is not None:
-        number = existing.current.version + 1
-        old = existing.current.model_copy(update={"retired_in": version})
-        retiring = (*existing.retiring, old) if old.loaded else existing.retiring
-    current = AdapterVersion(
-        version=number, source=req.source, sha256=req.sha256, created=now, loaded=tuple(loaded)
-    )
-    adapter = Adapter(base_model=req.base_model, current=current, retiring=retiring)
-    return manifest.model_copy(
-        update={"version": version, "adapters": {**manifest.adapters, req.name: adapter}}
-    )
-
-
-def with_unloaded(manifest: Manifest, name: str, number: int, unloaded: set[str]) -> Manifest:
-    """The manifest after a retiring version was unloaded from `unloaded` providers."""
-    adapter = manifest.adapters[name]
-    retiring = []
-    for old in adapter.retiring:
-        if old.version == number:
-            old = old.model_copy(
-                update={"loaded": tuple(p for p in old.loaded if p not in unloaded)}
-            )
-        if old.loaded:
-            retiring.append(old)
-    adapter = adapter.model_copy(update={"retiring": tuple(retiring)})
-    return manifest.model_copy(
-        update={"version": manifest.version + 1, "adapters": {**manifest.adapters, name: adapter}}
-    )
-
-
-def retiring_names(manifest: Manifest) -> set[str]:
-    return {
-        lora_name(name, old.version) for name, a in manifest.adapters.items() for old in a.retiring
-    }
-
-
 def _adapter_model(base: ModelConfig, name: str, version: AdapterVersion) -> ModelConfig | None:
     """The base model's providers that have this version loaded, asked for it by its vLLM name."""
     upstream = {"model_path": lora_name(name, version.version)}
@@ -314,44 +231,3 @@ def effective_config(manifest: Manifest) -> RouterConfig:
             for t, models in groups.items()
         },
     )
-
-
-def adapter_report(manifest: Manifest) -> list[dict[str, Any]]:
-    """`GET /api/v1/adapters`: each adapter's current version and, per provider, what is loaded."""
-    try:
-        config = config_of(manifest)
-    except ConfigError:
-        return []
-    models = {m: g.models[m] for g in config.model_types.values() for m in g.models}
-    out = []
-    for name, adapter in sorted(manifest.adapters.items()):
-        base = models.get(adapter.base_model)
-        providers = [] if base is None else [*base.providers, *base.providers_sleep]
-        rows = []
-        for p in providers:
-            versions = [v.version for v in (adapter.current, *adapter.retiring) if p.id in v.loaded]
-            row: dict[str, Any] = {"provider": p.id, "api_type": p.api_type}
-            if p.api_type != "vllm":
-                row |= {
-                    "status": "unsupported",
-                    "detail": f"LoRA adapters are not supported on {p.api_type} providers",
-                }
-            else:
-                status = "current" if adapter.current.version in versions else "missing"
-                row |= {"status": status, "loaded_versions": versions}
-            rows.append(row)
-        current = adapter.current
-        out.append(
-            {
-                "name": name,
-                "base_model": adapter.base_model,
-                "base_model_active": base is not None,
-                "version": current.version,
-                "source": current.source,
-                "sha256": current.sha256,
-                "created": current.created,
-                "retiring_versions": [v.version for v in adapter.retiring],
-                "providers": rows,
-            }
-        )
-    return out
