@@ -69,7 +69,7 @@ def main() -> int:
         return 1
     timings["model_s"] = time.monotonic() - step
     step = time.monotonic()
-    command = [sys.executable, "-m", "pytest", "-q", "-m", "e2e", "-p", "no:cacheprovider"]
+    command = [sys.executable, "-m", "pytest", "-q", "-s", "-m", "e2e", "-p", "no:cacheprovider"]
     status = subprocess.call([*command, "tests/e2e"], cwd=ROOT)
     timings["tests_s"] = time.monotonic() - step
     timings["total_s"] = time.monotonic() - started

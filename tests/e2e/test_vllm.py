@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -18,7 +19,7 @@ import openai
 import pytest
 from openai import OpenAI
 
-from tests.conftest import ADMIN, ROOT, wait_for
+from tests.conftest import ADMIN, ROOT, deploy, wait_for
 from tests.e2e.conftest import MODEL, models_config
 from tests.e2e.vllm_server import MAX_MODEL_LEN, MODEL_DIR, SERVED_MODEL, VllmServer
 
@@ -203,6 +204,146 @@ def test_provisioning_reports_what_the_real_servers_serve(
     assert done.returncode == 1  # a role failed
 
 
+def _listed(server: VllmServer) -> set[str]:
+    """The model ids the server lists now (its base model and loaded adapters)."""
+    return {m["id"] for m in get(f"{server.url}/v1/models")["data"]}
+
+
+def _register(router: str, name: str, adapter: str) -> dict:
+    status, answer = post(
+        f"{router}/api/v1/adapters",
+        {"name": name, "base_model": MODEL, "source": str(MODEL_DIR / adapter)},
+        ADMIN,
+    )
+    assert status == 201 and answer["unconfirmed_replicas"] == [], answer
+    return answer
+
+
+def _attempts(router: str, provider: str, reason: str) -> float:
+    with urllib.request.urlopen(f"{router}/metrics", timeout=30) as resp:
+        text = resp.read().decode()
+    pattern = (
+        rf'llm_router_upstream_attempts_total{{[^}}]*provider="{provider}"'
+        rf'[^}}]*reason="{reason}"[^}}]*}} ([\d.]+)'
+    )
+    return sum(float(n) for n in re.findall(pattern, text))
+
+
+def test_a_rolling_update_under_load_fails_nothing_and_unloads_the_old_version(
+    router: str, vllm: list[VllmServer]
+) -> None:
+    """300 requests to the adapter at concurrency 8; v1 -> v2 after the 100th answer."""
+    _register(router, "e2e-roll", "a1")
+    served: list[tuple[float, str]] = []
+    failures: list[str] = []
+    acked: list[float] = []
+    third = threading.Event()
+
+    def one(_: int) -> None:
+        sent = time.monotonic()
+        try:
+            answer = client(router).chat.completions.create(
+                model="e2e-roll", messages=HELLO, max_tokens=4
+            )
+            served.append((sent, answer.model))
+        except Exception as exc:
+            failures.append(repr(exc))
+        if len(served) >= 100:
+            third.set()
+
+    def update() -> None:
+        third.wait(300)
+        _register(router, "e2e-roll", "a2")
+        acked.append(time.monotonic())
+
+    updater = threading.Thread(target=update, daemon=True)
+    updater.start()
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(one, range(300)))
+    updater.join(60)
+    assert failures == [] and len(served) == 300
+    after = [model for sent, model in served if sent > acked[0]]
+    assert len(after) >= 50 and set(after) == {"e2e-roll@v2"}
+    assert {model for _, model in served} == {"e2e-roll@v1", "e2e-roll@v2"}
+    for server in vllm:
+        wait_for(lambda s=server: "e2e-roll@v1" not in _listed(s), 30, f"v1 gone on {server.name}")
+        assert "e2e-roll@v2" in _listed(server)
+
+
+def test_a_deleted_adapter_answers_404_and_is_unloaded_everywhere(
+    router: str, vllm: list[VllmServer]
+) -> None:
+    _register(router, "e2e-del", "a3")
+    assert (
+        client(router).chat.completions.create(model="e2e-del", messages=HELLO, max_tokens=2).model
+        == "e2e-del@v1"
+    )
+    req = urllib.request.Request(
+        f"{router}/api/v1/adapters/e2e-del", method="DELETE", headers=ADMIN
+    )
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        answer = json.loads(resp.read())
+    assert answer["unloading"] == ["e2e-del@v1"] and answer["unconfirmed_replicas"] == []
+    with pytest.raises(openai.NotFoundError):
+        client(router).chat.completions.create(model="e2e-del", messages=HELLO, max_tokens=2)
+    for server in vllm:
+        wait_for(lambda s=server: "e2e-del@v1" not in _listed(s), 30, f"unloaded on {server.name}")
+
+
+class _AdapterLoad:
+    """Requests to one adapter from a background thread until stopped: (status, provider)."""
+
+    def __init__(self, router: str, name: str) -> None:
+        self.results: list[tuple[int, str]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(router, name), daemon=True)
+        self._thread.start()
+
+    def _run(self, router: str, name: str) -> None:
+        while not self._stop.is_set():
+            try:
+                raw = client(router).chat.completions.with_raw_response.create(
+                    model=name, messages=HELLO, max_tokens=2
+                )
+                raw.parse()
+                self.results.append((raw.status_code, raw.headers["x-router-provider"]))
+            except openai.APIStatusError as err:
+                self.results.append((err.status_code, ""))
+            except openai.APIError as err:
+                self.results.append((0, repr(err)))
+
+    def stop(self) -> list[tuple[int, str]]:
+        self._stop.set()
+        self._thread.join(120)
+        return self.results
+
+
+def test_a_provider_added_by_a_reload_gets_the_adapters_before_adapter_requests(
+    serve_url: str, router: str, vllm: list[VllmServer], tmp_path: Path
+) -> None:
+    one, both = models_config(vllm[:1]), models_config(vllm)
+    file = tmp_path / "models-config.json"
+    file.write_text(json.dumps(one))
+    deploy(serve_url, one, models_config=str(file))
+    try:
+        _register(router, "e2e-late", "a3")  # loaded on vllm-a only: vllm-b is not in the config
+        assert "e2e-late@v1" not in _listed(vllm[1])
+        load = _AdapterLoad(router, "e2e-late")
+        file.write_text(json.dumps(both))
+        status, answer = post(f"{router}/api/v1/config/reload", {}, ADMIN)
+        assert status == 200 and answer["changed"], answer
+        reloaded = time.monotonic()
+        wait_for(lambda: "e2e-late@v1" in _listed(vllm[1]), 10, "e2e-late loaded on vllm-b")
+        took = time.monotonic() - reloaded
+        wait_for(lambda: vllm[1].name in {p for _, p in load.results[-20:]}, 30, "vllm-b serving")
+        results = load.stop()
+    finally:
+        deploy(serve_url, both)
+    print(f"\nreload -> adapter listed on the added provider: {took:.1f} s")
+    assert {status for status, _ in results} == {200}
+    assert _attempts(router, vllm[1].name, "HTTP 404") == 0  # none sent there before its load
+
+
 def _served_by(router: str) -> str:
     """The provider that answered a short chat (x-router-provider)."""
     raw = client(router).chat.completions.with_raw_response.create(
@@ -219,21 +360,36 @@ def _circuit(router: str, provider: str) -> float | None:
     return None if found is None else float(found.group(1))
 
 
+def _streamed_by(router: str, started: list[bool]) -> str:
+    """The provider that answered a short streamed chat; `started` learns of its first chunk.
+    A stream the router ends with an error event raises (the client's own check)."""
+    raw = client(router).chat.completions.with_raw_response.create(
+        model=MODEL, messages=HELLO, max_tokens=4, stream=True
+    )
+    for _ in raw.parse():
+        started.append(True)
+    return raw.headers["x-router-provider"]
+
+
 def test_kill_9_of_one_server_under_load_loses_nothing(router: str, vllm: list[VllmServer]) -> None:
-    """Last in the module: it kills and restarts a server. 300 unary requests at concurrency 8;
-    one server is killed (-9, with its engine) after the 50th answer. A unary request has no
-    byte before its answer, so every one must be served (failover); the monitor opens that
-    server's circuit; after a restart traffic reaches it again."""
+    """Last in the module: it kills and restarts a server. 300 requests at concurrency 8, every
+    third one streamed; one server is killed (-9, with its engine) after the 50th answer. No
+    request may fail that had not received its first byte (failover); the monitor opens that
+    server's circuit. Adapter requests run through the restart: the restarted server gets the
+    current adapters loaded within 10 s of answering and no adapter request before that."""
+    _register(router, "e2e-back", "a1")
     victim = vllm[1]
     served: list[str] = []
     failures: list[str] = []
+    broken_mid_stream: list[str] = []
     killed = threading.Event()
 
-    def one(_: int) -> None:
+    def one(i: int) -> None:
+        started: list[bool] = []
         try:
-            served.append(_served_by(router))
+            served.append(_streamed_by(router, started) if i % 3 == 0 else _served_by(router))
         except Exception as exc:
-            failures.append(repr(exc))
+            (broken_mid_stream if started else failures).append(repr(exc))
         if len(served) >= 50 and not killed.is_set():
             killed.set()
             victim.kill()
@@ -241,10 +397,23 @@ def test_kill_9_of_one_server_under_load_loses_nothing(router: str, vllm: list[V
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(one, range(300)))
     assert killed.is_set()
-    assert failures == [] and len(served) == 300
+    assert failures == [] and len(served) + len(broken_mid_stream) == 300
     assert served.count(vllm[0].name) > 150  # the survivor took over
     wait_for(lambda: _circuit(router, victim.name) == 2.0, 30, "the circuit to open")
 
-    victim.start()
-    victim.wait_ready()
-    wait_for(lambda: _served_by(router) == victim.name, 120, "traffic to the restarted server")
+    load = _AdapterLoad(router, "e2e-back")
+    try:
+        victim.start()
+        wait_for(victim.ready, 300, "the restarted server to answer")
+        back = time.monotonic()
+        wait_for(lambda: "e2e-back@v1" in _listed(victim), 10, "e2e-back loaded on it again")
+        took = time.monotonic() - back
+        wait_for(lambda: _served_by(router) == victim.name, 120, "traffic to the restarted server")
+        wait_for(lambda: victim.name in {p for _, p in load.results[-20:]}, 30, "adapter traffic")
+    finally:
+        results = load.stop()
+    print(
+        f"\nrestart -> adapter listed again: {took:.1f} s; {len(broken_mid_stream)} streams broke"
+    )
+    assert {status for status, _ in results} == {200}
+    assert _attempts(router, victim.name, "HTTP 404") == 0
