@@ -113,9 +113,10 @@ async def test_a_weight_change_reaches_both_router_replicas(live: Live, http, re
     config[TYPE]["m/live"]["providers"][1]["weight"] = 0  # lb only as a fallback
     live.write(config)
     code, answer = await _reload(live)
-    assert code == 200, answer
+    assert code == 200 and answer["changed"], answer
     # Every replica (both routers and the ingress) confirmed within the 1 s ack deadline.
     assert answer["unconfirmed_replicas"] == []
+    assert (await _reload(live))[1]["changed"] is False  # the same file again
     versions = (await _config_status(http, live))["replicas"]
     assert all(versions[r] == answer["version"] for r in routers)
     assert await _providers(http, live, "m/live", 60) == Counter({"la": 60})

@@ -497,13 +497,13 @@ class Ingress:
                 parse_profiles(*profiles).roles(settings.active_profile)
             published = await self._registry_call("publish_config", raw, source)
             assert isinstance(published, Published)
-            published.checked(source)
+            changed = published.checked(source).changed
             if profiles is not None:
                 published = await self._registry_call(
                     "publish_profiles", *profiles, settings.active_profile
                 )
                 assert isinstance(published, Published)
-                published.checked(profiles[1], KIND)
+                changed |= published.checked(profiles[1], KIND).changed
         except ConfigError as exc:
             raise RouterError(400, str(exc), code="invalid_config") from None
         unconfirmed = await self._registry_call(
@@ -511,7 +511,7 @@ class Ingress:
         )
         return {
             "version": published.version,
-            "changed": published.changed,
+            "changed": changed,  # the models config, the profiles or both
             "source": source,
             # Model types with no router deployment yet: `serve deploy` adds them.
             "needs_redeploy": sorted(types - set(self._unary)),
