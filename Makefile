@@ -46,7 +46,7 @@ job-demo: install
 		python -m scripts.provision_models --json
 
 # What CI runs.
-ci: test chaos job-demo
+ci: test chaos job-demo e2e
 
 # Rewrite docs/api/openapi.json after changing an endpoint (a test checks it is current).
 openapi: install

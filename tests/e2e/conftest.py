@@ -7,7 +7,13 @@ from collections.abc import Iterator
 import pytest
 
 from tests.conftest import deploy, free_port, provider
-from tests.e2e.vllm_server import MODEL_DIR, SERVED_MODEL, VLLM_PYTHON, VllmServer
+from tests.e2e.vllm_server import (
+    MODEL_DIR,
+    SERVED_MODEL,
+    VLLM_PYTHON,
+    VllmServer,
+    stop_leftovers,
+)
 
 MODEL = "e2e/tiny"
 MODEL_TYPE = "vllm_models"
@@ -17,6 +23,7 @@ MODEL_TYPE = "vllm_models"
 def vllm() -> Iterator[list[VllmServer]]:
     if not VLLM_PYTHON.exists() or not (MODEL_DIR / "base").exists():
         pytest.fail("no vLLM environment or tiny model: run the e2e tests with `make e2e`")
+    stop_leftovers()  # of a run cut short, before their folders are reused
     servers = [VllmServer(name, free_port()) for name in ("vllm-a", "vllm-b")]
     try:
         for server in servers:

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 
-from tests.e2e.vllm_server import MODEL_DIR, ROOT, VLLM_PYTHON
+from tests.e2e.vllm_server import MODEL_DIR, ROOT, VLLM_PYTHON, stop_leftovers
 
 VENV = VLLM_PYTHON.parent.parent
 STAMP = VENV / ".installed-stamp"
@@ -70,7 +70,10 @@ def main() -> int:
     timings["model_s"] = time.monotonic() - step
     step = time.monotonic()
     command = [sys.executable, "-m", "pytest", "-q", "-s", "-m", "e2e", "-p", "no:cacheprovider"]
+    stop_leftovers()
     status = subprocess.call([*command, "tests/e2e"], cwd=ROOT)
+    if killed := stop_leftovers():  # pytest was cut short (a timeout ends the process at once)
+        print(f"e2e: stopped vLLM servers the tests left running: pids {killed}")
     timings["tests_s"] = time.monotonic() - step
     timings["total_s"] = time.monotonic() - started
     summary = ", ".join(f"{k} {v:.0f}" for k, v in timings.items())

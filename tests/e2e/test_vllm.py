@@ -291,16 +291,17 @@ def test_a_deleted_adapter_answers_404_and_is_unloaded_everywhere(
 
 
 class _AdapterLoad:
-    """Requests to one adapter from a background thread until stopped: (status, provider)."""
+    """Requests to one adapter from a background thread until stopped: (status, provider).
+    `pause_s` between requests leaves the CPU to a vLLM that is starting."""
 
-    def __init__(self, router: str, name: str) -> None:
+    def __init__(self, router: str, name: str, pause_s: float = 0.0) -> None:
         self.results: list[tuple[int, str]] = []
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(router, name), daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(router, name, pause_s), daemon=True)
         self._thread.start()
 
-    def _run(self, router: str, name: str) -> None:
-        while not self._stop.is_set():
+    def _run(self, router: str, name: str, pause_s: float) -> None:
+        while not self._stop.wait(pause_s):
             try:
                 raw = client(router).chat.completions.with_raw_response.create(
                     model=name, messages=HELLO, max_tokens=2
@@ -403,10 +404,10 @@ def test_kill_9_of_one_server_under_load_loses_nothing(router: str, vllm: list[V
     assert served.count(vllm[0].name) > 150  # the survivor took over
     wait_for(lambda: _circuit(router, victim.name) == 2.0, 30, "the circuit to open")
 
-    load = _AdapterLoad(router, "e2e-back")
+    load = _AdapterLoad(router, "e2e-back", pause_s=0.2)
     try:
         victim.start()
-        wait_for(victim.ready, 300, "the restarted server to answer")
+        victim.wait_ready()  # polls every 0.5 s: what follows may be up to that much too short
         back = time.monotonic()
         wait_for(lambda: "e2e-back@v1" in _listed(victim), 10, "e2e-back loaded on it again")
         took = time.monotonic() - back

@@ -23,6 +23,25 @@ VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
 SERVED_MODEL = "tiny"
 MAX_MODEL_LEN = 256
 READY_S = 300.0
+PID_FILE = "pid"  # the server's pid (its process group), removed when it is stopped
+
+
+def stop_leftovers() -> list[int]:
+    """Kill the process groups of servers a run that was cut short left behind (their pid files
+    are still there); the pids killed."""
+    killed = []
+    for pid_file in (WORK / "servers").glob(f"*/{PID_FILE}"):
+        pid = int(pid_file.read_text())
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            cmdline = b""
+        if b"vllm.entrypoints" in cmdline:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+                killed.append(pid)
+        pid_file.unlink()
+    return killed
 
 
 class VllmServer:
@@ -77,6 +96,7 @@ class VllmServer:
             self.proc = subprocess.Popen(
                 command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
             )
+        (self.folder / PID_FILE).write_text(str(self.proc.pid))
 
     def ready(self) -> bool:
         try:
@@ -113,6 +133,7 @@ class VllmServer:
             except subprocess.TimeoutExpired:
                 self._signal(signal.SIGKILL)
                 self.proc.wait(5)
+        (self.folder / PID_FILE).unlink(missing_ok=True)
 
     def _signal(self, sig: int) -> None:
         if self.proc is not None:
