@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
@@ -24,7 +25,10 @@ def vllm() -> Iterator[list[VllmServer]]:
     if not VLLM_PYTHON.exists() or not (MODEL_DIR / "base").exists():
         pytest.fail("no vLLM environment or tiny model: run the e2e tests with `make e2e`")
     stop_leftovers()  # of a run cut short, before their folders are reused
-    servers = [VllmServer(name, free_port()) for name in ("vllm-a", "vllm-b")]
+    cores = os.cpu_count() or 1
+    servers = [
+        VllmServer(name, free_port(), core=i % cores) for i, name in enumerate(("vllm-a", "vllm-b"))
+    ]
     try:
         for server in servers:
             server.start()

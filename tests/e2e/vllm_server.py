@@ -45,9 +45,13 @@ def stop_leftovers() -> list[int]:
 
 
 class VllmServer:
-    def __init__(self, name: str, port: int) -> None:
+    def __init__(self, name: str, port: int, core: int) -> None:
+        """`core`: the CPU its engine's OpenMP threads are bound to. Two engines on one core
+        starve each other: a busy one's spinning threads kept the other's restart from ever
+        finishing its start-up."""
         self.name = name
         self.port = port
+        self.core = core
         self.url = f"http://127.0.0.1:{port}"
         self.folder = WORK / "servers" / name
         self.proc: subprocess.Popen[bytes] | None = None
@@ -68,6 +72,7 @@ class VllmServer:
             "VLLM_NO_USAGE_STATS": "1",
             "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
             "VLLM_CPU_KVCACHE_SPACE": "1",
+            "VLLM_CPU_OMP_THREADS_BIND": str(self.core),
         }
         command = [
             str(VLLM_PYTHON),
