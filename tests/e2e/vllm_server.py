@@ -2,7 +2,8 @@
 
 Its environment keeps it on loopback and inside the repo's `.e2e/` folder: VLLM_HOST_IP for its
 internal queues, TMPDIR and VLLM_RPC_BASE_PATH for its socket files, its caches, no hub, no
-usage stats, runtime LoRA loading on, 1 GiB of KV cache.
+usage stats, runtime LoRA loading on, 1 GiB of KV cache, its engine on one core, engine
+processes spawned rather than forked.
 """
 
 from __future__ import annotations
@@ -73,6 +74,9 @@ class VllmServer:
             "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
             "VLLM_CPU_KVCACHE_SPACE": "1",
             "VLLM_CPU_OMP_THREADS_BIND": str(self.core),
+            # Forked engine processes hung at start now and then (a lock held by another thread
+            # at fork time, likelier on a busy machine): spawn them.
+            "VLLM_WORKER_MULTIPROC_METHOD": "spawn",
         }
         command = [
             str(VLLM_PYTHON),
