@@ -2,8 +2,7 @@
 
 Its environment keeps it on loopback and inside the repo's `.e2e/` folder: VLLM_HOST_IP for its
 internal queues, TMPDIR and VLLM_RPC_BASE_PATH for its socket files, its caches, no hub, no
-usage stats, runtime LoRA loading on, 1 GiB of KV cache, its engine on one core, engine
-processes spawned rather than forked.
+usage stats, runtime LoRA loading on, 1 GiB of KV cache, its engine on one core.
 """
 
 from __future__ import annotations
@@ -47,9 +46,11 @@ def stop_leftovers() -> list[int]:
 
 class VllmServer:
     def __init__(self, name: str, port: int, core: int) -> None:
-        """`core`: the CPU its engine's OpenMP threads are bound to. Two engines on one core
-        starve each other: a busy one's spinning threads kept the other's restart from ever
-        finishing its start-up."""
+        """`core`: the CPU its engine's OpenMP threads are bound to. A busy engine's threads
+        spin on their core and starve whatever else is pinned there: with both engines on core
+        0, a restarted server's engine never finished starting while the other served (and a
+        start-up helper of vLLM's, pinned to core 0, stalled the same way), so the tests do not
+        load the other server while one starts."""
         self.name = name
         self.port = port
         self.core = core
@@ -74,9 +75,6 @@ class VllmServer:
             "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
             "VLLM_CPU_KVCACHE_SPACE": "1",
             "VLLM_CPU_OMP_THREADS_BIND": str(self.core),
-            # Forked engine processes hung at start now and then (a lock held by another thread
-            # at fork time, likelier on a busy machine): spawn them.
-            "VLLM_WORKER_MULTIPROC_METHOD": "spawn",
         }
         command = [
             str(VLLM_PYTHON),
