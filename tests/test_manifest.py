@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 
 from serve_app.admin import admin_refusal
-from serve_app.config import ConfigError
+from serve_app.config import ConfigError, ProviderConfig
 from serve_app.errors import RouterError
 from serve_app.registry import store
 from serve_app.registry.adapters import (
     AdapterRegistration,
+    Load,
     adapter_report,
     check_registration,
     loads_due,
@@ -170,9 +171,12 @@ def test_a_server_that_lost_a_version_stops_serving_it_until_it_is_loaded_again(
     # Only the server that answered is loaded again.
     due = loads_due(seen, {"v1": _listing(), "v2": None})
     assert [(d.provider.id, d.lora, d.source) for d in due] == [("v1", "sql@v1", "/adapters/sql")]
-    back = with_loaded(seen, "sql", 1, {"v1"})
+    back = with_loaded(seen, due)
     assert back.adapters["sql"].current.loaded == ("v1",)
-    assert with_loaded(back, "sql", 1, {"v1"}) is back  # nothing new
+    assert with_loaded(back, due) is back  # nothing new
+    # Loads on several servers in one round: one new version.
+    both = with_loaded(seen, loads_due(seen, {"v1": _listing(), "v2": _listing()}))
+    assert both.version == seen.version + 1 and both.adapters["sql"].current.loaded == ("v1", "v2")
     assert with_listings(back, {"v1": _listing("sql@v1")}) is back  # agrees: no new version
 
 
@@ -198,8 +202,9 @@ def test_listings_decide_what_is_loaded_for_the_providers_that_answered(
 def test_a_load_for_a_version_no_longer_current_changes_nothing(manifest: Manifest) -> None:
     m = with_new_version(manifest, _reg(), [], 0.0)
     m = with_new_version(m, _reg(source="/adapters/sql2"), ["v1"], 0.0)
-    assert with_loaded(m, "sql", 1, {"v2"}) is m
-    assert with_loaded(m, "gone", 1, {"v2"}) is m
+    v2 = ProviderConfig.model_validate(provider("v2", "http://127.0.0.1:9003", "vllm"))
+    assert with_loaded(m, [Load("sql", 1, v2, "/adapters/sql")]) is m
+    assert with_loaded(m, [Load("gone", 1, v2, "/adapters/sql")]) is m
 
 
 def test_a_deleted_adapter_retires_and_its_name_never_reuses_a_loaded_version(

@@ -410,7 +410,11 @@ class Registry:
         for d, why in zip(due, reasons, strict=True):
             if why is not None:
                 self._failed("load", d.lora, d.provider.id, why)
-                continue
-            async with self._lock:
-                self._commit(with_loaded(self._manifest, d.adapter, d.version, {d.provider.id}))
-            log.info("adapter version loaded", extra={"adapter": d.lora, "provider": d.provider.id})
+        loaded = [d for d, why in zip(due, reasons, strict=True) if why is None]
+        if loaded:
+            async with self._lock:  # one new version for the round, not one per load
+                self._commit(with_loaded(self._manifest, loaded))
+            log.info(
+                "adapter versions loaded",
+                extra={"loaded": sorted(f"{d.lora} on {d.provider.id}" for d in loaded)},
+            )

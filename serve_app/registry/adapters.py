@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from serve_app.config import ConfigError, ProviderConfig
+from serve_app.config import ConfigError, ProviderConfig, RouterConfig
 from serve_app.errors import RouterError
 from serve_app.registry.manifest import (
     Adapter,
@@ -53,21 +53,30 @@ class Load(NamedTuple):
     adapter: str
     version: int
     provider: ProviderConfig
-    lora: str
     source: str
 
+    @property
+    def lora(self) -> str:
+        return lora_name(self.adapter, self.version)
 
-def vllm_targets(manifest: Manifest, base_model: str) -> list[ProviderConfig]:
-    """The vLLM providers (both tiers) of an active base model; none if it is not active."""
+
+def _vllm_providers(config: RouterConfig) -> dict[str, list[ProviderConfig]]:
+    """Each active model's vLLM providers (both tiers)."""
+    return {
+        name: [p for p in (*model.providers, *model.providers_sleep) if p.api_type == "vllm"]
+        for group in config.model_types.values()
+        for name, model in group.models.items()
+    }
+
+
+def _targets(manifest: Manifest) -> dict[str, list[ProviderConfig]]:
+    """Each live adapter's vLLM providers (those of its base model; none if that is not active,
+    or without a models config). The config is parsed once for all adapters."""
     try:
-        config = config_of(manifest)
+        by_model = _vllm_providers(config_of(manifest))
     except ConfigError:
-        return []
-    for group in config.model_types.values():
-        base = group.models.get(base_model)
-        if base is not None:
-            return [p for p in (*base.providers, *base.providers_sleep) if p.api_type == "vllm"]
-    return []
+        return {}
+    return {name: by_model.get(a.base_model, []) for name, a in manifest.adapters.items()}
 
 
 def check_registration(manifest: Manifest, req: AdapterRegistration) -> list[ProviderConfig]:
@@ -101,7 +110,7 @@ def check_registration(manifest: Manifest, req: AdapterRegistration) -> list[Pro
             code="adapter_name_clash",
             param="name",
         )
-    targets = vllm_targets(manifest, req.base_model)
+    targets = _vllm_providers(config)[req.base_model]
     if not targets:
         raise RouterError(
             400,
@@ -190,13 +199,13 @@ def retiring_names(manifest: Manifest) -> set[str]:
 def watched(manifest: Manifest) -> dict[str, ProviderConfig]:
     """The vLLM providers whose listing matters: those of live adapters' base models, and those
     still holding a retiring version."""
-    out = {
-        p.id: p for a in manifest.adapters.values() for p in vllm_targets(manifest, a.base_model)
-    }
     try:
-        known = providers_by_id(config_of(manifest))
+        config = config_of(manifest)
     except ConfigError:
-        return out
+        return {}
+    by_model = _vllm_providers(config)
+    out = {p.id: p for a in manifest.adapters.values() for p in by_model.get(a.base_model, [])}
+    known = providers_by_id(config)
     for r in manifest.retiring:
         out |= {pid: known[pid] for pid in r.loaded if pid in known}
     return out
@@ -220,8 +229,9 @@ def with_listings(manifest: Manifest, listings: Mapping[str, Listing]) -> Manife
         return tuple(kept + found)
 
     adapters = {}
+    targets_of = _targets(manifest)
     for name, a in manifest.adapters.items():
-        targets = [p.id for p in vllm_targets(manifest, a.base_model)]
+        targets = [p.id for p in targets_of.get(name, [])]
         current = a.current.model_copy(
             update={"loaded": agreed(lora_name(name, a.current.version), a.current, targets)}
         )
@@ -234,26 +244,29 @@ def with_listings(manifest: Manifest, listings: Mapping[str, Listing]) -> Manife
 
 def loads_due(manifest: Manifest, listings: Mapping[str, Listing]) -> list[Load]:
     """Current versions missing on a target provider that answered: to load there."""
-    due = []
-    for name, a in manifest.adapters.items():
-        lora = lora_name(name, a.current.version)
-        for p in vllm_targets(manifest, a.base_model):
-            if p.id not in a.current.loaded and listings.get(p.id) is not None:
-                due.append(Load(name, a.current.version, p, lora, a.current.source))
-    return due
+    targets_of = _targets(manifest)
+    return [
+        Load(name, a.current.version, p, a.current.source)
+        for name, a in manifest.adapters.items()
+        for p in targets_of.get(name, [])
+        if p.id not in a.current.loaded and listings.get(p.id) is not None
+    ]
 
 
-def with_loaded(manifest: Manifest, name: str, version: int, providers: set[str]) -> Manifest:
-    """The manifest after `version` of the adapter was loaded on `providers`; the same manifest
-    if it is no longer the current version or nothing is new."""
-    a = manifest.adapters.get(name)
-    if a is None or a.current.version != version or providers <= set(a.current.loaded):
+def with_loaded(manifest: Manifest, loads: list[Load]) -> Manifest:
+    """The manifest after these loads succeeded, as one new version; loads of a version that is
+    no longer current are ignored. The same manifest if nothing is new."""
+    adapters = dict(manifest.adapters)
+    for load in loads:
+        a = adapters.get(load.adapter)
+        if a is None or a.current.version != load.version or load.provider.id in a.current.loaded:
+            continue
+        loaded = (*a.current.loaded, load.provider.id)
+        current = a.current.model_copy(update={"loaded": loaded})
+        adapters[load.adapter] = a.model_copy(update={"current": current})
+    if adapters == manifest.adapters:
         return manifest
-    loaded = a.current.loaded + tuple(sorted(providers - set(a.current.loaded)))
-    adapter = a.model_copy(update={"current": a.current.model_copy(update={"loaded": loaded})})
-    return manifest.model_copy(
-        update={"version": manifest.version + 1, "adapters": {**manifest.adapters, name: adapter}}
-    )
+    return manifest.model_copy(update={"version": manifest.version + 1, "adapters": adapters})
 
 
 def adapter_report(manifest: Manifest) -> list[dict[str, Any]]:
