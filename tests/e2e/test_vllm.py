@@ -44,6 +44,11 @@ def post(url: str, body: dict, headers: dict[str, str] | None = None) -> tuple[i
         return err.code, json.loads(err.read() or b"{}")
 
 
+def metrics(router: str) -> str:
+    with urllib.request.urlopen(f"{router}/metrics", timeout=30) as resp:
+        return resp.read().decode()
+
+
 def get(url: str) -> dict:
     with urllib.request.urlopen(url, timeout=30) as resp:
         return json.loads(resp.read())
@@ -122,8 +127,7 @@ def test_an_upstream_4xx_is_passed_back_as_it_is(router: str, vllm: list[VllmSer
 def test_metrics_show_attempts_on_both_providers(router: str, vllm: list[VllmServer]) -> None:
     for _ in range(6):
         client(router).chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2)
-    with urllib.request.urlopen(f"{router}/metrics", timeout=30) as resp:
-        text = resp.read().decode()
+    text = metrics(router)
     for server in vllm:
         pattern = (
             rf'llm_router_upstream_attempts_total{{[^}}]*provider="{server.name}"[^}}]*}} (\d+)'
@@ -220,8 +224,7 @@ def _register(router: str, name: str, adapter: str) -> dict:
 
 
 def _attempts(router: str, provider: str, reason: str) -> float:
-    with urllib.request.urlopen(f"{router}/metrics", timeout=30) as resp:
-        text = resp.read().decode()
+    text = metrics(router)
     pattern = (
         rf'llm_router_upstream_attempts_total{{[^}}]*provider="{provider}"'
         rf'[^}}]*reason="{reason}"[^}}]*}} ([\d.]+)'
@@ -355,8 +358,7 @@ def _served_by(router: str) -> str:
 
 
 def _circuit(router: str, provider: str) -> float | None:
-    with urllib.request.urlopen(f"{router}/metrics", timeout=30) as resp:
-        text = resp.read().decode()
+    text = metrics(router)
     found = re.search(rf'llm_router_circuit_state{{provider="{provider}"}} ([\d.]+)', text)
     return None if found is None else float(found.group(1))
 
