@@ -17,7 +17,7 @@ from typing import NamedTuple
 import aiohttp
 
 from serve_app.config import SLOT_STRATEGIES, ProviderConfig, RoutingConfig
-from serve_app.errors import RouterError, sse_error_event
+from serve_app.errors import RouterError, adapter_unavailable, sse_error_event
 from serve_app.handler import ModelHandler
 from serve_app.metrics import Tally
 from serve_app.providers import prepare
@@ -261,6 +261,10 @@ class Dispatcher:
         return min(view.routing.request_timeout_s, meta.timeout_s or float("inf"))
 
     def _exhausted(self, meta: RequestMeta, failures: list[_Failure]) -> RouterError:
+        if failures and all(f.status == 404 for f in failures):
+            # Only adapter 404s are retried: every server tried has just lost this version (a
+            # restart the registry has not seen yet), and it will load it again.
+            return adapter_unavailable(meta.model)
         detail = "; ".join(f"{f.provider_id}: {f.reason}" for f in failures)
         if failures and all(f.status == 429 for f in failures):
             waits = [f.retry_after for f in failures if f.retry_after]

@@ -22,7 +22,7 @@ from serve_app.config import (
     default_strategy,
     load_config,
 )
-from serve_app.errors import model_not_found
+from serve_app.errors import adapter_unavailable, model_not_found
 from serve_app.schemas import Endpoint, RequestMeta
 from serve_app.selection import (
     Candidates,
@@ -99,11 +99,14 @@ class ModelHandler:
         clock: Callable[[], float] = time.monotonic,
         previous: ModelHandler | None = None,
         default: StrategyName | None = None,
+        unplaced: frozenset[str] = frozenset(),
     ) -> None:
         """`provider_chooser`: one strategy for every model; else each model type's routing
         strategy, else `default` (see config.default_strategy). `previous`: the handler this
         one replaces, so providers that stay keep their load and health, and models their
-        strategy's state."""
+        strategy's state. `unplaced`: registered adapters loaded nowhere right now (answered
+        503 adapter_unavailable, not 404)."""
+        self.unplaced = unplaced
         self.api_model_config = ApiModelConfig(config or load_config(models_config_path))
         models = self.api_model_config.models_configs
         before = previous.states if previous else {}
@@ -127,6 +130,8 @@ class ModelHandler:
     def _model(self, model_name: str) -> ModelConfig:
         model = self.api_model_config.models_configs.get(model_name)
         if model is None:
+            if model_name in self.unplaced:
+                raise adapter_unavailable(model_name)
             raise model_not_found(model_name)
         return model
 

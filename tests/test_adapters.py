@@ -10,10 +10,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import aiohttp
+import orjson
 import pytest
 import ray
 
+from serve_app.config import parse_config
 from serve_app.demo_upstream import FakeUpstream
+from serve_app.dispatch import Dispatcher
+from serve_app.handler import ModelHandler
+from serve_app.schemas import Endpoint, validate_request
 from tests.conftest import ADMIN, REGISTRY, deploy, lora_dir, provider, wait_for
 
 pytestmark = pytest.mark.serve
@@ -331,3 +336,30 @@ async def test_a_load_that_fails_everywhere_changes_nothing(pool: Pool, http) ->
     async with http.get(f"{pool.url}/api/v1/adapters", headers=ADMIN) as resp:
         assert "broken" not in {a["name"] for a in (await resp.json())["data"]}
     assert (await _ask(http, pool.url, "broken"))[0] == 404
+
+
+async def test_a_version_every_server_lost_answers_503_from_a_router_not_yet_told(
+    upstream_factory,
+) -> None:
+    """A router still routing to servers that restarted a moment ago (the registry has not seen
+    it yet): each answers 404 for the version, and the client is told to retry, not 404."""
+    va, vb = upstream_factory("lost-a"), upstream_factory("lost-b")
+    route = {"model_path": "gone@v1"}
+    config = parse_config(
+        {
+            TYPE: {
+                "gone": {"providers": [provider(u.name, u.url, "vllm", **route) for u in (va, vb)]}
+            },
+            "active_models": {TYPE: ["gone"]},
+        },
+        "test",
+    )
+    body = b'{"model": "gone", "messages": [{"role": "user", "content": "q"}]}'
+    async with aiohttp.ClientSession() as session:
+        dispatcher = Dispatcher(
+            ModelHandler(config=config), config.model_types[TYPE].routing, session
+        )
+        answer = await dispatcher.unary(body, validate_request(Endpoint.CHAT, body, "r1"))
+    assert answer.head.status == 503 and answer.head.headers["retry-after"] == "2"
+    assert orjson.loads(answer.body)["error"]["code"] == "adapter_unavailable"
+    assert [r.body["model"] for r in va.requests + vb.requests] == ["gone@v1", "gone@v1"]

@@ -11,6 +11,7 @@ import pytest
 from serve_app.admin import admin_refusal
 from serve_app.config import ConfigError, ProviderConfig
 from serve_app.errors import RouterError
+from serve_app.handler import ModelHandler
 from serve_app.registry import store
 from serve_app.registry.adapters import (
     AdapterRegistration,
@@ -26,7 +27,14 @@ from serve_app.registry.adapters import (
     with_unloaded,
     without_adapter,
 )
-from serve_app.registry.manifest import Manifest, effective_config, is_lora_name, with_config
+from serve_app.registry.manifest import (
+    Manifest,
+    effective_config,
+    is_lora_name,
+    unplaced_adapters,
+    with_config,
+)
+from serve_app.schemas import Endpoint, RequestMeta
 from tests.conftest import provider
 
 
@@ -167,7 +175,16 @@ def test_a_server_that_lost_a_version_stops_serving_it_until_it_is_loaded_again(
     # v1 restarted (lists no adapter), v2 is down: neither is routed the adapter any more.
     seen = with_listings(m, {"v1": _listing(), "v2": None})
     assert seen.version == m.version + 1 and seen.adapters["sql"].current.loaded == ()
-    assert "sql" not in effective_config(seen).model_types["llm_models"].models
+    config = effective_config(seen)
+    assert "sql" not in config.model_types["llm_models"].models
+    # Still registered: a router answers 503 adapter_unavailable (retry), not 404.
+    assert unplaced_adapters(seen, config) == {"sql"}
+    assert unplaced_adapters(m, effective_config(m)) == set()
+    handler = ModelHandler(config=config, unplaced=unplaced_adapters(seen, config))
+    for name, code in (("sql", "adapter_unavailable"), ("nope", "model_not_found")):
+        with pytest.raises(RouterError) as info:
+            handler.candidates(RequestMeta(Endpoint.CHAT, name, False, 0, False, ""))
+        assert info.value.code == code
     # Only the server that answered is loaded again.
     due = loads_due(seen, {"v1": _listing(), "v2": None})
     assert [(d.provider.id, d.lora, d.source) for d in due] == [("v1", "sql@v1", "/adapters/sql")]

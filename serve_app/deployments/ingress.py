@@ -61,7 +61,12 @@ from serve_app.providers.base import JSON
 from serve_app.provision.manager import LLMModelManager, ProvisionRequest, role_models
 from serve_app.registry.actor import Answer, Published, RegistryRef
 from serve_app.registry.adapters import AdapterRegistration
-from serve_app.registry.manifest import Manifest, WeightsUpdate, effective_config
+from serve_app.registry.manifest import (
+    Manifest,
+    WeightsUpdate,
+    effective_config,
+    unplaced_adapters,
+)
 from serve_app.schemas import (
     TIMEOUT_HEADER,
     ChatRequest,
@@ -275,7 +280,7 @@ class Ingress:
         else:
             self._manager.update(self._roles, config)
         self._type_of = config.model_type_of()
-        self._unplaced = frozenset(parents) - set(self._type_of)
+        self._unplaced = unplaced_adapters(manifest, config)
         self._fallbacks = {
             name: model.fallback_model
             for group in config.model_types.values()

@@ -21,7 +21,7 @@ from serve_app.monitor import monitor_handle
 from serve_app.provision.manager import LLMModelManager, auto_pull_models
 from serve_app.registry.actor import RegistryRef
 from serve_app.registry.adapters import retiring_names
-from serve_app.registry.manifest import Manifest, effective_config
+from serve_app.registry.manifest import Manifest, effective_config, unplaced_adapters
 from serve_app.schemas import RequestMeta
 from serve_app.serve_env import REPLICA_CPUS
 from serve_app.shared import SharedState
@@ -59,7 +59,8 @@ class ModelTypeRouter:
         self._pusher = asyncio.get_running_loop().create_task(self._push_metrics())
 
     def _apply(self, manifest: Manifest) -> None:
-        group = effective_config(manifest).model_types.get(self._model_type)
+        effective = effective_config(manifest)
+        group = effective.model_types.get(self._model_type)
         config = RouterConfig(
             source=manifest.config_source,
             model_types={} if group is None else {group.name: group},
@@ -72,7 +73,12 @@ class ModelTypeRouter:
             self._manager.update(roles, config)
         routing = RoutingConfig() if group is None else group.routing
         previous = None if self._dispatcher is None else self._dispatcher.handler
-        handler = ModelHandler(config=config, previous=previous, default=self._default_strategy)
+        handler = ModelHandler(
+            config=config,
+            previous=previous,
+            default=self._default_strategy,
+            unplaced=unplaced_adapters(manifest, effective),
+        )
         self._shared.configure(
             list(handler.states),
             list(handler.strategy_names),

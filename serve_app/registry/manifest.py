@@ -231,3 +231,9 @@ def effective_config(manifest: Manifest) -> RouterConfig:
             for t, models in groups.items()
         },
     )
+
+
+def unplaced_adapters(manifest: Manifest, config: RouterConfig) -> frozenset[str]:
+    """Registered adapters that `config` (the manifest's effective config) routes nowhere: no
+    server has their current version loaded right now, so a retry may succeed."""
+    return frozenset(manifest.adapters) - set(config.model_type_of())
