@@ -25,8 +25,6 @@ from serve_app.config import (
     parse_config,
     read_raw,
 )
-from serve_app.deployments.ingress import DEFAULT_MAX_BODY_BYTES, Ingress, IngressSettings
-from serve_app.deployments.router import ModelTypeRouter
 from serve_app.profiles import (
     KIND,
     active_profile_name,
@@ -35,6 +33,8 @@ from serve_app.profiles import (
     read_profiles,
 )
 from serve_app.registry.actor import Published, RegistryRef
+from serve_app.replicas.ingress import DEFAULT_MAX_BODY_BYTES, Ingress, IngressSettings
+from serve_app.replicas.router import ModelTypeRouter
 
 APP_NAME = "llm-router"
 # JSON lines, no per-request access log (it costs throughput and carries client paths).

@@ -4,7 +4,8 @@ It answers `"<name>: <last user text>"`, split into `chunks` pieces when streami
 for latency, pacing, error statuses, dropped connections and hangs. It records every request so
 tests can check what the router sent. Run alone: `python -m serve_app.demo_upstream --port 8101`.
 
-Where it imitates vLLM (error bodies, the runtime LoRA API, `/v1/models`) it is held to a real
+Where it imitates vLLM (error bodies, the runtime LoRA API, `/v1/models`, the Responses and
+Anthropic Messages endpoints vLLM serves natively) it is held to a real
 vLLM by `tests/e2e/test_conformance.py`. Unlike vLLM it serves any model name unless `served`
 names its models, so that one demo process can stand in for many models.
 """
@@ -21,6 +22,11 @@ from typing import Any, Literal
 
 import orjson
 from aiohttp import web
+
+from serve_app.dialects.anthropic import error_body as anthropic_error
+from serve_app.dialects.internal import Answer, Usage
+from serve_app.dialects.translate import translation
+from serve_app.schemas import Endpoint
 
 Drop = Literal["before_headers", "mid_stream"]
 _NOT_INFERENCE = frozenset({"/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/api/pull"})
@@ -86,6 +92,9 @@ class FakeUpstream:
         r.add_post("/v1/chat/completions", self._openai)
         r.add_post("/v1/completions", self._openai)
         r.add_post("/v1/embeddings", self._openai_embeddings)
+        r.add_post("/v1/responses", self._vllm_dialect)
+        r.add_post("/v1/messages", self._vllm_dialect)
+        r.add_post("/v1/messages/count_tokens", self._vllm_dialect)
         r.add_get("/v1/models", self._openai_models)
         r.add_post("/v1/load_lora_adapter", self._load_lora)
         r.add_post("/v1/unload_lora_adapter", self._unload_lora)
@@ -301,6 +310,36 @@ class FakeUpstream:
         lines.append(b"data: [DONE]\n\n")
         return await self._stream_lines(request, "text/event-stream", lines)
 
+    async def _vllm_dialect(self, request: web.Request) -> web.StreamResponse:
+        """Responses and Anthropic Messages, which vLLM serves natively: answered in their
+        shapes, through the router's own translations of the same answer as a chat."""
+        body = await self._record(request)
+        bad = await self._misbehave(request)
+        if bad is not None:
+            return bad
+        endpoint = Endpoint(request.path.removeprefix("/v1/"))
+        model = body.get("model")
+        if not self._serves(model):
+            message = f"The model `{model}` does not exist."
+            if endpoint.dialect == "anthropic":  # vLLM answers these in Anthropic's shape
+                return web.json_response(anthropic_error(404, message), status=404)
+            return _vllm_error(404, "NotFoundError", message, param="model")
+        stream = bool(body.get("stream"))
+        t = translation(endpoint, body, stream)
+        text = self._reply_text(t.body)
+        pieces = self._pieces(text)
+        usage = {"prompt_tokens": 5, "completion_tokens": len(pieces)}
+        if not stream:
+            answer = Answer(text=text, finish="stop", usage=Usage.of(usage))
+            return web.json_response(t.unary(answer, {}))
+        writer = t.writer()
+        lines = [writer.start()]
+        for piece in pieces:
+            lines.append(writer.deltas(writer.reader.read(_chunk({"content": piece}))))
+        writer.reader.read(_chunk({}, "stop") | {"usage": usage})
+        lines.append(writer.end())
+        return await self._stream_lines(request, "text/event-stream", lines)
+
     def _vector(self, text: str) -> list[float]:
         return [float((len(text) + i) % 7) for i in range(self.knobs.embedding_dim)]
 
@@ -480,6 +519,10 @@ class FakeUpstream:
         await resp.write(orjson.dumps({"status": "success"}) + b"\n")
         await resp.write_eof()
         return resp
+
+
+def _chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+    return {"choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
 
 
 def _vllm_error(status: int, type_: str, message: str, param: str | None = None) -> web.Response:

@@ -17,11 +17,12 @@ from typing import NamedTuple
 import aiohttp
 
 from serve_app.config import SLOT_STRATEGIES, ProviderConfig, RoutingConfig
-from serve_app.errors import RouterError, adapter_unavailable, sse_error_event
+from serve_app.dialects.translate import STREAM_TYPES, stream_error
+from serve_app.errors import RouterError, adapter_unavailable
 from serve_app.handler import ModelHandler
 from serve_app.metrics import Tally
 from serve_app.providers import prepare
-from serve_app.providers.base import JSON, SSE, Exchange
+from serve_app.providers.base import JSON, Exchange
 from serve_app.registry.manifest import is_lora_name
 from serve_app.schemas import RequestMeta
 from serve_app.shared import SharedState, Slot
@@ -367,7 +368,7 @@ class Dispatcher:
                             yield out
                             return
                         self._succeeded(view, provider)
-                        yield Head(resp.status, SSE, headers)
+                        yield Head(resp.status, STREAM_TYPES[meta.endpoint.dialect], headers)
                         relay = self._relay(exchange, resp, meta, provider, deadline, timeout)
                         async for out in relay:
                             yield out
@@ -405,12 +406,16 @@ class Dispatcher:
                         "reason": type(exc).__name__,
                     },
                 )
-                yield sse_error_event(f"upstream {provider.id} broke off the stream")
+                yield stream_error(
+                    meta.endpoint.dialect,
+                    f"upstream {provider.id} broke off the stream",
+                    "upstream_error",
+                )
         finally:
             timer.cancel()
         if timer.expired:
             message = _deadline_error(timeout).message
-            yield sse_error_event(message, code="deadline_exceeded")
+            yield stream_error(meta.endpoint.dialect, message, "deadline_exceeded")
 
 
 class _BodyDeadline:

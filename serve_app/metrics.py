@@ -32,8 +32,9 @@ class Spec(NamedTuple):
 SPECS: dict[str, Spec] = {
     "llm_router_requests": Spec(
         "counter",
-        "Requests answered, by model, provider and HTTP status",
-        ("model", "provider", "status"),
+        "Requests answered, by model, provider, HTTP status and the client's API dialect "
+        "(openai, ollama, responses, anthropic)",
+        ("model", "provider", "status", "api"),
     ),
     "llm_router_request_duration_seconds": Spec(
         "histogram", "Whole request time at the ingress (to the last byte)", ("model",)

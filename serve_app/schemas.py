@@ -16,9 +16,45 @@ from serve_app.tokens import estimate_chat, estimate_sequences
 
 
 class Endpoint(str, Enum):
+    """An operation, named by its path under the API root. The first three are the internal
+    form every provider is spoken to in; the others are translated to them unless a provider
+    serves them natively (vLLM: Responses and Messages; Ollama: its own API)."""
+
     CHAT = "chat/completions"
     COMPLETIONS = "completions"
     EMBEDDINGS = "embeddings"
+    OLLAMA_CHAT = "api/chat"
+    OLLAMA_GENERATE = "api/generate"
+    OLLAMA_EMBED = "api/embed"
+    OLLAMA_EMBEDDINGS = "api/embeddings"
+    RESPONSES = "responses"
+    MESSAGES = "messages"
+    COUNT_TOKENS = "messages/count_tokens"
+
+    @property
+    def dialect(self) -> Dialect:
+        return _DIALECTS.get(self, "openai")
+
+
+Dialect = Literal["openai", "ollama", "responses", "anthropic"]
+_DIALECTS: dict[Endpoint, Dialect] = {
+    Endpoint.OLLAMA_CHAT: "ollama",
+    Endpoint.OLLAMA_GENERATE: "ollama",
+    Endpoint.OLLAMA_EMBED: "ollama",
+    Endpoint.OLLAMA_EMBEDDINGS: "ollama",
+    Endpoint.RESPONSES: "responses",
+    Endpoint.MESSAGES: "anthropic",
+    Endpoint.COUNT_TOKENS: "anthropic",
+}
+# Operations that never stream.
+_UNARY = frozenset(
+    {
+        Endpoint.EMBEDDINGS,
+        Endpoint.OLLAMA_EMBED,
+        Endpoint.OLLAMA_EMBEDDINGS,
+        Endpoint.COUNT_TOKENS,
+    }
+)
 
 
 class _Strict(BaseModel):
@@ -39,11 +75,27 @@ class _Request(_Strict):
     model: str = Field(min_length=1)
     stream: bool | None = None
 
+    def streams(self) -> bool:
+        return bool(self.stream)
+
+    def tokens(self) -> int:
+        """The prompt estimate (tokens.py)."""
+        raise NotImplementedError
+
+    def tools_needed(self) -> bool:
+        return False
+
 
 class ChatRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
     tools: list[dict[str, Any]] | None = None
     functions: list[dict[str, Any]] | None = None
+
+    def tokens(self) -> int:
+        return estimate_chat(self.messages, self.tools or self.functions)
+
+    def tools_needed(self) -> bool:
+        return bool(self.tools or self.functions)
 
 
 TokenInput = str | list[str] | list[int] | list[list[int]]
@@ -52,15 +104,142 @@ TokenInput = str | list[str] | list[int] | list[list[int]]
 class CompletionRequest(_Request):
     prompt: TokenInput
 
+    def tokens(self) -> int:
+        return estimate_sequences(self.prompt)
+
 
 class EmbeddingRequest(_Request):
     input: TokenInput
+
+    def tokens(self) -> int:
+        return estimate_sequences(self.input)
+
+
+# --- Ollama's API: `stream` is true unless false. ---------------------------------------------
+
+
+class _OllamaRequest(_Request):
+    options: dict[str, Any] | None = None
+    keep_alive: str | int | float | None = None
+
+    def streams(self) -> bool:
+        return self.stream is not False
+
+
+class OllamaMessage(_Strict):
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str | None = None
+    images: list[str] | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+
+
+class OllamaChatRequest(_OllamaRequest):
+    messages: list[OllamaMessage] = Field(min_length=1)
+    tools: list[dict[str, Any]] | None = None
+    format: str | dict[str, Any] | None = None
+    think: bool | str | None = None
+
+    def tokens(self) -> int:
+        return estimate_chat(self.messages, self.tools)
+
+    def tools_needed(self) -> bool:
+        return bool(self.tools)
+
+
+class OllamaGenerateRequest(_OllamaRequest):
+    prompt: str = ""
+    suffix: str | None = None
+    system: str | None = None
+    images: list[str] | None = None
+    format: str | dict[str, Any] | None = None
+    raw: bool | None = None
+    think: bool | str | None = None
+
+    def tokens(self) -> int:
+        return estimate_sequences(self.prompt + (self.system or ""))
+
+
+class OllamaEmbedRequest(_OllamaRequest):
+    input: str | list[str]
+
+    def tokens(self) -> int:
+        return estimate_sequences(self.input)
+
+
+class OllamaEmbeddingsRequest(_OllamaRequest):
+    prompt: str
+
+    def tokens(self) -> int:
+        return estimate_sequences(self.prompt)
+
+
+# --- OpenAI Responses ---------------------------------------------------------------------------
+
+
+class ResponsesRequest(_Request):
+    input: str | list[dict[str, Any]]
+    instructions: str | None = None
+    tools: list[dict[str, Any]] | None = None
+    max_output_tokens: int | None = Field(default=None, ge=1)
+    previous_response_id: str | None = None
+
+    def tokens(self) -> int:
+        items = [self.input] if isinstance(self.input, str) else self.input
+        text = [i if isinstance(i, str) else i.get("content") for i in items]
+        return estimate_chat([ContentHolder(t) for t in text], self.tools) + estimate_sequences(
+            self.instructions or ""
+        )
+
+    def tools_needed(self) -> bool:
+        return bool(self.tools)
+
+
+class ContentHolder(NamedTuple):
+    """Anything with chat-like `content` (a string or parts with `text`), for the estimate."""
+
+    content: Any
+
+
+# --- Anthropic Messages -------------------------------------------------------------------------
+
+
+class AnthropicMessage(_Strict):
+    role: Literal["user", "assistant"]
+    content: str | list[dict[str, Any]]
+
+
+class _AnthropicRequest(_Request):
+    messages: list[AnthropicMessage] = Field(min_length=1)
+    system: str | list[dict[str, Any]] | None = None
+    tools: list[dict[str, Any]] | None = None
+
+    def tokens(self) -> int:
+        system = [ContentHolder(self.system)] if self.system else []
+        return estimate_chat(system + list(self.messages), self.tools)
+
+    def tools_needed(self) -> bool:
+        return bool(self.tools)
+
+
+class MessagesRequest(_AnthropicRequest):
+    max_tokens: int = Field(ge=1)
+
+
+class CountTokensRequest(_AnthropicRequest):
+    pass
 
 
 _MODELS: dict[Endpoint, type[_Request]] = {
     Endpoint.CHAT: ChatRequest,
     Endpoint.COMPLETIONS: CompletionRequest,
     Endpoint.EMBEDDINGS: EmbeddingRequest,
+    Endpoint.OLLAMA_CHAT: OllamaChatRequest,
+    Endpoint.OLLAMA_GENERATE: OllamaGenerateRequest,
+    Endpoint.OLLAMA_EMBED: OllamaEmbedRequest,
+    Endpoint.OLLAMA_EMBEDDINGS: OllamaEmbeddingsRequest,
+    Endpoint.RESPONSES: ResponsesRequest,
+    Endpoint.MESSAGES: MessagesRequest,
+    Endpoint.COUNT_TOKENS: CountTokensRequest,
 }
 
 
@@ -95,15 +274,8 @@ def validate_request(endpoint: Endpoint, body: bytes, request_id: str) -> Reques
         req = _MODELS[endpoint].model_validate_json(body)
     except ValidationError as exc:
         raise _as_error(exc) from None
-    if isinstance(req, ChatRequest):
-        tools = req.tools or req.functions
-        tokens = estimate_chat(req.messages, tools)
-        needs_tools = bool(tools)
-    else:
-        tokens = estimate_sequences(req.prompt if isinstance(req, CompletionRequest) else req.input)
-        needs_tools = False
-    stream = bool(req.stream) and endpoint is not Endpoint.EMBEDDINGS
-    return RequestMeta(endpoint, req.model, stream, tokens, needs_tools, request_id)
+    stream = req.streams() and endpoint not in _UNARY
+    return RequestMeta(endpoint, req.model, stream, req.tokens(), req.tools_needed(), request_id)
 
 
 TIMEOUT_HEADER = "x-request-timeout"

@@ -14,7 +14,7 @@ import pytest
 import ray
 
 from serve_app.demo_upstream import FakeUpstream, Knobs
-from tests.conftest import deploy, provider
+from tests.conftest import deploy, provider, until
 
 pytestmark = pytest.mark.serve
 
@@ -78,13 +78,6 @@ async def _ask(
         return resp.status, headers, await resp.read()
 
 
-async def _until(check, what: str, timeout: float = 20.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not await check():
-        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.05)
-
-
 async def _answers(http: aiohttp.ClientSession, pool: Pool, n: int) -> set[tuple[str, str]]:
     """(provider, attempts) of n answers, one at a time, all required to be 200."""
     results = [await _ask(http, pool.url) for _ in range(n)]
@@ -107,7 +100,7 @@ async def test_a_dead_provider_is_taken_out_for_every_replica_and_put_back(
 
         # Once the probes open the circuit, no replica tries h1 first any more: 40 requests
         # over both replicas are answered by h2 on the first attempt.
-        await _until(out, "h1's circuit to open")
+        await until(out, "h1's circuit to open")
         assert await _answers(http, pool, 40) == {("h2", "1")}
     finally:
         pool.h1.start_in_thread(port=port)
@@ -115,7 +108,7 @@ async def test_a_dead_provider_is_taken_out_for_every_replica_and_put_back(
     async def back() -> bool:
         return await _answers(http, pool, 10) == {("h1", "1")}
 
-    await _until(back, "h1 to be put back after its trial probe")
+    await until(back, "h1 to be put back after its trial probe")
 
 
 async def test_failing_requests_trip_the_circuit_even_when_probes_pass(pool: Pool, http) -> None:
@@ -124,7 +117,7 @@ async def test_failing_requests_trip_the_circuit_even_when_probes_pass(pool: Poo
     async def tripped() -> bool:
         return await _answers(http, pool, 20) == {("h2", "1")}
 
-    await _until(tripped, "requests to trip h1's circuit")
+    await until(tripped, "requests to trip h1's circuit")
     calls = pool.h1.count("/v1/chat/completions")
     assert await _answers(http, pool, 30) == {("h2", "1")}
     assert pool.h1.count("/v1/chat/completions") == calls  # no request reached h1 meanwhile
@@ -133,7 +126,7 @@ async def test_failing_requests_trip_the_circuit_even_when_probes_pass(pool: Poo
     async def back() -> bool:
         return ("h1", "1") in await _answers(http, pool, 10)
 
-    await _until(back, "h1 back after the cooldown")
+    await until(back, "h1 back after the cooldown")
 
 
 async def test_at_the_concurrency_limit_sleeping_providers_then_429(pool: Pool, http) -> None:
@@ -196,10 +189,13 @@ async def test_metrics_cover_requests_providers_latency_and_circuits(pool: Pool,
         ok = _samples(text, "llm_router_upstream_attempts_total")
         return ok.get('llm_router_upstream_attempts_total{outcome="ok",provider="h1"}', 0) >= 5
 
-    await _until(counted, "router replicas to push their totals")
+    await until(counted, "router replicas to push their totals")
     text = await scraped()
     requests = _samples(text, "llm_router_requests_total")
-    assert requests['llm_router_requests_total{model="m/h",provider="h1",status="200"}'] >= 5
+    assert (
+        requests['llm_router_requests_total{api="openai",model="m/h",provider="h1",status="200"}']
+        >= 5
+    )
     buckets = _samples(text, "llm_router_request_duration_seconds_bucket")
     assert buckets['llm_router_request_duration_seconds_bucket{le="+Inf",model="m/h"}'] >= 5
     assert 'llm_router_time_to_first_token_seconds_count{model="m/h"}' in text
@@ -226,5 +222,5 @@ async def test_the_request_id_is_returned_and_logged(pool: Pool, http) -> None:
     async def check() -> bool:
         return await asyncio.to_thread(logged)
 
-    await _until(check, "the failed attempt to be logged with the request id")
+    await until(check, "the failed attempt to be logged with the request id")
     assert re.fullmatch(r"[0-9a-f-]{8,}", (await _ask(http, pool.url))[1]["x-request-id"])

@@ -13,7 +13,7 @@ import pytest
 import ray
 
 from serve_app.demo_upstream import FakeUpstream, Knobs
-from tests.conftest import ADMIN, deploy, free_port, provider, run_cluster_script
+from tests.conftest import ADMIN, deploy, free_port, provider, run_cluster_script, until
 
 LEASE_S = 2.0
 
@@ -100,13 +100,6 @@ async def _state(http: aiohttp.ClientSession, url: str) -> dict:
         return await resp.json()
 
 
-async def _until(check, what: str, timeout: float = 20.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not await check():
-        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.05)
-
-
 async def _under_load(http, pool: Pool, model: str, n: int) -> tuple[list, set[str]]:
     """n requests at once; returns their answers and every replica seen holding a slot."""
     holders: set[str] = set()
@@ -151,7 +144,7 @@ async def test_a_killed_replicas_slots_come_back_within_the_lease(pool: Pool, ht
         holder[:] = (await _state(http, pool.url))["holders"].get("hold", [])
         return len(holder) == 1
 
-    await _until(taken, "the slot to be taken")
+    await until(taken, "the slot to be taken")
     replica = holder[0].split(":", 1)[1]
     actor = ray.get_actor(f"SERVE_REPLICA::llm-router#router-excl_models#{replica}", "serve")
     ray.kill(actor, no_restart=True)
@@ -161,7 +154,7 @@ async def test_a_killed_replicas_slots_come_back_within_the_lease(pool: Pool, ht
     async def returned() -> bool:
         return "hold" not in (await _state(http, pool.url))["busy"]
 
-    await _until(returned, "the lease to expire", timeout=LEASE_S + 3)
+    await until(returned, "the lease to expire", timeout=LEASE_S + 3)
     assert asyncio.get_running_loop().time() - killed_at <= LEASE_S + 3
     status, headers, _ = await _ask(http, pool.url, "m/hold")
     assert status == 200 and headers["x-router-provider"] == "hold"
@@ -176,7 +169,7 @@ async def test_a_request_that_leaves_while_waiting_gives_its_slot_back(pool: Poo
     async def taken() -> bool:
         return (await _state(http, pool.url))["busy"].get("hold") == 1
 
-    await _until(taken, "the slot to be taken")
+    await until(taken, "the slot to be taken")
     body = {"model": "m/hold", "messages": [{"role": "user", "content": "x"}], "stream": True}
     with pytest.raises(TimeoutError):  # this client gives up while its request waits
         async with http.post(
@@ -192,7 +185,7 @@ async def test_a_request_that_leaves_while_waiting_gives_its_slot_back(pool: Poo
             text = await resp.text()
         return 'llm_router_slot_takes_total{path="abandoned"} 1.0' in text
 
-    await _until(given_back, "the late grant to be given back")
+    await until(given_back, "the late grant to be given back")
     pool.ups["hold"].knobs = Knobs()
     status, headers, _ = await _ask(http, pool.url, "m/hold")
     assert status == 200 and headers["x-router-provider"] == "hold"
@@ -219,7 +212,7 @@ async def test_busy_past_the_wait_is_503_or_the_fallback(pool: Pool, http) -> No
         busy = (await _state(http, pool.url))["busy"]
         return busy.get("slow1") == 1 and busy.get("slow2") == 1
 
-    await _until(both_taken, "both slots to be taken")
+    await until(both_taken, "both slots to be taken")
     status, headers, body = await _ask(http, pool.url, "m/busy-alone")
     assert status == 503 and b"no_free_provider" in body
     assert headers["retry-after"] == "1"
@@ -242,13 +235,13 @@ async def test_keep_alive_rewarms_a_pinned_model_until_the_pin_lapses(pool: Pool
     async def warmed_twice() -> bool:
         return len(warms()) >= 2
 
-    await _until(warmed_twice, "two keep-alive warms", timeout=5)
+    await until(warmed_twice, "two keep-alive warms", timeout=5)
     assert warms()[0] == {"model": "m/ka", "keep_alive": "1s", "stream": False}
 
     async def unpinned() -> bool:
         return not any(m == "m/ka" for m in (await _state(http, pool.url))["pins"].values())
 
-    await _until(unpinned, "the pin to lapse (3 s idle)", timeout=8)
+    await until(unpinned, "the pin to lapse (3 s idle)", timeout=8)
     after = len(warms())
     deadline = asyncio.get_running_loop().time() + 2.0  # 2 keep_alive periods: no more warms
     while asyncio.get_running_loop().time() < deadline:

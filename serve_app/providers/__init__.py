@@ -1,18 +1,37 @@
-"""Upstream wire formats by `api_type`."""
+"""Upstream wire formats by `api_type`, and which operations each serves natively."""
 
 from __future__ import annotations
 
+import orjson
+
 from serve_app.config import ProviderConfig
+from serve_app.dialects.translate import translation
 from serve_app.providers.base import Exchange, api_root
-from serve_app.providers.ollama import OllamaExchange, ollama_root
+from serve_app.providers.ollama import OllamaExchange, OllamaNativeExchange, ollama_root
 from serve_app.providers.openai import OpenAIExchange
-from serve_app.schemas import RequestMeta
+from serve_app.providers.translated import TranslatedExchange
+from serve_app.schemas import Endpoint, RequestMeta
 
 _BY_TYPE = {"openai": OpenAIExchange, "vllm": OpenAIExchange, "ollama": OllamaExchange}
+_INTERNAL = {Endpoint.CHAT, Endpoint.COMPLETIONS, Endpoint.EMBEDDINGS}
+# What each api_type is sent as is (Ollama providers take the internal form translated).
+_NATIVE = {
+    "openai": _INTERNAL,
+    "vllm": _INTERNAL | {Endpoint.RESPONSES, Endpoint.MESSAGES, Endpoint.COUNT_TOKENS},
+    "ollama": _INTERNAL,
+}
 
 
 def prepare(provider: ProviderConfig, meta: RequestMeta, body: bytes) -> Exchange:
-    return _BY_TYPE[provider.api_type](provider, meta, body)
+    if meta.endpoint in _NATIVE[provider.api_type]:
+        return _BY_TYPE[provider.api_type](provider, meta, body)
+    if provider.api_type == "ollama" and meta.endpoint.dialect == "ollama":
+        return OllamaNativeExchange(provider, meta, body)
+    t = translation(meta.endpoint, orjson.loads(body), meta.stream)
+    inner = _BY_TYPE[provider.api_type](
+        provider, meta._replace(endpoint=t.endpoint), orjson.dumps(t.body)
+    )
+    return TranslatedExchange(inner, t)
 
 
 def probe_url(provider: ProviderConfig) -> str:

@@ -15,24 +15,11 @@ from typing import Any
 import orjson
 
 from serve_app.config import ProviderConfig
+from serve_app.dialects.ollama import OPTIONS
 from serve_app.errors import RouterError, error_body, sse_error_event
 from serve_app.providers.base import JSON, api_root, json_headers, upstream_model
 from serve_app.schemas import Endpoint, RequestMeta
 
-# OpenAI sampling fields -> Ollama `options` keys.
-_OPTIONS = {
-    "temperature": "temperature",
-    "top_p": "top_p",
-    "top_k": "top_k",
-    "seed": "seed",
-    "presence_penalty": "presence_penalty",
-    "frequency_penalty": "frequency_penalty",
-    "max_tokens": "num_predict",
-    "max_completion_tokens": "num_predict",
-    "num_predict": "num_predict",
-    "repeat_penalty": "repeat_penalty",
-    "num_ctx": "num_ctx",
-}
 _PATHS = {
     Endpoint.CHAT: "/api/chat",
     Endpoint.COMPLETIONS: "/api/generate",
@@ -42,7 +29,7 @@ _DATA_URL_MARK = ";base64,"
 
 
 def _options(req: dict[str, Any]) -> dict[str, Any]:
-    opts = {ollama: req[field] for field, ollama in _OPTIONS.items() if req.get(field) is not None}
+    opts = {ollama: req[field] for field, ollama in OPTIONS.items() if req.get(field) is not None}
     stop = req.get("stop")
     if stop is not None:
         opts["stop"] = [stop] if isinstance(stop, str) else stop
@@ -351,3 +338,57 @@ class OllamaExchange:
                 yield out
         if buf.strip():
             yield tr.line(orjson.loads(buf))
+
+
+class OllamaNativeExchange:
+    """An Ollama client's request to an Ollama provider: passed through, with the provider's
+    model name and keep_alive (the client's keep_alive wins); answers name the client's model."""
+
+    def __init__(self, provider: ProviderConfig, meta: RequestMeta, body: bytes) -> None:
+        self.url = f"{ollama_root(provider)}/{meta.endpoint.value}"
+        self.headers = json_headers(provider)
+        self.model = meta.model
+        self.upstream = upstream_model(provider, meta.model)
+        if self.upstream != meta.model or provider.keep_alive is not None:
+            doc = orjson.loads(body)
+            doc["model"] = self.upstream
+            if provider.keep_alive is not None:
+                doc.setdefault("keep_alive", provider.keep_alive)
+            body = orjson.dumps(doc)
+        self.body = body
+
+    def _named(self, line: bytes) -> bytes:
+        if self.upstream == self.model:
+            return line
+        doc = orjson.loads(line)
+        if isinstance(doc, dict) and "model" in doc:
+            doc["model"] = self.model
+        return orjson.dumps(doc)
+
+    def unary(self, status: int, body: bytes, content_type: str) -> tuple[bytes, str]:
+        if status >= 400:
+            return body, content_type or JSON
+        try:
+            return self._named(body), JSON
+        except orjson.JSONDecodeError:
+            raise RouterError(
+                502,
+                "ollama answered with a body that is not JSON",
+                type="api_error",
+                code="bad_upstream_response",
+            ) from None
+
+    async def stream(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        if self.upstream == self.model:
+            async for chunk in chunks:
+                yield chunk
+            return
+        buf = b""
+        async for chunk in chunks:
+            buf += chunk
+            *lines, buf = buf.split(b"\n")
+            out = b"".join(self._named(ln) + b"\n" for ln in lines if ln.strip())
+            if out:
+                yield out
+        if buf.strip():
+            yield self._named(buf) + b"\n"

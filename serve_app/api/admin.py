@@ -1,0 +1,305 @@
+"""The admin API (`/api/v1/...`, admin token): config reloads and weights, provider state,
+profiles and provisioning, LoRA adapters. `Admin` holds what the endpoints act on; the registry
+actor does the work."""
+
+import asyncio
+from pathlib import Path
+from typing import TypeVar
+
+import orjson
+import watchfiles
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+from pydantic import BaseModel, ValidationError
+
+from serve_app.admin import admin_refusal
+from serve_app.api.gateway import Gateway, router_error
+from serve_app.api.http import error_response, log, read_body, replica
+from serve_app.broker import broker_handle
+from serve_app.config import ConfigError, parse_config, read_raw
+from serve_app.errors import RouterError
+from serve_app.follow import Follower
+from serve_app.openapi import json_body
+from serve_app.profiles import KIND, parse_profiles, read_profiles
+from serve_app.providers.base import JSON
+from serve_app.provision.manager import LLMModelManager, ProvisionRequest
+from serve_app.registry.actor import Answer, Published, RegistryRef
+from serve_app.registry.adapters import AdapterRegistration
+from serve_app.registry.manifest import Manifest, WeightsUpdate, effective_config
+
+ADMIN_MAX_BODY_BYTES = 1024 * 1024
+Body = TypeVar("Body", bound=BaseModel)
+
+router = APIRouter()
+
+
+class AdminSettings(BaseModel):
+    # The models config file that `POST /api/v1/config/reload` and the watcher re-read.
+    config_path: str
+    # configs/llm_models.json, re-read with the models config; None: no profiles.
+    profiles_path: str | None = None
+    active_profile: str
+    # How long an admin change waits for every replica to confirm it before answering.
+    ack_timeout_s: float
+
+
+def _first_problem(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"])
+    return f"{where}: {err['msg']}" if where else err["msg"]
+
+
+async def _body(request: Request, model: type[Body], code: str, empty: bytes | None = None) -> Body:
+    """An admin request's JSON body as `model` (`empty` stands for a missing body); 400 with
+    the first problem otherwise."""
+    body = await read_body(request, ADMIN_MAX_BODY_BYTES)
+    if not body and empty is not None:
+        body = empty
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as exc:
+        raise RouterError(400, _first_problem(exc), code=code) from None
+
+
+def _relayed(answer: object) -> Response:
+    """A registry actor's Answer, as the HTTP response it describes."""
+    assert isinstance(answer, Answer)
+    return Response(answer.body, status_code=answer.status, media_type=JSON)
+
+
+def _json(doc: object) -> Response:
+    return Response(orjson.dumps(doc), media_type=JSON)
+
+
+class Admin:
+    def __init__(
+        self,
+        follower: Follower[Manifest],
+        registry: RegistryRef,
+        gateway: Gateway,
+        settings: AdminSettings,
+        token: str | None,
+    ) -> None:
+        self.follower = follower
+        self.registry = registry
+        self.gateway = gateway
+        self.settings = settings
+        self._token = token
+        self.manager: LLMModelManager | None = None
+
+    def apply(self, manifest: Manifest) -> None:
+        config = effective_config(manifest)
+        if self.manager is None:
+            self.manager = LLMModelManager(self.gateway.roles, config, self.registry)
+        else:
+            self.manager.update(self.gateway.roles, config)
+
+    def check(self, request: Request) -> None:
+        """RouterError unless the request carries the admin token ($LLM_ROUTER_ADMIN_TOKEN)."""
+        err = admin_refusal(request.headers.get("authorization"), self._token)
+        if err is not None:
+            raise err
+
+    async def call(self, method: str, *args: object) -> object:
+        """A registry actor method's result; 503 registry_unavailable if it cannot be reached."""
+        try:
+            return await getattr(self.follower.actor(), method).remote(*args)
+        except Exception as exc:
+            log.warning(
+                "registry call failed", extra={"method": method, "reason": type(exc).__name__}
+            )
+            raise RouterError(
+                503,
+                "the adapter registry is unavailable; retry",
+                type="api_error",
+                code="registry_unavailable",
+            ) from None
+
+    async def publish_file(self) -> dict[str, object]:
+        """Re-read the models config file and publish it; RouterError (400) if it is invalid."""
+        settings = self.settings
+        try:
+            raw, source = read_raw(settings.config_path)
+            types = set(parse_config(raw, source).model_types)
+            profiles = (
+                None if settings.profiles_path is None else read_profiles(settings.profiles_path)
+            )
+            if profiles is not None:  # both files valid before either is published
+                parse_profiles(*profiles).roles(settings.active_profile)
+            published = await self.call("publish_config", raw, source)
+            assert isinstance(published, Published)
+            changed = published.checked(source).changed
+            if profiles is not None:
+                published = await self.call("publish_profiles", *profiles, settings.active_profile)
+                assert isinstance(published, Published)
+                changed |= published.checked(profiles[1], KIND).changed
+        except ConfigError as exc:
+            raise RouterError(400, str(exc), code="invalid_config") from None
+        unconfirmed = await self.call(
+            "wait_for_followers", published.version, settings.ack_timeout_s
+        )
+        return {
+            "version": published.version,
+            "changed": changed,  # the models config, the profiles or both
+            "source": source,
+            # Model types with no router deployment yet: `serve deploy` adds them.
+            "needs_redeploy": sorted(types - self.gateway.model_types),
+            "unconfirmed_replicas": unconfirmed,
+        }
+
+    async def watch(self) -> None:
+        """Publish the models config file whenever it changes (`watch_config`)."""
+        path = Path(self.settings.config_path).resolve()
+        async for _ in watchfiles.awatch(
+            path.parent, watch_filter=lambda _, changed: Path(changed) == path
+        ):
+            try:
+                answer = await self.publish_file()
+            except RouterError as err:
+                log.warning("watched config rejected", extra={"reason": err.message})
+            else:
+                log.info("watched config published", extra={"version": answer["version"]})
+
+
+def _admin(request: Request) -> Admin:
+    admin: Admin = replica().admin
+    admin.check(request)
+    return admin
+
+
+@router.post("/api/v1/config/reload")
+async def reload_config(request: Request) -> Response:
+    try:
+        return _json(await _admin(request).publish_file())
+    except RouterError as err:
+        return error_response(err)
+
+
+@router.post("/api/v1/weights", openapi_extra=json_body(WeightsUpdate))
+async def set_weights(request: Request) -> Response:
+    """Runtime weights (weighted, dynamic_weighted, weighted_random): written into the
+    published models config as a new version, until the file is reloaded."""
+    try:
+        admin = _admin(request)
+        update = await _body(request, WeightsUpdate, "invalid_weights")
+        published = await admin.call("publish_weights", update)
+        assert isinstance(published, Published)
+        try:
+            published.checked(admin.follower.state.config_source)
+        except ConfigError as exc:
+            raise RouterError(400, str(exc), code="invalid_weights") from None
+        unconfirmed = await admin.call(
+            "wait_for_followers", published.version, admin.settings.ack_timeout_s
+        )
+    except RouterError as err:
+        return error_response(err)
+    return _json(
+        {
+            "version": published.version,
+            "changed": published.changed,
+            "model": update.model,
+            "weights": update.weights,
+            "unconfirmed_replicas": unconfirmed,
+        }
+    )
+
+
+@router.get("/api/v1/providers/state")
+async def provider_state(request: Request) -> Response:
+    """The shared routing state: slots taken per provider and by which replica, host pins,
+    requests waiting for a slot, use counts, latency averages, keep-alive warms."""
+    try:
+        admin = _admin(request)
+        try:
+            state = await asyncio.wait_for(broker_handle(admin.registry).state.remote(), 5.0)
+        except Exception:
+            raise router_error(503, "the routing state is unavailable") from None
+    except RouterError as err:
+        return error_response(err)
+    return _json(state)
+
+
+@router.get("/api/v1/config")
+async def config_status(request: Request) -> Response:
+    try:
+        admin = _admin(request)
+        followers = await admin.call("followers")
+    except RouterError as err:
+        return error_response(err)
+    manifest = admin.follower.state
+    type_of = admin.gateway.type_of
+    return _json(
+        {
+            "version": manifest.version,
+            "source": manifest.config_source,
+            "models": {
+                t: sorted(m for m, g in type_of.items() if g == t)
+                for t in admin.gateway.model_types
+            },
+            "replicas": followers,
+        }
+    )
+
+
+@router.get("/api/v1/models")
+async def model_profiles(request: Request) -> Response:
+    """The active profile with its resolved roles, and every profile in the manifest."""
+    try:
+        admin = _admin(request)
+    except RouterError as err:
+        return error_response(err)
+    manifest = admin.follower.state
+    gateway = admin.gateway
+    roles = {
+        key: role.model_dump() | {"model": gateway.role_models.get(key)}
+        for key, role in gateway.roles.items()
+    }
+    return _json(
+        {
+            "active_profile": manifest.active_profile,
+            "source": manifest.profiles_source or None,
+            "roles": roles,
+            "profiles": sorted((manifest.profiles or {}).get("profiles", {})),
+        }
+    )
+
+
+@router.post("/api/v1/models/provision", openapi_extra=json_body(ProvisionRequest))
+async def provision(request: Request) -> Response:
+    """Ensure the roles' models are on their providers; monGARS's provisioning report."""
+    try:
+        admin = _admin(request)
+        req = await _body(request, ProvisionRequest, "invalid_request", b"{}")
+    except RouterError as err:
+        return error_response(err)
+    assert admin.manager is not None
+    return _json(await admin.manager.ensure_models_installed(req.roles, req.force))
+
+
+@router.post("/api/v1/adapters", openapi_extra=json_body(AdapterRegistration))
+async def register_adapter(request: Request) -> Response:
+    try:
+        admin = _admin(request)
+        req = await _body(request, AdapterRegistration, "invalid_adapter")
+        return _relayed(await admin.call("register_adapter", req, admin.settings.ack_timeout_s))
+    except RouterError as err:
+        return error_response(err)
+
+
+@router.delete("/api/v1/adapters/{name}")
+async def delete_adapter(name: str, request: Request) -> Response:
+    """The adapter stops being a model at once; its versions are unloaded from every server
+    once no request uses them."""
+    try:
+        admin = _admin(request)
+        return _relayed(await admin.call("delete_adapter", name, admin.settings.ack_timeout_s))
+    except RouterError as err:
+        return error_response(err)
+
+
+@router.get("/api/v1/adapters")
+async def list_adapters(request: Request) -> Response:
+    try:
+        return _relayed(await _admin(request).call("adapters"))
+    except RouterError as err:
+        return error_response(err)

@@ -1,0 +1,87 @@
+"""What every API surface shares: the replica's state, bodies, errors in the client's dialect.
+
+No `from __future__ import annotations` in the surface modules: FastAPI reads the endpoint
+signatures at run time and must see real `Request` annotations.
+"""
+
+import logging
+import uuid
+from typing import Any
+
+import ray.serve.context
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from ray import serve
+from starlette.exceptions import HTTPException
+
+from serve_app.dialects.translate import error_in_dialect
+from serve_app.errors import RouterError
+from serve_app.providers.base import JSON
+from serve_app.schemas import Dialect
+
+log = logging.getLogger("ray.serve")
+
+
+def replica() -> Any:
+    """The ingress replica serving this request (it holds the gateway and the admin state)."""
+    return serve.get_replica_context().servable_object
+
+
+def request_id() -> str:
+    """Serve's id for this request: the client's `x-request-id` if it sent one, else generated.
+
+    Serve also writes it back as the response's `x-request-id`, so the router does not.
+    """
+    return ray.serve.context._get_serve_request_context().request_id or uuid.uuid4().hex
+
+
+def error_response(err: RouterError, dialect: Dialect = "openai") -> Response:
+    body = error_in_dialect(dialect, err.status, err.body())
+    return Response(body, status_code=err.status, media_type=JSON, headers=err.headers)
+
+
+def dialect_of(path: str) -> Dialect:
+    """The dialect a path belongs to, for errors raised before an endpoint runs."""
+    if path.startswith("/api/") and not path.startswith("/api/v1/"):
+        return "ollama"
+    if path.startswith("/v1/messages"):
+        return "anthropic"
+    return "openai"
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 as soon as it is known to pass `limit` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise RouterError(413, f"request body over {limit} bytes", code="request_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise RouterError(413, f"request body over {limit} bytes", code="request_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Unknown routes, wrong methods and anything unexpected answer in the path's dialect."""
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request: Request, exc: HTTPException) -> Response:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        err = RouterError(exc.status_code, str(exc.detail), code=code)
+        return error_response(err, dialect_of(request.url.path))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
+        err = RouterError(400, str(exc.errors()[0].get("msg", "invalid request")))
+        return error_response(err, dialect_of(request.url.path))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> Response:
+        log.exception("unexpected error in the ingress")
+        err = RouterError(
+            500, "internal error in the router", type="api_error", code="internal_error"
+        )
+        return error_response(err, dialect_of(request.url.path))

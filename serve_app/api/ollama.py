@@ -1,0 +1,100 @@
+"""Ollama's API, for Ollama clients (Open WebUI, editor plugins, the `ollama` library): every
+configured model and role, whatever its providers speak (Ollama providers take the request as
+it came; others get it translated). Errors are Ollama's `{"error": "..."}`."""
+
+import orjson
+from fastapi import APIRouter, Request
+from fastapi.responses import PlainTextResponse, Response
+from pydantic import BaseModel, ValidationError
+
+from serve_app.api.http import error_response, read_body, replica
+from serve_app.dialects import ollama
+from serve_app.errors import RouterError, model_not_found
+from serve_app.openapi import json_body
+from serve_app.providers.base import JSON
+from serve_app.schemas import (
+    Endpoint,
+    OllamaChatRequest,
+    OllamaEmbeddingsRequest,
+    OllamaEmbedRequest,
+    OllamaGenerateRequest,
+)
+
+router = APIRouter()
+SHOW_MAX_BODY_BYTES = 64 * 1024
+
+
+class ShowRequest(BaseModel):
+    model: str
+    verbose: bool | None = None
+
+
+@router.get("/")
+async def root() -> PlainTextResponse:
+    return PlainTextResponse("Ollama is running")
+
+
+@router.head("/")
+async def root_head() -> PlainTextResponse:
+    return PlainTextResponse("")
+
+
+@router.get("/api/version")
+async def version() -> Response:
+    return Response(orjson.dumps({"version": ollama.API_VERSION}), media_type=JSON)
+
+
+def _listing() -> bytes:
+    gateway = replica().gateway
+    entries = [ollama.model_entry(m.name, m.model_type, m.parent) for m in gateway.models]
+    return orjson.dumps({"models": entries})
+
+
+@router.get("/api/tags")
+async def tags() -> Response:
+    return Response(_listing(), media_type=JSON)
+
+
+@router.get("/api/ps")
+async def running() -> Response:
+    """What the router serves right now: every model it routes (its providers load them)."""
+    return Response(_listing(), media_type=JSON)
+
+
+@router.post("/api/show", openapi_extra=json_body(ShowRequest))
+async def show(request: Request) -> Response:
+    gateway = replica().gateway
+    try:
+        try:
+            req = ShowRequest.model_validate_json(await read_body(request, SHOW_MAX_BODY_BYTES))
+        except ValidationError as exc:
+            raise RouterError(400, f"invalid request: {exc.errors()[0]['msg']}") from None
+        info = gateway.find(req.model)
+        if info is None:
+            raise model_not_found(req.model)
+    except RouterError as err:
+        return error_response(err, "ollama")
+    root = info.root or info.name
+    answer = ollama.show_answer(info.name, info.model_type, info.parent, root in gateway.tools)
+    return Response(orjson.dumps(answer), media_type=JSON)
+
+
+@router.post("/api/chat", openapi_extra=json_body(OllamaChatRequest))
+async def chat(request: Request) -> Response:
+    return await replica().gateway.relay(Endpoint.OLLAMA_CHAT, request)
+
+
+@router.post("/api/generate", openapi_extra=json_body(OllamaGenerateRequest))
+async def generate(request: Request) -> Response:
+    return await replica().gateway.relay(Endpoint.OLLAMA_GENERATE, request)
+
+
+@router.post("/api/embed", openapi_extra=json_body(OllamaEmbedRequest))
+async def embed(request: Request) -> Response:
+    return await replica().gateway.relay(Endpoint.OLLAMA_EMBED, request)
+
+
+@router.post("/api/embeddings", openapi_extra=json_body(OllamaEmbeddingsRequest))
+async def embeddings(request: Request) -> Response:
+    """Ollama's legacy single-embedding endpoint."""
+    return await replica().gateway.relay(Endpoint.OLLAMA_EMBEDDINGS, request)

@@ -1,0 +1,69 @@
+"""Which translation a request takes, and each dialect's error and stream framing."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from serve_app.dialects import anthropic, ollama
+from serve_app.dialects.base import Translation
+from serve_app.dialects.responses import ResponsesTranslation
+from serve_app.errors import sse_error_event
+from serve_app.schemas import Dialect, Endpoint
+
+SSE = "text/event-stream"
+STREAM_TYPES: dict[Dialect, str] = {
+    "openai": SSE,
+    "responses": SSE,
+    "anthropic": SSE,
+    "ollama": ollama.NDJSON,
+}
+
+
+def translation(endpoint: Endpoint, doc: dict[str, Any], stream: bool) -> Translation:
+    """A request of another dialect in the internal form (RouterError 400 when it cannot be)."""
+    dialect = endpoint.dialect
+    if dialect == "ollama":
+        return ollama.OllamaTranslation(endpoint, doc, stream)
+    if dialect == "responses":
+        return ResponsesTranslation(doc, stream)
+    if dialect == "anthropic":
+        return anthropic.MessagesTranslation(endpoint, doc, stream)
+    raise ValueError(f"{endpoint} is the internal form")
+
+
+def stream_error(dialect: Dialect, message: str, code: str) -> bytes:
+    """The event that ends a stream broken after its first byte, in the client's dialect."""
+    if dialect == "ollama":
+        return ollama.ndjson(ollama.error_body(message))
+    if dialect == "anthropic":
+        return anthropic.event("error", anthropic.error_body(500, message))
+    if dialect == "responses":
+        doc = {"type": "error", "code": code, "message": message, "param": None}
+        return b"event: error\ndata: " + orjson.dumps(doc) + b"\n\n"
+    return sse_error_event(message, code)
+
+
+def error_in_dialect(dialect: Dialect, status: int, body: bytes) -> bytes:
+    """An error answer in the client's dialect. Bodies in OpenAI's shape (the router's own
+    errors, OpenAI-compatible upstreams) are rewritten; others (already the dialect's, as a
+    native upstream wrote it, or not JSON) are kept."""
+    if dialect in ("openai", "responses"):
+        return body
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        doc = None
+    err = doc.get("error") if isinstance(doc, dict) else None
+    if not isinstance(err, dict) or doc.get("type") == "error":
+        if dialect == "ollama" and isinstance(err, str):
+            return body
+        if dialect == "anthropic" and isinstance(doc, dict) and doc.get("type") == "error":
+            return body
+        message = body.decode(errors="replace")[:500] if err is None else str(err)
+    else:
+        message = str(err.get("message") or "")
+    if dialect == "ollama":
+        return orjson.dumps(ollama.error_body(message))
+    return orjson.dumps(anthropic.error_body(status, message))

@@ -1,0 +1,122 @@
+"""The ingress deployment: one FastAPI app with a router per API surface (serve_app/api), and
+the replica's lifecycle: following the registry's manifest, pushing metrics, watching the config.
+
+The surfaces reach this replica's state through `serve_app.api.http.replica()`.
+"""
+
+import asyncio
+import os
+
+from fastapi import FastAPI
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel, ConfigDict
+from ray import serve
+from ray.actor import ActorHandle
+from ray.serve.handle import DeploymentHandle
+
+from serve_app.admin import ADMIN_TOKEN_ENV
+from serve_app.api import admin, anthropic, ollama, openai, ops, responses
+from serve_app.api.admin import Admin, AdminSettings
+from serve_app.api.gateway import Gateway, router_error
+from serve_app.api.http import error_response, install_error_handlers
+from serve_app.follow import Follower
+from serve_app.local.loopback import keep_replica_grpc_on_loopback
+from serve_app.monitor import monitor_handle
+from serve_app.profiles import DEFAULT_PROFILE
+from serve_app.registry.actor import RegistryRef
+from serve_app.registry.manifest import Manifest
+from serve_app.serve_env import REPLICA_CPUS
+
+DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
+METRICS_PUSH_S = 1.0
+
+api = FastAPI(
+    title="serve-router",
+    version="0.1.0",
+    description="LLM router on Ray Serve: OpenAI, Ollama, OpenAI Responses and Anthropic "
+    "Messages APIs",
+)
+for surface in (openai, responses, anthropic, ollama, ops, admin):
+    api.include_router(surface.router)
+install_error_handlers(api)
+
+
+class IngressSettings(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    # The models config file that `POST /api/v1/config/reload` and the watcher re-read.
+    config_path: str
+    # configs/llm_models.json, re-read with the models config; None: no profiles.
+    profiles_path: str | None = None
+    active_profile: str = DEFAULT_PROFILE
+    watch_config: bool = False
+    # How long an admin change waits for every replica to confirm it before answering.
+    ack_timeout_s: float = 5.0
+
+
+@serve.deployment(ray_actor_options={"num_cpus": REPLICA_CPUS}, max_ongoing_requests=2000)
+@serve.ingress(api)
+class Ingress:
+    async def __init__(
+        self,
+        routers: dict[str, DeploymentHandle],
+        registry: RegistryRef,
+        settings: IngressSettings,
+    ) -> None:
+        keep_replica_grpc_on_loopback()  # before Serve opens this replica's gRPC server
+        self._id = f"ingress:{serve.get_replica_context().replica_id.unique_id}"
+        self._registry = registry
+        self._monitor_handle: ActorHandle | None = None
+        self.gateway = Gateway(routers, settings.max_body_bytes)
+        self._follower = Follower(registry.handle, self._id, Manifest(), self._apply)
+        admin_settings = AdminSettings(
+            config_path=settings.config_path,
+            profiles_path=settings.profiles_path,
+            active_profile=settings.active_profile,
+            ack_timeout_s=settings.ack_timeout_s,
+        )
+        token = os.environ.get(ADMIN_TOKEN_ENV)
+        self.admin = Admin(self._follower, registry, self.gateway, admin_settings, token)
+        await self._follower.start()
+        loop = asyncio.get_running_loop()
+        self._pusher = loop.create_task(self._push_metrics())
+        self._watcher = loop.create_task(self.admin.watch()) if settings.watch_config else None
+
+    def _apply(self, manifest: Manifest) -> None:
+        self.gateway.apply(manifest)
+        self.admin.apply(manifest)
+
+    async def __del__(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+        self._pusher.cancel()
+        await self._follower.stop()
+
+    def _monitor(self) -> ActorHandle:
+        if self._monitor_handle is None:
+            self._monitor_handle = monitor_handle(self._registry)
+        return self._monitor_handle
+
+    async def _push_metrics(self) -> None:
+        while True:
+            await asyncio.sleep(METRICS_PUSH_S)
+            try:
+                await asyncio.wait_for(
+                    self._monitor().push_metrics.remote(self._id, self.gateway.tally.snapshot()),
+                    METRICS_PUSH_S,
+                )
+            except Exception:
+                self._monitor_handle = None
+
+    async def metrics(self) -> Response:
+        """Prometheus text for the whole app (every replica's totals, provider health)."""
+        try:
+            text = await asyncio.wait_for(
+                self._monitor().render_metrics.remote(self._id, self.gateway.tally.snapshot()), 5.0
+            )
+        except Exception:
+            self._monitor_handle = None
+            return error_response(router_error(503, "metrics are unavailable"))
+        return Response(text, media_type=CONTENT_TYPE_LATEST)
