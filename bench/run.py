@@ -1,4 +1,6 @@
-"""Direct-to-upstream vs through-the-router, unary and streaming, at concurrency 1 and 32.
+"""Direct-to-upstream vs through-the-router, unary and streaming, at concurrency 1 and 32;
+and the cost of the client dialects (Ollama `/api/chat`, Anthropic `/v1/messages`, translated
+for the OpenAI-type upstream) over the OpenAI path through the router, unary at concurrency 1.
 
 Starts the demo upstream (zero latency), Ray, Serve and the router with the fast settings,
 runs each case in a separate load-generator process, writes bench/results.json and prints it.
@@ -154,6 +156,38 @@ def _cases(
     return results
 
 
+# The same question in each dialect, unary: the OpenAI path is the reference.
+_DIALECTS = {
+    "openai": ("/v1/chat/completions", {}),
+    "ollama": ("/api/chat", {"stream": False}),
+    "anthropic": ("/v1/messages", {"max_tokens": 64}),
+}
+
+
+def _dialects(router_url: str, duration: float, rounds: int) -> dict:
+    """Added p50 of each dialect over the OpenAI path at c=1, median of interleaved rounds
+    (each round's figures against the same round's OpenAI run)."""
+    message = [{"role": "user", "content": "Say hello to the benchmark."}]
+    p50s: dict[str, list[float]] = {name: [] for name in _DIALECTS}
+    for _ in range(rounds):
+        for name, (path, extra) in _DIALECTS.items():
+            body = {"model": MODEL, "messages": message, **extra}
+            run = _load(f"{router_url}{path}", body, 1, duration)
+            assert run["errors"] == 0, (name, run)
+            p50s[name].append(run["p50_ms"])
+    out = {
+        name: {
+            "p50_ms": round(statistics.median(values), 3),
+            "added_p50_ms": round(
+                statistics.median(v - o for v, o in zip(values, p50s["openai"], strict=True)), 3
+            ),
+        }
+        for name, values in p50s.items()
+    }
+    print("dialects c=1", orjson.dumps(out).decode(), flush=True)
+    return out
+
+
 def _versus_balanced(runs: dict[str, list[dict[str, dict]]]) -> dict[str, dict]:
     """Per strategy, the median over rounds of: added p50 at c=1 minus balanced's, and
     throughput at c=32 as a share of balanced's (each round against the same round's)."""
@@ -185,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chunks", type=int, default=50, help="SSE events per streamed answer")
     parser.add_argument(
         "--cases",
-        default="unary_c1,unary_c32,stream_c1,stream_c32",
+        default="unary_c1,unary_c32,stream_c1,stream_c32,dialects_c1",
         help="comma-separated subset of the cases",
     )
     parser.add_argument(
@@ -250,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
                 _wait_http(f"{router_url}/v1/models")
                 print("strategy", strategy or "(default)", flush=True)
                 results = _cases(router_url, upstream_url, args.cases.split(","), args.duration)
+                if "dialects_c1" in args.cases.split(","):
+                    results["dialects_c1"] = _dialects(router_url, args.duration, 3)
                 runs.setdefault(strategy or "default", []).append(results)
         report = {
             "machine": {"cpus": os.cpu_count()},

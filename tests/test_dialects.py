@@ -21,8 +21,14 @@ from serve_app.providers.translated import TranslatedExchange
 from serve_app.schemas import Endpoint, validate_request
 from tests.conftest import provider
 
+# Recorded from the real vLLM (tests/e2e/record_wire.py): greedy, 4 tokens, so finish "length".
 WIRE = Path(__file__).parent / "wire"
+VLLM_CHAT = orjson.loads((WIRE / "vllm_chat.json").read_bytes())
 VLLM_STREAM = (WIRE / "vllm_chat_stream.txt").read_bytes()
+_CHUNKS = [orjson.loads(e[6:]) for e in VLLM_STREAM.split(b"\n\n") if e.startswith(b"data: {")]
+PIECES = [c["choices"][0]["delta"]["content"] for c in _CHUNKS if c["choices"]][1:]  # role first
+TEXT = "".join(PIECES)
+USAGE = _CHUNKS[-1]["usage"]
 
 
 def _sse(*docs: dict[str, Any]) -> bytes:
@@ -223,13 +229,17 @@ def test_ollama_chat_answers_unary_and_streamed() -> None:
         4,
     )
     lines = [orjson.loads(ln) for ln in _streamed(ex, VLLM_STREAM).splitlines()]
-    assert [ln["message"]["content"] for ln in lines] == ["Hel", "lo", ""]
-    assert [ln["done"] for ln in lines] == [False, False, True]
-    assert (lines[-1]["done_reason"], lines[-1]["prompt_eval_count"], lines[-1]["eval_count"]) == (
+    assert [ln["message"]["content"] for ln in lines] == [*PIECES, ""]
+    assert [ln["done"] for ln in lines] == [False] * len(PIECES) + [True]
+    last = lines[-1]
+    assert (last["done_reason"], last["prompt_eval_count"], last["eval_count"]) == (
         "length",
-        12,
-        2,
+        USAGE["prompt_tokens"],
+        USAGE["completion_tokens"],
     )
+    plain = orjson.loads(ex.unary(200, orjson.dumps(VLLM_CHAT), "application/json")[0])
+    assert plain["message"] == {"role": "assistant", "content": TEXT}  # reasoning null: none
+    assert plain["done_reason"] == "length" and plain["eval_count"] == USAGE["completion_tokens"]
 
 
 def test_ollama_embed_and_legacy_embeddings_answers() -> None:
@@ -315,20 +325,19 @@ def test_responses_answers_unary_and_streamed() -> None:
         "response.in_progress",
         "response.output_item.added",
         "response.content_part.added",
-        "response.output_text.delta",
-        "response.output_text.delta",
+        *["response.output_text.delta"] * len(PIECES),
         "response.output_text.done",
         "response.content_part.done",
         "response.output_item.done",
-        "response.completed",
+        "response.incomplete",  # vLLM stopped at max_tokens
     ]
     assert [e["sequence_number"] for e in events] == list(range(len(events)))
     done = events[-1]["response"]
     assert done["status"] == "incomplete" and done["incomplete_details"] == {
         "reason": "max_output_tokens"
     }
-    assert done["output"][0]["content"][0]["text"] == "Hello"
-    assert done["usage"]["input_tokens"] == 12
+    assert done["output"][0]["content"][0]["text"] == TEXT
+    assert done["usage"]["input_tokens"] == USAGE["prompt_tokens"]
 
 
 def test_responses_stream_tool_calls_as_function_call_items() -> None:
@@ -412,17 +421,18 @@ def test_anthropic_answers_unary_and_streamed() -> None:
     assert [e["type"] for e in events] == [
         "message_start",
         "content_block_start",
-        "content_block_delta",
-        "content_block_delta",
+        *["content_block_delta"] * len(PIECES),
         "content_block_stop",
         "message_delta",
         "message_stop",
     ]
-    assert (
-        "".join(e["delta"]["text"] for e in events if e["type"] == "content_block_delta") == "Hello"
-    )
+    texts = [e["delta"]["text"] for e in events if e["type"] == "content_block_delta"]
+    assert texts == PIECES
     assert events[-2]["delta"]["stop_reason"] == "max_tokens"
-    assert events[-2]["usage"] == {"input_tokens": 12, "output_tokens": 2}
+    assert events[-2]["usage"] == {
+        "input_tokens": USAGE["prompt_tokens"],
+        "output_tokens": USAGE["completion_tokens"],
+    }
     tools = _events(_streamed(_exchange(Endpoint.MESSAGES, msg), TOOL_STREAM))
     start = next(e for e in tools if e["type"] == "content_block_start")
     assert start["content_block"]["type"] == "tool_use" and start["content_block"]["name"] == "get"

@@ -10,7 +10,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 from fastapi import Request
@@ -100,13 +100,14 @@ def _not_deployed(model_type: str) -> RouterError:
     )
 
 
-class ModelInfo:
-    """A model clients can name: a configured model, an adapter or a role of the profile."""
+class ModelInfo(NamedTuple):
+    """A model clients can name: a configured model, an adapter (`parent`: its base model) or a
+    role of the active profile (`root`: the model serving it)."""
 
-    __slots__ = ("model_type", "name", "parent", "root")
-
-    def __init__(self, name: str, model_type: str, parent: str | None, root: str | None) -> None:
-        self.name, self.model_type, self.parent, self.root = name, model_type, parent, root
+    name: str
+    model_type: str
+    parent: str | None
+    root: str | None
 
 
 class Gateway:

@@ -307,7 +307,8 @@ class ResponsesStream:
             item = _call_item(self._items[index], call.id, call.name, call.arguments, "completed")
             out += self._event("response.output_item.done", {"output_index": index, "item": item})
         final = self.t.response("completed", self.t.output(answer), answer)
-        return out + self._event("response.completed", {"response": final})
+        kind = "response.incomplete" if final["status"] == "incomplete" else "response.completed"
+        return out + self._event(kind, {"response": final})
 
     def error(self, message: str, code: str) -> bytes:
         return self._event("error", {"code": code, "message": message, "param": None})
