@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from serve_app.admin import admin_refusal
+from serve_app.api.auth import admin_refusal
 from serve_app.config import ConfigError, ProviderConfig
 from serve_app.errors import RouterError
 from serve_app.handler import ModelHandler

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, ValidationError
 
-from serve_app.admin import admin_refusal
+from serve_app.api.auth import admin_refusal
 from serve_app.api.gateway import Gateway, router_error
 from serve_app.api.http import error_response, log, read_body, replica
 from serve_app.broker import broker_handle
