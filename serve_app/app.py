@@ -53,6 +53,7 @@ class AppArgs(BaseModel):
     # configs/llm_models.json (default: $LLM_MODELS_CONFIG, else that path if it exists).
     profiles_config: str | None = None
     max_body_bytes: int = Field(default=DEFAULT_MAX_BODY_BYTES, gt=0)
+    ingress_replicas: int = Field(default=1, ge=1)
     # Registry actor name and manifest file (default: $LLM_ADAPTER_REGISTRY_PATH, else
     # state/registry.json under the working directory).
     registry_name: str | None = None
@@ -133,6 +134,7 @@ def router_app(args: AppArgs, document: tuple[object, str] | None = None) -> App
     )
     drain = max(g.routing.drain_timeout_s for g in config.model_types.values())
     return Ingress.options(
+        num_replicas=args.ingress_replicas,
         logging_config=LOGGING,
         graceful_shutdown_timeout_s=drain,
         graceful_shutdown_wait_loop_s=DRAIN_POLL_S,

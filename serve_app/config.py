@@ -56,7 +56,9 @@ _DURATION = re.compile(r"^-?(\d+(\.\d+)?(ns|us|µs|ms|s|m|h))+$|^-?\d+$")
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
 _UNIT_S = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_RESERVED_KEYS = frozenset({"active_models", "routing"})
+# Top-level keys that are not model types.
+RESERVED_KEYS = frozenset({"active_models", "routing", "auth"})
+REQUIRE_KEYS_ENV = "LLM_ROUTER_REQUIRE_KEYS"
 
 log = logging.getLogger(__name__)
 
@@ -237,11 +239,22 @@ class ModelTypeConfig(BaseModel):
     routing: RoutingConfig
 
 
+class AuthConfig(BaseModel):
+    """The models config's `auth` block."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # Every inference request needs a client key (admin API: /api/v1/keys); also
+    # $LLM_ROUTER_REQUIRE_KEYS=1.
+    require_keys: bool = False
+
+
 class RouterConfig(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     source: str
     model_types: dict[str, ModelTypeConfig]
+    auth: AuthConfig = AuthConfig()
 
     def model_type_of(self) -> dict[str, str]:
         return {m: t.name for t in self.model_types.values() for m in t.models}
@@ -300,7 +313,7 @@ def parse_config(raw: object, source: str = "<memory>") -> RouterConfig:
     seen_models: dict[str, str] = {}
     for type_name, names in active.items():
         path = ["active_models", type_name]
-        if type_name in _RESERVED_KEYS or not isinstance(raw.get(type_name), Mapping):
+        if type_name in RESERVED_KEYS or not isinstance(raw.get(type_name), Mapping):
             problems.append((json_path(path), "no model type of that name in the file"))
             continue
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
@@ -328,6 +341,11 @@ def parse_config(raw: object, source: str = "<memory>") -> RouterConfig:
     problems += _fallback_problems(models_by_type)
     routing, routing_problems = _routing(raw.get("routing"), set(models_by_type))
     problems += routing_problems
+    auth = AuthConfig()
+    try:
+        auth = AuthConfig.model_validate(raw.get("auth") or {})
+    except ValidationError as exc:
+        problems += _problems(exc, ["auth"])
     if problems:
         raise ConfigError(source, problems)
     if not models_by_type:
@@ -338,6 +356,7 @@ def parse_config(raw: object, source: str = "<memory>") -> RouterConfig:
             t: ModelTypeConfig(name=t, models=m, routing=routing[t])
             for t, m in models_by_type.items()
         },
+        auth=auth,
     )
 
 

@@ -43,6 +43,17 @@ SPECS: dict[str, Spec] = {
         "histogram", "Time to the first body byte (streams: first event after the head)", ("model",)
     ),
     "llm_router_failovers": Spec("counter", "Attempts beyond the first, by model", ("model",)),
+    "llm_router_tokens": Spec(
+        "counter",
+        "Tokens used by client keys (the upstream's counts; estimated where it gave none), by "
+        "model, key name and kind (prompt, completion)",
+        ("model", "key_name", "kind"),
+    ),
+    "llm_router_ratelimited": Spec(
+        "counter",
+        "Requests refused by a key's limits, by key name and reason (rpm, tpm, budget)",
+        ("key_name", "reason"),
+    ),
     "llm_router_upstream_attempts": Spec(
         "counter", "Upstream attempts by provider and outcome", ("provider", "outcome")
     ),

@@ -510,3 +510,18 @@ def test_bad_dialect_requests_are_400_naming_the_field(
     with pytest.raises(RouterError) as info:
         validate_request(endpoint, orjson.dumps(body), "r")
     assert (info.value.status, info.value.param) == (400, param)
+
+
+def test_malformed_requests_and_answers_are_4xx_and_502_not_500() -> None:
+    odd = {
+        "model": "m",
+        "max_tokens": 5,
+        "messages": [{"role": "user", "content": [{"type": "tool_result", "content": [7]}]}],
+    }
+    with pytest.raises(RouterError) as info:
+        _exchange(Endpoint.MESSAGES, odd)
+    assert info.value.status == 400 and "malformed anthropic request" in info.value.message
+    ex = _exchange(Endpoint.OLLAMA_CHAT, {"model": "m", "messages": [{"role": "user"}]})
+    with pytest.raises(RouterError) as info:
+        ex.unary(200, b'{"choices": 3}', "application/json")
+    assert (info.value.status, info.value.code) == (502, "bad_upstream_response")

@@ -49,7 +49,9 @@ def _first_problem(exc: ValidationError) -> str:
     return f"{where}: {err['msg']}" if where else err["msg"]
 
 
-async def _body(request: Request, model: type[Body], code: str, empty: bytes | None = None) -> Body:
+async def validated_body(
+    request: Request, model: type[Body], code: str, empty: bytes | None = None
+) -> Body:
     """An admin request's JSON body as `model` (`empty` stands for a missing body); 400 with
     the first problem otherwise."""
     body = await read_body(request, ADMIN_MAX_BODY_BYTES)
@@ -61,13 +63,13 @@ async def _body(request: Request, model: type[Body], code: str, empty: bytes | N
         raise RouterError(400, _first_problem(exc), code=code) from None
 
 
-def _relayed(answer: object) -> Response:
+def relayed(answer: object) -> Response:
     """A registry actor's Answer, as the HTTP response it describes."""
     assert isinstance(answer, Answer)
     return Response(answer.body, status_code=answer.status, media_type=JSON)
 
 
-def _json(doc: object) -> Response:
+def json_response(doc: object) -> Response:
     return Response(orjson.dumps(doc), media_type=JSON)
 
 
@@ -161,7 +163,8 @@ class Admin:
                 log.info("watched config published", extra={"version": answer["version"]})
 
 
-def _admin(request: Request) -> Admin:
+def admin_from(request: Request) -> Admin:
+    """This replica's admin state, once the request has shown the admin token."""
     admin: Admin = replica().admin
     admin.check(request)
     return admin
@@ -170,7 +173,7 @@ def _admin(request: Request) -> Admin:
 @router.post("/api/v1/config/reload")
 async def reload_config(request: Request) -> Response:
     try:
-        return _json(await _admin(request).publish_file())
+        return json_response(await admin_from(request).publish_file())
     except RouterError as err:
         return error_response(err)
 
@@ -180,8 +183,8 @@ async def set_weights(request: Request) -> Response:
     """Runtime weights (weighted, dynamic_weighted, weighted_random): written into the
     published models config as a new version, until the file is reloaded."""
     try:
-        admin = _admin(request)
-        update = await _body(request, WeightsUpdate, "invalid_weights")
+        admin = admin_from(request)
+        update = await validated_body(request, WeightsUpdate, "invalid_weights")
         published = await admin.call("publish_weights", update)
         assert isinstance(published, Published)
         try:
@@ -193,7 +196,7 @@ async def set_weights(request: Request) -> Response:
         )
     except RouterError as err:
         return error_response(err)
-    return _json(
+    return json_response(
         {
             "version": published.version,
             "changed": published.changed,
@@ -209,26 +212,26 @@ async def provider_state(request: Request) -> Response:
     """The shared routing state: slots taken per provider and by which replica, host pins,
     requests waiting for a slot, use counts, latency averages, keep-alive warms."""
     try:
-        admin = _admin(request)
+        admin = admin_from(request)
         try:
             state = await asyncio.wait_for(broker_handle(admin.registry).state.remote(), 5.0)
         except Exception:
             raise router_error(503, "the routing state is unavailable") from None
     except RouterError as err:
         return error_response(err)
-    return _json(state)
+    return json_response(state)
 
 
 @router.get("/api/v1/config")
 async def config_status(request: Request) -> Response:
     try:
-        admin = _admin(request)
+        admin = admin_from(request)
         followers = await admin.call("followers")
     except RouterError as err:
         return error_response(err)
     manifest = admin.follower.state
     type_of = admin.gateway.type_of
-    return _json(
+    return json_response(
         {
             "version": manifest.version,
             "source": manifest.config_source,
@@ -245,7 +248,7 @@ async def config_status(request: Request) -> Response:
 async def model_profiles(request: Request) -> Response:
     """The active profile with its resolved roles, and every profile in the manifest."""
     try:
-        admin = _admin(request)
+        admin = admin_from(request)
     except RouterError as err:
         return error_response(err)
     manifest = admin.follower.state
@@ -254,7 +257,7 @@ async def model_profiles(request: Request) -> Response:
         key: role.model_dump() | {"model": gateway.role_models.get(key)}
         for key, role in gateway.roles.items()
     }
-    return _json(
+    return json_response(
         {
             "active_profile": manifest.active_profile,
             "source": manifest.profiles_source or None,
@@ -268,20 +271,20 @@ async def model_profiles(request: Request) -> Response:
 async def provision(request: Request) -> Response:
     """Ensure the roles' models are on their providers; monGARS's provisioning report."""
     try:
-        admin = _admin(request)
-        req = await _body(request, ProvisionRequest, "invalid_request", b"{}")
+        admin = admin_from(request)
+        req = await validated_body(request, ProvisionRequest, "invalid_request", b"{}")
     except RouterError as err:
         return error_response(err)
     assert admin.manager is not None
-    return _json(await admin.manager.ensure_models_installed(req.roles, req.force))
+    return json_response(await admin.manager.ensure_models_installed(req.roles, req.force))
 
 
 @router.post("/api/v1/adapters", openapi_extra=json_body(AdapterRegistration))
 async def register_adapter(request: Request) -> Response:
     try:
-        admin = _admin(request)
-        req = await _body(request, AdapterRegistration, "invalid_adapter")
-        return _relayed(await admin.call("register_adapter", req, admin.settings.ack_timeout_s))
+        admin = admin_from(request)
+        req = await validated_body(request, AdapterRegistration, "invalid_adapter")
+        return relayed(await admin.call("register_adapter", req, admin.settings.ack_timeout_s))
     except RouterError as err:
         return error_response(err)
 
@@ -291,8 +294,8 @@ async def delete_adapter(name: str, request: Request) -> Response:
     """The adapter stops being a model at once; its versions are unloaded from every server
     once no request uses them."""
     try:
-        admin = _admin(request)
-        return _relayed(await admin.call("delete_adapter", name, admin.settings.ack_timeout_s))
+        admin = admin_from(request)
+        return relayed(await admin.call("delete_adapter", name, admin.settings.ack_timeout_s))
     except RouterError as err:
         return error_response(err)
 
@@ -300,6 +303,6 @@ async def delete_adapter(name: str, request: Request) -> Response:
 @router.get("/api/v1/adapters")
 async def list_adapters(request: Request) -> Response:
     try:
-        return _relayed(await _admin(request).call("adapters"))
+        return relayed(await admin_from(request).call("adapters"))
     except RouterError as err:
         return error_response(err)

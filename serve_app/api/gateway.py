@@ -7,6 +7,7 @@ parsed once here (by pydantic-core) and translated only in the router, for the p
 """
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -17,9 +18,11 @@ from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
+from serve_app.access.gate import Admission, Gate
 from serve_app.api.http import read_body, request_id
 from serve_app.coalesce import Coalescer
 from serve_app.dialects.translate import error_in_dialect
+from serve_app.dialects.usage import Counts, StreamMeter, counts_of
 from serve_app.dispatch import (
     ATTEMPTS_HEADER,
     PROVIDER_HEADER,
@@ -30,7 +33,6 @@ from serve_app.dispatch import (
 )
 from serve_app.errors import RouterError, adapter_unavailable, model_not_found
 from serve_app.handler import ApiModelConfig
-from serve_app.metrics import Tally
 from serve_app.profiles import Role, with_role_defaults
 from serve_app.provision.manager import role_models
 from serve_app.registry.manifest import Manifest, effective_config, unplaced_adapters
@@ -40,6 +42,8 @@ log = logging.getLogger("ray.serve")
 
 # How much longer than a request's deadline the ingress waits for the router's own 504.
 HOP_SLACK_S = 5.0
+# OpenAI streams whose usage chunk the router asks for when it counts a key's tokens.
+_USAGE_CHUNK = frozenset({Endpoint.CHAT, Endpoint.COMPLETIONS})
 # Names the model that served a request its own model could not (fallback_model).
 FALLBACK_HEADER = "x-router-fallback-model"
 
@@ -50,20 +54,41 @@ async def _rest(
     gen: DeploymentResponseGenerator,
     on_first: Callable[[], None] | None,
     on_end: Callable[[], None],
+    meter: StreamMeter | None,
 ) -> AsyncIterator[bytes]:
-    """The stream's body; a client that leaves early cancels the router's call (and upstream)."""
+    """The stream's body; a client that leaves early cancels the router's call (and upstream).
+    `meter` reads the token counts on the way (and may take out what the client did not ask)."""
     finished = False
     try:
         async for chunk in gen:
             if on_first is not None:
                 on_first()
                 on_first = None
-            yield chunk
+            if meter is not None:
+                chunk = meter.feed(chunk)
+            if chunk:
+                yield chunk
+        if meter is not None and (tail := meter.tail()):
+            yield tail
         finished = True
     finally:
         on_end()
         if not finished:
             gen.cancel()
+
+
+def _with_usage(body: bytes) -> tuple[bytes, bool]:
+    """An OpenAI stream request that asks for the usage chunk; True if the client had not (the
+    chunk is then taken out of its stream)."""
+    doc = orjson.loads(body)
+    options = doc.get("stream_options")
+    if isinstance(options, dict) and options.get("include_usage"):
+        return body, False
+    doc["stream_options"] = {
+        **(options if isinstance(options, dict) else {}),
+        "include_usage": True,
+    }
+    return orjson.dumps(doc), True
 
 
 def _coalescer(handle: DeploymentHandle) -> Coalescer[tuple[bytes, RequestMeta], Unary]:
@@ -113,7 +138,9 @@ class ModelInfo(NamedTuple):
 class Gateway:
     """The ingress replica's inference path, and what it knows of the models from the manifest."""
 
-    def __init__(self, routers: dict[str, DeploymentHandle], max_body_bytes: int) -> None:
+    def __init__(
+        self, routers: dict[str, DeploymentHandle], max_body_bytes: int, gate: Gate
+    ) -> None:
         self._unary = {t: _coalescer(h) for t, h in routers.items()}
         self._stream = {t: h.options(method_name="stream", stream=True) for t, h in routers.items()}
         self.model_types = frozenset(routers)
@@ -127,7 +154,8 @@ class Gateway:
         self.models: list[ModelInfo] = []
         self.tools: frozenset[str] = frozenset()  # models with a tool-calling provider
         self.openai_models = b""  # the `/v1/models` body
-        self.tally = Tally()
+        self.gate = gate
+        self.tally = gate.tally
 
     def apply(self, manifest: Manifest) -> None:
         config = effective_config(manifest)
@@ -171,9 +199,12 @@ class Gateway:
         rid = request_id()
         model = ""
         dialect = endpoint.dialect
+        admission: Admission | None = None
+        strip = False
         try:
             body = await read_body(request, self._max_body_bytes)
             meta = validate_request(endpoint, body, rid)
+            requested = meta.model
             key = meta.model.lower()
             if meta.model not in self.type_of and key in self.role_models:
                 # A role of the active profile: the model serving it (OpenAI requests also take
@@ -195,8 +226,13 @@ class Gateway:
             model = meta.model
             if model_type not in self._unary:
                 raise _not_deployed(model_type)
+            admission = await self.gate.admit(
+                request.headers, (requested, meta.model), meta.prompt_tokens
+            )
+            if admission is not None and meta.stream and endpoint in _USAGE_CHUNK:
+                body, strip = _with_usage(body)
         except RouterError as err:
-            return self._answered(model, endpoint, started, error_answer(err))
+            return self._answered(model, endpoint, started, error_answer(err), None)
         # A backstop only: the router ends the request at its deadline and answers 504 itself.
         wait = min(self._timeouts[model_type], meta.timeout_s or float("inf")) + HOP_SLACK_S
         try:
@@ -219,7 +255,7 @@ class Gateway:
                     head = routed.head if isinstance(routed, Unary) else routed[0]
                     head.headers[FALLBACK_HEADER] = served[-1]
                 if not isinstance(routed, Unary):
-                    return self._streamed(model, endpoint, started, *routed)
+                    return self._streamed(model, endpoint, started, *routed, admission, strip)
                 answer = routed
         except TimeoutError:
             log.warning("router call timed out", extra={"request_id": rid})
@@ -228,7 +264,7 @@ class Gateway:
             log.exception("router call failed", extra={"request_id": rid})
             answer = error_answer(router_error(503, "the router for this model is unavailable"))
         answer.head.headers.pop(UNSERVABLE_HEADER, None)
-        return self._answered(model, endpoint, started, answer)
+        return self._answered(model, endpoint, started, answer, admission)
 
     async def _call(self, model_type: str, body: bytes, meta: RequestMeta) -> Routed:
         """The router's answer; a stream that failed before its first byte, collected."""
@@ -258,9 +294,23 @@ class Gateway:
             if extra > 0:
                 tally.inc("llm_router_failovers", (model,), extra)
 
-    def _answered(self, model: str, endpoint: Endpoint, started: float, answer: Unary) -> Response:
+    def _answered(
+        self,
+        model: str,
+        endpoint: Endpoint,
+        started: float,
+        answer: Unary,
+        admission: Admission | None,
+    ) -> Response:
         head, out = answer
         self._count(model, endpoint, head, started, None)
+        if admission is not None:
+            counts = None
+            if head.status == 200:
+                with contextlib.suppress(orjson.JSONDecodeError):
+                    counts = counts_of(endpoint.dialect, orjson.loads(out))
+            self._settle(admission, model, counts, head.status, len(out))
+            head.headers.update(admission.headers)
         if head.status >= 400:
             out = error_in_dialect(endpoint.dialect, head.status, out)
         return Response(
@@ -274,18 +324,39 @@ class Gateway:
         started: float,
         head: Head,
         gen: DeploymentResponseGenerator,
+        admission: Admission | None,
+        strip: bool,
     ) -> Response:
         first: list[float] = []
+        meter = None if admission is None else StreamMeter(endpoint.dialect, strip)
+
+        def ended() -> None:
+            self._count(model, endpoint, head, started, first[0] if first else None)
+            if admission is not None and meter is not None:
+                self._settle(admission, model, meter.counts, head.status, 0)
+
         return StreamingResponse(
-            _rest(
-                gen,
-                lambda: first.append(time.perf_counter()),
-                lambda: self._count(model, endpoint, head, started, first[0] if first else None),
-            ),
+            _rest(gen, lambda: first.append(time.perf_counter()), ended, meter),
             status_code=head.status,
             media_type=head.content_type,
-            headers={**head.headers, "cache-control": "no-cache"},
+            headers={
+                **head.headers,
+                **(admission.headers if admission else {}),
+                "cache-control": "no-cache",
+            },
         )
+
+    def _settle(
+        self, admission: Admission, model: str, counts: Counts | None, status: int, size: int
+    ) -> None:
+        """The key's usage: the upstream's counts; a failed request used nothing; an answer
+        without counts is estimated (its prompt estimate, and its body's size for the rest)."""
+        if counts is not None:
+            self.gate.settle(admission, model, *counts, estimated=False)
+        elif status >= 400:
+            self.gate.settle(admission, model, 0, 0, estimated=False)
+        else:
+            self.gate.settle(admission, model, admission.estimate, size // 4, estimated=True)
 
     def _openai_models(self) -> list[dict[str, Any]]:
         """`/v1/models` entries: adapters name their `parent`, roles their `root`."""

@@ -9,7 +9,7 @@ import orjson
 from serve_app.dialects import anthropic, ollama
 from serve_app.dialects.base import Translation
 from serve_app.dialects.responses import ResponsesTranslation
-from serve_app.errors import sse_error_event
+from serve_app.errors import RouterError, sse_error_event
 from serve_app.schemas import Dialect, Endpoint
 
 SSE = "text/event-stream"
@@ -22,15 +22,23 @@ STREAM_TYPES: dict[Dialect, str] = {
 
 
 def translation(endpoint: Endpoint, doc: dict[str, Any], stream: bool) -> Translation:
-    """A request of another dialect in the internal form (RouterError 400 when it cannot be)."""
-    dialect = endpoint.dialect
-    if dialect == "ollama":
-        return ollama.OllamaTranslation(endpoint, doc, stream)
-    if dialect == "responses":
-        return ResponsesTranslation(doc, stream)
-    if dialect == "anthropic":
+    """A request of another dialect in the internal form (RouterError 400 when it cannot be).
+
+    Validation at the ingress types the fields the router acts on; the rest is read here, so a
+    value of the wrong shape deep in a request (a block's text that is a number) is a 400 too.
+    """
+    try:
+        if endpoint.dialect == "ollama":
+            return ollama.OllamaTranslation(endpoint, doc, stream)
+        if endpoint.dialect == "responses":
+            return ResponsesTranslation(doc, stream)
         return anthropic.MessagesTranslation(endpoint, doc, stream)
-    raise ValueError(f"{endpoint} is the internal form")
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:
+        raise RouterError(
+            400,
+            f"malformed {endpoint.dialect} request: {type(exc).__name__}: {str(exc)[:200]}",
+            code="invalid_value",
+        ) from None
 
 
 def stream_error(dialect: Dialect, message: str, code: str) -> bytes:

@@ -25,14 +25,14 @@ class TranslatedExchange:
             return out, ctype
         try:
             doc = orjson.loads(out)
-        except orjson.JSONDecodeError:
+            return orjson.dumps(self.translation.unary(read_answer(doc), doc)), JSON
+        except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError):
             raise RouterError(
                 502,
-                "the provider answered with a body that is not JSON",
+                "the provider's answer is not a chat, completion or embedding object",
                 type="api_error",
                 code="bad_upstream_response",
             ) from None
-        return orjson.dumps(self.translation.unary(read_answer(doc), doc)), JSON
 
     async def stream(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         writer = self.translation.writer()

@@ -24,6 +24,7 @@ import ray
 from pydantic import BaseModel, ConfigDict
 from ray.actor import ActorHandle
 
+from serve_app.access.keys import KeyLimits, KeyRecord, new_key
 from serve_app.config import ConfigError
 from serve_app.errors import RouterError
 from serve_app.follow import Signal
@@ -48,8 +49,10 @@ from serve_app.registry.manifest import (
     lora_name,
     providers_by_id,
     with_config,
+    with_key,
     with_profiles,
     with_weights,
+    without_key,
 )
 
 log = logging.getLogger(__name__)
@@ -121,6 +124,10 @@ class RegistryRef(BaseModel):
             num_cpus=0,
             resources={"node:__internal_head__": 0.001},
         ).remote(self.path)
+
+
+def _no_key(key_id: str) -> RouterError:
+    return RouterError(404, f"no client key {key_id[:64]!r}", code="key_not_found", param="id")
 
 
 @dataclass
@@ -261,6 +268,35 @@ class Registry:
     async def publish_profiles(self, raw: object, source: str, active: str) -> Published:
         """Validate and publish the model profiles and the active profile's name."""
         return await self._publish(lambda m: with_profiles(m, raw, source, active))
+
+    # --- client keys -------------------------------------------------------------------------
+
+    async def create_key(self, limits: KeyLimits, ack_timeout_s: float) -> Answer:
+        """A new client key: its record joins the manifest (the answer comes once every live
+        replica knows it); the key itself is in this answer only (never stored, never logged)."""
+        async with self._lock:
+            record, key = new_key(limits, time.time())
+            manifest = with_key(self._manifest, record)
+            self._commit(manifest)
+        log.info("client key created", extra={"key_id": record.id, "key_name": record.name})
+        unconfirmed = await self.wait_for_followers(manifest.version, ack_timeout_s)
+        body = record.public() | {"key": key, "unconfirmed_replicas": unconfirmed}
+        return Answer(201, orjson.dumps(body))
+
+    async def delete_key(self, key_id: str, ack_timeout_s: float) -> Answer:
+        """Revoke a key: the answer comes once every live replica refuses it."""
+        async with self._lock:
+            if key_id not in self._manifest.keys:
+                return Answer.error(_no_key(key_id))
+            manifest = without_key(self._manifest, key_id)
+            self._commit(manifest)
+        log.info("client key revoked", extra={"key_id": key_id})
+        unconfirmed = await self.wait_for_followers(manifest.version, ack_timeout_s)
+        body = {"id": key_id, "deleted": True, "unconfirmed_replicas": unconfirmed}
+        return Answer(200, orjson.dumps(body))
+
+    async def keys(self) -> list[KeyRecord]:
+        return list(self._manifest.keys.values())
 
     # --- adapters ----------------------------------------------------------------------------
 

@@ -17,7 +17,9 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from serve_app.access.keys import KeyRecord
 from serve_app.config import (
+    RESERVED_KEYS,
     ConfigError,
     ModelConfig,
     ModelTypeConfig,
@@ -28,7 +30,6 @@ from serve_app.config import (
 )
 from serve_app.profiles import DEFAULT_PROFILE, Role, parse_profiles
 
-_RESERVED_KEYS = frozenset({"active_models", "routing"})
 _LORA_NAME = re.compile(r"@v[0-9]+$")
 
 
@@ -76,6 +77,7 @@ class Manifest(BaseModel):
     active_profile: str = DEFAULT_PROFILE
     adapters: dict[str, Adapter] = Field(default_factory=dict)  # adapter name -> adapter
     retiring: tuple[RetiringVersion, ...] = ()
+    keys: dict[str, KeyRecord] = Field(default_factory=dict)  # client key id -> its record
 
     def roles(self) -> dict[str, Role]:
         """The active profile's roles (none without profiles); ConfigError if it is missing."""
@@ -150,7 +152,7 @@ def defined_model_names(raw: Mapping[str, Any]) -> set[str]:
     return {
         name
         for key, group in raw.items()
-        if key not in _RESERVED_KEYS and isinstance(group, Mapping)
+        if key not in RESERVED_KEYS and isinstance(group, Mapping)
         for name in group
     }
 
@@ -230,6 +232,7 @@ def effective_config(manifest: Manifest) -> RouterConfig:
             t: ModelTypeConfig(name=t, models=models, routing=config.model_types[t].routing)
             for t, models in groups.items()
         },
+        auth=config.auth,
     )
 
 
@@ -237,3 +240,14 @@ def unplaced_adapters(manifest: Manifest, config: RouterConfig) -> frozenset[str
     """Registered adapters that `config` (the manifest's effective config) routes nowhere: no
     server has their current version loaded right now, so a retry may succeed."""
     return frozenset(manifest.adapters) - set(config.model_type_of())
+
+
+def with_key(manifest: Manifest, record: KeyRecord) -> Manifest:
+    return manifest.model_copy(
+        update={"version": manifest.version + 1, "keys": {**manifest.keys, record.id: record}}
+    )
+
+
+def without_key(manifest: Manifest, key_id: str) -> Manifest:
+    keys = {k: v for k, v in manifest.keys.items() if k != key_id}
+    return manifest.model_copy(update={"version": manifest.version + 1, "keys": keys})

@@ -15,13 +15,16 @@ from ray import serve
 from ray.actor import ActorHandle
 from ray.serve.handle import DeploymentHandle
 
-from serve_app.api import admin, anthropic, ollama, openai, ops, responses
+from serve_app.access.gate import Gate
+from serve_app.access.limiter import limiter_handle
+from serve_app.api import admin, anthropic, keys, ollama, openai, ops, responses
 from serve_app.api.admin import Admin, AdminSettings
 from serve_app.api.auth import ADMIN_TOKEN_ENV
 from serve_app.api.gateway import Gateway, router_error
 from serve_app.api.http import error_response, install_error_handlers
 from serve_app.follow import Follower
 from serve_app.local.loopback import keep_replica_grpc_on_loopback
+from serve_app.metrics import Tally
 from serve_app.monitor import monitor_handle
 from serve_app.profiles import DEFAULT_PROFILE
 from serve_app.registry.actor import RegistryRef
@@ -40,7 +43,7 @@ api = FastAPI(
 # The surfaces' routes are added to the app's own router rather than by include_router: an
 # included router is a node that each request is matched through first (about 15 us more per
 # request, measured in-process with FastAPI 0.163).
-for surface in (openai, responses, anthropic, ollama, ops, admin):
+for surface in (openai, responses, anthropic, ollama, ops, admin, keys):
     api.router.routes.extend(surface.router.routes)
 install_error_handlers(api)
 
@@ -72,7 +75,8 @@ class Ingress:
         self._id = f"ingress:{serve.get_replica_context().replica_id.unique_id}"
         self._registry = registry
         self._monitor_handle: ActorHandle | None = None
-        self.gateway = Gateway(routers, settings.max_body_bytes)
+        self.gate = Gate(self._id, lambda: limiter_handle(registry), Tally())
+        self.gateway = Gateway(routers, settings.max_body_bytes, self.gate)
         self._follower = Follower(registry.handle, self._id, Manifest(), self._apply)
         admin_settings = AdminSettings(
             config_path=settings.config_path,
@@ -89,12 +93,14 @@ class Ingress:
 
     def _apply(self, manifest: Manifest) -> None:
         self.gateway.apply(manifest)
+        self.gate.apply(manifest)
         self.admin.apply(manifest)
 
     async def __del__(self) -> None:
         if self._watcher is not None:
             self._watcher.cancel()
         self._pusher.cancel()
+        self.gate.stop()
         await self._follower.stop()
 
     def _monitor(self) -> ActorHandle:

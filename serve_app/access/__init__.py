@@ -1,0 +1,1 @@
+"""Who may use which model and how much: client keys, their limits and their usage."""
