@@ -20,7 +20,14 @@ def _pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000.0
 
 
-async def run(url: str, body: bytes, concurrency: int, duration: float, warmup: float) -> dict:
+async def run(
+    url: str,
+    body: bytes,
+    concurrency: int,
+    duration: float,
+    warmup: float,
+    extra_headers: dict[str, str],
+) -> dict:
     latencies: list[float] = []
     ttfb: list[float] = []
     events = errors = 0
@@ -33,7 +40,7 @@ async def run(url: str, body: bytes, concurrency: int, duration: float, warmup: 
 
         async def client() -> None:
             nonlocal events, errors
-            headers = {"content-type": "application/json"}
+            headers = {"content-type": "application/json", **extra_headers}
             while (t0 := time.perf_counter()) < end:
                 first = None
                 n = 0
@@ -76,8 +83,10 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=1)
     parser.add_argument("--duration", type=float, default=8.0)
     parser.add_argument("--warmup", type=float, default=1.5)
+    parser.add_argument("--header", action="append", default=[], help="name: value")
     a = parser.parse_args()
-    result = asyncio.run(run(a.url, a.body.encode(), a.concurrency, a.duration, a.warmup))
+    headers = dict(h.split(": ", 1) for h in a.header)
+    result = asyncio.run(run(a.url, a.body.encode(), a.concurrency, a.duration, a.warmup, headers))
     print(orjson.dumps(result).decode())
 
 

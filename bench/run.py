@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import orjson
@@ -27,6 +28,7 @@ import orjson
 from serve_app.serve_env import apply_fast_serve_env
 
 MODEL = "bench/echo"
+BENCH_ADMIN_TOKEN = "bench-admin-token"
 RESULTS = Path(__file__).with_name("results.json")
 
 
@@ -48,7 +50,7 @@ def _wait_http(url: str, timeout: float = 60.0) -> None:
     raise RuntimeError(f"{url} did not answer within {timeout}s")
 
 
-def _config(upstream: str, strategy: str | None, count: int) -> dict:
+def _config(upstream: str, strategy: str | None, count: int, keys: bool = False) -> dict:
     providers = [
         {
             "id": f"bench-upstream-{i}",
@@ -69,6 +71,8 @@ def _config(upstream: str, strategy: str | None, count: int) -> dict:
     }
     if strategy:
         config["routing"] = {"bench_models": {"strategy": strategy}}
+    if keys:
+        config["auth"] = {"require_keys": True}
     return config
 
 
@@ -98,7 +102,9 @@ def _replica_cpu_s() -> dict[str, float]:
     return out
 
 
-def _load(url: str, body: dict, concurrency: int, duration: float) -> dict:
+def _load(
+    url: str, body: dict, concurrency: int, duration: float, headers: dict[str, str] | None = None
+) -> dict:
     out = subprocess.run(
         [
             sys.executable,
@@ -112,6 +118,11 @@ def _load(url: str, body: dict, concurrency: int, duration: float) -> dict:
             str(concurrency),
             "--duration",
             str(duration),
+            *[
+                arg
+                for name, value in (headers or {}).items()
+                for arg in ("--header", f"{name}: {value}")
+            ],
         ],
         check=True,
         capture_output=True,
@@ -188,6 +199,56 @@ def _dialects(router_url: str, duration: float, rounds: int) -> dict:
     return out
 
 
+def _keys(deploy: Callable[[bool], None], router_url: str, duration: float, rounds: int) -> dict:
+    """Unary at c=1 and c=32 with keys required (a key with request and token limits, so its
+    leases are taken and renewed) and without, in rounds whose order alternates; medians of
+    each round's keyed figures against the same round's open ones, and the ingress CPU time
+    per request at c=32."""
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Say hello."}]}
+    admin = {"authorization": f"Bearer {BENCH_ADMIN_TOKEN}", "content-type": "application/json"}
+    url = f"{router_url}/v1/chat/completions"
+
+    def measure(keys: bool) -> dict:
+        deploy(keys)
+        auth = None
+        if keys:
+            limits = {"name": "bench", "rpm_limit": 10_000_000, "tpm_limit": 10_000_000_000}
+            req = urllib.request.Request(
+                f"{router_url}/api/v1/keys", data=orjson.dumps(limits), headers=admin
+            )
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                auth = {"authorization": f"Bearer {orjson.loads(resp.read())['key']}"}
+        c1 = _load(url, body, 1, duration, auth)
+        before = _replica_cpu_s()
+        c32 = _load(url, body, 32, duration, auth)
+        after = _replica_cpu_s()
+        assert c1["errors"] == c32["errors"] == 0, (c1, c32)
+        cpu = {k: (after[k] - before.get(k, 0.0)) * 1000 / max(1, c32["requests"]) for k in after}
+        return {"c1": c1, "c32": c32, "cpu_ms_per_request_c32": cpu}
+
+    extra_p50: list[float] = []
+    share: list[float] = []
+    extra_cpu: list[float] = []
+    for i in range(rounds):
+        order = (False, True) if i % 2 == 0 else (True, False)
+        runs = {keys: measure(keys) for keys in order}
+        opened, keyed = runs[False], runs[True]
+        extra_p50.append(keyed["c1"]["p50_ms"] - opened["c1"]["p50_ms"])
+        share.append(keyed["c32"]["rps"] / opened["c32"]["rps"])
+        extra_cpu.append(
+            keyed["cpu_ms_per_request_c32"]["ingress"] - opened["cpu_ms_per_request_c32"]["ingress"]
+        )
+        print("keys round", orjson.dumps({"open": opened, "keyed": keyed}).decode(), flush=True)
+    out = {
+        "c1_extra_p50_ms": round(statistics.median(extra_p50), 3),
+        "c32_rps_share": round(statistics.median(share), 3),
+        "c32_extra_ingress_cpu_ms_per_request": round(statistics.median(extra_cpu), 3),
+        "rounds": {"c1_extra_p50_ms": extra_p50, "c32_rps_share": share, "extra_cpu": extra_cpu},
+    }
+    print("keys", orjson.dumps(out).decode(), flush=True)
+    return out
+
+
 def _versus_balanced(runs: dict[str, list[dict[str, dict]]]) -> dict[str, dict]:
     """Per strategy, the median over rounds of: added p50 at c=1 minus balanced's, and
     throughput at c=32 as a share of balanced's (each round against the same round's)."""
@@ -219,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chunks", type=int, default=50, help="SSE events per streamed answer")
     parser.add_argument(
         "--cases",
-        default="unary_c1,unary_c32,stream_c1,stream_c32,dialects_c1",
+        default="unary_c1,unary_c32,stream_c1,stream_c32,dialects_c1,keys",
         help="comma-separated subset of the cases",
     )
     parser.add_argument(
@@ -257,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         ]
     )
     apply_fast_serve_env(single_node=True)
+    os.environ["LLM_ROUTER_ADMIN_TOKEN"] = BENCH_ADMIN_TOKEN  # for the keys case
     import ray
     from ray import serve
 
@@ -286,6 +348,17 @@ def main(argv: list[str] | None = None) -> int:
                 results = _cases(router_url, upstream_url, args.cases.split(","), args.duration)
                 if "dialects_c1" in args.cases.split(","):
                     results["dialects_c1"] = _dialects(router_url, args.duration, 3)
+                if "keys" in args.cases.split(","):
+
+                    def deploy(keys: bool, strategy: str | None = strategy) -> None:
+                        config = _config(upstream_url, strategy, args.providers, keys)
+                        app = router_app(
+                            AppArgs(registry_path=f"{state_dir}/registry.json"), (config, "bench")
+                        )
+                        serve.run(app, name=APP_NAME, route_prefix="/")
+                        _wait_http(f"{router_url}/v1/models")
+
+                    results["keys"] = _keys(deploy, router_url, args.duration, 4)
                 runs.setdefault(strategy or "default", []).append(results)
         report = {
             "machine": {"cpus": os.cpu_count()},

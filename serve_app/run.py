@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Callable
 from types import FrameType
 from typing import TYPE_CHECKING
@@ -50,6 +51,21 @@ def _listening(proc: subprocess.Popen[bytes], port: int, timeout: float = 15.0) 
             return True
         time.sleep(0.05)
     return False
+
+
+def _answering(host: str, port: int, timeout: float = 60.0) -> None:
+    """Wait until the router answers on its port: `serve.run` returns once the replicas are
+    up, and HAProxy may route to them a moment later (a request then got HAProxy's 404)."""
+    address = "127.0.0.1" if host in ("0.0.0.0", "") else host
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://{address}:{port}/healthz", timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.05)
 
 
 def _kill_tree() -> None:
@@ -158,6 +174,7 @@ def _serve(
         stop.install()  # after ray.init, which installs handlers of its own
         serve.start(http_options={"host": args.host, "port": args.port})
         serve.run(build(), name=app_name, route_prefix="/")
+        _answering(args.host, args.port)
         print(
             f"serve-router ready on http://{args.host}:{args.port} (models: {models})", flush=True
         )

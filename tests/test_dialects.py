@@ -13,6 +13,7 @@ import pytest
 
 from serve_app.config import ProviderConfig
 from serve_app.dialects.translate import error_in_dialect, stream_error, translation
+from serve_app.dialects.usage import StreamMeter, counts_of
 from serve_app.errors import RouterError, error_body
 from serve_app.providers import prepare
 from serve_app.providers.ollama import OllamaNativeExchange
@@ -525,3 +526,52 @@ def test_malformed_requests_and_answers_are_4xx_and_502_not_500() -> None:
     with pytest.raises(RouterError) as info:
         ex.unary(200, b'{"choices": 3}', "application/json")
     assert (info.value.status, info.value.code) == (502, "bad_upstream_response")
+
+
+# --- usage read from the client's answers --------------------------------------------------------
+
+
+def test_counts_are_read_in_each_dialects_shape() -> None:
+    assert counts_of("openai", VLLM_CHAT) == (USAGE["prompt_tokens"], USAGE["completion_tokens"])
+    assert counts_of("ollama", {"done": True, "prompt_eval_count": 3, "eval_count": 2}) == (3, 2)
+    assert counts_of("anthropic", {"usage": {"input_tokens": 4, "output_tokens": 1}}) == (4, 1)
+    done = {
+        "type": "response.completed",
+        "response": {"usage": {"input_tokens": 6, "output_tokens": 2}},
+    }
+    assert counts_of("responses", done) == (6, 2)
+    assert counts_of("openai", {"choices": []}) is None
+
+
+@pytest.mark.parametrize("size", [1, 7, 64, 4096])
+def test_the_usage_chunk_the_client_did_not_ask_for_is_taken_out(size: int) -> None:
+    meter = StreamMeter("openai", strip=True)
+    out = b"".join(meter.feed(VLLM_STREAM[i : i + size]) for i in range(0, len(VLLM_STREAM), size))
+    out += meter.tail()
+    assert meter.counts == (USAGE["prompt_tokens"], USAGE["completion_tokens"])
+    assert b'"usage"' not in out and out.endswith(b"data: [DONE]\n\n")
+    assert out == VLLM_STREAM.replace(VLLM_STREAM.split(b"\n\n")[-3] + b"\n\n", b"")
+    kept = StreamMeter("openai", strip=False)
+    assert (
+        b"".join(kept.feed(VLLM_STREAM[i : i + size]) for i in range(0, len(VLLM_STREAM), size))
+        == VLLM_STREAM
+    )
+    assert kept.counts == meter.counts
+
+
+def test_anthropic_and_ollama_streams_are_metered_as_they_pass() -> None:
+    ex = _exchange(
+        Endpoint.MESSAGES,
+        {"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "q"}]},
+    )
+    meter = StreamMeter("anthropic", strip=False)
+    meter.feed(_streamed(ex, VLLM_STREAM))
+    assert meter.counts == (USAGE["prompt_tokens"], USAGE["completion_tokens"])
+    ollama_ex = _exchange(
+        Endpoint.OLLAMA_CHAT, {"model": "m", "messages": [{"role": "user", "content": "q"}]}
+    )
+    meter = StreamMeter("ollama", strip=False)
+    data = _streamed(ollama_ex, VLLM_STREAM)
+    for i in range(0, len(data), 5):
+        meter.feed(data[i : i + 5])
+    assert meter.counts == (USAGE["prompt_tokens"], USAGE["completion_tokens"])
