@@ -27,6 +27,8 @@ from serve_app.registry.manifest import Manifest, effective_config
 log = logging.getLogger("ray.serve")
 
 FLUSH_S = 0.25
+# How many verified keys a replica remembers (the manifest's keys; more is a flood of guesses).
+MAX_VERIFIED = 10_000
 LIMITER_TIMEOUT_S = 2.0
 RATELIMITED_METRIC = "llm_router_ratelimited"
 TOKENS_METRIC = "llm_router_tokens"
@@ -150,11 +152,16 @@ class Gate:
         self._records: dict[str, KeyRecord] = {}
         self.required = False
         self._allowances: dict[str, _Allowance] = {}
-        self._reports: list[Usage] = []
+        # (key id, model, window) -> prompt, completion, requests, estimated, correction: summed
+        # between reports, so a report is a few rows whatever the request rate.
+        self._reports: dict[tuple[str, str, int], list[int]] = {}
+        # Keys seen and verified -> their record id (a repeat skips the parse and the hash).
+        self._verified: dict[str, str] = {}
         self._flusher: asyncio.Task[None] | None = None
 
     def apply(self, manifest: Manifest) -> None:
         self._records = dict(manifest.keys)
+        self._verified = {}
         env = os.environ.get(REQUIRE_KEYS_ENV, "").lower() in ("1", "true", "yes")
         configured = (
             manifest.models_config is not None and effective_config(manifest).auth.require_keys
@@ -170,10 +177,15 @@ class Gate:
             raise _unauthorized(
                 "this router needs a key: send `Authorization: Bearer <key>`", "missing_api_key"
             )
-        parsed = parse_key(presented)
-        record = None if parsed is None else self._records.get(parsed[0])
-        if parsed is None or record is None or not verify(record, parsed[1]):
-            raise _unauthorized("unknown API key", "invalid_api_key")
+        known = self._verified.get(presented)
+        record = None if known is None else self._records.get(known)
+        if record is None:
+            parsed = parse_key(presented)
+            record = None if parsed is None else self._records.get(parsed[0])
+            if parsed is None or record is None or not verify(record, parsed[1]):
+                raise _unauthorized("unknown API key", "invalid_api_key")
+            if len(self._verified) < MAX_VERIFIED:
+                self._verified[presented] = record.id
         if record.expired(now):
             raise _unauthorized(f"key {record.name!r} has expired", "expired_api_key")
         if not any(record.allows(m) for m in models):
@@ -263,9 +275,12 @@ class Gate:
             correction = 0
         self.tally.inc(TOKENS_METRIC, (model, record.name, "prompt"), prompt)
         self.tally.inc(TOKENS_METRIC, (model, record.name, "completion"), completion)
-        self._reports.append(
-            Usage(record.id, model, prompt, completion, estimated, admission.window, correction)
-        )
+        row = self._reports.setdefault((record.id, model, admission.window), [0, 0, 0, 0, 0])
+        row[0] += prompt
+        row[1] += completion
+        row[2] += 1
+        row[3] += int(estimated)
+        row[4] += correction
         self._start()
 
     def _start(self) -> None:
@@ -293,7 +308,8 @@ class Gate:
                     limiter.give_back.remote(key_id, self._holder, used), LIMITER_TIMEOUT_S
                 )
         if self._reports:
-            batch, self._reports = self._reports, []
+            batch = [Usage(*where, *row) for where, row in self._reports.items()]
+            self._reports = {}
             await asyncio.wait_for(limiter.report.remote(batch), LIMITER_TIMEOUT_S)
 
     def stop(self) -> None:

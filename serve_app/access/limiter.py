@@ -32,16 +32,18 @@ def limiter_handle(registry: RegistryRef) -> ActorHandle:
 
 
 class Usage(NamedTuple):
-    """What one answer used, as a replica reports it. `estimated`: the upstream gave no counts
-    and these are the router's estimate. `correction`: tokens beyond (or short of) what the
-    lease granted for it, for the key's minute `window`."""
+    """What a key's answers for one model used, summed by a replica between two reports.
+    `estimated`: how many had no counts from the upstream (the router's estimate stands in).
+    `correction`: tokens beyond (or short of) what leases granted for them, in the key's minute
+    `window`."""
 
     key_id: str
     model: str
+    window: int
     prompt: int
     completion: int
-    estimated: bool
-    window: int
+    requests: int
+    estimated: int
     correction: int
 
 
@@ -104,8 +106,8 @@ class Limiter(ManifestCompanion):
             )
             counts["prompt"] += u.prompt
             counts["completion"] += u.completion
-            counts["requests"] += 1
-            counts["estimated_requests"] += int(u.estimated)
+            counts["requests"] += u.requests
+            counts["estimated_requests"] += u.estimated
         self._dirty = True
 
     async def usage(self, key_id: str) -> dict[str, object]:
