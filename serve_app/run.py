@@ -54,17 +54,19 @@ def _listening(proc: subprocess.Popen[bytes], port: int, timeout: float = 15.0) 
 
 
 def _answering(host: str, port: int, timeout: float = 60.0) -> None:
-    """Wait until the router answers on its port: `serve.run` returns once the replicas are
-    up, and HAProxy may route to them a moment later (a request then got HAProxy's 404)."""
+    """Wait until the router answers on its port, on several new connections in a row:
+    `serve.run` returns once the replicas are up, and Serve's HAProxy may still be reloading
+    (while an old HAProxy process without the app's route listens beside the new one, a
+    request got its 404)."""
     address = "127.0.0.1" if host in ("0.0.0.0", "") else host
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    in_a_row = 0
+    while time.monotonic() < deadline and in_a_row < 5:
         try:
-            with urllib.request.urlopen(f"http://{address}:{port}/healthz", timeout=2) as resp:
-                if resp.status == 200:
-                    return
+            with urllib.request.urlopen(f"http://{address}:{port}/v1/models", timeout=2) as resp:
+                in_a_row = in_a_row + 1 if resp.status == 200 else 0
         except OSError:
-            pass
+            in_a_row = 0
         time.sleep(0.05)
 
 

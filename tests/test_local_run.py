@@ -19,6 +19,7 @@ import sys
 import tempfile
 import termios
 import time
+import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
@@ -93,8 +94,11 @@ def chat(port: int) -> int:
         data=json.dumps(CHAT).encode(),
         headers={"content-type": "application/json"},
     )
-    with urllib.request.urlopen(req, timeout=30) as resp:
-        return resp.status
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return resp.status
+    except urllib.error.HTTPError as err:
+        raise AssertionError(f"{err.code}: {err.read()[:2000]!r}") from None
 
 
 def alive(procs: list[psutil.Process]) -> list[str]:
