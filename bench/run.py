@@ -290,6 +290,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--rounds", type=int, default=1, help="interleaved rounds of strategies")
     parser.add_argument(
+        "--keys-rounds", type=int, default=4, help="alternating rounds of the keys case"
+    )
+    parser.add_argument(
         "--providers",
         type=int,
         default=1,
@@ -358,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
                         serve.run(app, name=APP_NAME, route_prefix="/")
                         _wait_http(f"{router_url}/v1/models")
 
-                    results["keys"] = _keys(deploy, router_url, args.duration, 4)
+                    results["keys"] = _keys(deploy, router_url, args.duration, args.keys_rounds)
                 runs.setdefault(strategy or "default", []).append(results)
         report = {
             "machine": {"cpus": os.cpu_count()},

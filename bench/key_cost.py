@@ -1,0 +1,98 @@
+"""What a client key costs an ingress replica per request, without the HTTP and Serve noise.
+
+Runs the ingress's own key path (the key read and checked, the lease spent or renewed from a
+real limiter actor on a local Ray, the answer's usage read and settled, the x-ratelimit
+headers) for a key with request and token limits, for long enough that leases are renewed
+and returned as under load. c=1: one request after another; c=32: 32 interleaved on the event
+loop. Prints microseconds per request; `make bench`'s `keys` case measures the same end to end,
+where it is below this host's noise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import tempfile
+import time
+
+import orjson
+
+from serve_app.serve_env import apply_fast_serve_env
+
+ANSWER = orjson.dumps(
+    {
+        "id": "c",
+        "object": "chat.completion",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "hello"}}],
+        "usage": {"prompt_tokens": 12, "completion_tokens": 5, "total_tokens": 17},
+    }
+)
+
+
+async def _measure(registry: object, n: int) -> dict:
+    from serve_app.access.gate import Gate
+    from serve_app.access.keys import KeyLimits
+    from serve_app.access.limiter import limiter_handle
+    from serve_app.dialects.usage import counts_of
+    from serve_app.metrics import Tally
+
+    handle = registry.handle()  # type: ignore[attr-defined]
+    limits = KeyLimits(name="bench", rpm_limit=10_000_000, tpm_limit=10_000_000_000)
+    made = orjson.loads((await handle.create_key.remote(limits, 1.0)).body)
+    manifest = await handle.current.remote()
+    gate = Gate("bench-ingress", lambda: limiter_handle(registry), Tally())
+    gate.apply(manifest)
+    gate.required = True
+    headers = {"authorization": f"Bearer {made['key']}"}
+
+    async def one() -> None:
+        admission = await gate.admit(headers, ("bench/echo",), 12)
+        assert admission is not None
+        counts = counts_of("openai", orjson.loads(ANSWER))
+        assert counts is not None
+        gate.settle(admission, "bench/echo", *counts, estimated=False)
+
+    for _ in range(200):
+        await one()
+    out: dict[str, object] = {}
+    for c in (1, 32):
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            await asyncio.gather(*(_run(one, n // c) for _ in range(c)))
+            times.append((time.perf_counter() - t0) / n * 1e6)
+        out[f"c{c}_us_per_request"] = round(statistics.median(times), 1)
+    gate.stop()
+    return out
+
+
+async def _run(one: object, calls: int) -> None:
+    for _ in range(calls):
+        await one()  # type: ignore[operator]
+        await asyncio.sleep(0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=20_000)
+    args = parser.parse_args(argv)
+    apply_fast_serve_env(single_node=True)
+    import ray
+
+    from serve_app.registry.actor import RegistryRef
+
+    ray.init(include_dashboard=False, logging_level="error", log_to_driver=False)
+    registry = RegistryRef(
+        name="key-cost", path=f"{tempfile.mkdtemp(prefix='key-cost-')}/registry.json"
+    )
+    try:
+        report = asyncio.run(_measure(registry, args.requests))
+    finally:
+        ray.shutdown()
+    print(orjson.dumps(report).decode())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
