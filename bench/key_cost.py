@@ -13,13 +13,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
-import tempfile
 import time
 
 import orjson
 
-from serve_app.serve_env import apply_fast_serve_env
+from bench.local_ray import local_registry
 
+MODEL = "bench/echo"
+PROVIDER = {"id": "p", "api_host": "http://127.0.0.1:9", "api_type": "openai", "input_size": 8192}
+CONFIG = {
+    "t": {MODEL: {"providers": [PROVIDER]}},
+    "active_models": {"t": [MODEL]},
+    "auth": {"require_keys": True},
+}
 ANSWER = orjson.dumps(
     {
         "id": "c",
@@ -36,22 +42,23 @@ async def _measure(registry: object, n: int) -> dict:
     from serve_app.access.limiter import limiter_handle
     from serve_app.dialects.usage import counts_of
     from serve_app.metrics import Tally
+    from serve_app.registry.manifest import effective_config
 
     handle = registry.handle()  # type: ignore[attr-defined]
+    (await handle.publish_config.remote(CONFIG, "bench")).checked("bench")
     limits = KeyLimits(name="bench", rpm_limit=10_000_000, tpm_limit=10_000_000_000)
     made = orjson.loads((await handle.create_key.remote(limits, 1.0)).body)
     manifest = await handle.current.remote()
     gate = Gate("bench-ingress", lambda: limiter_handle(registry), Tally())
-    gate.apply(manifest)
-    gate.required = True
+    gate.apply(manifest, effective_config(manifest))
     headers = {"authorization": f"Bearer {made['key']}"}
 
     async def one() -> None:
-        admission = await gate.admit(headers, ("bench/echo",), 12)
+        admission = await gate.admit(headers, (MODEL,), 12)
         assert admission is not None
         counts = counts_of("openai", orjson.loads(ANSWER))
         assert counts is not None
-        gate.settle(admission, "bench/echo", *counts, estimated=False)
+        gate.settle(admission, MODEL, *counts, estimated=False)
 
     for _ in range(200):
         await one()
@@ -77,19 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=20_000)
     args = parser.parse_args(argv)
-    apply_fast_serve_env(single_node=True)
-    import ray
-
-    from serve_app.registry.actor import RegistryRef
-
-    ray.init(include_dashboard=False, logging_level="error", log_to_driver=False)
-    registry = RegistryRef(
-        name="key-cost", path=f"{tempfile.mkdtemp(prefix='key-cost-')}/registry.json"
-    )
-    try:
+    with local_registry("key-cost") as registry:
         report = asyncio.run(_measure(registry, args.requests))
-    finally:
-        ray.shutdown()
     print(orjson.dumps(report).decode())
     return 0
 

@@ -13,12 +13,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
-import tempfile
 import time
 
 import orjson
 
-from serve_app.serve_env import apply_fast_serve_env
+from bench.local_ray import local_registry
 
 MODEL = "bench/echo"
 
@@ -104,24 +103,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--providers", type=int, default=40)
     parser.add_argument("--requests", type=int, default=4000)
     args = parser.parse_args(argv)
-    apply_fast_serve_env(single_node=True)
-    import ray
-
-    from serve_app.registry.actor import RegistryRef
-
-    ray.init(include_dashboard=False, logging_level="error", log_to_driver=False)
-    registry = RegistryRef(
-        name="strategy-cost", path=f"{tempfile.mkdtemp(prefix='strategy-cost-')}/registry.json"
-    )
     report = {}
-    try:
+    with local_registry("strategy-cost") as registry:
         for strategy in args.strategies.split(","):
             report[strategy] = asyncio.run(
                 _measure(strategy, registry, args.providers, args.requests)
             )
             print(strategy, orjson.dumps(report[strategy]).decode(), flush=True)
-    finally:
-        ray.shutdown()
     base = report.get("balanced")
     if base:
         for row in report.values():

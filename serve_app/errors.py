@@ -45,6 +45,15 @@ def model_not_found(model: str) -> RouterError:
     )
 
 
+def key_not_found(key_id: str) -> RouterError:
+    return RouterError(404, f"no client key {quoted(key_id)}", code="key_not_found", param="id")
+
+
+def bad_upstream_response(message: str) -> RouterError:
+    """An upstream answer the router cannot read or translate."""
+    return RouterError(502, message, type="api_error", code="bad_upstream_response")
+
+
 def adapter_unavailable(name: str) -> RouterError:
     """A registered adapter that no server has loaded right now (they restarted and the registry
     is loading it again, or every load failed): a retry can succeed, unlike an unknown model."""

@@ -19,10 +19,10 @@ from ray.actor import ActorHandle
 from serve_app.access.keys import KeyRecord, parse_key, verify
 from serve_app.access.ledger import LEASE_S, Grant, Refusal, Used
 from serve_app.access.limiter import Usage
-from serve_app.config import REQUIRE_KEYS_ENV
+from serve_app.config import REQUIRE_KEYS_ENV, RouterConfig
 from serve_app.errors import RouterError
 from serve_app.metrics import Tally
-from serve_app.registry.manifest import Manifest, effective_config
+from serve_app.registry.manifest import Manifest
 
 log = logging.getLogger("ray.serve")
 
@@ -126,12 +126,19 @@ class _Allowance:
             return False
         if self.budget is not None and self.budget < tokens:
             return False
-        self.requests = None if self.requests is None else self.requests - 1
-        self.tokens = None if self.tokens is None else self.tokens - tokens
-        self.budget = None if self.budget is None else self.budget - tokens
-        u = self.used
-        self.used = Used(u.requests + 1, u.tokens + tokens, u.budget + tokens)
+        self.charge(1, tokens)
         return True
+
+    def charge(self, requests: int, tokens: int) -> None:
+        """Count against the lease: taken from what is left of it, added to what it used."""
+        if self.requests is not None:
+            self.requests -= requests
+        if self.tokens is not None:
+            self.tokens -= tokens
+        if self.budget is not None:
+            self.budget -= tokens
+        u = self.used
+        self.used = Used(u.requests + requests, u.tokens + tokens, u.budget + tokens)
 
 
 class Admission(NamedTuple):
@@ -159,14 +166,13 @@ class Gate:
         self._verified: dict[str, str] = {}
         self._flusher: asyncio.Task[None] | None = None
 
-    def apply(self, manifest: Manifest) -> None:
+    def apply(self, manifest: Manifest, config: RouterConfig) -> None:
+        """The manifest's keys, and `config` (its effective models config) says if they are
+        required."""
         self._records = dict(manifest.keys)
         self._verified = {}
         env = os.environ.get(REQUIRE_KEYS_ENV, "").lower() in ("1", "true", "yes")
-        configured = (
-            manifest.models_config is not None and effective_config(manifest).auth.require_keys
-        )
-        self.required = env or configured
+        self.required = env or config.auth.require_keys
         for key_id in list(self._allowances):
             if key_id not in self._records:  # revoked: nothing of it to give back
                 del self._allowances[key_id]
@@ -266,12 +272,7 @@ class Gate:
             and allowance.grant is not None
             and allowance.serial == admission.lease
         ):
-            if allowance.tokens is not None:
-                allowance.tokens -= correction
-            if allowance.budget is not None:
-                allowance.budget -= correction
-            u = allowance.used
-            allowance.used = Used(u.requests, u.tokens + correction, u.budget + correction)
+            allowance.charge(0, correction)
             correction = 0
         self.tally.inc(TOKENS_METRIC, (model, record.name, "prompt"), prompt)
         self.tally.inc(TOKENS_METRIC, (model, record.name, "completion"), completion)

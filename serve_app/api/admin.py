@@ -10,22 +10,22 @@ import orjson
 import watchfiles
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from serve_app.api.auth import admin_refusal
 from serve_app.api.gateway import Gateway, router_error
-from serve_app.api.http import error_response, log, read_body, replica
+from serve_app.api.http import log, read_body, replica
 from serve_app.broker import broker_handle
-from serve_app.config import ConfigError, parse_config, read_raw
+from serve_app.config import ConfigError, RouterConfig, parse_config, read_raw
 from serve_app.errors import RouterError
 from serve_app.follow import Follower
 from serve_app.openapi import json_body
-from serve_app.profiles import KIND, parse_profiles, read_profiles
+from serve_app.profiles import DEFAULT_PROFILE, KIND, parse_profiles, read_profiles
 from serve_app.providers.base import JSON
 from serve_app.provision.manager import LLMModelManager, ProvisionRequest
 from serve_app.registry.actor import Answer, Published, RegistryRef
 from serve_app.registry.adapters import AdapterRegistration
-from serve_app.registry.manifest import Manifest, WeightsUpdate, effective_config
+from serve_app.registry.manifest import Manifest, WeightsUpdate
 
 ADMIN_MAX_BODY_BYTES = 1024 * 1024
 Body = TypeVar("Body", bound=BaseModel)
@@ -34,13 +34,15 @@ router = APIRouter()
 
 
 class AdminSettings(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
     # The models config file that `POST /api/v1/config/reload` and the watcher re-read.
     config_path: str
     # configs/llm_models.json, re-read with the models config; None: no profiles.
     profiles_path: str | None = None
-    active_profile: str
+    active_profile: str = DEFAULT_PROFILE
     # How long an admin change waits for every replica to confirm it before answering.
-    ack_timeout_s: float
+    ack_timeout_s: float = 5.0
 
 
 def _first_problem(exc: ValidationError) -> str:
@@ -89,8 +91,7 @@ class Admin:
         self._token = token
         self.manager: LLMModelManager | None = None
 
-    def apply(self, manifest: Manifest) -> None:
-        config = effective_config(manifest)
+    def apply(self, config: RouterConfig) -> None:
         if self.manager is None:
             self.manager = LLMModelManager(self.gateway.roles, config, self.registry)
         else:
@@ -172,30 +173,24 @@ def admin_from(request: Request) -> Admin:
 
 @router.post("/api/v1/config/reload")
 async def reload_config(request: Request) -> Response:
-    try:
-        return json_response(await admin_from(request).publish_file())
-    except RouterError as err:
-        return error_response(err)
+    return json_response(await admin_from(request).publish_file())
 
 
 @router.post("/api/v1/weights", openapi_extra=json_body(WeightsUpdate))
 async def set_weights(request: Request) -> Response:
     """Runtime weights (weighted, dynamic_weighted, weighted_random): written into the
     published models config as a new version, until the file is reloaded."""
+    admin = admin_from(request)
+    update = await validated_body(request, WeightsUpdate, "invalid_weights")
+    published = await admin.call("publish_weights", update)
+    assert isinstance(published, Published)
     try:
-        admin = admin_from(request)
-        update = await validated_body(request, WeightsUpdate, "invalid_weights")
-        published = await admin.call("publish_weights", update)
-        assert isinstance(published, Published)
-        try:
-            published.checked(admin.follower.state.config_source)
-        except ConfigError as exc:
-            raise RouterError(400, str(exc), code="invalid_weights") from None
-        unconfirmed = await admin.call(
-            "wait_for_followers", published.version, admin.settings.ack_timeout_s
-        )
-    except RouterError as err:
-        return error_response(err)
+        published.checked(admin.follower.state.config_source)
+    except ConfigError as exc:
+        raise RouterError(400, str(exc), code="invalid_weights") from None
+    unconfirmed = await admin.call(
+        "wait_for_followers", published.version, admin.settings.ack_timeout_s
+    )
     return json_response(
         {
             "version": published.version,
@@ -211,24 +206,18 @@ async def set_weights(request: Request) -> Response:
 async def provider_state(request: Request) -> Response:
     """The shared routing state: slots taken per provider and by which replica, host pins,
     requests waiting for a slot, use counts, latency averages, keep-alive warms."""
+    admin = admin_from(request)
     try:
-        admin = admin_from(request)
-        try:
-            state = await asyncio.wait_for(broker_handle(admin.registry).state.remote(), 5.0)
-        except Exception:
-            raise router_error(503, "the routing state is unavailable") from None
-    except RouterError as err:
-        return error_response(err)
+        state = await asyncio.wait_for(broker_handle(admin.registry).state.remote(), 5.0)
+    except Exception:
+        raise router_error(503, "the routing state is unavailable") from None
     return json_response(state)
 
 
 @router.get("/api/v1/config")
 async def config_status(request: Request) -> Response:
-    try:
-        admin = admin_from(request)
-        followers = await admin.call("followers")
-    except RouterError as err:
-        return error_response(err)
+    admin = admin_from(request)
+    followers = await admin.call("followers")
     manifest = admin.follower.state
     type_of = admin.gateway.type_of
     return json_response(
@@ -247,10 +236,7 @@ async def config_status(request: Request) -> Response:
 @router.get("/api/v1/models")
 async def model_profiles(request: Request) -> Response:
     """The active profile with its resolved roles, and every profile in the manifest."""
-    try:
-        admin = admin_from(request)
-    except RouterError as err:
-        return error_response(err)
+    admin = admin_from(request)
     manifest = admin.follower.state
     gateway = admin.gateway
     roles = {
@@ -270,39 +256,27 @@ async def model_profiles(request: Request) -> Response:
 @router.post("/api/v1/models/provision", openapi_extra=json_body(ProvisionRequest))
 async def provision(request: Request) -> Response:
     """Ensure the roles' models are on their providers; monGARS's provisioning report."""
-    try:
-        admin = admin_from(request)
-        req = await validated_body(request, ProvisionRequest, "invalid_request", b"{}")
-    except RouterError as err:
-        return error_response(err)
+    admin = admin_from(request)
+    req = await validated_body(request, ProvisionRequest, "invalid_request", b"{}")
     assert admin.manager is not None
     return json_response(await admin.manager.ensure_models_installed(req.roles, req.force))
 
 
 @router.post("/api/v1/adapters", openapi_extra=json_body(AdapterRegistration))
 async def register_adapter(request: Request) -> Response:
-    try:
-        admin = admin_from(request)
-        req = await validated_body(request, AdapterRegistration, "invalid_adapter")
-        return relayed(await admin.call("register_adapter", req, admin.settings.ack_timeout_s))
-    except RouterError as err:
-        return error_response(err)
+    admin = admin_from(request)
+    req = await validated_body(request, AdapterRegistration, "invalid_adapter")
+    return relayed(await admin.call("register_adapter", req, admin.settings.ack_timeout_s))
 
 
 @router.delete("/api/v1/adapters/{name}")
 async def delete_adapter(name: str, request: Request) -> Response:
     """The adapter stops being a model at once; its versions are unloaded from every server
     once no request uses them."""
-    try:
-        admin = admin_from(request)
-        return relayed(await admin.call("delete_adapter", name, admin.settings.ack_timeout_s))
-    except RouterError as err:
-        return error_response(err)
+    admin = admin_from(request)
+    return relayed(await admin.call("delete_adapter", name, admin.settings.ack_timeout_s))
 
 
 @router.get("/api/v1/adapters")
 async def list_adapters(request: Request) -> Response:
-    try:
-        return relayed(await admin_from(request).call("adapters"))
-    except RouterError as err:
-        return error_response(err)
+    return relayed(await admin_from(request).call("adapters"))

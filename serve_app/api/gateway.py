@@ -21,6 +21,7 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from serve_app.access.gate import Admission, Gate
 from serve_app.api.http import read_body, request_id
 from serve_app.coalesce import Coalescer
+from serve_app.config import RouterConfig
 from serve_app.dialects.translate import error_in_dialect
 from serve_app.dialects.usage import Counts, StreamMeter, counts_of
 from serve_app.dispatch import (
@@ -35,7 +36,7 @@ from serve_app.errors import RouterError, adapter_unavailable, model_not_found
 from serve_app.handler import ApiModelConfig
 from serve_app.profiles import Role, with_role_defaults
 from serve_app.provision.manager import role_models
-from serve_app.registry.manifest import Manifest, effective_config, unplaced_adapters
+from serve_app.registry.manifest import Manifest, unplaced_adapters
 from serve_app.schemas import TIMEOUT_HEADER, Endpoint, RequestMeta, parse_timeout, validate_request
 
 log = logging.getLogger("ray.serve")
@@ -157,8 +158,8 @@ class Gateway:
         self.gate = gate
         self.tally = gate.tally
 
-    def apply(self, manifest: Manifest) -> None:
-        config = effective_config(manifest)
+    def apply(self, manifest: Manifest, config: RouterConfig) -> None:
+        """`config`: the manifest's effective models config."""
         parents = {name: adapter.base_model for name, adapter in manifest.adapters.items()}
         self.roles = manifest.roles()
         self.role_models = role_models(config, self.roles)

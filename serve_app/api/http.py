@@ -65,7 +65,12 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """Unknown routes, wrong methods and anything unexpected answer in the path's dialect."""
+    """A RouterError raised by an endpoint, unknown routes, wrong methods and anything
+    unexpected answer in the path's dialect."""
+
+    @app.exception_handler(RouterError)
+    async def _router_error(request: Request, exc: RouterError) -> Response:
+        return error_response(exc, dialect_of(request.url.path))
 
     @app.exception_handler(HTTPException)
     async def _http_error(request: Request, exc: HTTPException) -> Response:

@@ -7,7 +7,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse, Response
 from pydantic import BaseModel, ValidationError
 
-from serve_app.api.http import error_response, read_body, replica
+from serve_app.api.http import read_body, replica
 from serve_app.dialects import ollama
 from serve_app.errors import RouterError, model_not_found
 from serve_app.openapi import json_body
@@ -65,15 +65,12 @@ async def running() -> Response:
 async def show(request: Request) -> Response:
     gateway = replica().gateway
     try:
-        try:
-            req = ShowRequest.model_validate_json(await read_body(request, SHOW_MAX_BODY_BYTES))
-        except ValidationError as exc:
-            raise RouterError(400, f"invalid request: {exc.errors()[0]['msg']}") from None
-        info = gateway.find(req.model)
-        if info is None:
-            raise model_not_found(req.model)
-    except RouterError as err:
-        return error_response(err, "ollama")
+        req = ShowRequest.model_validate_json(await read_body(request, SHOW_MAX_BODY_BYTES))
+    except ValidationError as exc:
+        raise RouterError(400, f"invalid request: {exc.errors()[0]['msg']}") from None
+    info = gateway.find(req.model)
+    if info is None:
+        raise model_not_found(req.model)
     root = info.root or info.name
     answer = ollama.show_answer(info.name, info.model_type, info.parent, root in gateway.tools)
     return Response(orjson.dumps(answer), media_type=JSON)

@@ -43,7 +43,6 @@ class Usage:
 class Answer:
     """One complete chat or completion answer (the first choice)."""
 
-    id: str = ""
     text: str = ""
     reasoning: str = ""
     tool_calls: list[ToolCall] = field(default_factory=list)
@@ -71,7 +70,6 @@ def read_answer(doc: dict[str, Any]) -> Answer:
     ]
     text = msg.get("content") if msg else choice.get("text")
     return Answer(
-        id=str(doc.get("id") or ""),
         text=text or "",
         reasoning=_reasoning(msg),
         tool_calls=calls,
@@ -100,8 +98,6 @@ class StreamReader:
         self._calls: dict[int, ToolCall] = {}
 
     def read(self, doc: dict[str, Any]) -> list[Delta]:
-        if doc.get("id") and not self.answer.id:
-            self.answer.id = str(doc["id"])
         if doc.get("usage"):
             self.answer.usage = Usage.of(doc["usage"])
         out: list[Delta] = []
@@ -152,6 +148,22 @@ class SSEReader:
             for line in event.split(b"\n")
             if line.startswith(b"data:")
         ]
+
+
+class LineReader:
+    """Splits an NDJSON byte stream (Ollama's), cut anywhere, into its lines."""
+
+    def __init__(self) -> None:
+        self._buf = b""
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        """The lines this chunk completes (blank ones left out)."""
+        *lines, self._buf = (self._buf + chunk).split(b"\n")
+        return [line for line in lines if line.strip()]
+
+    def rest(self) -> bytes | None:
+        """A last line the stream ended without a newline after, if any."""
+        return self._buf if self._buf.strip() else None
 
 
 def error_message(doc: dict[str, Any]) -> str | None:

@@ -64,14 +64,14 @@ def error_in_dialect(dialect: Dialect, status: int, body: bytes) -> bytes:
     except orjson.JSONDecodeError:
         doc = None
     err = doc.get("error") if isinstance(doc, dict) else None
-    if not isinstance(err, dict) or doc.get("type") == "error":
-        if dialect == "ollama" and isinstance(err, str):
-            return body
-        if dialect == "anthropic" and isinstance(doc, dict) and doc.get("type") == "error":
-            return body
-        message = body.decode(errors="replace")[:500] if err is None else str(err)
-    else:
+    if dialect == "ollama" and isinstance(err, str):
+        return body
+    if dialect == "anthropic" and isinstance(doc, dict) and doc.get("type") == "error":
+        return body
+    if isinstance(err, dict):
         message = str(err.get("message") or "")
+    else:
+        message = body.decode(errors="replace")[:500] if err is None else str(err)
     if dialect == "ollama":
         return orjson.dumps(ollama.error_body(message))
     return orjson.dumps(anthropic.error_body(status, message))

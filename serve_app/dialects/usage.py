@@ -7,7 +7,7 @@ from typing import Any
 
 import orjson
 
-from serve_app.dialects.internal import SSEReader
+from serve_app.dialects.internal import LineReader, SSEReader
 from serve_app.schemas import Dialect
 
 Counts = tuple[int, int]  # prompt, completion
@@ -51,7 +51,8 @@ class StreamMeter:
         self.strip = strip
         self.counts: Counts | None = None
         self._sse = SSEReader()
-        self._line = b""
+        self._lines = LineReader()
+        self._held = b""  # an incomplete event, while stripping
 
     def _seen(self, counts: Counts | None) -> None:
         if counts is not None:  # Anthropic sends input tokens first, output tokens later
@@ -62,15 +63,13 @@ class StreamMeter:
         """The chunk as the client gets it (when stripping: whole events only, the rest held
         until it is complete)."""
         if self.dialect == "ollama":
-            data = self._line + chunk
-            *lines, self._line = data.split(b"\n")
-            for line in lines:
+            for line in self._lines.feed(chunk):
                 if b'"done":true' in line.replace(b" ", b""):
                     self._seen(counts_of("ollama", orjson.loads(line)))
             return chunk
         if self.strip:
-            data = self._line + chunk.replace(b"\r\n", b"\n")
-            *events, self._line = data.split(b"\n\n")
+            data = self._held + chunk.replace(b"\r\n", b"\n")
+            *events, self._held = data.split(b"\n\n")
             kept = [e for e in events if not self._usage_only(e)]
             return b"".join(e + b"\n\n" for e in kept)
         for payload in self._sse.feed(chunk):
@@ -88,4 +87,4 @@ class StreamMeter:
 
     def tail(self) -> bytes:
         """What was held back when the stream ended."""
-        return self._line if self.strip else b""
+        return self._held if self.strip else b""

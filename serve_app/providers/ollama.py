@@ -15,8 +15,9 @@ from typing import Any
 import orjson
 
 from serve_app.config import ProviderConfig
+from serve_app.dialects.internal import LineReader
 from serve_app.dialects.ollama import OPTIONS
-from serve_app.errors import RouterError, error_body, sse_error_event
+from serve_app.errors import RouterError, bad_upstream_response, error_body, sse_error_event
 from serve_app.providers.base import JSON, api_root, json_headers, upstream_model
 from serve_app.schemas import Endpoint, RequestMeta
 
@@ -316,12 +317,7 @@ class OllamaExchange:
             kind = "invalid_request_error" if status < 500 else "api_error"
             return error_body(text, kind, "upstream_error"), JSON
         if not isinstance(doc, dict):
-            raise RouterError(
-                502,
-                "ollama answered with a body that is not JSON",
-                type="api_error",
-                code="bad_upstream_response",
-            )
+            raise bad_upstream_response("ollama answered with a body that is not JSON")
         out = from_ollama_response(self.meta.endpoint, doc, self.meta.model, self.id, self.created)
         return orjson.dumps(out), JSON
 
@@ -329,15 +325,13 @@ class OllamaExchange:
         tr = StreamTranslator(
             self.meta.endpoint, self.meta.model, self.id, self.created, self.include_usage
         )
-        buf = b""
+        lines = LineReader()
         async for chunk in chunks:
-            buf += chunk
-            *lines, buf = buf.split(b"\n")
-            out = b"".join(tr.line(orjson.loads(ln)) for ln in lines if ln.strip())
+            out = b"".join(tr.line(orjson.loads(line)) for line in lines.feed(chunk))
             if out:
                 yield out
-        if buf.strip():
-            yield tr.line(orjson.loads(buf))
+        if (last := lines.rest()) is not None:
+            yield tr.line(orjson.loads(last))
 
 
 class OllamaNativeExchange:
@@ -371,24 +365,17 @@ class OllamaNativeExchange:
         try:
             return self._named(body), JSON
         except orjson.JSONDecodeError:
-            raise RouterError(
-                502,
-                "ollama answered with a body that is not JSON",
-                type="api_error",
-                code="bad_upstream_response",
-            ) from None
+            raise bad_upstream_response("ollama answered with a body that is not JSON") from None
 
     async def stream(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         if self.upstream == self.model:
             async for chunk in chunks:
                 yield chunk
             return
-        buf = b""
+        lines = LineReader()
         async for chunk in chunks:
-            buf += chunk
-            *lines, buf = buf.split(b"\n")
-            out = b"".join(self._named(ln) + b"\n" for ln in lines if ln.strip())
+            out = b"".join(self._named(line) + b"\n" for line in lines.feed(chunk))
             if out:
                 yield out
-        if buf.strip():
-            yield self._named(buf) + b"\n"
+        if (last := lines.rest()) is not None:
+            yield self._named(last) + b"\n"

@@ -9,7 +9,7 @@ import orjson
 
 from serve_app.dialects.base import Translation
 from serve_app.dialects.internal import DONE, SSEReader, error_message, read_answer
-from serve_app.errors import RouterError
+from serve_app.errors import bad_upstream_response
 from serve_app.providers.base import JSON, Exchange
 
 
@@ -27,11 +27,8 @@ class TranslatedExchange:
             doc = orjson.loads(out)
             return orjson.dumps(self.translation.unary(read_answer(doc), doc)), JSON
         except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError):
-            raise RouterError(
-                502,
-                "the provider's answer is not a chat, completion or embedding object",
-                type="api_error",
-                code="bad_upstream_response",
+            raise bad_upstream_response(
+                "the provider's answer is not a chat, completion or embedding object"
             ) from None
 
     async def stream(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:

@@ -24,9 +24,9 @@ import ray
 from pydantic import BaseModel, ConfigDict
 from ray.actor import ActorHandle
 
-from serve_app.access.keys import KeyLimits, KeyRecord, new_key
+from serve_app.access.keys import KeyLimits, new_key
 from serve_app.config import ConfigError
-from serve_app.errors import RouterError
+from serve_app.errors import RouterError, key_not_found
 from serve_app.follow import Signal
 from serve_app.registry import lora, store
 from serve_app.registry.adapters import (
@@ -124,10 +124,6 @@ class RegistryRef(BaseModel):
             num_cpus=0,
             resources={"node:__internal_head__": 0.001},
         ).remote(self.path)
-
-
-def _no_key(key_id: str) -> RouterError:
-    return RouterError(404, f"no client key {key_id[:64]!r}", code="key_not_found", param="id")
 
 
 @dataclass
@@ -287,16 +283,13 @@ class Registry:
         """Revoke a key: the answer comes once every live replica refuses it."""
         async with self._lock:
             if key_id not in self._manifest.keys:
-                return Answer.error(_no_key(key_id))
+                return Answer.error(key_not_found(key_id))
             manifest = without_key(self._manifest, key_id)
             self._commit(manifest)
         log.info("client key revoked", extra={"key_id": key_id})
         unconfirmed = await self.wait_for_followers(manifest.version, ack_timeout_s)
         body = {"id": key_id, "deleted": True, "unconfirmed_replicas": unconfirmed}
         return Answer(200, orjson.dumps(body))
-
-    async def keys(self) -> list[KeyRecord]:
-        return list(self._manifest.keys.values())
 
     # --- adapters ----------------------------------------------------------------------------
 

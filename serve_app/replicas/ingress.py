@@ -10,7 +10,6 @@ import os
 from fastapi import FastAPI
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
-from pydantic import BaseModel, ConfigDict
 from ray import serve
 from ray.actor import ActorHandle
 from ray.serve.handle import DeploymentHandle
@@ -21,14 +20,13 @@ from serve_app.api import admin, anthropic, keys, ollama, openai, ops, responses
 from serve_app.api.admin import Admin, AdminSettings
 from serve_app.api.auth import ADMIN_TOKEN_ENV
 from serve_app.api.gateway import Gateway, router_error
-from serve_app.api.http import error_response, install_error_handlers
+from serve_app.api.http import install_error_handlers
 from serve_app.follow import Follower
 from serve_app.local.loopback import keep_replica_grpc_on_loopback
 from serve_app.metrics import Tally
 from serve_app.monitor import monitor_handle
-from serve_app.profiles import DEFAULT_PROFILE
 from serve_app.registry.actor import RegistryRef
-from serve_app.registry.manifest import Manifest
+from serve_app.registry.manifest import Manifest, effective_config
 from serve_app.serve_env import REPLICA_CPUS
 
 DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
@@ -48,18 +46,9 @@ for surface in (openai, responses, anthropic, ollama, ops, admin, keys):
 install_error_handlers(api)
 
 
-class IngressSettings(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
+class IngressSettings(AdminSettings):
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
-    # The models config file that `POST /api/v1/config/reload` and the watcher re-read.
-    config_path: str
-    # configs/llm_models.json, re-read with the models config; None: no profiles.
-    profiles_path: str | None = None
-    active_profile: str = DEFAULT_PROFILE
     watch_config: bool = False
-    # How long an admin change waits for every replica to confirm it before answering.
-    ack_timeout_s: float = 5.0
 
 
 @serve.deployment(ray_actor_options={"num_cpus": REPLICA_CPUS}, max_ongoing_requests=2000)
@@ -78,23 +67,18 @@ class Ingress:
         self.gate = Gate(self._id, lambda: limiter_handle(registry), Tally())
         self.gateway = Gateway(routers, settings.max_body_bytes, self.gate)
         self._follower = Follower(registry.handle, self._id, Manifest(), self._apply)
-        admin_settings = AdminSettings(
-            config_path=settings.config_path,
-            profiles_path=settings.profiles_path,
-            active_profile=settings.active_profile,
-            ack_timeout_s=settings.ack_timeout_s,
-        )
         token = os.environ.get(ADMIN_TOKEN_ENV)
-        self.admin = Admin(self._follower, registry, self.gateway, admin_settings, token)
+        self.admin = Admin(self._follower, registry, self.gateway, settings, token)
         await self._follower.start()
         loop = asyncio.get_running_loop()
         self._pusher = loop.create_task(self._push_metrics())
         self._watcher = loop.create_task(self.admin.watch()) if settings.watch_config else None
 
     def _apply(self, manifest: Manifest) -> None:
-        self.gateway.apply(manifest)
-        self.gate.apply(manifest)
-        self.admin.apply(manifest)
+        config = effective_config(manifest)
+        self.gateway.apply(manifest, config)
+        self.gate.apply(manifest, config)
+        self.admin.apply(config)
 
     async def __del__(self) -> None:
         if self._watcher is not None:
@@ -127,5 +111,5 @@ class Ingress:
             )
         except Exception:
             self._monitor_handle = None
-            return error_response(router_error(503, "metrics are unavailable"))
+            raise router_error(503, "metrics are unavailable") from None
         return Response(text, media_type=CONTENT_TYPE_LATEST)
