@@ -15,7 +15,7 @@ import contextlib
 import logging
 import time
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
 import aiohttp
@@ -30,7 +30,8 @@ from serve_app.providers.ollama import ollama_root
 from serve_app.registry.actor import RegistryRef
 from serve_app.registry.companion import ManifestCompanion, companion_handle
 from serve_app.registry.manifest import Manifest, config_of
-from serve_app.strategies import PinView, slot_order
+from serve_app.routing.prefix import IndexDelta, IndexJournal
+from serve_app.routing.strategies import PinView, slot_order
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,8 @@ ACTIVE_S = 5.0
 WARM_TIMEOUT_S = 30.0
 # Re-warm this long before keep_alive runs out (at most a fifth of it, for short keep_alives).
 WARM_MARGIN_S = 60.0
+# Prefix chains kept for replicas to catch up from; one further behind gets the whole index.
+JOURNAL_CHAINS = 4096
 PINNING = frozenset({"first_available_optim", "first_available_optim_nworkers"})
 
 
@@ -64,6 +67,7 @@ class Terms:
     lease_s: float
     pin_ttl_s: float
     latency_alpha: float
+    index_entries: int = 10000
 
 
 @dataclass
@@ -76,6 +80,10 @@ class SyncRequest:
     released: list[str] = field(default_factory=list)
     uses: dict[str, dict[str, int]] = field(default_factory=dict)  # model -> provider -> n
     latency: dict[str, tuple[float, int]] = field(default_factory=dict)  # (sum s, n)
+    # prefix_affinity: chains routed since the last sync (provider, chain), and the index
+    # sequence the replica has seen (None: it does not follow the index).
+    routed: list[tuple[str, list[int]]] = field(default_factory=list)
+    index_seq: int | None = None
 
 
 @dataclass(frozen=True)
@@ -90,6 +98,7 @@ class Snapshot:
     contended: bool = False
     # No other replica took slots of these providers lately: keeping idle slots is harmless.
     alone: bool = True
+    index: IndexDelta | None = None
 
 
 @dataclass
@@ -133,6 +142,8 @@ class Broker(ManifestCompanion):
         self._warmed: dict[str, float] = {}
         self._warming: set[str] = set()
         self._warms: Counter[str] = Counter()
+        self._index = IndexJournal(Terms(0, 0, 0).index_entries, JOURNAL_CHAINS)
+        self._index_seen: dict[str, tuple[int, float]] = {}  # holder -> (seq, when)
 
     def _apply(self, manifest: Manifest) -> None:
         with contextlib.suppress(ConfigError):
@@ -142,6 +153,7 @@ class Broker(ManifestCompanion):
                 for group in config.model_types.values()
                 for name, m in group.models.items()
             }
+            self._index.index.keep_only(p.id for ps in self._models.values() for p in ps)
 
     # --- the replicas' calls -----------------------------------------------------------------
 
@@ -160,7 +172,14 @@ class Broker(ManifestCompanion):
             self._latency.add(provider, total, count, req.terms.latency_alpha)
         if changed:
             self._serve_waiters(now)
-        return self._snapshot(req.holder, req.providers, req.models)
+        snapshot = self._snapshot(req.holder, req.providers, req.models)
+        if req.routed:
+            self._index.index.resize(req.terms.index_entries)
+            self._index.add(req.holder, req.routed)
+        if req.index_seq is None:
+            return snapshot
+        self._index_seen[req.holder] = (self._index.seq, now)
+        return replace(snapshot, index=self._index.delta(req.holder, req.index_seq))
 
     async def acquire(self, req: AcquireRequest) -> Grant:
         """A slot on the best free provider of the request's tiers, waiting up to `wait_s`
@@ -210,6 +229,11 @@ class Broker(ManifestCompanion):
             "uses": {m: dict(c) for m, c in self._uses.items()},
             "latency": dict(self._latency.average),
             "warms": dict(self._warms),
+            "prefix_index": {
+                "entries": self._index.index.sizes(),
+                "seq": self._index.seq,
+                "followers": {h: seq for h, (seq, _) in self._index_seen.items()},
+            },
         }
 
     # --- bookkeeping -------------------------------------------------------------------------
@@ -279,6 +303,8 @@ class Broker(ManifestCompanion):
             expired = self._leases.expire(now)
             for holder in [h for h, (_, at) in self._active.items() if at < now - ACTIVE_S]:
                 del self._active[holder]
+            for holder in [h for h, (_, at) in self._index_seen.items() if at < now - ACTIVE_S]:
+                del self._index_seen[holder]
             for lease in expired:
                 log.warning(
                     "slot lease expired",

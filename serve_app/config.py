@@ -43,12 +43,17 @@ StrategyName = Literal[
     "weighted_random",
     "round_robin",
     "least_in_flight",
+    "least_loaded",
+    "prefix_affinity",
+    "session_affinity",
 ]
 DEFAULT_STRATEGY: StrategyName = "balanced"
 # Strategies that hold a slot (a lease) on the provider for the whole request.
 SLOT_STRATEGIES = frozenset(
     {"first_available", "first_available_optim", "first_available_optim_nworkers"}
 )
+# Strategies that look at upstream load signals (and prompt prefixes, sessions).
+LOAD_AWARE = frozenset({"least_loaded", "prefix_affinity", "session_affinity"})
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 # Go's time.ParseDuration (what Ollama accepts) or a plain number of seconds.
@@ -229,6 +234,13 @@ class RoutingConfig(BaseModel):
     pin_ttl_s: float = Field(default=300.0, gt=0)
     # dynamic_weighted: weight of the newest latency sample in the moving average.
     latency_alpha: float = Field(default=0.3, gt=0, le=1)
+    # prefix_affinity: prompts are hashed in blocks of this many characters (UTF-8 bytes), and
+    # each provider's index keeps this many recently routed block hashes.
+    prefix_block_chars: int = Field(default=256, ge=16, le=65536)
+    prefix_index_entries: int = Field(default=10000, ge=1, le=1_000_000)
+    # prefix_affinity, session_affinity: their choice is taken only while its load (requests,
+    # see routing.load) is at most this much above the least loaded candidate's.
+    max_load_imbalance: float = Field(default=4.0, ge=0)
 
 
 class ModelTypeConfig(BaseModel):

@@ -51,6 +51,9 @@ class Knobs:
     pull_step_s: float = 0.0  # time between them
     pull_fail_after: int | None = None  # an /api/pull that breaks after this many steps
     tags_status: int | None = None  # /api/tags answers with this status
+    # What its vLLM /metrics page says besides the requests it is answering (running).
+    waiting: int = 0
+    kv_usage: float = 0.0
 
 
 @dataclass
@@ -102,6 +105,8 @@ class FakeUpstream:
         r.add_post("/api/generate", self._ollama)
         r.add_post("/api/embed", self._ollama_embed)
         r.add_get("/api/tags", self._ollama_tags)
+        r.add_get("/api/ps", self._ollama_ps)
+        r.add_get("/metrics", self._vllm_metrics)
         r.add_post("/api/pull", self._ollama_pull)
         return app
 
@@ -493,8 +498,27 @@ class FakeUpstream:
     async def _ollama_tags(self, request: web.Request) -> web.StreamResponse:
         if self.knobs.tags_status is not None:
             return web.json_response({"error": "tags failing"}, status=self.knobs.tags_status)
+        return self._model_list()
+
+    async def _ollama_ps(self, request: web.Request) -> web.StreamResponse:
+        """The models in memory: as on disk (it loads nothing)."""
+        return self._model_list()
+
+    def _model_list(self) -> web.Response:
         names = [self.name, *sorted(self.pulled)]
         return web.json_response({"models": [{"name": n, "model": n} for n in names]})
+
+    async def _vllm_metrics(self, request: web.Request) -> web.StreamResponse:
+        """vLLM's load gauges (names and labels as a real vLLM 0.32 writes them)."""
+        labels = f'{{engine="0",model_name="{self.name}"}}'
+        lines = []
+        for name, kind, value in (
+            ("vllm:num_requests_running", "gauge", self.active),
+            ("vllm:num_requests_waiting", "gauge", self.knobs.waiting),
+            ("vllm:kv_cache_usage_perc", "gauge", self.knobs.kv_usage),
+        ):
+            lines += [f"# HELP {name} {name}", f"# TYPE {name} {kind}", f"{name}{labels} {value}"]
+        return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
 
     async def _ollama_pull(self, request: web.Request) -> web.StreamResponse:
         """Ollama's streaming pull: NDJSON progress lines, then success (or an error line)."""

@@ -10,7 +10,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import NamedTuple
 
@@ -26,7 +26,6 @@ from serve_app.providers.base import JSON, Exchange
 from serve_app.registry.manifest import is_lora_name
 from serve_app.schemas import RequestMeta
 from serve_app.shared import SharedState, Slot
-from serve_app.strategies import Stats
 
 log = logging.getLogger("ray.serve")
 
@@ -97,7 +96,12 @@ class _Attempts:
     from the broker (waiting for one up to wait_timeout_s)."""
 
     def __init__(
-        self, view: _View, meta: RequestMeta, deadline: float, shared: SharedState | None
+        self,
+        view: _View,
+        meta: RequestMeta,
+        body: bytes,
+        deadline: float,
+        shared: SharedState | None,
     ) -> None:
         handler = view.handler
         self._view, self._meta, self._deadline, self._shared = view, meta, deadline, shared
@@ -108,9 +112,10 @@ class _Attempts:
         # As many attempts as a plan has: max_attempts per tier that has providers.
         self._left = view.routing.max_attempts * sum(1 for tier in self._tiers if tier)
         self._plan: Iterator[ProviderConfig] | None = None
+        self._prefix: Sequence[int] = ()
         if shared is None or self._strategy not in SLOT_STRATEGIES:
-            in_flight = handler.in_flight()
-            stats = shared.stats(meta.model, in_flight) if shared else Stats(in_flight=in_flight)
+            stats = handler.stats(meta, candidates, body, shared)
+            self._prefix = stats.prefix
             self._plan = iter(handler.order(meta.model, candidates, stats))
         self._current: ProviderConfig | None = None
         self._slot: Slot | None = None
@@ -153,9 +158,11 @@ class _Attempts:
         return next(p for tier in tiers for p in tier if p.id == slot.provider)
 
     def answered(self) -> None:
-        """The provider's answer began: its latency (to the answer's head) is one sample."""
+        """The provider's answer began: its latency (to the answer's head) is one sample, and
+        it has the prompt's blocks in its cache now."""
         if self._shared is not None and self._current is not None:
             self._shared.took(self._current.id, time.monotonic() - self._started)
+            self._shared.routed(self._current.id, list(self._prefix))
 
     def release(self) -> None:
         if self._current is not None:
@@ -213,9 +220,11 @@ class Dispatcher:
         return self._view.handler
 
     @contextmanager
-    def _attempts(self, view: _View, meta: RequestMeta, deadline: float) -> Iterator[_Attempts]:
+    def _attempts(
+        self, view: _View, meta: RequestMeta, body: bytes, deadline: float
+    ) -> Iterator[_Attempts]:
         """The request's attempts; raises RouterError when it cannot go anywhere."""
-        attempts = _Attempts(view, meta, deadline, self.shared)
+        attempts = _Attempts(view, meta, body, deadline, self.shared)
         self.in_use.update(attempts.paths)
         try:
             yield attempts
@@ -296,7 +305,7 @@ class Dispatcher:
     async def _unary(self, view: _View, body: bytes, meta: RequestMeta, deadline: float) -> Unary:
         failures: list[_Failure] = []
         try:
-            with self._attempts(view, meta, deadline) as attempts:
+            with self._attempts(view, meta, body, deadline) as attempts:
                 while (provider := await attempts.next(failures)) is not None:
                     exchange = prepare(provider, meta, body)
                     try:
@@ -333,7 +342,7 @@ class Dispatcher:
         deadline = asyncio.get_running_loop().time() + timeout
         failures: list[_Failure] = []
         try:
-            with self._attempts(view, meta, deadline) as attempts:
+            with self._attempts(view, meta, body, deadline) as attempts:
                 while (provider := await attempts.next(failures)) is not None:
                     exchange = prepare(provider, meta, body)
                     try:

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
 
 from pydantic import SecretStr
 
 from serve_app.config import (
+    LOAD_AWARE,
     ModelConfig,
     ProviderConfig,
     RouterConfig,
@@ -23,15 +24,21 @@ from serve_app.config import (
     load_config,
 )
 from serve_app.errors import adapter_unavailable, model_not_found
-from serve_app.schemas import Endpoint, RequestMeta
-from serve_app.selection import (
+from serve_app.providers.base import upstream_model
+from serve_app.routing.load import load_figure
+from serve_app.routing.prefix import request_blocks
+from serve_app.routing.selection import (
     Candidates,
     ProviderState,
     candidate_tiers,
     initial_states,
     plan_attempts,
 )
-from serve_app.strategies import Stats, Strategy, make_strategy
+from serve_app.routing.strategies import Stats, Strategy, make_strategy
+from serve_app.schemas import Endpoint, RequestMeta
+
+if TYPE_CHECKING:
+    from serve_app.shared import SharedState
 
 SECRET_FIELDS = frozenset({"api_token", "model_path"})
 
@@ -120,10 +127,17 @@ class ModelHandler:
             for name in models
         }
         self.strategies: dict[str, Strategy] = {}
+        routing = self.api_model_config.routing
         for name, strategy in self.strategy_names.items():
-            kept = previous is not None and previous.strategy_names.get(name) == strategy
+            kept = (
+                previous is not None
+                and previous.strategy_names.get(name) == strategy
+                and previous.api_model_config.routing.get(name) == routing[name]
+            )
             self.strategies[name] = (
-                previous.strategies[name] if previous and kept else make_strategy(strategy)
+                previous.strategies[name]
+                if previous and kept
+                else make_strategy(strategy, routing[name])
             )
         self.clock = clock
 
@@ -143,6 +157,35 @@ class ModelHandler:
         """This handler's requests under way, per provider."""
         return {pid: s.in_flight for pid, s in self.states.items()}
 
+    def stats(
+        self,
+        meta: RequestMeta,
+        candidates: Candidates,
+        body: bytes = b"",
+        shared: SharedState | None = None,
+    ) -> Stats:
+        """What the model's strategy looks at for this request: in-flight counts, the shared
+        counts (with `shared`), and for the load-aware strategies the candidates' load figures,
+        the prompt's block hashes (prefix_affinity) and the session."""
+        in_flight = self.in_flight()
+        stats = shared.stats(meta.model, in_flight) if shared else Stats(in_flight=in_flight)
+        strategy = self.strategy_names[meta.model]
+        if strategy not in LOAD_AWARE:
+            return stats
+        load = {
+            p.id: load_figure(
+                in_flight[p.id], self.states[p.id].signal, upstream_model(p, meta.model)
+            )
+            for tier in candidates.tiers
+            for p in tier
+        }
+        blocks: list[int] = []
+        if strategy == "prefix_affinity":
+            chars = self.api_model_config.routing[meta.model].prefix_block_chars
+            blocks = request_blocks(body, chars)
+        index = shared.index if shared else None
+        return replace(stats, load=load, prefix=blocks, index=index, session=meta.session)
+
     def order(self, model_name: str, candidates: Candidates, stats: Stats) -> list[ProviderConfig]:
         """The candidates in the model's strategy order, capped per tier (plan_attempts)."""
         return plan_attempts(
@@ -154,8 +197,8 @@ class ModelHandler:
 
     def plan(self, meta: RequestMeta) -> list[ProviderConfig]:
         """Every provider to try for this request, by this handler's own counts."""
-        stats = Stats(in_flight=self.in_flight())
-        return self.order(meta.model, self.candidates(meta), stats)
+        candidates = self.candidates(meta)
+        return self.order(meta.model, candidates, self.stats(meta, candidates))
 
     def get_model_provider(self, model_name: str) -> ApiModel:
         """The provider the strategy picks now for a small, tool-less request."""

@@ -8,6 +8,8 @@ from enum import Enum
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from serve_app.routing.load import LoadSignal
+
 
 class Circuit(str, Enum):
     CLOSED = "closed"  # in service
@@ -60,9 +62,11 @@ class Breaker:
 
 
 class HealthView(BaseModel):
-    """What replicas follow: providers out of service (open or half-open), by id."""
+    """What replicas follow: providers out of service (open or half-open), and the load
+    signals of those that report any (routing.load), by id."""
 
     model_config = ConfigDict(frozen=True)
 
     version: int = 0
     out: dict[str, Circuit] = Field(default_factory=dict)
+    load: dict[str, LoadSignal] = Field(default_factory=dict)

@@ -12,7 +12,7 @@ import secrets
 from collections import Counter
 from dataclasses import dataclass, field
 
-from serve_app.strategies import PinView
+from serve_app.routing.strategies import PinView
 
 
 @dataclass

@@ -14,6 +14,7 @@ import logging
 import time
 
 import aiohttp
+import orjson
 import ray
 from ray.actor import ActorHandle
 
@@ -21,11 +22,12 @@ from serve_app.config import ConfigError, ProviderConfig, RoutingConfig
 from serve_app.follow import Signal
 from serve_app.health import CIRCUIT_LEVEL, Breaker, Circuit, HealthView
 from serve_app.metrics import Snapshot, Tally, render
-from serve_app.providers import probe_url
+from serve_app.providers import probe_url, signal_url
 from serve_app.providers.base import json_headers
 from serve_app.registry.actor import RegistryRef
 from serve_app.registry.companion import ManifestCompanion, companion_handle
 from serve_app.registry.manifest import Manifest, config_of
+from serve_app.routing.load import LoadSignal, parse_ollama_ps, parse_vllm_metrics
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +49,8 @@ class _Provider:
         self.next_probe = 0.0
         self.probing = False
         self.up: bool | None = None
+        self.signal: LoadSignal | None = None
+        self.signal_error = ""  # why the last scrape gave nothing
 
 
 @ray.remote
@@ -57,6 +61,8 @@ class Monitor(ManifestCompanion):
         self._view = HealthView()
         self._changed = Signal()
         self._metrics: dict[str, tuple[float, Snapshot]] = {}
+        self._signals_changed = False
+        self._seen: dict[str, int] = {}  # follower -> the view version it has
 
     def _apply(self, manifest: Manifest) -> None:
         try:
@@ -78,15 +84,18 @@ class Monitor(ManifestCompanion):
         self._publish()
 
     def _publish(self) -> None:
+        self._signals_changed = False
         out = {
             pid: p.breaker.state
             for pid, p in self._providers.items()
             if p.breaker.state is not Circuit.CLOSED
         }
-        if out != self._view.out:
-            self._view = HealthView(version=self._view.version + 1, out=out)
+        load = {pid: p.signal for pid, p in self._providers.items() if p.signal is not None}
+        if out != self._view.out or load != self._view.load:
+            if out != self._view.out:
+                log.warning("provider health changed", extra={"out_of_service": list(out)})
+            self._view = HealthView(version=self._view.version + 1, out=out, load=load)
             self._changed.fire()
-            log.warning("provider health changed", extra={"out_of_service": list(out)})
 
     async def _background(self) -> None:
         """Probes each provider of the manifest when due."""
@@ -101,27 +110,57 @@ class Monitor(ManifestCompanion):
                     continue
                 p.probing = True
                 asyncio.get_running_loop().create_task(self._probe(p))
+            if self._signals_changed:  # one new view per tick, however many scrapes landed
+                self._publish()
             await asyncio.sleep(TICK_S)
 
     async def _probe(self, p: _Provider) -> None:
+        """Is it up (and, when it is, how loaded: _scrape)."""
         assert self._session is not None
         timeout = aiohttp.ClientTimeout(total=p.routing.health_check_timeout_s)
-        reason = ""
         try:
-            async with self._session.get(
-                probe_url(p.config), headers=json_headers(p.config), timeout=timeout
-            ) as resp:
-                await resp.read()
-                ok = resp.status < 500
-                reason = f"probe HTTP {resp.status}"
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            ok, reason = False, f"probe {type(exc).__name__}"
+            try:
+                async with self._session.get(
+                    probe_url(p.config), headers=json_headers(p.config), timeout=timeout
+                ) as resp:
+                    await resp.read()
+                    ok = resp.status < 500
+                    reason = f"probe HTTP {resp.status}"
+            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                ok, reason = False, f"probe {type(exc).__name__}"
+            p.up = ok
+            if ok:
+                await self._scrape(p)
+            else:
+                p.signal, p.signal_error = None, "provider down"
         finally:
             p.probing = False
-        p.up = ok
         p.next_probe = time.monotonic() + p.routing.health_check_interval_s
+        self._signals_changed = True
         if p.breaker.record(ok, reason, time.monotonic()):
             self._publish()
+
+    async def _scrape(self, p: _Provider) -> None:
+        """The provider's load signals (routing.load), if its type reports any."""
+        url = signal_url(p.config)
+        if url is None:
+            return
+        assert self._session is not None
+        timeout = aiohttp.ClientTimeout(total=p.routing.health_check_timeout_s)
+        try:
+            async with self._session.get(
+                url, headers=json_headers(p.config), timeout=timeout
+            ) as resp:
+                data = await resp.read()
+                if resp.status >= 400:
+                    raise ValueError(f"HTTP {resp.status}")
+            if p.config.api_type == "vllm":
+                p.signal = parse_vllm_metrics(data.decode(errors="replace"))
+            else:
+                p.signal = parse_ollama_ps(orjson.loads(data))
+            p.signal_error = ""
+        except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
+            p.signal, p.signal_error = None, f"{type(exc).__name__}: {exc}"[:200]
 
     # --- follow protocol (router replicas) --------------------------------------------------
 
@@ -133,18 +172,41 @@ class Monitor(ManifestCompanion):
         self, follower_id: str, known_version: int, busy: list[str], timeout_s: float
     ) -> HealthView | None:
         await self._ensure_started()
+        self._seen[follower_id] = known_version
         if self._view.version == known_version:
             await self._changed.wait(timeout_s)
         return None if self._view.version == known_version else self._view
 
     async def leave(self, follower_id: str) -> None:
         self._metrics.pop(follower_id, None)
+        self._seen.pop(follower_id, None)
 
     async def trip(self, provider_id: str, reason: str) -> None:
         """A replica saw the provider's requests fail `circuit_failures` times in a row."""
         p = self._providers.get(provider_id)
         if p is not None and p.breaker.trip(reason, time.monotonic()):
             self._publish()
+
+    async def state(self) -> dict[str, object]:
+        """For operators and tests: the health view's version and the one each router replica
+        has; each provider's circuit, last probe, and load signals (or why none)."""
+        await self._ensure_started()
+        if self._signals_changed:  # the version then covers the signals shown
+            self._publish()
+        providers = {
+            pid: {
+                "circuit": p.breaker.state.value,
+                "probe_up": p.up,
+                "signals": None if p.signal is None else p.signal.model_dump(),
+                "signals_error": p.signal_error or None,
+            }
+            for pid, p in self._providers.items()
+        }
+        return {
+            "version": self._view.version,
+            "followers": dict(self._seen),
+            "providers": providers,
+        }
 
     # --- metrics -----------------------------------------------------------------------------
 

@@ -85,6 +85,11 @@ class _Request(_Strict):
     def tools_needed(self) -> bool:
         return False
 
+    def session(self) -> str:
+        """The body's session key for session_affinity (OpenAI's `user`)."""
+        user = (self.model_extra or {}).get("user")
+        return user if isinstance(user, str) else ""
+
 
 class ChatRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
@@ -220,6 +225,12 @@ class _AnthropicRequest(_Request):
     def tools_needed(self) -> bool:
         return bool(self.tools)
 
+    def session(self) -> str:
+        """Anthropic's end-user id: `metadata.user_id`."""
+        metadata = (self.model_extra or {}).get("metadata")
+        user = metadata.get("user_id") if isinstance(metadata, dict) else None
+        return user if isinstance(user, str) else ""
+
 
 class MessagesRequest(_AnthropicRequest):
     max_tokens: int = Field(ge=1)
@@ -254,6 +265,8 @@ class RequestMeta(NamedTuple):
     request_id: str
     # The client's deadline (`x-request-timeout`), seconds; the model type's limit still applies.
     timeout_s: float | None = None
+    # session_affinity's key: the `x-session-id` header, else the body's end-user id.
+    session: str = ""
 
 
 def _as_error(exc: ValidationError) -> RouterError:
@@ -275,10 +288,19 @@ def validate_request(endpoint: Endpoint, body: bytes, request_id: str) -> Reques
     except ValidationError as exc:
         raise _as_error(exc) from None
     stream = req.streams() and endpoint not in _UNARY
-    return RequestMeta(endpoint, req.model, stream, req.tokens(), req.tools_needed(), request_id)
+    return RequestMeta(
+        endpoint,
+        req.model,
+        stream,
+        req.tokens(),
+        req.tools_needed(),
+        request_id,
+        session=req.session(),
+    )
 
 
 TIMEOUT_HEADER = "x-request-timeout"
+SESSION_HEADER = "x-session-id"
 
 
 def parse_timeout(value: str | None) -> float | None:

@@ -22,14 +22,23 @@ from typing import NamedTuple
 
 from ray.actor import ActorHandle
 
-from serve_app.broker import AcquireRequest, Grant, SlotSpec, Snapshot, SyncRequest, Terms
+from serve_app.broker import (
+    AcquireRequest,
+    Grant,
+    SlotSpec,
+    Snapshot,
+    SyncRequest,
+    Terms,
+)
 from serve_app.config import ProviderConfig, StrategyName
 from serve_app.follow import ActorLink
 from serve_app.metrics import Tally
-from serve_app.strategies import Stats, capacity, slot_order
+from serve_app.routing.prefix import IndexDelta, PrefixIndex
+from serve_app.routing.strategies import Stats, capacity, slot_order
 
 LINGER_S = 0.05  # also how often idle slots are looked at
 COUNTS_S = 0.5  # use counts and latency samples go out this often
+INDEX_S = 0.2  # prefix_affinity: routed chains go out, and others' come in, this often
 CALL_TIMEOUT_S = 5.0
 RETRY_S = 0.2
 TAKES_METRIC = "llm_router_slot_takes"
@@ -67,11 +76,30 @@ class SharedState:
         self._waiting = 0
         self._next_renew = 0.0
         self._next_counts = 0.0
+        self._next_index = 0.0
         self._task: asyncio.Task[None] | None = None
+        # prefix_affinity: every replica's recently routed prompt blocks per provider, this
+        # replica's not sent yet, and the broker's index sequence seen (None: not followed).
+        self.index = PrefixIndex(self._terms.index_entries)
+        self._routed: list[tuple[str, list[int]]] = []
+        self._index_seq: int | None = None
 
-    def configure(self, providers: Sequence[str], models: Sequence[str], terms: Terms) -> None:
-        """The providers and models this replica routes to (their shared state comes back)."""
+    def configure(
+        self,
+        providers: Sequence[str],
+        models: Sequence[str],
+        terms: Terms,
+        follow_index: bool = False,
+    ) -> None:
+        """The providers and models this replica routes to (their shared state comes back);
+        `follow_index`: a model routes by prompt prefix (the index is kept in step)."""
         self._providers, self._models, self._terms = list(providers), list(models), terms
+        self.index.resize(terms.index_entries)
+        self.index.keep_only(providers)
+        if not follow_index:
+            self._index_seq = None
+        elif self._index_seq is None:
+            self._index_seq = 0
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop())
@@ -90,6 +118,12 @@ class SharedState:
     def took(self, provider: str, seconds: float) -> None:
         total, count = self._latency.get(provider, (0.0, 0))
         self._latency[provider] = (total + seconds, count + 1)
+
+    def routed(self, provider: str, chain: list[int]) -> None:
+        """A prompt with these block hashes went to `provider` (it now likely caches them)."""
+        if chain and self._index_seq is not None:
+            self.index.add(provider, chain)
+            self._routed.append((provider, chain))
 
     # --- slots -------------------------------------------------------------------------------
 
@@ -215,7 +249,8 @@ class SharedState:
                     del self._held[lid]
                     self._release.append(lid)
             counts_due = (self._uses or self._latency) and now >= self._next_counts
-            if not (self._release or counts_due or now >= self._next_renew):
+            index_due = self._index_seq is not None and now >= self._next_index
+            if not (self._release or counts_due or index_due or now >= self._next_renew):
                 continue
             request = SyncRequest(
                 holder=self.holder,
@@ -226,8 +261,10 @@ class SharedState:
                 released=self._release,
                 uses={m: dict(c) for m, c in self._uses.items()},
                 latency=self._latency,
+                routed=self._routed,
+                index_seq=self._index_seq,
             )
-            self._release, self._uses, self._latency = [], {}, {}
+            self._release, self._uses, self._latency, self._routed = [], {}, {}, []
             try:
                 self.snapshot = await asyncio.wait_for(
                     self._link.get().sync.remote(request), CALL_TIMEOUT_S
@@ -237,12 +274,26 @@ class SharedState:
                 self._restore(request)
                 await asyncio.sleep(RETRY_S)
                 continue
+            self._catch_up(self.snapshot.index)
             self._next_renew = now + self._terms.lease_s / 3
             self._next_counts = now + COUNTS_S
+            self._next_index = now + INDEX_S
+
+    def _catch_up(self, delta: IndexDelta | None) -> None:
+        """Other replicas' routed chains into the local index."""
+        if delta is None or self._index_seq is None:
+            return
+        if delta.reset:
+            self.index = PrefixIndex(self._terms.index_entries)
+            delta.chains.extend(self._routed)  # routed while the sync was under way
+        for provider, chain in delta.chains:
+            self.index.add(provider, chain)
+        self._index_seq = delta.seq
 
     def _restore(self, request: SyncRequest) -> None:
-        """A sync that did not arrive: its releases and counts go with the next one."""
+        """A sync that did not arrive: its releases, counts and chains go with the next one."""
         self._release = [*request.released, *self._release]
+        self._routed = [*request.routed, *self._routed]
         for model, counts in request.uses.items():
             self._uses.setdefault(model, Counter()).update(counts)
         for provider, (total, count) in request.latency.items():

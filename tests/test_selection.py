@@ -9,9 +9,8 @@ import pytest
 
 from serve_app.config import ModelConfig, ProviderConfig
 from serve_app.errors import RouterError
-from serve_app.schemas import Endpoint, RequestMeta
-from serve_app.selection import candidate_tiers, initial_states, plan_attempts
-from serve_app.strategies import (
+from serve_app.routing.selection import candidate_tiers, initial_states, plan_attempts
+from serve_app.routing.strategies import (
     ConfigOrder,
     LeastInFlight,
     RoundRobin,
@@ -19,6 +18,7 @@ from serve_app.strategies import (
     WeightedRandom,
     make_strategy,
 )
+from serve_app.schemas import Endpoint, RequestMeta
 
 IDLE = Stats()
 

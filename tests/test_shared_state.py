@@ -11,8 +11,8 @@ import pytest
 from serve_app.broker import Terms, broker_handle
 from serve_app.config import ProviderConfig
 from serve_app.registry.actor import RegistryRef
+from serve_app.routing.strategies import Balanced
 from serve_app.shared import SharedState
-from serve_app.strategies import Balanced
 from tests.conftest import REGISTRY
 
 TERMS = Terms(lease_s=5.0, pin_ttl_s=60.0, latency_alpha=0.5)

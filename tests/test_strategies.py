@@ -8,7 +8,7 @@ import pytest
 
 from serve_app.config import ProviderConfig, StrategyName
 from serve_app.leases import Latency, LeaseTable, Pins
-from serve_app.strategies import (
+from serve_app.routing.strategies import (
     Balanced,
     DynamicWeighted,
     PinView,

@@ -19,6 +19,7 @@ from serve_app.broker import broker_handle
 from serve_app.config import ConfigError, RouterConfig, parse_config, read_raw
 from serve_app.errors import RouterError
 from serve_app.follow import Follower
+from serve_app.monitor import monitor_handle
 from serve_app.openapi import json_body
 from serve_app.profiles import DEFAULT_PROFILE, KIND, parse_profiles, read_profiles
 from serve_app.providers.base import JSON
@@ -205,13 +206,25 @@ async def set_weights(request: Request) -> Response:
 @router.get("/api/v1/providers/state")
 async def provider_state(request: Request) -> Response:
     """The shared routing state: slots taken per provider and by which replica, host pins,
-    requests waiting for a slot, use counts, latency averages, keep-alive warms."""
+    requests waiting for a slot, use counts, latency averages, keep-alive warms, the prefix
+    index; per provider its circuit, load signals and prefix index size; and the health
+    view's version with the one each router replica has applied."""
     admin = admin_from(request)
     try:
-        state = await asyncio.wait_for(broker_handle(admin.registry).state.remote(), 5.0)
+        state, health = await asyncio.wait_for(
+            asyncio.gather(
+                broker_handle(admin.registry).state.remote(),
+                monitor_handle(admin.registry).state.remote(),
+            ),
+            5.0,
+        )
     except Exception:
         raise router_error(503, "the routing state is unavailable") from None
-    return json_response(state)
+    providers = health.pop("providers")
+    entries = state["prefix_index"]["entries"]
+    for pid, row in providers.items():
+        row["prefix_index_entries"] = entries.get(pid, 0)
+    return json_response({**state, "providers": providers, "health": health})
 
 
 @router.get("/api/v1/config")

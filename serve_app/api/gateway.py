@@ -37,7 +37,14 @@ from serve_app.handler import ApiModelConfig
 from serve_app.profiles import Role, with_role_defaults
 from serve_app.provision.manager import role_models
 from serve_app.registry.manifest import Manifest, unplaced_adapters
-from serve_app.schemas import TIMEOUT_HEADER, Endpoint, RequestMeta, parse_timeout, validate_request
+from serve_app.schemas import (
+    SESSION_HEADER,
+    TIMEOUT_HEADER,
+    Endpoint,
+    RequestMeta,
+    parse_timeout,
+    validate_request,
+)
 
 log = logging.getLogger("ray.serve")
 
@@ -218,7 +225,10 @@ class Gateway:
                 else:
                     body = _with_model(body, served)
                 meta = validate_request(endpoint, body, rid)
-            meta = meta._replace(timeout_s=parse_timeout(request.headers.get(TIMEOUT_HEADER)))
+            meta = meta._replace(
+                timeout_s=parse_timeout(request.headers.get(TIMEOUT_HEADER)),
+                session=request.headers.get(SESSION_HEADER) or meta.session,
+            )
             model_type = self.type_of.get(meta.model)
             if model_type is None:
                 if meta.model in self._unplaced:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from urllib.parse import urlsplit
+
 import orjson
 
 from serve_app.config import ProviderConfig
@@ -32,6 +34,17 @@ def prepare(provider: ProviderConfig, meta: RequestMeta, body: bytes) -> Exchang
         provider, meta._replace(endpoint=t.endpoint), orjson.dumps(t.body)
     )
     return TranslatedExchange(inner, t)
+
+
+def signal_url(provider: ProviderConfig) -> str | None:
+    """Where a provider says how loaded it is (routing.load): vLLM's Prometheus page at the
+    server's root, Ollama's running models; None for other types."""
+    if provider.api_type == "vllm":
+        parts = urlsplit(provider.api_host)
+        return f"{parts.scheme}://{parts.netloc}/metrics"
+    if provider.api_type == "ollama":
+        return f"{ollama_root(provider)}/api/ps"
+    return None
 
 
 def probe_url(provider: ProviderConfig) -> str:

@@ -82,7 +82,13 @@ class ModelTypeRouter:
         self._shared.configure(
             list(handler.states),
             list(handler.strategy_names),
-            Terms(routing.lease_s, routing.pin_ttl_s, routing.latency_alpha),
+            Terms(
+                routing.lease_s,
+                routing.pin_ttl_s,
+                routing.latency_alpha,
+                routing.prefix_index_entries,
+            ),
+            follow_index="prefix_affinity" in handler.strategy_names.values(),
         )
         if self._dispatcher is None:
             self._dispatcher = Dispatcher(handler, routing, self._session, self._trip, self._shared)
@@ -94,7 +100,12 @@ class ModelTypeRouter:
         self._health = view
         if self._dispatcher is not None:
             for pid, state in self._dispatcher.handler.states.items():
-                state.out_of_service = pid in view.out
+                out = pid in view.out
+                if state.out_of_service and not out:
+                    # Its probes pass again: this replica's own mark of recent failures goes.
+                    state.down_until, state.failures = 0.0, 0
+                state.out_of_service = out
+                state.signal = view.load.get(pid)
 
     def _trip(self, provider_id: str, reason: str) -> None:
         self._monitor.actor().trip.remote(provider_id, reason)  # fire and forget

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import time
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -45,13 +46,15 @@ def stop_leftovers() -> list[int]:
 
 
 class VllmServer:
-    def __init__(self, name: str, port: int, core: int) -> None:
+    def __init__(self, name: str, port: int, core: int, extra: Sequence[str] = ()) -> None:
         """`core`: the CPU its engine's OpenMP threads are bound to. A busy engine's threads
         spin on their core and starve whatever else is pinned there: with both engines on core
         0, a restarted server's engine never finished starting while the other served (and a
         start-up helper of vLLM's, pinned to core 0, stalled the same way), so the tests do not
-        load the other server while one starts."""
+        load the other server while one starts. `extra`: more server arguments (a later
+        one wins)."""
         self.name = name
+        self.extra = list(extra)
         self.port = port
         self.core = core
         self.url = f"http://127.0.0.1:{port}"
@@ -98,6 +101,7 @@ class VllmServer:
             "--dtype",
             "float32",
             "--enable-prefix-caching",
+            *self.extra,
         ]
         with open(self.folder / "log", "ab") as log:
             self.proc = subprocess.Popen(

@@ -14,21 +14,33 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from serve_app.config import ProviderConfig, StrategyName
+from serve_app.config import ProviderConfig, RoutingConfig, StrategyName
+from serve_app.routing.sessions import Ring
 
 # dynamic_weighted: a provider never drops below this share of its weight, so it keeps getting
 # the requests that show when it has recovered.
 MIN_WEIGHT_SHARE = 0.05
 
 
+class PrefixView(Protocol):
+    def match(self, provider: str, hashes: Sequence[int]) -> int:
+        """How many leading blocks of the chain the provider has seen (routing.prefix)."""
+
+
 @dataclass(frozen=True)
 class Stats:
-    """What an ordering may look at: this replica's requests under way per provider, and the
-    shared use counts (for this model) and latency averages (seconds)."""
+    """What an ordering may look at: this replica's requests under way per provider, the
+    shared use counts (for this model) and latency averages (seconds); for the load-aware
+    strategies each provider's load figure (routing.load), the request's prompt block hashes
+    with the index of blocks routed to each provider, and its session key."""
 
     in_flight: Mapping[str, int] = field(default_factory=dict)
     uses: Mapping[str, int] = field(default_factory=dict)
     latency: Mapping[str, float] = field(default_factory=dict)
+    load: Mapping[str, float] = field(default_factory=dict)
+    prefix: Sequence[int] = ()
+    index: PrefixView | None = None
+    session: str = ""
 
 
 class Strategy(Protocol):
@@ -128,6 +140,77 @@ class LeastInFlight:
         return [first, *rest]
 
 
+class LeastLoaded:
+    """The lowest load figure first (ties: the one used least, then config order)."""
+
+    def order(self, candidates: Sequence[ProviderConfig], stats: Stats) -> list[ProviderConfig]:
+        load, uses = stats.load, stats.uses
+        return sorted(candidates, key=lambda p: (load.get(p.id, 0.0), uses.get(p.id, 0)))
+
+
+class _Bounded:
+    """An affinity that yields to load: its first choice is the most preferred candidate
+    within `max_load_imbalance` of the least loaded one; failover follows the preference."""
+
+    def __init__(self, max_load_imbalance: float) -> None:
+        self.bound = max_load_imbalance
+
+    def order(self, candidates: Sequence[ProviderConfig], stats: Stats) -> list[ProviderConfig]:
+        by_load = LeastLoaded().order(candidates, stats)
+        preferred = self.preference(by_load, stats) if by_load else None
+        if not preferred:
+            return by_load
+        ceiling = stats.load.get(by_load[0].id, 0.0) + self.bound
+        first = next((p for p in preferred if stats.load.get(p.id, 0.0) <= ceiling), by_load[0])
+        return [first, *(p for p in preferred if p is not first)]
+
+    def preference(
+        self, by_load: list[ProviderConfig], stats: Stats
+    ) -> list[ProviderConfig] | None:
+        """Every candidate, most preferred first; None: no preference (least loaded)."""
+        raise NotImplementedError
+
+
+class PrefixAffinity(_Bounded):
+    """Providers by the longest prefix of this prompt routed to them (their prefix cache likely
+    holds it), then by load; least loaded when none has seen any of it."""
+
+    def preference(
+        self, by_load: list[ProviderConfig], stats: Stats
+    ) -> list[ProviderConfig] | None:
+        if not stats.prefix or stats.index is None:
+            return None
+        index, prefix = stats.index, stats.prefix
+        matched = {p.id: index.match(p.id, prefix) for p in by_load}
+        if not any(matched.values()):
+            return None
+        return sorted(by_load, key=lambda p: -matched[p.id])  # stable: then by load
+
+
+class SessionAffinity(_Bounded):
+    """A session's providers in consistent-hash ring order (routing.sessions): every replica
+    sends it to the same provider, and when that one fails or leaves, to the same next one.
+    Without a session: least loaded."""
+
+    def __init__(self, max_load_imbalance: float) -> None:
+        super().__init__(max_load_imbalance)
+        self._rings: dict[tuple[str, ...], Ring] = {}
+
+    def preference(
+        self, by_load: list[ProviderConfig], stats: Stats
+    ) -> list[ProviderConfig] | None:
+        if not stats.session:
+            return None
+        ids = tuple(sorted(p.id for p in by_load))
+        ring = self._rings.get(ids)
+        if ring is None:
+            if len(self._rings) >= 64:  # candidate sets seen (health changes): keep a few
+                self._rings.clear()
+            ring = self._rings[ids] = Ring(ids)
+        by_id = {p.id: p for p in by_load}
+        return [by_id[pid] for pid in ring.walk(stats.session)]
+
+
 class ConfigOrder:
     """Slot strategies plan through the broker; outside it (llm-router's get_model_provider)
     they read as config order."""
@@ -136,8 +219,11 @@ class ConfigOrder:
         return list(candidates)
 
 
-def make_strategy(name: StrategyName, rng: random.Random | None = None) -> Strategy:
+def make_strategy(
+    name: StrategyName, routing: RoutingConfig | None = None, rng: random.Random | None = None
+) -> Strategy:
     rng = rng or random.Random()
+    bound = (routing or RoutingConfig()).max_load_imbalance
     makers = {
         "balanced": Balanced,
         "weighted": SmoothWeighted,
@@ -145,6 +231,9 @@ def make_strategy(name: StrategyName, rng: random.Random | None = None) -> Strat
         "weighted_random": lambda: WeightedRandom(rng),
         "round_robin": RoundRobin,
         "least_in_flight": lambda: LeastInFlight(rng),
+        "least_loaded": LeastLoaded,
+        "prefix_affinity": lambda: PrefixAffinity(bound),
+        "session_affinity": lambda: SessionAffinity(bound),
         "first_available": ConfigOrder,
         "first_available_optim": ConfigOrder,
         "first_available_optim_nworkers": ConfigOrder,

@@ -8,19 +8,22 @@ from typing import NamedTuple
 
 from serve_app.config import ModelConfig, ProviderConfig
 from serve_app.errors import RouterError
+from serve_app.routing.load import LoadSignal
+from serve_app.routing.strategies import Stats, Strategy
 from serve_app.schemas import RequestMeta
-from serve_app.strategies import Stats, Strategy
 
 
 @dataclass
 class ProviderState:
     """One replica's view of a provider: its load, when a recent failure stops counting, its
-    failures in a row here, and whether the shared circuit has it out of service."""
+    failures in a row here, whether the shared circuit has it out of service, and what it
+    last said of its load (the monitor's scrape)."""
 
     in_flight: int = 0
     down_until: float = 0.0
     failures: int = 0
     out_of_service: bool = False
+    signal: LoadSignal | None = None
 
 
 def fits(provider: ProviderConfig, meta: RequestMeta) -> bool:
