@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install run test chaos e2e job-demo ci lint bench openapi clean
+.PHONY: install run test chaos e2e job-demo ci lint bench bench-affinity openapi clean
 
 install: $(STAMP)
 
@@ -54,6 +54,11 @@ openapi: install
 
 bench: install
 	$(BIN)/python -m bench.run
+
+# The routing strategies on three real vLLM servers (the `make e2e` environment), multi-turn
+# chats: prefix-cache hit rates, TTFT, spread per server -> bench/affinity.json (~15 min).
+bench-affinity: install
+	$(BIN)/python -m bench.affinity
 
 clean:
 	rm -rf $(VENV) .venv-vllm .e2e .pytest_cache .ruff_cache *.egg-info

@@ -1,9 +1,13 @@
-"""A local Ray with a registry of its own, for the benchmarks that run router code in-process
-against real actors (bench.strategy_cost, bench.key_cost)."""
+"""What the benchmarks share: a local Ray with a registry of its own (for those that run router
+code in-process against real actors: bench.strategy_cost, bench.key_cost), free loopback
+ports, waiting for an HTTP answer."""
 
 from __future__ import annotations
 
+import socket
 import tempfile
+import time
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
@@ -27,3 +31,21 @@ def local_registry(name: str) -> Iterator[RegistryRef]:
         yield RegistryRef(name=name, path=f"{tempfile.mkdtemp(prefix=f'{name}-')}/registry.json")
     finally:
         ray.shutdown()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"{url} did not answer within {timeout}s")

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -25,29 +24,12 @@ from pathlib import Path
 
 import orjson
 
+from bench.local_ray import free_port, wait_http
 from serve_app.serve_env import apply_fast_serve_env
 
 MODEL = "bench/echo"
 BENCH_ADMIN_TOKEN = "bench-admin-token"
 RESULTS = Path(__file__).with_name("results.json")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_http(url: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError(f"{url} did not answer within {timeout}s")
 
 
 def _config(upstream: str, strategy: str | None, count: int, keys: bool = False) -> dict:
@@ -307,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
-    up_port, router_port = _free_port(), _free_port()
+    up_port, router_port = free_port(), free_port()
     upstream_url = f"http://127.0.0.1:{up_port}"
     upstream = subprocess.Popen(
         [
@@ -331,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     strategies: list[str | None] = [s for s in args.strategies.split(",") if s] or [None]
     runs: dict[str, list[dict[str, dict]]] = {}
     try:
-        _wait_http(f"{upstream_url}/v1/models")
+        wait_http(f"{upstream_url}/v1/models")
         ray.init(include_dashboard=False, logging_level="error", log_to_driver=False)
         serve.start(http_options={"host": "127.0.0.1", "port": router_port})
         router_url = f"http://127.0.0.1:{router_port}"
@@ -346,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
                     name=APP_NAME,
                     route_prefix="/",
                 )
-                _wait_http(f"{router_url}/v1/models")
+                wait_http(f"{router_url}/v1/models")
                 print("strategy", strategy or "(default)", flush=True)
                 results = _cases(router_url, upstream_url, args.cases.split(","), args.duration)
                 if "dialects_c1" in args.cases.split(","):
@@ -359,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
                             AppArgs(registry_path=f"{state_dir}/registry.json"), (config, "bench")
                         )
                         serve.run(app, name=APP_NAME, route_prefix="/")
-                        _wait_http(f"{router_url}/v1/models")
+                        wait_http(f"{router_url}/v1/models")
 
                     results["keys"] = _keys(deploy, router_url, args.duration, args.keys_rounds)
                 runs.setdefault(strategy or "default", []).append(results)

@@ -4,8 +4,9 @@ Runs the router's own request-path code for choosing and holding a provider (the
 attempts: candidates, strategy order or slot, use and latency counts, release) against a real
 broker actor on a local Ray, for 40 providers as in `make bench --strategies`. c=1: one
 request after another; c=32: 32 requests interleaved on the event loop, each holding its
-provider across a yield as a real upstream call would. Prints microseconds per request and
-where the slots came from.
+provider across a yield as a real upstream call would. Every request carries a 32 KB chat
+prompt (one of 64 conversations) and a session id, which prefix_affinity hashes and matches and
+session_affinity places. Prints microseconds per request and where the slots came from.
 """
 
 from __future__ import annotations
@@ -19,14 +20,39 @@ import orjson
 
 from bench.local_ray import local_registry
 
-MODEL = "bench/echo"
+PROMPT_BYTES = 32 * 1024
+CONVERSATIONS = 64
+
+
+def _model(strategy: str) -> str:
+    """Each case its own model, providers and host: the broker's counts, slots and pins are
+    per model, provider and host, so the cases, interleaved, share none."""
+    return f"bench/{strategy}"
+
+
+def _bodies(model: str) -> list[bytes]:
+    """32 KB chat prompts: a long system prompt, then a conversation of its own."""
+    system = ("You are a careful assistant. Follow the rules below. " * 700)[: PROMPT_BYTES - 200]
+    return [
+        orjson.dumps(
+            {
+                "model": model,
+                "messages": [
+                    {"role": "system", "content": system},
+                    {"role": "user", "content": f"conversation {i}: " + "details " * 20},
+                ],
+            }
+        )
+        for i in range(CONVERSATIONS)
+    ]
 
 
 def _config(strategy: str, count: int) -> dict:
     providers = [
         {
-            "id": f"p{i}",
+            "id": f"{strategy}-p{i}",
             "api_host": "http://127.0.0.1:9",
+            "host": f"bench-{strategy}",
             "api_type": "openai",
             "input_size": 8192,
             "nworkers": 2,
@@ -34,63 +60,102 @@ def _config(strategy: str, count: int) -> dict:
         for i in range(count)
     ]
     return {
-        "t": {MODEL: {"providers": providers}},
-        "active_models": {"t": [MODEL]},
+        "t": {_model(strategy): {"providers": providers}},
+        "active_models": {"t": [_model(strategy)]},
         "routing": {"t": {"strategy": strategy}},
     }
 
 
-async def _measure(strategy: str, registry: object, count: int, n: int) -> dict:
-    from serve_app.broker import Terms, broker_handle
-    from serve_app.config import parse_config
-    from serve_app.dispatch import Dispatcher
-    from serve_app.handler import ModelHandler
-    from serve_app.schemas import Endpoint, RequestMeta
-    from serve_app.shared import SharedState
+class _Case:
+    """One strategy's router code path: a dispatcher, its shared state, one request at a time."""
 
-    config = parse_config(_config(strategy, count))
-    routing = config.model_types["t"].routing
-    handler = ModelHandler(config=config)
-    shared = SharedState(lambda: broker_handle(registry), f"bench-{strategy}")
-    shared.configure(list(handler.states), [MODEL], Terms(routing.lease_s, routing.pin_ttl_s, 0.3))
-    shared.start()
-    dispatcher = Dispatcher(handler, routing, None, shared=shared)  # type: ignore[arg-type]
-    meta = RequestMeta(Endpoint.CHAT, MODEL, False, 10, False, "r")
-    loop = asyncio.get_running_loop()
+    def __init__(self, strategy: str, registry: object, count: int) -> None:
+        from serve_app.broker import Terms, broker_handle
+        from serve_app.config import parse_config
+        from serve_app.dispatch import Dispatcher
+        from serve_app.handler import ModelHandler
+        from serve_app.schemas import Endpoint, RequestMeta
+        from serve_app.shared import SharedState
 
-    async def one(hold: bool) -> None:
-        view = dispatcher._view
-        with dispatcher._attempts(view, meta, loop.time() + 60) as attempts:
+        config = parse_config(_config(strategy, count))
+        routing = config.model_types["t"].routing
+        handler = ModelHandler(config=config)
+        self.shared = SharedState(lambda: broker_handle(registry), f"bench-{strategy}")
+        self.shared.configure(
+            list(handler.states),
+            [_model(strategy)],
+            Terms(routing.lease_s, routing.pin_ttl_s, 0.3, routing.prefix_index_entries),
+            follow_index=strategy == "prefix_affinity",
+        )
+        self.shared.start()
+        self.dispatcher = Dispatcher(handler, routing, None, shared=self.shared)  # type: ignore[arg-type]
+        self.bodies = _bodies(_model(strategy))
+        self.metas = [
+            RequestMeta(Endpoint.CHAT, _model(strategy), False, 10, False, "r", session=f"s{i}")
+            for i in range(CONVERSATIONS)
+        ]
+        self.turn = 0
+
+    async def one(self, hold: bool) -> None:
+        self.turn = turn = (self.turn + 1) % CONVERSATIONS
+        dispatcher = self.dispatcher
+        deadline = asyncio.get_running_loop().time() + 60
+        with dispatcher._attempts(
+            dispatcher._view, self.metas[turn], self.bodies[turn], deadline
+        ) as attempts:
             provider = await attempts.next([])
             assert provider is not None
             if hold:
                 await asyncio.sleep(0)
             attempts.answered()
 
-    for _ in range(200):  # warm: first slots from the broker, first snapshot
-        await one(False)
+    async def per_request_us(self, c: int, n: int) -> float:
+        t0 = time.perf_counter()
+        if c == 1:
+            for _ in range(n):
+                await self.one(False)
+        else:
+
+            async def worker(calls: int) -> None:
+                for _ in range(calls):
+                    await self.one(True)
+
+            await asyncio.gather(*(worker(n // c) for _ in range(c)))
+        return (time.perf_counter() - t0) / n * 1e6
+
+
+async def _measure(
+    strategies: list[str], registry: object, count: int, n: int, rounds: int
+) -> dict:
+    """Rounds interleaved across the strategies (the host's speed drifts); the extra cost over
+    `balanced` is the median of each round's difference."""
+    cases = {s: _Case(s, registry, count) for s in strategies}
+    for case in cases.values():
+        for _ in range(200):  # warm: first slots from the broker, first snapshot
+            await case.one(False)
     await asyncio.sleep(0.2)
-    out: dict[str, object] = {}
-    for c in (1, 32):
-        times = []
-        for _ in range(5):
-            t0 = time.perf_counter()
-            if c == 1:
-                for _ in range(n):
-                    await one(False)
-            else:
-
-                async def worker(calls: int) -> None:
-                    for _ in range(calls):
-                        await one(True)
-
-                await asyncio.gather(*(worker(n // c) for _ in range(c)))
-            times.append((time.perf_counter() - t0) / n * 1e6)
-        out[f"c{c}_us_per_request"] = round(statistics.median(times), 1)
-    values = shared.tally.snapshot().values
-    out["slot_takes"] = {labels[0]: n for (name, labels), n in values.items() if "slot" in name}
-    await shared.stop()
-    return out
+    times: dict[str, dict[int, list[float]]] = {s: {1: [], 32: []} for s in strategies}
+    for _ in range(rounds):
+        for strategy, case in cases.items():
+            for c in (1, 32):
+                times[strategy][c].append(await case.per_request_us(c, n))
+    report: dict[str, dict] = {}
+    for strategy, case in cases.items():
+        row: dict[str, object] = {
+            f"c{c}_us_per_request": round(statistics.median(times[strategy][c]), 1) for c in (1, 32)
+        }
+        if "balanced" in times:
+            for c in (1, 32):
+                extra = [
+                    a - b for a, b in zip(times[strategy][c], times["balanced"][c], strict=True)
+                ]
+                row[f"c{c}_extra_us_vs_balanced"] = round(statistics.median(extra), 1)
+        values = case.shared.tally.snapshot().values
+        row["slot_takes"] = {labels[0]: v for (name, labels), v in values.items() if "slot" in name}
+        await case.shared.stop()
+        report[strategy] = row
+        print(strategy, orjson.dumps(row).decode(), flush=True)
+    return report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,25 +163,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--strategies",
         default="balanced,weighted,dynamic_weighted,first_available,first_available_optim,"
-        "first_available_optim_nworkers",
+        "first_available_optim_nworkers,least_loaded,prefix_affinity,session_affinity",
     )
     parser.add_argument("--providers", type=int, default=40)
-    parser.add_argument("--requests", type=int, default=4000)
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--rounds", type=int, default=7)
     args = parser.parse_args(argv)
-    report = {}
     with local_registry("strategy-cost") as registry:
-        for strategy in args.strategies.split(","):
-            report[strategy] = asyncio.run(
-                _measure(strategy, registry, args.providers, args.requests)
+        report = asyncio.run(
+            _measure(
+                args.strategies.split(","), registry, args.providers, args.requests, args.rounds
             )
-            print(strategy, orjson.dumps(report[strategy]).decode(), flush=True)
-    base = report.get("balanced")
-    if base:
-        for row in report.values():
-            for c in ("c1", "c32"):
-                row[f"{c}_extra_us_vs_balanced"] = round(
-                    row[f"{c}_us_per_request"] - base[f"{c}_us_per_request"], 1
-                )
+        )
     print(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
     return 0
 

@@ -165,20 +165,19 @@ class ModelHandler:
         shared: SharedState | None = None,
     ) -> Stats:
         """What the model's strategy looks at for this request: in-flight counts, the shared
-        counts (with `shared`), and for the load-aware strategies the candidates' load figures,
-        the prompt's block hashes (prefix_affinity) and the session."""
+        counts (with `shared`), and for the load-aware strategies the load figures of candidates
+        that report load, the prompt's block hashes (prefix_affinity) and the session."""
         in_flight = self.in_flight()
         stats = shared.stats(meta.model, in_flight) if shared else Stats(in_flight=in_flight)
         strategy = self.strategy_names[meta.model]
         if strategy not in LOAD_AWARE:
             return stats
-        load = {
-            p.id: load_figure(
-                in_flight[p.id], self.states[p.id].signal, upstream_model(p, meta.model)
-            )
-            for tier in candidates.tiers
-            for p in tier
-        }
+        load = {}  # providers with signals (the others: their in-flight count)
+        for tier in candidates.tiers:
+            for p in tier:
+                signal = self.states[p.id].signal
+                if signal is not None:
+                    load[p.id] = load_figure(in_flight[p.id], signal, upstream_model(p, meta.model))
         blocks: list[int] = []
         if strategy == "prefix_affinity":
             chars = self.api_model_config.routing[meta.model].prefix_block_chars

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
+from operator import itemgetter
 from typing import Any, NamedTuple
 
 import orjson
@@ -85,42 +86,49 @@ def request_blocks(body: bytes, block_chars: int) -> list[int]:
 
 
 class PrefixIndex:
-    """Per provider, the block hashes routed to it lately: at most `entries` each, least
-    recently routed out first. A chain is recorded last block first, so a prompt's early
-    blocks (shared by longer prompts) are the last to go and each index stays prefix-closed."""
+    """Per provider, the block hashes routed to it lately, each with when (a counter): about
+    `entries` each; once a provider's grow a quarter past that, the least recently routed go.
+    A chain's early blocks count as more recent than its later ones, so a prompt's early
+    blocks (shared by longer prompts) are the last to go and each index stays prefix-closed.
+    Recording a chain is one dict update (it runs on every routed request)."""
 
     def __init__(self, entries: int) -> None:
         self.entries = entries
-        self._blocks: dict[str, dict[int, None]] = {}
+        self._blocks: dict[str, dict[int, int]] = {}
+        self._clock = 0
 
     def resize(self, entries: int) -> None:
         self.entries = entries
         for blocks in self._blocks.values():
-            self._trim(blocks)
+            self._trim(blocks, entries)
 
     def add(self, provider: str, chain: Sequence[int]) -> None:
         """Marks a chain (or a dump()) as routed to `provider` now."""
         blocks = self._blocks.setdefault(provider, {})
-        for h in reversed(chain):
-            blocks.pop(h, None)
-            blocks[h] = None
-        self._trim(blocks)
+        start = self._clock + len(chain)
+        blocks.update(zip(chain, range(start, self._clock, -1), strict=True))
+        self._clock = start
+        if len(blocks) > self.entries + self.entries // 4:
+            self._trim(blocks, self.entries)
 
-    def _trim(self, blocks: dict[int, None]) -> None:
-        extra = len(blocks) - self.entries
-        if extra > 0:
-            for h in list(blocks)[:extra]:
-                del blocks[h]
+    @staticmethod
+    def _trim(blocks: dict[int, int], keep: int) -> None:
+        if len(blocks) > keep:
+            newest = sorted(blocks.items(), key=itemgetter(1))[len(blocks) - keep :]
+            blocks.clear()
+            blocks.update(newest)
 
-    def match(self, provider: str, hashes: Sequence[int]) -> int:
-        """How many leading blocks of the chain `provider` has seen."""
-        blocks = self._blocks.get(provider)
-        if not blocks:
-            return 0
-        for i in range(len(hashes) - 1, -1, -1):
-            if hashes[i] in blocks:
-                return i + 1
-        return 0
+    def matches(self, providers: Iterable[str], hashes: Sequence[int]) -> dict[str, int]:
+        """For each provider, how many leading blocks of the chain it has seen."""
+        out = {}
+        last = len(hashes) - 1
+        for provider in providers:
+            blocks = self._blocks.get(provider)
+            i = last if blocks else -1
+            while i >= 0 and hashes[i] not in blocks:  # type: ignore[operator]
+                i -= 1
+            out[provider] = i + 1
+        return out
 
     def keep_only(self, providers: Iterable[str]) -> None:
         """Forget providers that left the config."""
@@ -132,8 +140,11 @@ class PrefixIndex:
         return {p: len(b) for p, b in self._blocks.items()}
 
     def dump(self) -> dict[str, list[int]]:
-        """Everything, newest first per provider: add() of it rebuilds the same index."""
-        return {p: list(reversed(b)) for p, b in self._blocks.items()}
+        """Everything, newest first per provider: add() of it rebuilds the same order."""
+        return {
+            p: [h for h, _ in sorted(b.items(), key=itemgetter(1), reverse=True)]
+            for p, b in self._blocks.items()
+        }
 
 
 class IndexDelta(NamedTuple):

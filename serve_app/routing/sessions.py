@@ -10,7 +10,7 @@ replica sends a session to the same provider without sharing any state.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import xxhash
 
@@ -27,18 +27,23 @@ class Ring:
         self._points = [h for h, _ in points]
         self._owners = [p for _, p in points]
         self._count = len(set(providers))
+        self._walks: dict[int, tuple[str, ...]] = {}  # start point -> its walk
 
-    def walk(self, session: str) -> Iterator[str]:
+    def walk(self, session: str) -> tuple[str, ...]:
         """Every provider once, in ring order from the session's point."""
+        if not self._points:
+            return ()
+        start = bisect.bisect_left(self._points, point(session)) % len(self._points)
+        walk = self._walks.get(start)
+        if walk is None:
+            walk = self._walks[start] = self._walk_from(start)
+        return walk
+
+    def _walk_from(self, start: int) -> tuple[str, ...]:
         n = len(self._points)
-        if not n:
-            return
-        start = bisect.bisect_left(self._points, point(session))
-        seen: set[str] = set()
+        seen: dict[str, None] = {}
         for i in range(n):
-            owner = self._owners[(start + i) % n]
-            if owner not in seen:
-                seen.add(owner)
-                yield owner
-                if len(seen) == self._count:
-                    return
+            seen.setdefault(self._owners[(start + i) % n])
+            if len(seen) == self._count:
+                break
+        return tuple(seen)

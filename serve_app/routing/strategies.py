@@ -10,7 +10,7 @@ object per model.
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -23,16 +23,17 @@ MIN_WEIGHT_SHARE = 0.05
 
 
 class PrefixView(Protocol):
-    def match(self, provider: str, hashes: Sequence[int]) -> int:
-        """How many leading blocks of the chain the provider has seen (routing.prefix)."""
+    def matches(self, providers: Iterable[str], hashes: Sequence[int]) -> dict[str, int]:
+        """How many leading blocks of the chain each provider has seen (routing.prefix)."""
 
 
 @dataclass(frozen=True)
 class Stats:
     """What an ordering may look at: this replica's requests under way per provider, the
     shared use counts (for this model) and latency averages (seconds); for the load-aware
-    strategies each provider's load figure (routing.load), the request's prompt block hashes
-    with the index of blocks routed to each provider, and its session key."""
+    strategies the load figure of providers that report load signals (routing.load), the
+    request's prompt block hashes with the index of blocks routed to each provider, and its
+    session key."""
 
     in_flight: Mapping[str, int] = field(default_factory=dict)
     uses: Mapping[str, int] = field(default_factory=dict)
@@ -41,6 +42,11 @@ class Stats:
     prefix: Sequence[int] = ()
     index: PrefixView | None = None
     session: str = ""
+
+    def load_of(self, provider: str) -> float:
+        """Its load figure; without signals, its in-flight count (what load_figure gives)."""
+        load = self.load.get(provider)
+        return float(self.in_flight.get(provider, 0)) if load is None else load
 
 
 class Strategy(Protocol):
@@ -144,8 +150,13 @@ class LeastLoaded:
     """The lowest load figure first (ties: the one used least, then config order)."""
 
     def order(self, candidates: Sequence[ProviderConfig], stats: Stats) -> list[ProviderConfig]:
-        load, uses = stats.load, stats.uses
-        return sorted(candidates, key=lambda p: (load.get(p.id, 0.0), uses.get(p.id, 0)))
+        load, in_flight, uses = stats.load, stats.in_flight, stats.uses
+
+        def key(p: ProviderConfig) -> tuple[float, int]:
+            pid = p.id
+            return (load[pid] if pid in load else in_flight.get(pid, 0), uses.get(pid, 0))
+
+        return sorted(candidates, key=key)
 
 
 class _Bounded:
@@ -160,8 +171,8 @@ class _Bounded:
         preferred = self.preference(by_load, stats) if by_load else None
         if not preferred:
             return by_load
-        ceiling = stats.load.get(by_load[0].id, 0.0) + self.bound
-        first = next((p for p in preferred if stats.load.get(p.id, 0.0) <= ceiling), by_load[0])
+        ceiling = stats.load_of(by_load[0].id) + self.bound
+        first = next((p for p in preferred if stats.load_of(p.id) <= ceiling), by_load[0])
         return [first, *(p for p in preferred if p is not first)]
 
     def preference(
@@ -180,8 +191,7 @@ class PrefixAffinity(_Bounded):
     ) -> list[ProviderConfig] | None:
         if not stats.prefix or stats.index is None:
             return None
-        index, prefix = stats.index, stats.prefix
-        matched = {p.id: index.match(p.id, prefix) for p in by_load}
+        matched = stats.index.matches([p.id for p in by_load], stats.prefix)
         if not any(matched.values()):
             return None
         return sorted(by_load, key=lambda p: -matched[p.id])  # stable: then by load

@@ -2,7 +2,8 @@
 `python -m tests.e2e.record_wire` after `make e2e` has made the environment and the model.
 
 A chat completion unary and streamed (with usage), greedy, so a new recording differs from the
-last only where vLLM's wire format changed."""
+last only where vLLM's wire format changed; then the server's Prometheus page (the load gauges
+the monitor scrapes)."""
 
 from __future__ import annotations
 
@@ -40,6 +41,8 @@ def main() -> None:
         (WIRE / "vllm_chat.json").write_bytes(_post(url, REQUEST))
         streamed = REQUEST | {"stream": True, "stream_options": {"include_usage": True}}
         (WIRE / "vllm_chat_stream.txt").write_bytes(_post(url, streamed))
+        with urllib.request.urlopen(f"{server.url}/metrics", timeout=30) as resp:
+            (WIRE / "vllm_metrics.txt").write_bytes(resp.read())
     finally:
         server.stop()
 

@@ -137,6 +137,23 @@ def test_metrics_show_attempts_on_both_providers(router: str, vllm: list[VllmSer
     assert statuses and not any(s.startswith("5") for s in statuses)
 
 
+def test_the_monitor_reads_each_servers_load_gauges(router: str, vllm: list[VllmServer]) -> None:
+    """The real /metrics page parses: running, waiting and KV use for every vLLM provider."""
+
+    def providers() -> dict:
+        req = urllib.request.Request(f"{router}/api/v1/providers/state", headers=ADMIN)
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return json.load(resp)["providers"]
+
+    wait_for(lambda: all(providers()[s.name]["signals"] for s in vllm), 30, "load signals")
+    for server in vllm:
+        row = providers()[server.name]
+        assert row["signals_error"] is None
+        signals = row["signals"]
+        assert signals["running"] >= 0 and signals["waiting"] >= 0
+        assert 0 <= signals["kv_usage"] <= 1 and signals["loaded"] is None
+
+
 def test_an_adapter_registered_through_the_registry_is_loaded_and_served(
     router: str, vllm: list[VllmServer]
 ) -> None:

@@ -46,8 +46,16 @@ def stop_leftovers() -> list[int]:
 
 
 class VllmServer:
-    def __init__(self, name: str, port: int, core: int, extra: Sequence[str] = ()) -> None:
-        """`core`: the CPU its engine's OpenMP threads are bound to. A busy engine's threads
+    def __init__(
+        self,
+        name: str,
+        port: int,
+        core: int | str,
+        extra: Sequence[str] = (),
+        model: Path = MODEL_DIR / "base",
+    ) -> None:
+        """`core`: the CPU its engine's OpenMP threads are bound to ("nobind": one thread the
+        kernel places, for more servers than cores). A busy engine's threads
         spin on their core and starve whatever else is pinned there: with both engines on core
         0, a restarted server's engine never finished starting while the other served (and a
         start-up helper of vLLM's, pinned to core 0, stalled the same way), so the tests do not
@@ -55,6 +63,7 @@ class VllmServer:
         one wins)."""
         self.name = name
         self.extra = list(extra)
+        self.model = model
         self.port = port
         self.core = core
         self.url = f"http://127.0.0.1:{port}"
@@ -78,13 +87,14 @@ class VllmServer:
             "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
             "VLLM_CPU_KVCACHE_SPACE": "1",
             "VLLM_CPU_OMP_THREADS_BIND": str(self.core),
+            **({"OMP_NUM_THREADS": "1"} if self.core == "nobind" else {}),
         }
         command = [
             str(VLLM_PYTHON),
             "-m",
             "vllm.entrypoints.openai.api_server",
             "--model",
-            str(MODEL_DIR / "base"),
+            str(self.model),
             "--served-model-name",
             SERVED_MODEL,
             "--host",
