@@ -24,7 +24,7 @@ from pathlib import Path
 
 import orjson
 
-from bench.local_ray import free_port, wait_http
+from bench.local_ray import free_port, replica_cpu_s, wait_http
 from serve_app.serve_env import apply_fast_serve_env
 
 MODEL = "bench/echo"
@@ -56,32 +56,6 @@ def _config(upstream: str, strategy: str | None, count: int, keys: bool = False)
     if keys:
         config["auth"] = {"require_keys": True}
     return config
-
-
-def _replica_cpu_s() -> dict[str, float]:
-    """CPU seconds used so far by the app's processes of each kind: the Serve replicas (ingress,
-    router) and the actors they talk to on the request path (broker, monitor). Linux /proc.
-
-    CPU per request is a steadier cost figure than throughput on a noisy two-core host.
-    """
-    tick = os.sysconf("SC_CLK_TCK")
-    kinds = {
-        "ServeReplica:llm-router:Ingress": "ingress",
-        "ServeReplica:llm-router:": "router",
-        "ray::Broker": "broker",
-        "ray::Monitor": "monitor",
-    }
-    out: dict[str, float] = {}
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        kind = next((k for marker, k in kinds.items() if marker in cmdline), None)
-        if kind is not None:
-            out[kind] = out.get(kind, 0.0) + (int(fields[11]) + int(fields[12])) / tick
-    return out
 
 
 def _load(
@@ -124,9 +98,9 @@ def _cases(
             if f"{kind}_c{c}" not in cases:
                 continue
             direct = _load(f"{upstream_url}/v1/chat/completions", body, c, duration)
-            cpu_before = _replica_cpu_s()
+            cpu_before = replica_cpu_s()
             routed = _load(f"{router_url}/v1/chat/completions", body, c, duration)
-            cpu_after = _replica_cpu_s()
+            cpu_after = replica_cpu_s()
             case = {
                 "direct": direct,
                 "router": routed,
@@ -201,9 +175,9 @@ def _keys(deploy: Callable[[bool], None], router_url: str, duration: float, roun
             with urllib.request.urlopen(req, timeout=30) as resp:
                 auth = {"authorization": f"Bearer {orjson.loads(resp.read())['key']}"}
         c1 = _load(url, body, 1, duration, auth)
-        before = _replica_cpu_s()
+        before = replica_cpu_s()
         c32 = _load(url, body, 32, duration, auth)
-        after = _replica_cpu_s()
+        after = replica_cpu_s()
         assert c1["errors"] == c32["errors"] == 0, (c1, c32)
         cpu = {k: (after[k] - before.get(k, 0.0)) * 1000 / max(1, c32["requests"]) for k in after}
         return {"c1": c1, "c32": c32, "cpu_ms_per_request_c32": cpu}

@@ -10,20 +10,23 @@ import sys
 from typing import NamedTuple, NoReturn
 
 import ray
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from ray.serve import Application
 from ray.serve.exceptions import RayServeException
 from ray.serve.schema import LoggingConfig
 
 from serve_app.config import (
+    Autoscaling,
     ConfigError,
     RouterConfig,
     StrategyName,
     config_path,
     default_strategy,
+    exclusive_with_autoscaling,
     json_path,
     parse_config,
     read_raw,
+    replicas_options,
 )
 from serve_app.profiles import (
     KIND,
@@ -54,6 +57,8 @@ class AppArgs(BaseModel):
     profiles_config: str | None = None
     max_body_bytes: int = Field(default=DEFAULT_MAX_BODY_BYTES, gt=0)
     ingress_replicas: int = Field(default=1, ge=1)
+    # Serve's autoscaling of the ingress instead of ingress_replicas.
+    ingress_autoscaling: Autoscaling | None = None
     # Registry actor name and manifest file (default: $LLM_ADAPTER_REGISTRY_PATH, else
     # state/registry.json under the working directory).
     registry_name: str | None = None
@@ -63,6 +68,11 @@ class AppArgs(BaseModel):
     # For model types whose routing names no strategy (default: $LLM_ROUTER_BALANCE_STRATEGY,
     # else balanced).
     balance_strategy: StrategyName | None = None
+
+    @model_validator(mode="after")
+    def _replicas(self) -> AppArgs:
+        exclusive_with_autoscaling(self, "ingress_replicas", "ingress_autoscaling")
+        return self
 
 
 def router_deployment_name(model_type: str) -> str:
@@ -116,7 +126,7 @@ def router_app(args: AppArgs, document: tuple[object, str] | None = None) -> App
     routers = {
         name: ModelTypeRouter.options(
             name=router_deployment_name(name),
-            num_replicas=group.routing.num_replicas,
+            **replicas_options(group.routing.num_replicas, group.routing.autoscaling),
             max_ongoing_requests=group.routing.max_ongoing_requests,
             graceful_shutdown_timeout_s=group.routing.drain_timeout_s,
             graceful_shutdown_wait_loop_s=DRAIN_POLL_S,
@@ -134,7 +144,7 @@ def router_app(args: AppArgs, document: tuple[object, str] | None = None) -> App
     )
     drain = max(g.routing.drain_timeout_s for g in config.model_types.values())
     return Ingress.options(
-        num_replicas=args.ingress_replicas,
+        **replicas_options(args.ingress_replicas, args.ingress_autoscaling),
         logging_config=LOGGING,
         graceful_shutdown_timeout_s=drain,
         graceful_shutdown_wait_loop_s=DRAIN_POLL_S,

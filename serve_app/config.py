@@ -25,6 +25,7 @@ from pydantic import (
     TypeAdapter,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 CONFIG_ENV = "LLM_ROUTER_MODELS_CONFIG"
@@ -203,6 +204,46 @@ class ModelConfig(BaseModel):
     fallback_model: str | None = Field(default=None, min_length=1)
 
 
+class Autoscaling(BaseModel):
+    """Ray Serve's autoscaling of a deployment, under Serve's names; what is not set takes
+    Serve's default (target_ongoing_requests 2, upscale_delay_s 30, downscale_delay_s 600,
+    look_back_period_s 30, metrics_interval_s 10)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    min_replicas: int = Field(default=1, ge=1)
+    max_replicas: int = Field(ge=1)
+    target_ongoing_requests: float | None = Field(default=None, gt=0)
+    upscale_delay_s: float | None = Field(default=None, ge=0)
+    downscale_delay_s: float | None = Field(default=None, ge=0)
+    look_back_period_s: float | None = Field(default=None, gt=0)
+    metrics_interval_s: float | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _range(self) -> Autoscaling:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("min_replicas is above max_replicas")
+        return self
+
+    def serve_config(self) -> dict[str, float]:
+        """Serve's `autoscaling_config`."""
+        return self.model_dump(exclude_none=True)
+
+
+def replicas_options(num_replicas: int, autoscaling: Autoscaling | None) -> dict[str, object]:
+    """A deployment's replica options: a fixed count, or Serve's autoscaling."""
+    if autoscaling is None:
+        return {"num_replicas": num_replicas}
+    return {"num_replicas": "auto", "autoscaling_config": autoscaling.serve_config()}
+
+
+def exclusive_with_autoscaling(model: BaseModel, count_field: str, autoscaling_field: str) -> None:
+    """A fixed replica count and autoscaling are one or the other."""
+    fields = model.model_fields_set
+    if count_field in fields and getattr(model, autoscaling_field) is not None:
+        raise ValueError(f"{count_field} and {autoscaling_field} exclude each other")
+
+
 class RoutingConfig(BaseModel):
     """How one model type's router deployment chooses, retries and times out."""
 
@@ -212,6 +253,8 @@ class RoutingConfig(BaseModel):
     strategy: StrategyName | None = None
     max_attempts: int = Field(default=3, ge=1, le=20)
     num_replicas: int = Field(default=1, ge=1)
+    # Serve's autoscaling of this type's router deployment instead of num_replicas.
+    autoscaling: Autoscaling | None = None
     max_ongoing_requests: int = Field(default=1000, ge=1)
     connect_timeout_s: float = Field(default=5.0, gt=0)
     # Covers the wait for the first byte and every gap between chunks after it.
@@ -241,6 +284,11 @@ class RoutingConfig(BaseModel):
     # prefix_affinity, session_affinity: their choice is taken only while its load (requests,
     # see routing.load) is at most this much above the least loaded candidate's.
     max_load_imbalance: float = Field(default=4.0, ge=0)
+
+    @model_validator(mode="after")
+    def _replicas(self) -> RoutingConfig:
+        exclusive_with_autoscaling(self, "num_replicas", "autoscaling")
+        return self
 
 
 class ModelTypeConfig(BaseModel):

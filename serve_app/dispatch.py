@@ -333,7 +333,8 @@ class Dispatcher:
             return error_answer(err)
 
     async def stream(self, body: bytes, meta: RequestMeta) -> AsyncIterator[Head | bytes]:
-        """Yields a Head, then body chunks. Failover is possible until the Head is yielded.
+        """Yields a Head, then body chunks. Failover is possible until the Head is yielded,
+        which waits for the upstream's first body bytes.
 
         The request's deadline ends it with a 504 before the Head, an SSE error event after.
         """
@@ -363,9 +364,9 @@ class Dispatcher:
                             failure = _status_failure(provider, resp)
                             self._failed(view, provider, meta, failure, failures)
                             continue
-                        attempts.answered()
                         headers = _answer_headers(provider, failures)
                         if resp.status >= 400:
+                            attempts.answered()
                             try:
                                 data = await resp.read()
                             except UPSTREAM_ERRORS as exc:
@@ -376,9 +377,25 @@ class Dispatcher:
                             yield Head(resp.status, ctype, headers)
                             yield out
                             return
+                        # The answer starts with its first body bytes: an upstream that dies
+                        # between its headers and them is failed over like one that never
+                        # answered (nothing has gone to the client yet).
+                        upstream = resp.content.iter_any()
+                        try:
+                            async with asyncio.timeout_at(deadline):
+                                first = await anext(upstream, b"")
+                        except UPSTREAM_ERRORS as exc:
+                            if _past(deadline):
+                                raise _deadline_error(timeout) from None
+                            failure = _exc_failure(provider, exc)
+                            self._failed(view, provider, meta, failure, failures)
+                            continue
+                        attempts.answered()
                         self._succeeded(view, provider)
                         yield Head(resp.status, STREAM_TYPES[meta.endpoint.dialect], headers)
-                        relay = self._relay(exchange, resp, meta, provider, deadline, timeout)
+                        relay = self._relay(
+                            exchange, first, resp, meta, provider, deadline, timeout
+                        )
                         async for out in relay:
                             yield out
                         return
@@ -393,6 +410,7 @@ class Dispatcher:
     async def _relay(
         self,
         exchange: Exchange,
+        first: bytes,
         resp: aiohttp.ClientResponse,
         meta: RequestMeta,
         provider: ProviderConfig,
@@ -403,7 +421,7 @@ class Dispatcher:
         SSE error event."""
         timer = _BodyDeadline(deadline, resp)
         try:
-            async for out in exchange.stream(resp.content.iter_any()):
+            async for out in exchange.stream(_prepended(first, resp.content.iter_any())):
                 yield out
         except UPSTREAM_ERRORS as exc:
             if not timer.expired:
@@ -442,6 +460,13 @@ class _BodyDeadline:
 
     def cancel(self) -> None:
         self._timer.cancel()
+
+
+async def _prepended(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    if first:
+        yield first
+    async for chunk in rest:
+        yield chunk
 
 
 def _past(deadline: float) -> bool:

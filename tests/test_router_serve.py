@@ -314,6 +314,20 @@ async def test_stream_fails_over_before_the_first_byte(pool: Pool, http) -> None
     assert sse_events(raw)[-1] == "[DONE]"
 
 
+async def test_stream_fails_over_when_the_upstream_dies_between_headers_and_body(
+    pool: Pool, http
+) -> None:
+    """Its 200 headers came, then the connection closed before any event: nothing reached the
+    client yet, so the next provider answers it whole."""
+    pool.a.knobs = Knobs(drop="mid_stream", drop_after_chunks=0)
+    status, headers, raw = await post(http, pool.url, chat("m/failover", "s", stream=True))
+    assert status == 200 and headers["x-router-provider"] == "b"
+    assert headers["x-router-attempts"] == "2"
+    events = sse_events(raw)
+    assert events[-1] == "[DONE]" and not any("error" in e for e in events)
+    assert pool.a.count() == 1 and pool.b.count() == 1
+
+
 async def test_stream_broken_midway_ends_with_an_error_event(pool: Pool, http) -> None:
     pool.a.knobs = Knobs(drop="mid_stream", drop_after_chunks=2, chunks=6)
     status, _, raw = await post(http, pool.url, chat("m/failover", "abcdefghijkl", stream=True))

@@ -1,0 +1,88 @@
+"""Serve autoscaling of the ingress and of a model type's router, on real Serve: load raises
+both to their maximum, a trickle brings both back to their minimum, and no request fails
+meanwhile, streams included (each must end with [DONE])."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+import pytest
+from ray import serve
+from ray.serve._private.common import ReplicaState
+
+from serve_app.app import APP_NAME, router_deployment_name
+from serve_app.demo_upstream import Knobs
+from tests.conftest import deploy, provider, until
+
+pytestmark = pytest.mark.serve
+
+TYPE = "auto_models"
+# Quick decisions for a test: Serve's defaults wait 30 s to scale up and 10 min to scale down.
+SCALING = {
+    "min_replicas": 1,
+    "max_replicas": 2,
+    "target_ongoing_requests": 2,
+    "upscale_delay_s": 0,
+    "downscale_delay_s": 1,
+    "look_back_period_s": 1,
+    "metrics_interval_s": 0.5,
+}
+
+
+def _running() -> dict[str, int]:
+    app = serve.status().applications[APP_NAME]
+    return {
+        name: d.replica_states.get(ReplicaState.RUNNING, 0) for name, d in app.deployments.items()
+    }
+
+
+async def test_load_scales_ingress_and_router_up_and_idle_down_with_nothing_failing(
+    serve_url: str, upstream_factory, http: aiohttp.ClientSession
+) -> None:
+    upstream = upstream_factory("auto")
+    upstream.knobs = Knobs(latency_s=0.2, chunk_delay_s=0.05, chunks=4)
+    config = {
+        TYPE: {"m/auto": {"providers": [provider("auto-1", upstream.url)]}},
+        "active_models": {TYPE: ["m/auto"]},
+        "routing": {TYPE: {"autoscaling": SCALING, "drain_timeout_s": 30}},
+    }
+    deploy(serve_url, config, ingress_autoscaling=SCALING)
+    router, ingress = router_deployment_name(TYPE), "Ingress"
+    assert _running() == {ingress: 1, router: 1}
+
+    failures: list[str] = []
+    done = {"unary": 0, "stream": 0}
+
+    async def client(stream: bool, stop: asyncio.Event) -> None:
+        body = {"model": "m/auto", "messages": [{"role": "user", "content": "x"}]}
+        while not stop.is_set():
+            async with http.post(
+                f"{serve_url}/v1/chat/completions", json={**body, "stream": stream}
+            ) as resp:
+                data = await resp.read()
+            if resp.status != 200 or (stream and not data.rstrip().endswith(b"data: [DONE]")):
+                failures.append(f"{resp.status} {data[-200:]!r}")
+            done["stream" if stream else "unary"] += 1
+
+    async def scaled_to(count: int) -> bool:
+        return _running() == {ingress: count, router: count}
+
+    heavy = asyncio.Event()
+    clients = [asyncio.create_task(client(i % 2 == 0, heavy)) for i in range(12)]
+    try:
+        await until(lambda: scaled_to(2), "both deployments at 2 replicas under load", 90)
+    finally:
+        heavy.set()
+        await asyncio.gather(*clients)
+    light = asyncio.Event()
+    before = done["stream"]
+    trickle = asyncio.create_task(client(True, light))  # one stream at a time while it shrinks
+    try:
+        await until(lambda: scaled_to(1), "both deployments back at 1 replica", 90)
+    finally:
+        light.set()
+        await trickle
+    assert failures == [], failures[:5]
+    assert done["stream"] > 10 and done["unary"] > 10
+    assert done["stream"] > before  # streams ran while replicas were stopped
