@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install run test chaos e2e job-demo ci lint bench bench-affinity openapi clean
+.PHONY: install run test chaos e2e job-demo ci lint bench bench-affinity bench-stream openapi clean
 
 install: $(STAMP)
 
@@ -54,6 +54,12 @@ openapi: install
 
 bench: install
 	$(BIN)/python -m bench.run
+
+# Paced streams (200 events 25 ms apart) at 50, 200 and 500 at once, direct and through the
+# router -> bench/stream.json. BENCH_ARGS="--ingress-replicas 2 --router-replicas 2" and others.
+BENCH_ARGS ?=
+bench-stream: install
+	$(BIN)/python -m bench.stream $(BENCH_ARGS)
 
 # The routing strategies on three real vLLM servers (the `make e2e` environment), multi-turn
 # chats: prefix-cache hit rates, TTFT, spread per server -> bench/affinity.json (~15 min).

@@ -9,16 +9,18 @@ import uuid
 from typing import Any
 
 import ray.serve.context
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
+from pydantic import BaseModel
 from ray import serve
 from starlette.exceptions import HTTPException
 
 from serve_app.dialects.translate import error_in_dialect
 from serve_app.errors import RouterError
+from serve_app.openapi import json_body
 from serve_app.providers.base import JSON
-from serve_app.schemas import Dialect
+from serve_app.schemas import Dialect, Endpoint
 
 log = logging.getLogger("ray.serve")
 
@@ -85,8 +87,29 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> Response:
-        log.exception("unexpected error in the ingress")
-        err = RouterError(
-            500, "internal error in the router", type="api_error", code="internal_error"
-        )
-        return error_response(err, dialect_of(request.url.path))
+        return unexpected_error(request.url.path)
+
+
+def unexpected_error(path: str) -> Response:
+    """A 500 in the path's dialect for an exception no endpoint expected (logged with it)."""
+    log.exception("unexpected error in the ingress")
+    err = RouterError(500, "internal error in the router", type="api_error", code="internal_error")
+    return error_response(err, dialect_of(path))
+
+
+# POST path -> the operation, of every route whose whole job is the gateway's relay (the lean
+# path in api/lean.py serves them without FastAPI).
+RELAYED: dict[str, Endpoint] = {}
+
+
+def relay_route(
+    router: APIRouter, path: str, endpoint: Endpoint, body: type[BaseModel], name: str
+) -> None:
+    """A POST route that hands the request to the gateway (its OpenAPI entry documents `body`;
+    the endpoint's name is the operation's)."""
+
+    async def relay(request: Request) -> Response:
+        return await replica().gateway.relay(endpoint, request)
+
+    router.add_api_route(path, relay, methods=["POST"], openapi_extra=json_body(body), name=name)
+    RELAYED[path] = endpoint

@@ -7,7 +7,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse, Response
 from pydantic import BaseModel, ValidationError
 
-from serve_app.api.http import read_body, replica
+from serve_app.api.http import read_body, relay_route, replica
 from serve_app.dialects import ollama
 from serve_app.errors import RouterError, model_not_found
 from serve_app.openapi import json_body
@@ -76,22 +76,10 @@ async def show(request: Request) -> Response:
     return Response(orjson.dumps(answer), media_type=JSON)
 
 
-@router.post("/api/chat", openapi_extra=json_body(OllamaChatRequest))
-async def chat(request: Request) -> Response:
-    return await replica().gateway.relay(Endpoint.OLLAMA_CHAT, request)
-
-
-@router.post("/api/generate", openapi_extra=json_body(OllamaGenerateRequest))
-async def generate(request: Request) -> Response:
-    return await replica().gateway.relay(Endpoint.OLLAMA_GENERATE, request)
-
-
-@router.post("/api/embed", openapi_extra=json_body(OllamaEmbedRequest))
-async def embed(request: Request) -> Response:
-    return await replica().gateway.relay(Endpoint.OLLAMA_EMBED, request)
-
-
-@router.post("/api/embeddings", openapi_extra=json_body(OllamaEmbeddingsRequest))
-async def embeddings(request: Request) -> Response:
-    """Ollama's legacy single-embedding endpoint."""
-    return await replica().gateway.relay(Endpoint.OLLAMA_EMBEDDINGS, request)
+relay_route(router, "/api/chat", Endpoint.OLLAMA_CHAT, OllamaChatRequest, "chat")
+relay_route(router, "/api/generate", Endpoint.OLLAMA_GENERATE, OllamaGenerateRequest, "generate")
+relay_route(router, "/api/embed", Endpoint.OLLAMA_EMBED, OllamaEmbedRequest, "embed")
+# Ollama's legacy single-embedding endpoint.
+relay_route(
+    router, "/api/embeddings", Endpoint.OLLAMA_EMBEDDINGS, OllamaEmbeddingsRequest, "embeddings"
+)

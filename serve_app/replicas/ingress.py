@@ -13,6 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from ray import serve
 from ray.actor import ActorHandle
 from ray.serve.handle import DeploymentHandle
+from starlette.types import ASGIApp
 
 from serve_app.access.gate import Gate
 from serve_app.access.limiter import limiter_handle
@@ -21,6 +22,7 @@ from serve_app.api.admin import Admin, AdminSettings
 from serve_app.api.auth import ADMIN_TOKEN_ENV
 from serve_app.api.gateway import Gateway, router_error
 from serve_app.api.http import install_error_handlers
+from serve_app.api.lean import LeanRoutes
 from serve_app.follow import Follower
 from serve_app.local.loopback import keep_replica_grpc_on_loopback
 from serve_app.metrics import Tally
@@ -52,7 +54,7 @@ class IngressSettings(AdminSettings):
 
 
 @serve.deployment(ray_actor_options={"num_cpus": REPLICA_CPUS}, max_ongoing_requests=2000)
-@serve.ingress(api)
+@serve.ingress()
 class Ingress:
     async def __init__(
         self,
@@ -73,6 +75,11 @@ class Ingress:
         loop = asyncio.get_running_loop()
         self._pusher = loop.create_task(self._push_metrics())
         self._watcher = loop.create_task(self.admin.watch()) if settings.watch_config else None
+
+    def __serve_build_asgi_app__(self) -> ASGIApp:
+        """Serve's hook, after __init__: the inference routes on the lean path, the rest on
+        FastAPI (api/lean.py)."""
+        return LeanRoutes(api, self.gateway)
 
     def _apply(self, manifest: Manifest) -> None:
         config = effective_config(manifest)
