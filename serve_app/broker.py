@@ -233,6 +233,7 @@ class Broker(ManifestCompanion):
                 "entries": self._index.index.sizes(),
                 "seq": self._index.seq,
                 "followers": {h: seq for h, (seq, _) in self._index_seen.items()},
+                "routed_by": dict(self._index.added),
             },
         }
 

@@ -22,14 +22,7 @@ from typing import NamedTuple
 
 from ray.actor import ActorHandle
 
-from serve_app.broker import (
-    AcquireRequest,
-    Grant,
-    SlotSpec,
-    Snapshot,
-    SyncRequest,
-    Terms,
-)
+from serve_app.broker import AcquireRequest, Grant, SlotSpec, Snapshot, SyncRequest, Terms
 from serve_app.config import ProviderConfig, StrategyName
 from serve_app.follow import ActorLink
 from serve_app.metrics import Tally

@@ -147,6 +147,7 @@ def test_the_journal_gives_each_replica_what_it_lacks_and_a_reset_when_too_far_b
         rebuilt.add(provider, chain)
     assert rebuilt.dump() == journal.index.dump()
     assert journal.delta("r9", 99).reset  # ahead of the journal: it was restarted
+    assert journal.added == {"r1": 2, "r2": 2}
 
 
 # --- consistent hashing --------------------------------------------------------------------------

@@ -129,6 +129,8 @@ async def test_prefix_affinity_holds_across_router_replicas(pool: Pool, http) ->
     assert all(len(set(who)) == 1 for who in served.values()), served
     assert len({who[0] for who in served.values()}) >= 2  # conversations spread
     state = await _state(http, pool.url)
+    routed_by = state["prefix_index"]["routed_by"]  # both replicas routed turns
+    assert len(routed_by) == 2 and min(routed_by.values()) > 0, routed_by
     for pid in ("x1", "x2", "x3"):
         row = state["providers"][pid]
         assert row["circuit"] == "closed"

@@ -11,7 +11,7 @@ router replicas share the index through the broker).
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterable, Mapping, Sequence
 from operator import itemgetter
 from typing import Any, NamedTuple
@@ -163,12 +163,14 @@ class IndexJournal:
     def __init__(self, entries: int, keep: int) -> None:
         self.index = PrefixIndex(entries)
         self.seq = 0
+        self.added: Counter[str] = Counter()  # chains per replica, for operators
         self._log: deque[tuple[int, str, str, list[int]]] = deque(maxlen=keep)
 
     def add(self, holder: str, routed: Iterable[tuple[str, list[int]]]) -> None:
         for provider, chain in routed:
             self.index.add(provider, chain)
             self.seq += 1
+            self.added[holder] += 1
             self._log.append((self.seq, holder, provider, chain))
 
     def delta(self, holder: str, seen: int) -> IndexDelta:
