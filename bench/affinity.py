@@ -21,7 +21,6 @@ import random
 import re
 import shutil
 import statistics
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -29,8 +28,7 @@ from pathlib import Path
 import aiohttp
 import orjson
 
-from bench.local_ray import free_port, wait_http
-from serve_app.serve_env import apply_fast_serve_env
+from bench.local_ray import free_port, local_router
 from tests.e2e.harness import install, make_model
 from tests.e2e.vllm_server import MODEL_DIR, SERVED_MODEL, VllmServer, stop_leftovers
 
@@ -217,13 +215,6 @@ def main(argv: list[str] | None = None) -> int:
     stop_leftovers()
     model = _long_model()
     servers = [VllmServer(f"vllm-{i}", free_port(), "nobind", SERVER_ARGS, model) for i in range(3)]
-    apply_fast_serve_env(single_node=True)
-    import ray
-    from ray import serve
-
-    from serve_app.app import APP_NAME, AppArgs, router_app
-
-    state_dir = tempfile.mkdtemp(prefix="bench-affinity-")
     report: dict[str, object] = {
         "machine": {"cpus": os.cpu_count()},
         "servers": len(servers),
@@ -236,37 +227,23 @@ def main(argv: list[str] | None = None) -> int:
         for server in servers:  # one at a time: a starting engine stalls beside a busy one
             server.start()
             server.wait_ready()
-        router_port = free_port()
-        ray.init(include_dashboard=False, logging_level="error", log_to_driver=False)
-        serve.start(http_options={"host": "127.0.0.1", "port": router_port})
-        router = f"http://127.0.0.1:{router_port}"
-
-        def deploy(model: str, strategy: str) -> None:
-            app = router_app(
-                AppArgs(registry_path=f"{state_dir}/registry.json"),
-                (_config(servers, model, strategy), "bench-affinity"),
-            )
-            serve.run(app, name=APP_NAME, route_prefix="/")
-            wait_http(f"{router}/v1/models")
-
-        # Each server's first requests are slow (warm-up, not reported).
-        deploy("warm-up", "balanced")
-        warm = argparse.Namespace(**{**vars(args), "conversations": args.concurrency, "turns": 2})
-        asyncio.run(_phase(router, servers, "warm-up", 10, warm))
-        for workload in args.workloads.split(","):
-            phases: dict[str, dict] = {}
-            report["workloads"][workload] = phases  # type: ignore[index]
-            for strategy in args.strategies.split(","):
-                model = f"{workload}-{strategy}"
-                deploy(model, strategy)
-                phases[strategy] = asyncio.run(
-                    _phase(router, servers, model, WORKLOADS[workload], args)
-                )
-                print(model, orjson.dumps(phases[strategy]).decode(), flush=True)
+        with local_router("bench-affinity") as lr:
+            # Each server's first requests are slow (warm-up, not reported).
+            lr.deploy(_config(servers, "warm-up", "balanced"), "bench-affinity")
+            warm = {**vars(args), "conversations": args.concurrency, "turns": 2}
+            asyncio.run(_phase(lr.url, servers, "warm-up", 10, argparse.Namespace(**warm)))
+            for workload in args.workloads.split(","):
+                phases: dict[str, dict] = {}
+                report["workloads"][workload] = phases  # type: ignore[index]
+                for strategy in args.strategies.split(","):
+                    model = f"{workload}-{strategy}"
+                    lr.deploy(_config(servers, model, strategy), "bench-affinity")
+                    phases[strategy] = asyncio.run(
+                        _phase(lr.url, servers, model, WORKLOADS[workload], args)
+                    )
+                    print(model, orjson.dumps(phases[strategy]).decode(), flush=True)
         RESULTS.write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
     finally:
-        serve.shutdown()
-        ray.shutdown()
         for server in servers:
             server.stop()
     return 0

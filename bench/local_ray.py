@@ -1,11 +1,15 @@
 """What the benchmarks share: a local Ray with a registry of its own (for those that run router
-code in-process against real actors: bench.strategy_cost, bench.key_cost), free loopback
+code in-process against real actors: bench.strategy_cost, bench.key_cost), the router on a
+local Serve and the demo upstream (bench.run, bench.stream, bench.affinity), free loopback
 ports, waiting for an HTTP answer, the CPU time the app's processes used."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import subprocess
+import sys
 import tempfile
 import time
 import urllib.request
@@ -29,10 +33,61 @@ def local_registry(name: str) -> Iterator[RegistryRef]:
     from serve_app.registry.actor import RegistryRef
 
     ray.init(include_dashboard=False, logging_level="error", log_to_driver=False)
+    folder = tempfile.mkdtemp(prefix=f"{name}-")
     try:
-        yield RegistryRef(name=name, path=f"{tempfile.mkdtemp(prefix=f'{name}-')}/registry.json")
+        yield RegistryRef(name=name, path=f"{folder}/registry.json")
     finally:
         ray.shutdown()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+class LocalRouter:
+    """The router app on a local Serve, redeployed with each config a benchmark needs."""
+
+    def __init__(self, url: str, registry: RegistryRef) -> None:
+        self.url = url
+        self._registry = registry
+
+    def deploy(self, config: dict, source: str, **args: object) -> None:
+        """Deploy the app (AppArgs `args`) and return once it answers."""
+        from ray import serve
+
+        from serve_app.app import APP_NAME, AppArgs, router_app
+
+        app_args = AppArgs(
+            registry_name=self._registry.name, registry_path=self._registry.path, **args
+        )
+        serve.run(router_app(app_args, (config, source)), name=APP_NAME, route_prefix="/")
+        wait_http(f"{self.url}/v1/models")
+
+
+@contextmanager
+def local_router(name: str) -> Iterator[LocalRouter]:
+    """Ray and Serve (HTTP on a free loopback port) with the fast settings; nothing deployed."""
+    with local_registry(name) as registry:
+        from ray import serve
+
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        try:
+            yield LocalRouter(f"http://127.0.0.1:{port}", registry)
+        finally:
+            serve.shutdown()
+
+
+@contextmanager
+def demo_upstream(*args: str) -> Iterator[str]:
+    """The demo upstream in its own process (`args`: its options), until the block ends."""
+    port = free_port()
+    command = [sys.executable, "-m", "serve_app.demo_upstream", "--port", str(port), *args]
+    process = subprocess.Popen(command)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{url}/v1/models")
+        yield url
+    finally:
+        process.terminate()
+        process.wait(10)
 
 
 def free_port() -> int:

@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from collections.abc import Callable
@@ -24,8 +22,7 @@ from pathlib import Path
 
 import orjson
 
-from bench.local_ray import free_port, replica_cpu_s, wait_http
-from serve_app.serve_env import apply_fast_serve_env
+from bench.local_ray import demo_upstream, local_router, replica_cpu_s
 
 MODEL = "bench/echo"
 BENCH_ADMIN_TOKEN = "bench-admin-token"
@@ -263,46 +260,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
-    up_port, router_port = free_port(), free_port()
-    upstream_url = f"http://127.0.0.1:{up_port}"
-    upstream = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "serve_app.demo_upstream",
-            "--port",
-            str(up_port),
-            "--chunks",
-            str(args.chunks),
-        ]
-    )
-    apply_fast_serve_env(single_node=True)
-    os.environ["LLM_ROUTER_ADMIN_TOKEN"] = BENCH_ADMIN_TOKEN  # for the keys case
-    import ray
-    from ray import serve
-
-    from serve_app.app import APP_NAME, AppArgs, router_app
-
-    state_dir = tempfile.mkdtemp(prefix="bench-registry-")
+    os.environ["LLM_ROUTER_ADMIN_TOKEN"] = BENCH_ADMIN_TOKEN  # for the keys case (before Ray)
     strategies: list[str | None] = [s for s in args.strategies.split(",") if s] or [None]
     runs: dict[str, list[dict[str, dict]]] = {}
-    try:
-        wait_http(f"{upstream_url}/v1/models")
-        ray.init(include_dashboard=False, logging_level="error", log_to_driver=False)
-        serve.start(http_options={"host": "127.0.0.1", "port": router_port})
-        router_url = f"http://127.0.0.1:{router_port}"
+    with demo_upstream("--chunks", str(args.chunks)) as upstream_url, local_router("bench") as lr:
+        router_url = lr.url
         print("router at", router_url, flush=True)
         for _ in range(args.rounds):
             for strategy in strategies:
-                serve.run(
-                    router_app(
-                        AppArgs(registry_path=f"{state_dir}/registry.json"),
-                        (_config(upstream_url, strategy, args.providers), "bench"),
-                    ),
-                    name=APP_NAME,
-                    route_prefix="/",
-                )
-                wait_http(f"{router_url}/v1/models")
+                lr.deploy(_config(upstream_url, strategy, args.providers), "bench")
                 print("strategy", strategy or "(default)", flush=True)
                 results = _cases(router_url, upstream_url, args.cases.split(","), args.duration)
                 if "dialects_c1" in args.cases.split(","):
@@ -310,12 +276,7 @@ def main(argv: list[str] | None = None) -> int:
                 if "keys" in args.cases.split(","):
 
                     def deploy(keys: bool, strategy: str | None = strategy) -> None:
-                        config = _config(upstream_url, strategy, args.providers, keys)
-                        app = router_app(
-                            AppArgs(registry_path=f"{state_dir}/registry.json"), (config, "bench")
-                        )
-                        serve.run(app, name=APP_NAME, route_prefix="/")
-                        wait_http(f"{router_url}/v1/models")
+                        lr.deploy(_config(upstream_url, strategy, args.providers, keys), "bench")
 
                     results["keys"] = _keys(deploy, router_url, args.duration, args.keys_rounds)
                 runs.setdefault(strategy or "default", []).append(results)
@@ -330,12 +291,6 @@ def main(argv: list[str] | None = None) -> int:
         RESULTS.write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
         print(orjson.dumps(report["versus_balanced"], option=orjson.OPT_INDENT_2).decode())
         time.sleep(args.hold)
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-        upstream.terminate()
-        upstream.wait(10)
-        shutil.rmtree(state_dir, ignore_errors=True)
     return 0
 
 

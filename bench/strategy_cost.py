@@ -84,7 +84,7 @@ class _Case:
         self.shared.configure(
             list(handler.states),
             [_model(strategy)],
-            Terms(routing.lease_s, routing.pin_ttl_s, 0.3, routing.prefix_index_entries),
+            Terms.of(routing),
             follow_index=strategy == "prefix_affinity",
         )
         self.shared.start()

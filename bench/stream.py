@@ -13,16 +13,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import orjson
 
-from bench.local_ray import free_port, replica_cpu_s, wait_http
-from serve_app.serve_env import apply_fast_serve_env
+from bench.local_ray import demo_upstream, local_router, replica_cpu_s
 
 MODEL = "bench/stream"
 RESULTS = Path(__file__).with_name("stream.json")
@@ -90,28 +87,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--router-replicas", type=int, default=1)
     args = parser.parse_args(argv)
 
-    up_port, router_port = free_port(), free_port()
-    upstream = f"http://127.0.0.1:{up_port}"
-    demo = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "serve_app.demo_upstream",
-            "--port",
-            str(up_port),
-            "--chunks",
-            str(args.tokens),
-            "--chunk-delay",
-            str(args.pace_ms / 1000),
-        ]
-    )
-    apply_fast_serve_env(single_node=True)
-    import ray
-    from ray import serve
-
-    from serve_app.app import APP_NAME, AppArgs, router_app
-
-    state_dir = tempfile.mkdtemp(prefix="bench-stream-")
     # Long enough that every event carries a piece of the answer.
     body = {
         "model": MODEL,
@@ -127,31 +102,16 @@ def main(argv: list[str] | None = None) -> int:
         "router_replicas": args.router_replicas,
         "levels": {},
     }
-    try:
-        wait_http(f"{upstream}/v1/models")
-        ray.init(include_dashboard=False, logging_level="error", log_to_driver=False)
-        serve.start(http_options={"host": "127.0.0.1", "port": router_port})
-        router = f"http://127.0.0.1:{router_port}"
-        app = router_app(
-            AppArgs(
-                registry_path=f"{state_dir}/registry.json", ingress_replicas=args.ingress_replicas
-            ),
-            (_config(upstream, args.router_replicas), "bench-stream"),
-        )
-        serve.run(app, name=APP_NAME, route_prefix="/")
-        wait_http(f"{router}/v1/models")
-        _streams(f"{router}/v1/chat/completions", body, 8, 1)  # warm both paths
+    paced = ("--chunks", str(args.tokens), "--chunk-delay", str(args.pace_ms / 1000))
+    with demo_upstream(*paced) as upstream, local_router("bench-stream") as lr:
+        config = _config(upstream, args.router_replicas)
+        lr.deploy(config, "bench-stream", ingress_replicas=args.ingress_replicas)
+        _streams(f"{lr.url}/v1/chat/completions", body, 8, 1)  # warm both paths
         for level in (int(n) for n in args.levels.split(",")):
-            result = _level(router, upstream, body, level, args.rounds)
+            result = _level(lr.url, upstream, body, level, args.rounds)
             report["levels"][str(level)] = result  # type: ignore[index]
             print(level, orjson.dumps(result).decode(), flush=True)
         RESULTS.write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-        demo.terminate()
-        demo.wait(10)
-        shutil.rmtree(state_dir, ignore_errors=True)
     return 0
 
 

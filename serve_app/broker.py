@@ -15,6 +15,7 @@ import contextlib
 import logging
 import time
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
@@ -23,7 +24,7 @@ import orjson
 import ray
 from ray.actor import ActorHandle
 
-from serve_app.config import ConfigError, ProviderConfig, StrategyName, duration_s
+from serve_app.config import ConfigError, ProviderConfig, RoutingConfig, StrategyName, duration_s
 from serve_app.leases import Latency, LeaseTable, Pins
 from serve_app.providers.base import json_headers, upstream_model
 from serve_app.providers.ollama import ollama_root
@@ -67,7 +68,17 @@ class Terms:
     lease_s: float
     pin_ttl_s: float
     latency_alpha: float
-    index_entries: int = 10000
+    index_entries: int = RoutingConfig().prefix_index_entries
+
+    @classmethod
+    def of(cls, routing: RoutingConfig) -> Terms:
+        return cls(
+            routing.lease_s, routing.pin_ttl_s, routing.latency_alpha, routing.prefix_index_entries
+        )
+
+
+# What a replica or the broker goes by before it knows a model type's routing.
+DEFAULT_TERMS = Terms.of(RoutingConfig())
 
 
 @dataclass
@@ -82,7 +93,7 @@ class SyncRequest:
     latency: dict[str, tuple[float, int]] = field(default_factory=dict)  # (sum s, n)
     # prefix_affinity: chains routed since the last sync (provider, chain), and the index
     # sequence the replica has seen (None: it does not follow the index).
-    routed: list[tuple[str, list[int]]] = field(default_factory=list)
+    routed: list[tuple[str, Sequence[int]]] = field(default_factory=list)
     index_seq: int | None = None
 
 
@@ -142,7 +153,7 @@ class Broker(ManifestCompanion):
         self._warmed: dict[str, float] = {}
         self._warming: set[str] = set()
         self._warms: Counter[str] = Counter()
-        self._index = IndexJournal(Terms(0, 0, 0).index_entries, JOURNAL_CHAINS)
+        self._index = IndexJournal(DEFAULT_TERMS.index_entries, JOURNAL_CHAINS)
         self._index_seen: dict[str, tuple[int, float]] = {}  # holder -> (seq, when)
 
     def _apply(self, manifest: Manifest) -> None:

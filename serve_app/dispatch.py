@@ -162,7 +162,7 @@ class _Attempts:
         it has the prompt's blocks in its cache now."""
         if self._shared is not None and self._current is not None:
             self._shared.took(self._current.id, time.monotonic() - self._started)
-            self._shared.routed(self._current.id, list(self._prefix))
+            self._shared.routed(self._current.id, self._prefix)
 
     def release(self) -> None:
         if self._current is not None:
@@ -393,8 +393,9 @@ class Dispatcher:
                         attempts.answered()
                         self._succeeded(view, provider)
                         yield Head(resp.status, STREAM_TYPES[meta.endpoint.dialect], headers)
+                        chunks = _prepended(first, upstream)
                         relay = self._relay(
-                            exchange, first, resp, meta, provider, deadline, timeout
+                            exchange, chunks, resp, meta, provider, deadline, timeout
                         )
                         async for out in relay:
                             yield out
@@ -410,7 +411,7 @@ class Dispatcher:
     async def _relay(
         self,
         exchange: Exchange,
-        first: bytes,
+        chunks: AsyncIterator[bytes],
         resp: aiohttp.ClientResponse,
         meta: RequestMeta,
         provider: ProviderConfig,
@@ -421,7 +422,7 @@ class Dispatcher:
         SSE error event."""
         timer = _BodyDeadline(deadline, resp)
         try:
-            async for out in exchange.stream(_prepended(first, resp.content.iter_any())):
+            async for out in exchange.stream(chunks):
                 yield out
         except UPSTREAM_ERRORS as exc:
             if not timer.expired:

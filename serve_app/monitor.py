@@ -116,16 +116,10 @@ class Monitor(ManifestCompanion):
 
     async def _probe(self, p: _Provider) -> None:
         """Is it up (and, when it is, how loaded: _scrape)."""
-        assert self._session is not None
-        timeout = aiohttp.ClientTimeout(total=p.routing.health_check_timeout_s)
         try:
             try:
-                async with self._session.get(
-                    probe_url(p.config), headers=json_headers(p.config), timeout=timeout
-                ) as resp:
-                    await resp.read()
-                    ok = resp.status < 500
-                    reason = f"probe HTTP {resp.status}"
+                status, _ = await self._get(p, probe_url(p.config))
+                ok, reason = status < 500, f"probe HTTP {status}"
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:
                 ok, reason = False, f"probe {type(exc).__name__}"
             p.up = ok
@@ -145,15 +139,10 @@ class Monitor(ManifestCompanion):
         url = signal_url(p.config)
         if url is None:
             return
-        assert self._session is not None
-        timeout = aiohttp.ClientTimeout(total=p.routing.health_check_timeout_s)
         try:
-            async with self._session.get(
-                url, headers=json_headers(p.config), timeout=timeout
-            ) as resp:
-                data = await resp.read()
-                if resp.status >= 400:
-                    raise ValueError(f"HTTP {resp.status}")
+            status, data = await self._get(p, url)
+            if status >= 400:
+                raise ValueError(f"HTTP {status}")
             if p.config.api_type == "vllm":
                 p.signal = parse_vllm_metrics(data.decode(errors="replace"))
             else:
@@ -161,6 +150,13 @@ class Monitor(ManifestCompanion):
             p.signal_error = ""
         except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
             p.signal, p.signal_error = None, f"{type(exc).__name__}: {exc}"[:200]
+
+    async def _get(self, p: _Provider, url: str) -> tuple[int, bytes]:
+        """A GET of one of the provider's pages within its health-check timeout."""
+        assert self._session is not None
+        timeout = aiohttp.ClientTimeout(total=p.routing.health_check_timeout_s)
+        async with self._session.get(url, headers=json_headers(p.config), timeout=timeout) as resp:
+            return resp.status, await resp.read()
 
     # --- follow protocol (router replicas) --------------------------------------------------
 

@@ -22,7 +22,15 @@ from typing import NamedTuple
 
 from ray.actor import ActorHandle
 
-from serve_app.broker import AcquireRequest, Grant, SlotSpec, Snapshot, SyncRequest, Terms
+from serve_app.broker import (
+    DEFAULT_TERMS,
+    AcquireRequest,
+    Grant,
+    SlotSpec,
+    Snapshot,
+    SyncRequest,
+    Terms,
+)
 from serve_app.config import ProviderConfig, StrategyName
 from serve_app.follow import ActorLink
 from serve_app.metrics import Tally
@@ -61,7 +69,7 @@ class SharedState:
         self._link = ActorLink(connect, holder, "broker")
         self._providers: list[str] = []
         self._models: list[str] = []
-        self._terms = Terms(lease_s=10.0, pin_ttl_s=300.0, latency_alpha=0.3)
+        self._terms = DEFAULT_TERMS
         self._held: dict[str, _Held] = {}
         self._release: list[str] = []
         self._uses: dict[str, Counter[str]] = {}
@@ -74,7 +82,7 @@ class SharedState:
         # prefix_affinity: every replica's recently routed prompt blocks per provider, this
         # replica's not sent yet, and the broker's index sequence seen (None: not followed).
         self.index = PrefixIndex(self._terms.index_entries)
-        self._routed: list[tuple[str, list[int]]] = []
+        self._routed: list[tuple[str, Sequence[int]]] = []
         self._index_seq: int | None = None
 
     def configure(
@@ -112,7 +120,7 @@ class SharedState:
         total, count = self._latency.get(provider, (0.0, 0))
         self._latency[provider] = (total + seconds, count + 1)
 
-    def routed(self, provider: str, chain: list[int]) -> None:
+    def routed(self, provider: str, chain: Sequence[int]) -> None:
         """A prompt with these block hashes went to `provider` (it now likely caches them)."""
         if chain and self._index_seq is not None:
             self.index.add(provider, chain)

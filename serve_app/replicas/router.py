@@ -82,12 +82,7 @@ class ModelTypeRouter:
         self._shared.configure(
             list(handler.states),
             list(handler.strategy_names),
-            Terms(
-                routing.lease_s,
-                routing.pin_ttl_s,
-                routing.latency_alpha,
-                routing.prefix_index_entries,
-            ),
+            Terms.of(routing),
             follow_index="prefix_affinity" in handler.strategy_names.values(),
         )
         if self._dispatcher is None:

@@ -152,7 +152,7 @@ class IndexDelta(NamedTuple):
     local index with `chains` (the replica was too far behind, or the journal is new)."""
 
     seq: int
-    chains: list[tuple[str, list[int]]]
+    chains: list[tuple[str, Sequence[int]]]
     reset: bool = False
 
 
@@ -164,9 +164,9 @@ class IndexJournal:
         self.index = PrefixIndex(entries)
         self.seq = 0
         self.added: Counter[str] = Counter()  # chains per replica, for operators
-        self._log: deque[tuple[int, str, str, list[int]]] = deque(maxlen=keep)
+        self._log: deque[tuple[int, str, str, Sequence[int]]] = deque(maxlen=keep)
 
-    def add(self, holder: str, routed: Iterable[tuple[str, list[int]]]) -> None:
+    def add(self, holder: str, routed: Iterable[tuple[str, Sequence[int]]]) -> None:
         for provider, chain in routed:
             self.index.add(provider, chain)
             self.seq += 1

@@ -146,17 +146,20 @@ class LeastInFlight:
         return [first, *rest]
 
 
-class LeastLoaded:
+def least_loaded_first(candidates: Sequence[ProviderConfig], stats: Stats) -> list[ProviderConfig]:
     """The lowest load figure first (ties: the one used least, then config order)."""
+    load, in_flight, uses = stats.load, stats.in_flight, stats.uses
 
+    def key(p: ProviderConfig) -> tuple[float, int]:
+        pid = p.id
+        return (load[pid] if pid in load else in_flight.get(pid, 0), uses.get(pid, 0))
+
+    return sorted(candidates, key=key)
+
+
+class LeastLoaded:
     def order(self, candidates: Sequence[ProviderConfig], stats: Stats) -> list[ProviderConfig]:
-        load, in_flight, uses = stats.load, stats.in_flight, stats.uses
-
-        def key(p: ProviderConfig) -> tuple[float, int]:
-            pid = p.id
-            return (load[pid] if pid in load else in_flight.get(pid, 0), uses.get(pid, 0))
-
-        return sorted(candidates, key=key)
+        return least_loaded_first(candidates, stats)
 
 
 class _Bounded:
@@ -167,7 +170,7 @@ class _Bounded:
         self.bound = max_load_imbalance
 
     def order(self, candidates: Sequence[ProviderConfig], stats: Stats) -> list[ProviderConfig]:
-        by_load = LeastLoaded().order(candidates, stats)
+        by_load = least_loaded_first(candidates, stats)
         preferred = self.preference(by_load, stats) if by_load else None
         if not preferred:
             return by_load
