@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install run test chaos e2e job-demo ci lint bench bench-affinity bench-stream openapi clean
+.PHONY: install run test chaos e2e job-demo ci lint bench bench-affinity bench-stream bench-peers openapi clean
 
 install: $(STAMP)
 
@@ -66,5 +66,10 @@ bench-stream: install
 bench-affinity: install
 	$(BIN)/python -m bench.affinity
 
+# Side by side with LiteLLM proxy and vLLM's Rust router (each in .venv-peers/<name>), on the same
+# demo upstreams and load generators -> bench/peers.json and a table (~10 min).
+bench-peers: install
+	$(BIN)/python -m bench.peers $(BENCH_ARGS)
+
 clean:
-	rm -rf $(VENV) .venv-vllm .e2e .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) .venv-vllm .venv-peers .e2e .pytest_cache .ruff_cache *.egg-info

@@ -9,7 +9,13 @@ long as the context leaves room for, so every server soon caches it whatever the
 prompt carries the workload's and phase's names, so no phase finds another's prompts in the
 servers' caches. Per phase: the servers' own prefix-cache hit rate
 (`vllm:prefix_cache_hits_total / vllm:prefix_cache_queries_total`, deltas), time to the first
-streamed event p50/p99, requests per second, and requests per server.
+streamed event p50/p99, requests per second, and requests per server (the servers' own
+`vllm:request_success_total`).
+
+With `--peers`, vLLM's Rust router (`vllm-router`, in .venv-peers/vllm-router as for
+`make bench-peers`) runs the same workloads on the same servers with each named policy
+(`cache_aware`, `consistent_hash`: the latter keys on the same `x-session-id` header that
+session_affinity reads), one row per policy beside the strategies.
 """
 
 from __future__ import annotations
@@ -29,11 +35,13 @@ import aiohttp
 import orjson
 
 from bench.local_ray import free_port, local_router
+from bench.peers import Router, install_peer, started, vllm_router_command
 from tests.e2e.harness import install, make_model
 from tests.e2e.vllm_server import MODEL_DIR, SERVED_MODEL, VllmServer, stop_leftovers
 
 RESULTS = Path(__file__).with_name("affinity.json")
 STRATEGIES = "balanced,least_loaded,prefix_affinity,session_affinity"
+PEER_POLICIES = "cache_aware,consistent_hash"
 MAX_MODEL_LEN = 2048
 # The tiny model with room for longer prompts: its weights do not depend on the positions
 # (rotary embeddings); only the configured maximum changes.
@@ -59,7 +67,9 @@ WORDS = [
     "server",
     "token",
 ]
-_COUNTER = re.compile(r"^(vllm:prefix_cache_(?:hits|queries)_total)\{[^}]*\} (\S+)$", re.M)
+_COUNTER = re.compile(
+    r"^(vllm:prefix_cache_(?:hits|queries)_total|vllm:request_success_total)\{[^}]*\} (\S+)$", re.M
+)
 
 
 def _long_model() -> Path:
@@ -109,7 +119,10 @@ async def _counters(http: aiohttp.ClientSession, servers: list[VllmServer]) -> d
     for s in servers:
         async with http.get(f"{s.url}/metrics") as resp:
             page = await resp.text()
-        out[s.name] = {name: float(value) for name, value in _COUNTER.findall(page)}
+        counters: dict[str, float] = {}
+        for name, value in _COUNTER.findall(page):  # summed over engines and finish reasons
+            counters[name] = counters.get(name, 0.0) + float(value)
+        out[s.name] = counters
     return out
 
 
@@ -119,14 +132,15 @@ async def _phase(
     model: str,
     system_words: int,
     args: argparse.Namespace,
+    label: str | None = None,
 ) -> dict:
+    """`label` (default `model`) opens the system prompt: each phase's prompts are its own."""
     rng = random.Random(7)
-    system = f"[{model}] You are a router benchmark. " + _text(rng, system_words)
+    system = f"[{label or model}] You are a router benchmark. " + _text(rng, system_words)
     conversations: asyncio.Queue[int] = asyncio.Queue()
     for c in range(args.conversations):
         conversations.put_nowait(c)
     ttft: list[float] = []
-    served: Counter[str] = Counter()
     failed: list[str] = []
 
     async def conversation(http: aiohttp.ClientSession, c: int) -> None:
@@ -150,7 +164,6 @@ async def _phase(
                 if resp.status != 200:
                     failed.append(f"{resp.status} {(await resp.read())[:200]!r}")
                     return
-                served[resp.headers.get("x-router-provider", "?")] += 1
                 async for line in resp.content:
                     if first is None and line.startswith(b"data: "):
                         first = time.perf_counter() - started
@@ -171,12 +184,13 @@ async def _phase(
         await asyncio.gather(*(worker(http) for _ in range(args.concurrency)))
         elapsed = time.perf_counter() - began
         after = await _counters(http, servers)
-    hits = sum(after[n]["vllm:prefix_cache_hits_total"] for n in after) - sum(
-        before[n]["vllm:prefix_cache_hits_total"] for n in before
-    )
-    queries = sum(after[n]["vllm:prefix_cache_queries_total"] for n in after) - sum(
-        before[n]["vllm:prefix_cache_queries_total"] for n in before
-    )
+
+    def delta(counter: str) -> Counter[str]:
+        return Counter({n: int(after[n][counter] - before[n][counter]) for n in after})
+
+    hits = sum(delta("vllm:prefix_cache_hits_total").values())
+    queries = sum(delta("vllm:prefix_cache_queries_total").values())
+    served = delta("vllm:request_success_total")
     requests = sum(served.values())
     mean = requests / len(servers)
     ttft.sort()
@@ -199,6 +213,9 @@ async def _phase(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--strategies", default=STRATEGIES)
+    parser.add_argument(
+        "--peers", default=PEER_POLICIES, help="vllm-router policies to run beside ('' for none)"
+    )
     parser.add_argument("--conversations", type=int, default=40)
     parser.add_argument("--turns", type=int, default=6)
     parser.add_argument("--concurrency", type=int, default=8)
@@ -212,6 +229,10 @@ def main(argv: list[str] | None = None) -> int:
         if (problem := step()) is not None:
             print(f"bench-affinity: vLLM is not available here: {problem}")
             return 1
+    policies = [p for p in args.peers.split(",") if p]
+    if policies and (problem := install_peer("vllm-router")) is not None:
+        print(f"bench-affinity: vllm-router not installed: {problem}")
+        return 1
     stop_leftovers()
     model = _long_model()
     servers = [VllmServer(f"vllm-{i}", free_port(), "nobind", SERVER_ARGS, model) for i in range(3)]
@@ -219,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {"cpus": os.cpu_count()},
         "servers": len(servers),
         "server_args": SERVER_ARGS,
-        "workload": {k: v for k, v in vars(args).items() if k != "strategies"},
+        "workload": {k: v for k, v in vars(args).items() if k not in ("strategies", "peers")},
         "system_words": WORKLOADS,
         "workloads": {},
     }
@@ -242,6 +263,16 @@ def main(argv: list[str] | None = None) -> int:
                         _phase(lr.url, servers, model, WORKLOADS[workload], args)
                     )
                     print(model, orjson.dumps(phases[strategy]).decode(), flush=True)
+                for policy in policies:
+                    label = f"{workload}-vllm-router-{policy}"
+                    peer = Router(label, vllm_router_command(policy))
+                    with started(peer, [s.url for s in servers]) as running:
+                        phases[f"vllm-router {policy}"] = asyncio.run(
+                            _phase(
+                                running.url, servers, SERVED_MODEL, WORKLOADS[workload], args, label
+                            )
+                        )
+                    print(label, orjson.dumps(phases[f"vllm-router {policy}"]).decode(), flush=True)
         RESULTS.write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
     finally:
         for server in servers:

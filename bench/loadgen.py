@@ -1,4 +1,5 @@
-"""Closed-loop HTTP load: C clients for D seconds; prints one JSON line of figures.
+"""Closed-loop HTTP load: C clients for D seconds; prints one JSON line of figures. With several
+`--url`s, client i sends to the i-th modulo their number (a direct call to a pool of upstreams).
 
 Run as its own process so its CPU is not shared with the server under test.
 """
@@ -7,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import subprocess
+import sys
 import time
 
 import aiohttp
@@ -21,7 +24,7 @@ def _pct(values: list[float], q: float) -> float:
 
 
 async def run(
-    url: str,
+    urls: list[str],
     body: bytes,
     concurrency: int,
     duration: float,
@@ -38,7 +41,7 @@ async def run(
         measure_from = start + warmup
         end = measure_from + duration
 
-        async def client() -> None:
+        async def client(url: str) -> None:
             nonlocal events, errors
             headers = {"content-type": "application/json", **extra_headers}
             while (t0 := time.perf_counter()) < end:
@@ -61,7 +64,7 @@ async def run(
                     ttfb.append(first - t0)
                     events += n
 
-        await asyncio.gather(*(client() for _ in range(concurrency)))
+        await asyncio.gather(*(client(urls[i % len(urls)]) for i in range(concurrency)))
     out = {
         "requests": len(latencies),
         "errors": errors,
@@ -76,9 +79,29 @@ async def run(
     return out
 
 
+def measure(
+    urls: str | list[str],
+    body: dict,
+    concurrency: int,
+    duration: float,
+    headers: dict[str, str] | None = None,
+) -> dict:
+    """Run the load in a process of its own (off this one's CPU) and return its figures."""
+    command = [sys.executable, "-m", "bench.loadgen", "--body", orjson.dumps(body).decode()]
+    for url in [urls] if isinstance(urls, str) else urls:
+        command += ["--url", url]
+    command += ["--concurrency", str(concurrency), "--duration", str(duration)]
+    for name, value in (headers or {}).items():
+        command += ["--header", f"{name}: {value}"]
+    out = subprocess.run(command, check=True, capture_output=True, text=True)
+    return orjson.loads(out.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--url", required=True)
+    parser.add_argument(
+        "--url", action="append", required=True, help="repeat to spread the clients over several"
+    )
     parser.add_argument("--body", required=True)
     parser.add_argument("--concurrency", type=int, default=1)
     parser.add_argument("--duration", type=float, default=8.0)

@@ -13,8 +13,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Callable
@@ -22,6 +20,7 @@ from pathlib import Path
 
 import orjson
 
+from bench import loadgen
 from bench.local_ray import demo_upstream, local_router, replica_cpu_s
 
 MODEL = "bench/echo"
@@ -55,35 +54,6 @@ def _config(upstream: str, strategy: str | None, count: int, keys: bool = False)
     return config
 
 
-def _load(
-    url: str, body: dict, concurrency: int, duration: float, headers: dict[str, str] | None = None
-) -> dict:
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench.loadgen",
-            "--url",
-            url,
-            "--body",
-            orjson.dumps(body).decode(),
-            "--concurrency",
-            str(concurrency),
-            "--duration",
-            str(duration),
-            *[
-                arg
-                for name, value in (headers or {}).items()
-                for arg in ("--header", f"{name}: {value}")
-            ],
-        ],
-        check=True,
-        capture_output=True,
-        text=True,
-    )
-    return orjson.loads(out.stdout.strip().splitlines()[-1])
-
-
 def _cases(
     router_url: str, upstream_url: str, cases: list[str], duration: float
 ) -> dict[str, dict]:
@@ -94,9 +64,9 @@ def _cases(
         for c in (1, 32):
             if f"{kind}_c{c}" not in cases:
                 continue
-            direct = _load(f"{upstream_url}/v1/chat/completions", body, c, duration)
+            direct = loadgen.measure(f"{upstream_url}/v1/chat/completions", body, c, duration)
             cpu_before = replica_cpu_s()
-            routed = _load(f"{router_url}/v1/chat/completions", body, c, duration)
+            routed = loadgen.measure(f"{router_url}/v1/chat/completions", body, c, duration)
             cpu_after = replica_cpu_s()
             case = {
                 "direct": direct,
@@ -136,7 +106,7 @@ def _dialects(router_url: str, duration: float, rounds: int) -> dict:
     for _ in range(rounds):
         for name, (path, extra) in _DIALECTS.items():
             body = {"model": MODEL, "messages": message, **extra}
-            run = _load(f"{router_url}{path}", body, 1, duration)
+            run = loadgen.measure(f"{router_url}{path}", body, 1, duration)
             assert run["errors"] == 0, (name, run)
             p50s[name].append(run["p50_ms"])
     out = {
@@ -171,9 +141,9 @@ def _keys(deploy: Callable[[bool], None], router_url: str, duration: float, roun
             )
             with urllib.request.urlopen(req, timeout=30) as resp:
                 auth = {"authorization": f"Bearer {orjson.loads(resp.read())['key']}"}
-        c1 = _load(url, body, 1, duration, auth)
+        c1 = loadgen.measure(url, body, 1, duration, auth)
         before = replica_cpu_s()
-        c32 = _load(url, body, 32, duration, auth)
+        c32 = loadgen.measure(url, body, 32, duration, auth)
         after = replica_cpu_s()
         assert c1["errors"] == c32["errors"] == 0, (c1, c32)
         cpu = {k: (after[k] - before.get(k, 0.0)) * 1000 / max(1, c32["requests"]) for k in after}

@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import orjson
 
+from bench import streamgen
 from bench.local_ray import demo_upstream, local_router, replica_cpu_s
 
 MODEL = "bench/stream"
@@ -34,32 +33,10 @@ def _config(upstream: str, router_replicas: int) -> dict:
     }
 
 
-def _streams(url: str, body: dict, streams: int, rounds: int) -> dict:
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench.streamgen",
-            "--url",
-            url,
-            "--body",
-            orjson.dumps(body).decode(),
-            "--streams",
-            str(streams),
-            "--rounds",
-            str(rounds),
-        ],
-        check=True,
-        capture_output=True,
-        text=True,
-    )
-    return orjson.loads(out.stdout.strip().splitlines()[-1])
-
-
 def _level(router: str, upstream: str, body: dict, streams: int, rounds: int) -> dict:
-    direct = _streams(f"{upstream}/v1/chat/completions", body, streams, rounds)
+    direct = streamgen.measure(f"{upstream}/v1/chat/completions", body, streams, rounds)
     before = replica_cpu_s()
-    routed = _streams(f"{router}/v1/chat/completions", body, streams, rounds)
+    routed = streamgen.measure(f"{router}/v1/chat/completions", body, streams, rounds)
     after = replica_cpu_s()
     per_k = 1000 / max(1, routed["events"])
     return {
@@ -106,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     with demo_upstream(*paced) as upstream, local_router("bench-stream") as lr:
         config = _config(upstream, args.router_replicas)
         lr.deploy(config, "bench-stream", ingress_replicas=args.ingress_replicas)
-        _streams(f"{lr.url}/v1/chat/completions", body, 8, 1)  # warm both paths
+        streamgen.measure(f"{lr.url}/v1/chat/completions", body, 8, 1)  # warm both paths
         for level in (int(n) for n in args.levels.split(",")):
             result = _level(lr.url, upstream, body, level, args.rounds)
             report["levels"][str(level)] = result  # type: ignore[index]

@@ -4,13 +4,15 @@ streams completed and lost (not 200, or no `[DONE]`).
 
 Run as its own process so its CPU is not shared with the server under test. An event is one
 SSE `data:` line; events that arrive in one read count the read's gap once (the others 0), as a
-client sees them.
+client sees them. With several `--url`s, client i reads from the i-th modulo their number.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import subprocess
+import sys
 import time
 
 import aiohttp
@@ -25,7 +27,7 @@ def percentile(values: list[float], q: float) -> float:
     return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000.0, 3)
 
 
-async def run(url: str, body: bytes, streams: int, rounds: int) -> dict:
+async def run(urls: list[str], body: bytes, streams: int, rounds: int) -> dict:
     ttft: list[float] = []
     gaps: list[float] = []
     events = completed = lost = 0
@@ -34,7 +36,7 @@ async def run(url: str, body: bytes, streams: int, rounds: int) -> dict:
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         started = time.perf_counter()
 
-        async def one() -> None:
+        async def one(url: str) -> None:
             nonlocal events, completed, lost
             t0 = time.perf_counter()
             last = None
@@ -63,11 +65,11 @@ async def run(url: str, body: bytes, streams: int, rounds: int) -> dict:
             else:
                 lost += 1
 
-        async def client() -> None:
+        async def client(url: str) -> None:
             for _ in range(rounds):
-                await one()
+                await one(url)
 
-        await asyncio.gather(*(client() for _ in range(streams)))
+        await asyncio.gather(*(client(urls[i % len(urls)]) for i in range(streams)))
         elapsed = time.perf_counter() - started
     return {
         "streams": streams * rounds,
@@ -83,9 +85,21 @@ async def run(url: str, body: bytes, streams: int, rounds: int) -> dict:
     }
 
 
+def measure(urls: str | list[str], body: dict, streams: int, rounds: int) -> dict:
+    """Run the streams from a process of its own (off this one's CPU) and return its figures."""
+    command = [sys.executable, "-m", "bench.streamgen", "--body", orjson.dumps(body).decode()]
+    for url in [urls] if isinstance(urls, str) else urls:
+        command += ["--url", url]
+    command += ["--streams", str(streams), "--rounds", str(rounds)]
+    out = subprocess.run(command, check=True, capture_output=True, text=True)
+    return orjson.loads(out.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--url", required=True)
+    parser.add_argument(
+        "--url", action="append", required=True, help="repeat to spread the clients over several"
+    )
     parser.add_argument("--body", required=True)
     parser.add_argument("--streams", type=int, required=True)
     parser.add_argument("--rounds", type=int, default=1)

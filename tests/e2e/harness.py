@@ -3,55 +3,38 @@
 The tests start two vLLM servers on 127.0.0.1 and the router on Serve in front of them, and
 stop what they started by pid. Re-runnable at once: the environment is reused while its stamp
 matches requirements-vllm.txt, the model while its files are there. If vLLM cannot be
-installed from the package registries, the e2e tests are skipped and this says so loudly.
+installed, this fails with pip's error: a green run always means the real server was tested.
+Only `E2E_ALLOW_SKIP=1` (for a machine that cannot reach the package registries; CI never sets
+it) turns that into a skip, and the summary line says SKIPPED.
 """
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
 
+from bench.venv import ensure_venv, run_quietly
 from tests.e2e.vllm_server import MODEL_DIR, ROOT, VLLM_PYTHON, stop_leftovers
 
 VENV = VLLM_PYTHON.parent.parent
-STAMP = VENV / ".installed-stamp"
 REQUIREMENTS = ROOT / "tests" / "e2e" / "requirements-vllm.txt"
 # Unused on CPU or broken with it (torchvision's ops fail to register against this torch).
 UNWANTED = ["torchvision", "torchaudio", "torchcodec", "triton"]
-
-
-def _run(command: list[str]) -> str | None:
-    """None when it succeeded, else the end of what it printed."""
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode == 0:
-        return None
-    return f"`{' '.join(command)}` exited {done.returncode}: {(done.stderr or done.stdout)[-2000:]}"
+ALLOW_SKIP_ENV = "E2E_ALLOW_SKIP"
 
 
 def install() -> str | None:
     """The vLLM environment; None when ready, else why it could not be made."""
-    wanted = REQUIREMENTS.read_text()
-    if STAMP.exists() and STAMP.read_text() == wanted:
-        return None
-    pip = [str(VLLM_PYTHON), "-m", "pip", "install", "-q"]
-    for step in (
-        [sys.executable, "-m", "venv", "--clear", str(VENV)],
-        [*pip, "--upgrade", "pip"],
-        [*pip, "-r", str(REQUIREMENTS)],
-        [str(VLLM_PYTHON), "-m", "pip", "uninstall", "-y", "-q", *UNWANTED],
-    ):
-        if (failed := _run(step)) is not None:
-            return failed
-    STAMP.write_text(wanted)
-    return None
+    return ensure_venv(VENV, REQUIREMENTS, UNWANTED)
 
 
 def make_model() -> str | None:
     if (MODEL_DIR / "a3" / "adapter_config.json").exists():
         return None
     script = ROOT / "tests" / "e2e" / "tiny_model.py"
-    return _run([str(VLLM_PYTHON), str(script), str(MODEL_DIR)])
+    return run_quietly([str(VLLM_PYTHON), str(script), str(MODEL_DIR)])
 
 
 def main() -> int:
@@ -60,9 +43,11 @@ def main() -> int:
     failed = install()
     timings["install_s"] = time.monotonic() - started
     if failed is not None:
-        banner = "!" * 78
-        print(f"{banner}\nE2E SKIPPED: vLLM could not be installed.\n{failed}\n{banner}")
-        return 0
+        if os.environ.get(ALLOW_SKIP_ENV) == "1":
+            print(f"{failed}\ne2e: SKIPPED ({ALLOW_SKIP_ENV}=1): vLLM could not be installed")
+            return 0
+        print(f"{failed}\ne2e: FAILED: vLLM could not be installed", file=sys.stderr)
+        return 1
     step = time.monotonic()
     if (failed := make_model()) is not None:
         print(f"e2e: the tiny model could not be made: {failed}", file=sys.stderr)

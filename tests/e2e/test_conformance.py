@@ -124,3 +124,9 @@ def test_lora_loads_it_cannot_do(upstream: str) -> None:
     assert bad_path["type"] == "NotFoundError" and "/nonexistent" in bad_path["message"]
     missing = error_of(*call(load, {"lora_name": "conformance-x"}))
     assert missing["code"] == 400 and missing["param"] == "body.lora_path"
+
+
+def test_health_is_an_empty_200(upstream: str) -> None:
+    """Routers probe it before sending traffic (vLLM's Rust router refuses to start without)."""
+    status, _, body = call(f"{upstream}/health")
+    assert (status, body) == (200, b"")
