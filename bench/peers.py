@@ -298,7 +298,8 @@ ROWS = [
 
 
 def table(report: dict) -> str:
-    """Markdown: a row per figure, a column per router; a peer that did not run says why."""
+    """Markdown: a row per figure, a column per router (throughput also as a share of the
+    direct path's); a peer that did not run says why."""
     results = report["routers"]
     names = list(results)
     lines = [
@@ -316,7 +317,10 @@ def table(report: dict) -> str:
             value = figures.get(key)
             if name == "direct" and figures and key.startswith("added_"):
                 value = 0.0  # the reference
-            cells.append("-" if value is None else fmt.format(value))
+            cell = "-" if value is None else fmt.format(value)
+            if (ratio := figures.get(f"{key}_ratio")) is not None:
+                cell += f" ({ratio:.2f}x)"  # of the direct path's
+            cells.append(cell)
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     for name in names:
         if "problem" in results[name]:
@@ -333,7 +337,13 @@ def main(argv: list[str] | None = None) -> int:
         "--routers", default=",".join(r.name for r in ROUTERS), help="comma-separated subset"
     )
     parser.add_argument("--cases", default=",".join(FAST_CASES + PACED_CASES))
+    parser.add_argument(
+        "--table", action="store_true", help="only print the table of the last bench/peers.json"
+    )
     args = parser.parse_args(argv)
+    if args.table:
+        print(table(orjson.loads(RESULTS.read_bytes())))
+        return 0
     wanted = args.routers.split(",")
     cases = args.cases.split(",")
     fast = tuple(c for c in FAST_CASES if c in cases)

@@ -6,27 +6,32 @@ tests can check what the router sent. Run alone: `python -m serve_app.demo_upstr
 
 Where it imitates vLLM (error bodies, the runtime LoRA API, `/v1/models`, the Responses and
 Anthropic Messages endpoints vLLM serves natively) it is held to a real
-vLLM by `tests/e2e/test_conformance.py`. Unlike vLLM it serves any model name unless `served`
-names its models, so that one demo process can stand in for many models.
+vLLM by `tests/e2e/test_conformance.py`; its Responses and Messages answers are vLLM's own,
+recorded in serve_app/recordings/, with its text and counts filled in. Unlike vLLM it serves any
+model name unless `served` names its models, so that one demo process can stand in for many
+models.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import copy
+import functools
+import hashlib
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Literal
 
 import orjson
 from aiohttp import web
 
-from serve_app.dialects.anthropic import error_body as anthropic_error
-from serve_app.dialects.internal import Answer, Usage
-from serve_app.dialects.translate import translation
-from serve_app.schemas import Endpoint
+from serve_app.dialects.base import now_iso
 
 Drop = Literal["before_headers", "mid_stream"]
 _NOT_INFERENCE = frozenset({"/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/api/pull"})
@@ -43,6 +48,8 @@ class Knobs:
     drop: Drop | None = None
     drop_after_chunks: int = 1
     hang: bool = False  # never answer (until stopped)
+    hold: bool = False  # answer once release() is called (a test keeps calls open at will)
+    hold_mid_stream: bool = False  # stream the first chunk, the rest once release() is called
     tool_call: bool = True  # answer a request with tools by calling its first tool
     embedding_dim: int = 8
     lora_fail_status: int | None = None  # /v1/load_lora_adapter answers with this status
@@ -84,6 +91,7 @@ class FakeUpstream:
 
     def __post_init__(self) -> None:
         self._stopping = asyncio.Event()
+        self._released = asyncio.Event()
         self._runner: web.AppRunner | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.port = 0
@@ -99,6 +107,7 @@ class FakeUpstream:
         r.add_post("/v1/messages", self._vllm_dialect)
         r.add_post("/v1/messages/count_tokens", self._vllm_dialect)
         r.add_get("/v1/models", self._openai_models)
+        r.add_get("/health", self._health)
         r.add_post("/v1/load_lora_adapter", self._load_lora)
         r.add_post("/v1/unload_lora_adapter", self._unload_lora)
         r.add_post("/api/chat", self._ollama)
@@ -120,6 +129,27 @@ class FakeUpstream:
             return await handler(request)
         finally:
             self.active -= 1
+
+    async def _held(self, request: web.Request) -> bool:
+        """Until release() (True) or the caller hangs up (False): aiohttp does not cancel a
+        handler whose client went away, so the connection is looked at between waits."""
+        released = self._released
+        while not released.is_set():
+            if request.transport is None or request.transport.is_closing():
+                return False
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(released.wait(), 0.05)
+        return True
+
+    def release(self) -> None:
+        """Answer the calls held by the `hold` knobs, and hold no more (from the test's thread)."""
+        self.knobs.hold = self.knobs.hold_mid_stream = False
+        assert self._loop is not None, "release() is for an upstream started in a thread"
+        self._loop.call_soon_threadsafe(self._release_held)
+
+    def _release_held(self) -> None:
+        self._released.set()  # wakes those waiting on it; later holds wait on a new one
+        self._released = asyncio.Event()
 
     @property
     def url(self) -> str:
@@ -179,11 +209,17 @@ class FakeUpstream:
             self.requests.append(Recorded(request.path, dict(request.headers), body))
         return body
 
-    async def _misbehave(self, request: web.Request) -> web.StreamResponse | None:
-        """Latency, hangs, failures and early drops; None when the call should be answered."""
+    async def _misbehave(
+        self, request: web.Request, ollama: bool = False
+    ) -> web.StreamResponse | None:
+        """Latency, hangs, failures and early drops; None when the call should be answered.
+        Failures are in Ollama's shape for its handlers (`ollama`), else in OpenAI's."""
         k = self.knobs
         if k.hang:
             await self._stopping.wait()
+        if k.hold and not await self._held(request):
+            self.disconnects += 1  # the caller hung up while held
+            return web.Response()
         if k.latency_s:
             await asyncio.sleep(k.latency_s)
         if k.drop == "before_headers":
@@ -194,6 +230,9 @@ class FakeUpstream:
             if k.fail_times is not None:
                 k.fail_times -= 1
             headers = {"retry-after": k.retry_after} if k.retry_after else None
+            if ollama:
+                message = f"{self.name} failing on purpose"
+                return _ollama_error(k.fail_status, message, headers)
             return web.json_response(
                 {
                     "error": {
@@ -237,6 +276,9 @@ class FakeUpstream:
                     request.transport.close()
                     return resp
                 await resp.write(line)
+                if i == 0 and self.knobs.hold_mid_stream and not await self._held(request):
+                    self.disconnects += 1  # the caller hung up while held
+                    return resp
                 if self.knobs.chunk_delay_s:
                     await asyncio.sleep(self.knobs.chunk_delay_s)
             await resp.write_eof()
@@ -316,34 +358,48 @@ class FakeUpstream:
         return await self._stream_lines(request, "text/event-stream", lines)
 
     async def _vllm_dialect(self, request: web.Request) -> web.StreamResponse:
-        """Responses and Anthropic Messages, which vLLM serves natively: answered in their
-        shapes, through the router's own translations of the same answer as a chat."""
+        """Responses and Anthropic Messages, which vLLM serves natively: a real vLLM's recorded
+        answers (serve_app/recordings/, by tests/e2e/record_wire.py) with the demo's text, ids,
+        model and counts filled in, so that what passes through the router to the demo has
+        vLLM's shape rather than the router's own idea of it."""
         body = await self._record(request)
         bad = await self._misbehave(request)
         if bad is not None:
             return bad
-        endpoint = Endpoint(request.path.removeprefix("/v1/"))
+        stems = _DIALECT_RECORDINGS[request.path]
         model = body.get("model")
-        if not self._serves(model):
-            message = f"The model `{model}` does not exist."
-            if endpoint.dialect == "anthropic":  # vLLM answers these in Anthropic's shape
-                return web.json_response(anthropic_error(404, message), status=404)
-            return _vllm_error(404, "NotFoundError", message, param="model")
-        stream = bool(body.get("stream"))
-        t = translation(endpoint, body, stream)
-        text = self._reply_text(t.body)
+        if not self._serves(model):  # in Anthropic's shape on /v1/messages*, as vLLM
+            status, error = _recorded_error(stems.error, f"The model `{model}` does not exist.")
+            return web.json_response(error, status=status)
+        text = self._reply_text({"messages": _dialect_messages(request.path, body)})
         pieces = self._pieces(text)
-        usage = {"prompt_tokens": 5, "completion_tokens": len(pieces)}
-        if not stream:
-            answer = Answer(text=text, finish="stop", usage=Usage.of(usage))
-            return web.json_response(t.unary(answer, {}))
-        writer = t.writer()
-        lines = [writer.start()]
-        for piece in pieces:
-            lines.append(writer.deltas(writer.reader.read(_chunk({"content": piece}))))
-        writer.reader.read(_chunk({}, "stop") | {"usage": usage})
-        lines.append(writer.end())
-        return await self._stream_lines(request, "text/event-stream", lines)
+        unary = _recorded(stems.unary)
+        fill = _Fill(
+            text, str(model), _DEMO_PROMPT_TOKENS, len(pieces), body, unary["request"]["body"]
+        )
+        if stems.stream is None:  # count_tokens: only the prompt's count
+            return web.json_response(fill.usage(unary["body"]))
+        if not body.get("stream"):
+            return web.json_response(fill.fill(unary["body"], _recorded_text(unary["body"])))
+        events = _recorded_stream(stems.stream)
+        recorded_text = "".join(_delta_text(data) for _, data in events if _is_delta(data))
+        lines: list[tuple[str | None, dict[str, Any]]] = []
+        deltas_done = False
+        for name, data in events:
+            if _is_delta(data):  # the recorded deltas, replaced by one per demo piece
+                if not deltas_done:
+                    lines += [(name, _with_delta(fill.fill(data, ""), p)) for p in pieces]
+                deltas_done = True
+                continue
+            lines.append((name, fill.fill(data, recorded_text)))
+        for i, (_, data) in enumerate(lines):
+            if "sequence_number" in data:
+                data["sequence_number"] = i
+        return await self._stream_lines(
+            request,
+            "text/event-stream; charset=utf-8",
+            [_sse(name, data) for name, data in lines],
+        )
 
     def _vector(self, text: str) -> list[float]:
         return [float((len(text) + i) % 7) for i in range(self.knobs.embedding_dim)]
@@ -379,6 +435,10 @@ class FakeUpstream:
             return model in self.served
         # Names with "@" are the router's LoRA names: like vLLM, refuse one not loaded.
         return not (isinstance(model, str) and "@" in model)
+
+    async def _health(self, request: web.Request) -> web.StreamResponse:
+        """vLLM's liveness route (200, empty body): routers probe it before sending traffic."""
+        return web.Response()
 
     async def _openai_models(self, request: web.Request) -> web.StreamResponse:
         def entry(name: str, root: str, parent: str | None) -> dict[str, Any]:
@@ -429,17 +489,42 @@ class FakeUpstream:
         return web.Response(text=f"Success: LoRA adapter '{name}' removed successfully.")
 
     # ---- Ollama -----------------------------------------------------------------------------
+    # Held to a real Ollama's wire format by tests/test_ollama_wire.py (tests/wire/ollama_*.json).
+    def _on_disk(self) -> list[str]:
+        """Ollama's models on disk: its own name, `served` and what was pulled."""
+        return [self.name, *sorted({*(self.served or ()), *self.pulled} - {self.name})]
+
+    def _ollama_has(self, model: object) -> bool:
+        """Whether Ollama would find `model` (`llama3` is `llama3:latest`). With `served` None it
+        serves any name, as on the OpenAI side."""
+        if self.served is None:
+            return True
+        return isinstance(model, str) and _tagged(model) in {_tagged(n) for n in self._on_disk()}
+
     async def _ollama(self, request: web.Request) -> web.StreamResponse:
+        started = time.monotonic_ns()
         body = await self._record(request)
-        bad = await self._misbehave(request)
+        bad = await self._misbehave(request, ollama=True)
         if bad is not None:
             return bad
+        model = body.get("model")
+        if not self._ollama_has(model):
+            return _ollama_error(404, f"model '{model}' not found")
         chat = request.path == "/api/chat"
         text = self._reply_text(body)
-        base = {"model": body.get("model"), "created_at": "2026-01-01T00:00:00Z"}
+        base = {"model": model, "created_at": now_iso()}
         tools = body.get("tools") if chat and self.knobs.tool_call else None
         calls = (
-            [{"function": {"name": tools[0]["function"]["name"], "arguments": {"echo": text}}}]
+            [
+                {
+                    "id": f"call_{uuid.uuid4().hex[:8]}",
+                    "function": {
+                        "index": 0,
+                        "name": tools[0]["function"]["name"],
+                        "arguments": {"echo": text},
+                    },
+                }
+            ]
             if tools
             else None
         )
@@ -447,8 +532,7 @@ class FakeUpstream:
             **base,
             "done": True,
             "done_reason": "stop",
-            "prompt_eval_count": 5,
-            "eval_count": len(self._pieces(text)),
+            **_ollama_metrics(started, 5, len(self._pieces(text))),
         }
         if body.get("stream", True) is False:
             if chat:
@@ -481,32 +565,46 @@ class FakeUpstream:
         return await self._stream_lines(request, "application/x-ndjson", lines)
 
     async def _ollama_embed(self, request: web.Request) -> web.StreamResponse:
+        started = time.monotonic_ns()
         body = await self._record(request)
-        bad = await self._misbehave(request)
+        bad = await self._misbehave(request, ollama=True)
         if bad is not None:
             return bad
+        model = body.get("model")
+        if not self._ollama_has(model):
+            return _ollama_error(404, f"model '{model}' not found")
         inputs = body.get("input")
-        items = [inputs] if isinstance(inputs, str) else inputs or []
+        items = ([inputs] if inputs else []) if isinstance(inputs, str) else inputs or []
+        if not isinstance(items, list) or any(not isinstance(x, str) for x in items):
+            return _ollama_error(400, "invalid input type")
+        if not items:  # Ollama answers an empty input without the counts
+            return web.json_response({"model": model, "embeddings": []})
+        metrics = _ollama_metrics(started, len(items), 0)
         return web.json_response(
             {
-                "model": body.get("model"),
+                "model": model,
                 "embeddings": [self._vector(x) for x in items],
+                "total_duration": metrics["total_duration"],
+                "load_duration": metrics["load_duration"],
                 "prompt_eval_count": len(items),
             }
         )
 
     async def _ollama_tags(self, request: web.Request) -> web.StreamResponse:
         if self.knobs.tags_status is not None:
-            return web.json_response({"error": "tags failing"}, status=self.knobs.tags_status)
-        return self._model_list()
+            return _ollama_error(self.knobs.tags_status, "tags failing")
+        return web.json_response({"models": [_ollama_model(n) for n in self._on_disk()]})
 
     async def _ollama_ps(self, request: web.Request) -> web.StreamResponse:
         """The models in memory: as on disk (it loads nothing)."""
-        return self._model_list()
-
-    def _model_list(self) -> web.Response:
-        names = [self.name, *sorted(self.pulled)]
-        return web.json_response({"models": [{"name": n, "model": n} for n in names]})
+        expires = (datetime.now(timezone.utc) + timedelta(minutes=5)).isoformat()
+        running = {"expires_at": expires.replace("+00:00", "Z"), "context_length": 4096}
+        models = []
+        for name in self._on_disk():
+            entry = _ollama_model(name)
+            del entry["modified_at"]
+            models.append(entry | running | {"size_vram": entry["size"]})
+        return web.json_response({"models": models})
 
     async def _vllm_metrics(self, request: web.Request) -> web.StreamResponse:
         """vLLM's load gauges (names and labels as a real vLLM 0.32 writes them)."""
@@ -529,6 +627,7 @@ class FakeUpstream:
         await resp.prepare(request)
         await resp.write(orjson.dumps({"status": "pulling manifest"}) + b"\n")
         total = 1000 * k.pull_steps
+        digest = "sha256:" + hashlib.sha256(str(name).encode()).hexdigest()
         for step in range(1, k.pull_steps + 1):
             if k.pull_step_s:
                 await asyncio.sleep(k.pull_step_s)
@@ -537,16 +636,255 @@ class FakeUpstream:
                 await resp.write(orjson.dumps(line) + b"\n")
                 await resp.write_eof()
                 return resp
-            line = {"status": "downloading", "digest": "sha256:0", "total": total}
+            # As Ollama's download.go: "pulling " and the digest's first 12 hex digits.
+            line = {"status": f"pulling {digest[7:19]}", "digest": digest, "total": total}
             await resp.write(orjson.dumps({**line, "completed": 1000 * step}) + b"\n")
+        for status in ("verifying sha256 digest", "writing manifest"):
+            await resp.write(orjson.dumps({"status": status}) + b"\n")
         self.pulled.add(str(name))
         await resp.write(orjson.dumps({"status": "success"}) + b"\n")
         await resp.write_eof()
         return resp
 
 
-def _chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
-    return {"choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+def _tagged(name: str) -> str:
+    """Ollama's full name of a model: `llama3` is `llama3:latest` (a tag follows the last `/`)."""
+    return name if ":" in name.rsplit("/", 1)[-1] else f"{name}:latest"
+
+
+def _ollama_model(name: str) -> dict[str, Any]:
+    """One model as Ollama's /api/tags lists it (api.ListModelResponse, without the omitempty
+    capabilities), under its full name; sizes and digest are made up but of Ollama's types."""
+    full = _tagged(name)
+    return {
+        "name": full,
+        "model": full,
+        "modified_at": "2026-01-01T00:00:00Z",
+        "size": 1_321_098_329,
+        "digest": hashlib.sha256(full.encode()).hexdigest(),
+        "details": {
+            "parent_model": "",
+            "format": "gguf",
+            "family": "llama",
+            "families": ["llama"],
+            "parameter_size": "1.2B",
+            "quantization_level": "Q4_K_M",
+        },
+    }
+
+
+def _ollama_metrics(started_ns: int, prompt: int, evals: int) -> dict[str, int]:
+    """The done line's counts. Ollama's durations are integer nanoseconds and zero ones are
+    dropped (omitempty), so each is at least 1."""
+    total = max(4, time.monotonic_ns() - started_ns)
+    return {
+        "total_duration": total,
+        "load_duration": total // 4,
+        "prompt_eval_count": prompt,
+        "prompt_eval_duration": total // 4,
+        "eval_count": evals,
+        "eval_duration": total // 2,
+    }
+
+
+def _ollama_error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    """Ollama's error body, whatever the status: `{"error": "..."}` (gin.H in its routes.go)."""
+    return web.json_response({"error": message}, status=status, headers=headers)
+
+
+# ---- vLLM's Responses and Messages answers, from its recorded ones ------------------------------
+# A real vLLM's answers (recorded by tests/e2e/record_wire.py), shipped with the package.
+RECORDINGS = Path(__file__).with_name("recordings")
+_DEMO_PROMPT_TOKENS = 5  # the demo's prompt count everywhere, as `_openai`
+# Fields of a Responses object that echo the request (vLLM's ResponsesResponse.from_request):
+# the request's value when it has one, else the recorded one.
+_ECHOED = (
+    "background",
+    "instructions",
+    "max_output_tokens",
+    "max_tool_calls",
+    "metadata",
+    "parallel_tool_calls",
+    "previous_response_id",
+    "reasoning",
+    "service_tier",
+    "temperature",
+    "text",
+    "tool_choice",
+    "tools",
+    "top_logprobs",
+    "top_p",
+    "truncation",
+    "user",
+)
+
+
+@dataclass(frozen=True)
+class _Stems:
+    """The recordings one route's answers are made from (file stems under RECORDINGS)."""
+
+    unary: str
+    stream: str | None
+    error: str
+
+
+_DIALECT_RECORDINGS = {
+    "/v1/responses": _Stems(
+        "vllm_responses", "vllm_responses_stream", "vllm_responses_error_model"
+    ),
+    "/v1/messages": _Stems("vllm_messages", "vllm_messages_stream", "vllm_messages_error_model"),
+    "/v1/messages/count_tokens": _Stems("vllm_count_tokens", None, "vllm_count_tokens_error_model"),
+}
+RECORDED_STEMS = frozenset(
+    stem for s in _DIALECT_RECORDINGS.values() for stem in (s.unary, s.stream, s.error) if stem
+)
+
+
+@functools.cache
+def _recorded(stem: str) -> dict[str, Any]:
+    """A JSON recording: {request, status, content_type, body}, read on first use."""
+    return orjson.loads((RECORDINGS / f"{stem}.json").read_bytes())
+
+
+@functools.cache
+def _recorded_stream_cached(stem: str) -> tuple[tuple[str | None, bytes], ...]:
+    """A stream recording's events, unparsed: read once, parsed per answer."""
+    events: list[tuple[str | None, bytes]] = []
+    for block in (RECORDINGS / f"{stem}.txt").read_bytes().split(b"\n\n"):
+        name, data = None, None
+        for line in block.split(b"\n"):
+            if line.startswith(b"event: "):
+                name = line[7:].decode()
+            elif line.startswith(b"data: "):
+                data = line[6:]
+        if data is not None:  # the header's comment lines have none
+            events.append((name, data))
+    return tuple(events)
+
+
+def _recorded_stream(stem: str) -> list[tuple[str | None, dict[str, Any]]]:
+    """A recorded SSE stream as (event name, data) pairs, parsed anew (callers change them)."""
+    return [(name, orjson.loads(data)) for name, data in _recorded_stream_cached(stem)]
+
+
+def _recorded_error(stem: str, message: str) -> tuple[int, dict[str, Any]]:
+    """The recorded unknown-model error (status, body) with the demo's message."""
+    doc = _recorded(stem)
+    body = copy.deepcopy(doc["body"])
+    body["error"]["message"] = message
+    return doc["status"], body
+
+
+def _recorded_text(answer: dict[str, Any]) -> str:
+    """The text of a recorded unary answer (Responses output items or Messages blocks)."""
+    parts = answer.get("content") or [
+        p for item in answer.get("output") or [] for p in item.get("content") or []
+    ]
+    return "".join(p.get("text") or "" for p in parts)
+
+
+def _is_delta(data: dict[str, Any]) -> bool:
+    return data.get("type") in ("response.output_text.delta", "content_block_delta")
+
+
+def _delta_text(data: dict[str, Any]) -> str:
+    delta = data["delta"]
+    return delta if isinstance(delta, str) else delta.get("text") or ""
+
+
+def _with_delta(data: dict[str, Any], piece: str) -> dict[str, Any]:
+    if isinstance(data["delta"], str):  # Responses
+        data["delta"] = piece
+    else:  # Anthropic: {"type": "text_delta", "text": ...}
+        data["delta"]["text"] = piece
+    return data
+
+
+def _sse(name: str | None, data: dict[str, Any]) -> bytes:
+    head = f"event: {name}\n".encode() if name else b""
+    return head + b"data: " + orjson.dumps(data) + b"\n\n"
+
+
+def _dialect_messages(path: str, body: dict[str, Any]) -> list[Any]:
+    """The request's conversation as chat-like messages, for `_reply_text`: a Responses input
+    (a string, or items with a role and text parts) or Anthropic's messages (text blocks)."""
+    if path == "/v1/responses":
+        items = body.get("input")
+        if isinstance(items, str):
+            return [{"role": "user", "content": items}]
+        return [i for i in items or [] if isinstance(i, dict)]
+    return [m for m in body.get("messages") or [] if isinstance(m, dict)]
+
+
+@dataclass
+class _Fill:
+    """Turns a recorded vLLM answer into the demo's: its text, fresh ids (the recorded ids'
+    prefixes kept, one new id per recorded one), the model asked for, its counts, and a finished
+    answer (the recording was cut by max tokens; the demo always ends its text itself)."""
+
+    text: str
+    model: str
+    prompt: int
+    completion: int
+    request: dict[str, Any]
+    recorded_request: dict[str, Any]
+    ids: dict[str, str] = field(default_factory=dict)
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def fill(self, node: Any, recorded_text: str) -> Any:
+        if isinstance(node, list):
+            return [self.fill(x, recorded_text) for x in node]
+        if not isinstance(node, dict):
+            return node
+        out: dict[str, Any] = {}
+        for key, value in node.items():
+            if key == "usage" and isinstance(value, dict):
+                value = self.usage(value)
+            elif key in ("id", "item_id") and isinstance(value, str):
+                value = self._id(value)
+            elif key == "model":
+                value = self.model
+            elif key in ("created_at", "created") and isinstance(value, int):
+                value = self.created
+            elif key == "text" and value == recorded_text and recorded_text:
+                value = self.text
+            elif key == "status" and value == "incomplete":
+                value = "completed"
+            elif key == "incomplete_details":
+                value = None
+            elif key == "stop_reason" and value == "max_tokens":
+                value = "end_turn"
+            else:
+                value = self.fill(value, recorded_text)
+            out[key] = value
+        if out.get("object") == "response":  # vLLM echoes the request; null where the demo's
+            for key in _ECHOED:  # request left out what the recorded one set
+                if key in out and key in self.request:
+                    out[key] = self.request[key]
+                elif key in out and key in self.recorded_request:
+                    out[key] = None
+        return out
+
+    def usage(self, node: dict[str, Any]) -> dict[str, Any]:
+        """Counts in a recorded usage (or count_tokens) object: the demo's prompt and completion,
+        a completion still 0 where the recording's was (Anthropic's message_start)."""
+        out = dict(node)
+        for key in ("input_tokens", "original_input_tokens"):
+            if key in out:
+                out[key] = self.prompt
+        if "context_management" in out and isinstance(out["context_management"], dict):
+            out["context_management"] = self.usage(out["context_management"])
+        if out.get("output_tokens"):
+            out["output_tokens"] = self.completion
+        if "total_tokens" in out:
+            out["total_tokens"] = out.get("input_tokens", 0) + out.get("output_tokens", 0)
+        return out
+
+    def _id(self, recorded: str) -> str:
+        if recorded not in self.ids:
+            cut = max(recorded.rfind("_"), recorded.rfind("-")) + 1
+            self.ids[recorded] = recorded[:cut] + uuid.uuid4().hex[:16]
+        return self.ids[recorded]
 
 
 def _vllm_error(status: int, type_: str, message: str, param: str | None = None) -> web.Response:

@@ -57,8 +57,10 @@ def test_requests_per_minute_add_up_to_the_limit_across_holders() -> None:
         served += 1
         used[holder] = Used(requests=1)
     assert served == 10  # exactly: what holders did not use came back with their next take
+    assert ledger.takers(record, T0 + 1) == ["a", "b"]
     next_minute = ledger.take(record, "a", 1, Used(), T0 + WINDOW_S)
     assert next_minute.refusal is None
+    assert ledger.takers(record, T0 + WINDOW_S) == ["a"]  # a new minute, new takers
 
 
 def test_a_lease_never_returned_counts_in_full_until_the_grace_ends_then_the_window() -> None:

@@ -170,9 +170,7 @@ async def test_a_restarted_server_gets_its_adapters_back_and_no_adapter_request_
         pool.va.knobs.lora_load_s = 1.0  # a window in which va answers but lacks the adapter
         mark = len(pool.va.requests)
         await asyncio.to_thread(pool.va.start_in_thread, pool.va.port)
-        started = time.monotonic()
-        await _until(lambda: "va" in _loaded("back"), 10, "back@v1 loaded on va again")
-        assert time.monotonic() - started < 10
+        await _until(lambda: "va" in _loaded("back"), 60, "back@v1 loaded on va again")
         await _until(lambda: any(r[1] == "va" for r in results[-10:]), 10, "va serving back")
     finally:
         stop.set()
@@ -240,7 +238,7 @@ async def _delete(
 async def test_a_deleted_adapter_answers_404_and_is_unloaded_once_unused(pool: Pool, http) -> None:
     body = {"base_model": "m/base", "name": "gone", "source": lora_dir("gone")}
     assert (await _register(http, pool.url, body))[0] == 201
-    pool.va.knobs.latency_s = pool.vb.knobs.latency_s = 1.5
+    pool.va.knobs.hold = pool.vb.knobs.hold = True  # the request on it stays until released
     try:
         slow = asyncio.create_task(_ask(http, pool.url, "gone"))
         await _until(lambda: pool.va.active + pool.vb.active == 1, 10, "a request on gone")
@@ -250,9 +248,10 @@ async def test_a_deleted_adapter_answers_404_and_is_unloaded_once_unused(pool: P
         assert (await _ask(http, pool.url, "gone"))[0] == 404
         # Still loaded while a request uses it.
         assert "gone@v1" in pool.va.loras and "gone@v1" in pool.vb.loras
-        assert (await slow)[0] == 200
     finally:
-        pool.va.knobs.latency_s = pool.vb.knobs.latency_s = 0.0
+        pool.va.release()
+        pool.vb.release()
+    assert (await slow)[0] == 200
     for up in (pool.va, pool.vb):
         await _until(lambda up=up: "gone@v1" not in up.loras, 15, f"gone@v1 unloaded on {up.name}")
     async with http.get(f"{pool.url}/api/v1/adapters", headers=ADMIN) as resp:
@@ -266,17 +265,21 @@ async def test_a_rolling_update_under_load_fails_nothing_and_serves_nothing_stal
 ) -> None:
     body = {"base_model": "m/base", "name": "roll", "source": lora_dir("roll-1")}
     assert (await _register(http, pool.url, body))[0] == 201
-    total, workers = 400, 8
+    before, after_ack, workers = 130, 50, 8
     done: list[tuple[float, int, str]] = []
     halfway = asyncio.Event()
     acked_at: list[float] = []
 
+    def enough() -> bool:  # requests sent after the update's acknowledgement, however long it took
+        return bool(acked_at) and sum(1 for d in done if d[0] > acked_at[0]) >= after_ack
+
     async def worker() -> None:
-        while len(done) + workers <= total:
+        while not enough():
+            assert len(done) < 20_000, "the update was never acknowledged"
             sent = time.monotonic()
             status, _, served = await _ask(http, pool.url, "roll")
             done.append((sent, status, served))
-            if len(done) >= total // 3:
+            if len(done) >= before:
                 halfway.set()
 
     async def update() -> None:
@@ -286,10 +289,8 @@ async def test_a_rolling_update_under_load_fails_nothing_and_serves_nothing_stal
         assert status == 201 and answer["unconfirmed_replicas"] == [], answer
 
     await asyncio.gather(update(), *(worker() for _ in range(workers)))
-    assert len(done) >= total - workers
     assert [d for d in done if d[1] != 200] == []
     after = [served for sent, _, served in done if sent > acked_at[0]]
-    assert len(after) >= 50, "the update finished too late to test anything"
     assert set(after) == {"roll@v2"}
     assert {served for _, _, served in done} == {"roll@v1", "roll@v2"}
 

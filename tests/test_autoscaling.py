@@ -1,6 +1,7 @@
 """Serve autoscaling of the ingress and of a model type's router, on real Serve: load raises
 both to their maximum, a trickle brings both back to their minimum, and no request fails
-meanwhile, streams included (each must end with [DONE])."""
+meanwhile, streams included (each must end with [DONE]); a stream that began before the first
+replica stopped ends after, whole."""
 
 from __future__ import annotations
 
@@ -42,9 +43,14 @@ async def test_load_scales_ingress_and_router_up_and_idle_down_with_nothing_fail
 ) -> None:
     upstream = upstream_factory("auto")
     upstream.knobs = Knobs(latency_s=0.2, chunk_delay_s=0.05, chunks=4)
+    span = upstream_factory("auto-span")  # its streams wait after their first chunk
+    span.knobs = Knobs(chunks=4, hold_mid_stream=True)
     config = {
-        TYPE: {"m/auto": {"providers": [provider("auto-1", upstream.url)]}},
-        "active_models": {TYPE: ["m/auto"]},
+        TYPE: {
+            "m/auto": {"providers": [provider("auto-1", upstream.url)]},
+            "m/span": {"providers": [provider("auto-span", span.url)]},
+        },
+        "active_models": {TYPE: ["m/auto", "m/span"]},
         "routing": {TYPE: {"autoscaling": SCALING, "drain_timeout_s": 30}},
     }
     deploy(serve_url, config, ingress_autoscaling=SCALING)
@@ -68,15 +74,45 @@ async def test_load_scales_ingress_and_router_up_and_idle_down_with_nothing_fail
     async def scaled_to(count: int) -> bool:
         return _running() == {ingress: count, router: count}
 
+    begun = asyncio.Event()
+
+    async def spanning() -> bytes:
+        body = {"model": "m/span", "messages": [{"role": "user", "content": "x"}], "stream": True}
+        async with http.post(f"{serve_url}/v1/chat/completions", json=body) as resp:
+            assert resp.status == 200
+            first = await resp.content.readany()
+            begun.set()
+            return first + await resp.read()
+
+    async def stopping() -> bool:
+        app = serve.status().applications[APP_NAME]
+        states = [d.replica_states for d in app.deployments.values()]
+        return any(s.get(ReplicaState.STOPPING, 0) for s in states) or not await scaled_to(2)
+
     heavy = asyncio.Event()
     clients = [asyncio.create_task(client(i % 2 == 0, heavy)) for i in range(12)]
+    held: asyncio.Task[bytes] | None = None
     try:
         await until(lambda: scaled_to(2), "both deployments at 2 replicas under load", 90)
+        # One stream, held after its first chunk, spans the first replica's stop: it begins
+        # while both deployments run 2 replicas, and is let go once one is stopping (a
+        # stopping replica drains what it carries).
+        held = asyncio.create_task(spanning())
+        await asyncio.wait_for(begun.wait(), 30)
+        assert await scaled_to(2)
     finally:
         heavy.set()
         await asyncio.gather(*clients)
+    assert held is not None
+    try:
+        await until(stopping, "a replica to begin stopping", 90)
+        assert not held.done()
+    finally:
+        span.release()
+    assert (await held).rstrip().endswith(b"data: [DONE]")
+    assert failures == [], failures[:5]
+    assert done["stream"] > 10 and done["unary"] > 10
     light = asyncio.Event()
-    before = done["stream"]
     trickle = asyncio.create_task(client(True, light))  # one stream at a time while it shrinks
     try:
         await until(lambda: scaled_to(1), "both deployments back at 1 replica", 90)
@@ -84,5 +120,3 @@ async def test_load_scales_ingress_and_router_up_and_idle_down_with_nothing_fail
         light.set()
         await trickle
     assert failures == [], failures[:5]
-    assert done["stream"] > 10 and done["unary"] > 10
-    assert done["stream"] > before  # streams ran while replicas were stopped

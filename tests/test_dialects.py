@@ -221,7 +221,10 @@ def test_ollama_chat_answers_unary_and_streamed() -> None:
     assert doc["message"] == {
         "role": "assistant",
         "content": "Hi there",
-        "tool_calls": [{"function": {"name": "get", "arguments": {"a": 1}}}],
+        # Ollama's shape: the upstream's call id, and the call's index in the message.
+        "tool_calls": [
+            {"id": "call_x", "function": {"index": 0, "name": "get", "arguments": {"a": 1}}}
+        ],
     }
     assert (doc["done"], doc["done_reason"], doc["prompt_eval_count"], doc["eval_count"]) == (
         True,

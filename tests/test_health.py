@@ -27,13 +27,14 @@ class Pool:
     h1: FakeUpstream
     h2: FakeUpstream
     slow: FakeUpstream
+    busy: FakeUpstream
+    spare: FakeUpstream
 
 
 @pytest.fixture(scope="module")
 def pool(serve_url: str, upstream_factory) -> Pool:
     h1, h2, slow = (upstream_factory(n) for n in ("h1", "h2", "slow-h"))
     busy, spare = (upstream_factory(n) for n in ("busy", "spare"))
-    busy.knobs = spare.knobs = Knobs(latency_s=1.0)
     config = {
         TYPE: {
             "m/h": {"providers": [provider("h1", h1.url), provider("h2", h2.url, weight=0)]},
@@ -60,7 +61,7 @@ def pool(serve_url: str, upstream_factory) -> Pool:
         },
     }
     deploy(serve_url, config)
-    return Pool(serve_url, h1, h2, slow)
+    return Pool(serve_url, h1, h2, slow, busy, spare)
 
 
 @pytest.fixture(autouse=True)
@@ -130,7 +131,19 @@ async def test_failing_requests_trip_the_circuit_even_when_probes_pass(pool: Poo
 
 
 async def test_at_the_concurrency_limit_sleeping_providers_then_429(pool: Pool, http) -> None:
-    results = await asyncio.gather(*(_ask(http, pool.url, "m/busy") for _ in range(5)))
+    pool.busy.knobs = Knobs(hold=True)
+    pool.spare.knobs = Knobs(hold=True)
+    calls = [asyncio.ensure_future(_ask(http, pool.url, "m/busy")) for _ in range(5)]
+
+    async def full() -> bool:  # every slot taken and held, the rest answered
+        return (pool.busy.active, pool.spare.active, sum(c.done() for c in calls)) == (2, 1, 2)
+
+    try:
+        await until(full, "two calls on busy, one on spare, two refused")
+    finally:
+        pool.busy.release()
+        pool.spare.release()
+    results = await asyncio.gather(*calls)
     served = sorted(h["x-router-provider"] for status, h, _ in results if status == 200)
     assert served == ["busy", "busy", "spare"]
     refused = [(h, orjson.loads(body)) for status, h, body in results if status == 429]
@@ -177,6 +190,9 @@ async def test_metrics_cover_requests_providers_latency_and_circuits(pool: Pool,
     pool.h2.knobs = Knobs()
     for _ in range(5):
         assert (await _ask(http, pool.url))[0] == 200
+    pool.h1.knobs = Knobs(fail_status=503, fail_times=1)  # one failover, to h2
+    status, headers, _ = await _ask(http, pool.url)
+    assert (status, headers["x-router-provider"]) == (200, "h2")
 
     async def scraped() -> str:
         async with http.get(f"{pool.url}/metrics") as resp:
@@ -187,7 +203,11 @@ async def test_metrics_cover_requests_providers_latency_and_circuits(pool: Pool,
     async def counted() -> bool:
         text = await scraped()
         ok = _samples(text, "llm_router_upstream_attempts_total")
-        return ok.get('llm_router_upstream_attempts_total{outcome="ok",provider="h1"}', 0) >= 5
+        failovers = _samples(text, "llm_router_failovers_total")
+        return (
+            ok.get('llm_router_upstream_attempts_total{outcome="ok",provider="h1"}', 0) >= 5
+            and failovers.get('llm_router_failovers_total{model="m/h"}', 0) >= 1
+        )
 
     await until(counted, "router replicas to push their totals")
     text = await scraped()
@@ -198,11 +218,11 @@ async def test_metrics_cover_requests_providers_latency_and_circuits(pool: Pool,
     )
     buckets = _samples(text, "llm_router_request_duration_seconds_bucket")
     assert buckets['llm_router_request_duration_seconds_bucket{le="+Inf",model="m/h"}'] >= 5
-    assert 'llm_router_time_to_first_token_seconds_count{model="m/h"}' in text
+    ttft = _samples(text, "llm_router_time_to_first_token_seconds_count")
+    assert ttft['llm_router_time_to_first_token_seconds_count{model="m/h"}'] >= 6
     assert 'llm_router_provider_in_flight{provider="h1"} 0.0' in text
     assert 'llm_router_circuit_state{provider="h2"} 0.0' in text
     assert 'llm_router_provider_probe_up{provider="h2"} 1.0' in text
-    assert "llm_router_failovers_total" in text
 
 
 async def test_the_request_id_is_returned_and_logged(pool: Pool, http) -> None:

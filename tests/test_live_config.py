@@ -15,7 +15,7 @@ import pytest
 import ray
 
 from serve_app.demo_upstream import FakeUpstream, Knobs
-from tests.conftest import ADMIN, REGISTRY, deploy, provider, wait_for
+from tests.conftest import ADMIN, REGISTRY, deploy, provider, until
 
 pytestmark = pytest.mark.serve
 
@@ -125,22 +125,38 @@ async def test_a_weight_change_reaches_both_router_replicas(live: Live, http, re
 async def test_streams_in_flight_finish_when_their_provider_is_removed(
     live: Live, http, restore
 ) -> None:
+    slow = live.ups["slow"]
+    slow.knobs = Knobs(chunks=5, hold_mid_stream=True)  # each stream waits after its first chunk
+    begun = 0
+
     async def stream() -> tuple[int, str]:
+        nonlocal begun
         body = {
             "model": "m/slow",
             "messages": [{"role": "user", "content": "abcde"}],
             "stream": True,
         }
         async with http.post(f"{live.url}/v1/chat/completions", json=body) as resp:
-            return resp.status, await resp.text()
+            first = await resp.content.readany()
+            begun += 1
+            return resp.status, (first + await resp.read()).decode()
 
     streams = [asyncio.ensure_future(stream()) for _ in range(6)]
-    await asyncio.to_thread(wait_for, lambda: live.ups["slow"].calls >= 6, 10, "streams to start")
-    config = live.config()
-    config[TYPE]["m/slow"]["providers"] = [provider("fresh", live.ups["fresh"].url)]
-    live.write(config)
-    code, _ = await _reload(live)
-    assert code == 200
+    try:
+
+        async def all_begun() -> bool:
+            return begun == 6
+
+        await until(all_begun, "every stream's first bytes to reach its client")
+        config = live.config()
+        config[TYPE]["m/slow"]["providers"] = [provider("fresh", live.ups["fresh"].url)]
+        live.write(config)
+        code, _ = await _reload(live)
+        assert code == 200
+        assert not any(s.done() for s in streams)  # each began before the reload, ends after
+    finally:
+        slow.release()
+        slow.knobs = Knobs(chunks=5, chunk_delay_s=0.2)
     for status, text in await asyncio.gather(*streams):
         assert status == 200 and text.endswith("data: [DONE]\n\n")
         assert _content(text) == "slow: abcde"

@@ -238,7 +238,8 @@ def test_stale_haproxy_of_a_killed_run_is_stopped(runs: Callable[[list[str]], Ru
         assert not stale.is_running()
         assert chat(port) == 200  # the router now, not the stale "stale" answer
         run.ctrl_c()
-        assert run.wait(30) and run.proc.returncode == 0
+        run.wait(30)  # raises if it has not exited by then
+        assert run.proc.returncode == 0, run.output()[-2000:]
     finally:
         with contextlib.suppress(psutil.Error):
             stale.kill()

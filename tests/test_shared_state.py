@@ -90,7 +90,7 @@ async def test_idle_slots_are_reused_only_while_alone(registry: RegistryRef) -> 
         async def only_b_holds() -> bool:
             return await broker_busy(registry) == {"s1": 1}
 
-        await until(only_b_holds, "a's slot to be back", 2.0)
+        await until(only_b_holds, "a's slot to be back")
         probe = await a.acquire("m", "first_available", [PROVIDERS], 5.0)
         assert probe is not None and probe.provider == "s0"
         assert takes(a) == {"broker": 2, "local": 1}

@@ -73,6 +73,7 @@ class _Books:
     budget_start: float = -1.0
     budget: int = 0
     leases: dict[str, _Lease] = field(default_factory=dict)
+    takers: set[str] = field(default_factory=set)  # replicas that asked in this window
 
 
 def _share(left: int, wanted: int) -> int:
@@ -94,6 +95,7 @@ class Ledger:
         window = int(now // WINDOW_S)
         if books.window != window:
             books.window, books.requests, books.tokens = window, 0, 0
+            books.takers = set()
             for lease in books.leases.values():  # leases of the last window count there only
                 lease.requests = lease.tokens = 0
         start, _ = record.budget_window(now)
@@ -115,6 +117,7 @@ class Ledger:
         it replaces `holder`'s lease for the key, of which it `used` so much. A refusal when
         even one request does not fit."""
         books = self._books_of(record, now)
+        books.takers.add(holder)
         if holder in books.leases:
             self._release(books, holder, used)
         reset = (books.window + 1) * WINDOW_S - now
@@ -139,6 +142,11 @@ class Ledger:
         books.budget += lease.budget
         self.budgets[record.id] = (books.budget_start, books.budget)
         return Grant(books.window, requests, minute, budget, *self._left(record, books), reset)
+
+    def takers(self, record: KeyRecord, now: float) -> list[str]:
+        """The replicas that asked for the key's allowance in this minute: an operator sees
+        which ingress replicas share a key's limits."""
+        return sorted(self._books_of(record, now).takers)
 
     def _left(self, record: KeyRecord, books: _Books) -> tuple[int | None, int | None]:
         requests = None if record.rpm_limit is None else record.rpm_limit - books.requests

@@ -111,10 +111,15 @@ class Limiter(ManifestCompanion):
         self._dirty = True
 
     async def usage(self, key_id: str) -> dict[str, object]:
-        """A key's usage per model since it was made, and its budget period so far."""
+        """A key's usage per model since it was made, its budget period so far, and the
+        replicas that took its allowance in this minute."""
         await self._ensure_started()
         start, used = self._ledger.budgets.get(key_id, (None, 0))
+        record = self._records.get(key_id)
         return {
             "models": self._usage.get(key_id, {}),
             "budget": {"period_start": start, "used": used},
+            "replicas_this_minute": []
+            if record is None
+            else self._ledger.takers(record, time.time()),
         }

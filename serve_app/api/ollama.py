@@ -2,6 +2,9 @@
 configured model and role, whatever its providers speak (Ollama providers take the request as
 it came; others get it translated). Errors are Ollama's `{"error": "..."}`."""
 
+from collections.abc import Callable
+from typing import Any
+
 import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse, Response
@@ -44,21 +47,21 @@ async def version() -> Response:
     return Response(orjson.dumps({"version": ollama.API_VERSION}), media_type=JSON)
 
 
-def _listing() -> bytes:
-    gateway = replica().gateway
-    entries = [ollama.model_entry(m.name, m.model_type, m.parent) for m in gateway.models]
-    return orjson.dumps({"models": entries})
+def _listing(entry: Callable[[str, str, str | None], dict[str, Any]]) -> bytes:
+    models = replica().gateway.models
+    return orjson.dumps({"models": [entry(m.name, m.model_type, m.parent) for m in models]})
 
 
 @router.get("/api/tags")
 async def tags() -> Response:
-    return Response(_listing(), media_type=JSON)
+    return Response(_listing(ollama.model_entry), media_type=JSON)
 
 
 @router.get("/api/ps")
 async def running() -> Response:
-    """What the router serves right now: every model it routes (its providers load them)."""
-    return Response(_listing(), media_type=JSON)
+    """What the router serves right now: every model it routes (its providers load them), in
+    Ollama's /api/ps shape."""
+    return Response(_listing(ollama.running_entry), media_type=JSON)
 
 
 @router.post("/api/show", openapi_extra=json_body(ShowRequest))

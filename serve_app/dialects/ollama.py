@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import orjson
@@ -138,7 +139,17 @@ def to_internal(
 
 
 def _tool_calls(answer: Answer) -> list[dict[str, Any]]:
-    return [{"function": {"name": c.name, "arguments": c.parsed()}} for c in answer.tool_calls]
+    """Ollama's calls: each with an id (the upstream's: Ollama's server gives every call one) and
+    `function.index`, its place in the message, which Ollama always writes."""
+    return [
+        {"id": c.id, "function": {"index": i, "name": c.name, "arguments": c.parsed()}}
+        for i, c in enumerate(answer.tool_calls)
+    ]
+
+
+def _metrics(**values: int) -> dict[str, int]:
+    """Ollama's Metrics fields are `omitempty`: a zero is left out, as Ollama leaves it out."""
+    return {name: value for name, value in values.items() if value}
 
 
 def _done_reason(finish: str | None) -> str:
@@ -150,15 +161,31 @@ class OllamaTranslation:
         self.dialect_endpoint = endpoint
         self.model = doc["model"]
         self.endpoint, self.body = to_internal(endpoint, doc, stream)
-        self.started = time.monotonic_ns()
+        self.started = time.monotonic_ns()  # the request to this provider is being sent
 
-    def _counts(self, answer: Answer) -> dict[str, Any]:
-        return {
-            "total_duration": time.monotonic_ns() - self.started,
-            "load_duration": 0,
-            "prompt_eval_count": answer.usage.prompt,
-            "eval_count": answer.usage.completion,
-        }
+    def _elapsed_ns(self) -> int:
+        return time.monotonic_ns() - self.started
+
+    def _counts(self, answer: Answer, first_ns: int | None = None) -> dict[str, int]:
+        """The done line's metrics, in nanoseconds of the router's clock since the request went
+        to the provider. A stream's first chunk (`first_ns`) ends the prompt's evaluation, the
+        rest is generation. A unary answer arrives whole, so the router cannot tell the two
+        apart: its time is shared between them by their token counts. The router loads no
+        model, so there is no `load_duration`."""
+        total = self._elapsed_ns()
+        usage = answer.usage
+        if first_ns is not None:
+            prompt_ns = first_ns - self.started
+        else:
+            tokens = usage.prompt + usage.completion
+            prompt_ns = total * usage.prompt // tokens if tokens else 0
+        return _metrics(
+            total_duration=total,
+            prompt_eval_count=usage.prompt,
+            prompt_eval_duration=prompt_ns,
+            eval_count=usage.completion,
+            eval_duration=total - prompt_ns,
+        )
 
     def _head(self) -> dict[str, Any]:
         return {"model": self.model, "created_at": now_iso()}
@@ -167,11 +194,14 @@ class OllamaTranslation:
         if self.dialect_endpoint is Endpoint.OLLAMA_EMBEDDINGS:
             data = doc.get("data") or [{}]
             return {"embedding": data[0].get("embedding") or []}
-        if self.dialect_endpoint is Endpoint.OLLAMA_EMBED:
+        if self.dialect_endpoint is Endpoint.OLLAMA_EMBED:  # EmbedResponse: no eval fields
             return {
                 "model": self.model,
                 "embeddings": [d.get("embedding") for d in doc.get("data") or []],
-                **self._counts(Answer(usage=answer.usage)),
+                **_metrics(
+                    total_duration=self._elapsed_ns(),
+                    prompt_eval_count=answer.usage.prompt,
+                ),
             }
         out = self._head() | self._content(answer.text, answer.reasoning)
         if answer.tool_calls and self.dialect_endpoint is Endpoint.OLLAMA_CHAT:
@@ -202,11 +232,14 @@ class OllamaStream:
     def __init__(self, translation: OllamaTranslation) -> None:
         self.t = translation
         self.reader = StreamReader()
+        self.first_ns: int | None = None  # when the first chunk came: the prompt was evaluated
 
     def start(self) -> bytes:
         return b""
 
     def deltas(self, deltas: list[Delta]) -> bytes:
+        if self.first_ns is None:
+            self.first_ns = time.monotonic_ns()
         return b"".join(
             ndjson(self.t._head() | self.t._content(d.text, d.reasoning) | {"done": False})
             for d in deltas
@@ -224,7 +257,7 @@ class OllamaStream:
         return out + ndjson(
             last
             | {"done": True, "done_reason": _done_reason(answer.finish)}
-            | self.t._counts(answer)
+            | self.t._counts(answer, self.first_ns)
         )
 
     def error(self, message: str, code: str) -> bytes:
@@ -240,13 +273,17 @@ API_VERSION = "0.12.0"
 _EPOCH = "1970-01-01T00:00:00Z"
 
 
-def model_entry(name: str, family: str, parent: str | None) -> dict[str, Any]:
-    """One model as `/api/tags` and `/api/ps` list it (the router has no file sizes or digests
-    of its own: they are zero and a hash of the name)."""
+# Ollama's expiry for a model kept loaded forever (keep_alive -1): now plus the longest Go
+# time.Duration; `ollama ps` shows it as "Forever".
+_FOREVER = timedelta(microseconds=(2**63 - 1) // 1000)
+
+
+def _model(name: str, family: str, parent: str | None) -> dict[str, Any]:
+    """What `/api/tags` and `/api/ps` entries share (the router has no file sizes or digests of
+    its own: they are zero and a hash of the name)."""
     return {
         "name": name,
         "model": name,
-        "modified_at": _EPOCH,
         "size": 0,
         "digest": hashlib.sha256(name.encode()).hexdigest(),
         "details": {
@@ -257,6 +294,23 @@ def model_entry(name: str, family: str, parent: str | None) -> dict[str, Any]:
             "parameter_size": "",
             "quantization_level": "",
         },
+    }
+
+
+def model_entry(name: str, family: str, parent: str | None) -> dict[str, Any]:
+    """One model as `/api/tags` lists it."""
+    return _model(name, family, parent) | {"modified_at": _EPOCH}
+
+
+def running_entry(name: str, family: str, parent: str | None) -> dict[str, Any]:
+    """One model as `/api/ps` lists it (a loaded model: no `modified_at`). The router's models
+    stay served, so they never expire; it holds no memory of its own (`size_vram` 0) and its
+    providers' contexts may differ (`context_length` 0, as Ollama writes a model still
+    loading)."""
+    return _model(name, family, parent) | {
+        "expires_at": (datetime.now(timezone.utc) + _FOREVER).isoformat(),
+        "size_vram": 0,
+        "context_length": 0,
     }
 
 

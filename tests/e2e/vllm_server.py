@@ -146,6 +146,13 @@ class VllmServer:
         """kill -9 of the server and its engine processes."""
         self._signal(signal.SIGKILL)
 
+    def pause(self) -> None:
+        """SIGSTOP of the server and its engine: it accepts connections and never answers."""
+        self._signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self._signal(signal.SIGCONT)
+
     def stop(self) -> None:
         self._signal(signal.SIGTERM)
         if self.proc is not None:

@@ -1,0 +1,145 @@
+"""Failover and cancellation against the real vLLM servers: a hung server's unary and streamed
+requests are answered by the other one (x-router-provider, x-router-attempts and the attempts
+metric say so); a client that leaves stops the generation on the server, unary and streamed
+(vLLM's own gauges and counters), and the provider's in-flight count at the router comes back.
+Run by `make e2e`, after test_vllm.py (whose last test restarts a server)."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import re
+import urllib.request
+
+import pytest
+
+from tests.conftest import deploy, wait_for
+from tests.e2e.conftest import MODEL, MODEL_TYPE, models_config
+from tests.e2e.test_vllm import HELLO, client, metrics
+from tests.e2e.vllm_server import VllmServer
+
+pytestmark = pytest.mark.e2e
+# Room for the tiny model's context (256) after the chat template and "hello there".
+LONG = 200
+
+
+def _server_metric(server: VllmServer, name: str) -> float:
+    """A vLLM gauge or counter summed over its label sets (engines, finish reasons)."""
+    with urllib.request.urlopen(f"{server.url}/metrics", timeout=30) as resp:
+        page = resp.read().decode()
+    return sum(float(v) for v in re.findall(rf"^{name}(?:{{[^}}]*}})? (\S+)$", page, re.M))
+
+
+def _router_metric(router: str, name: str, **labels: str) -> float:
+    wanted = [f'{k}="{v}"' for k, v in labels.items()]
+    total = 0.0
+    for line in metrics(router).splitlines():
+        if line.startswith(name + "{") and all(w in line for w in wanted):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def _hung_first(servers: list[VllmServer]) -> dict:
+    """first_available: the first server is asked first whenever it is free; a hang costs one
+    second; no health probe or circuit between the requests of the test."""
+    config = models_config(servers)
+    config["routing"] = {
+        MODEL_TYPE: {
+            "strategy": "first_available",
+            "read_timeout_s": 1.0,
+            "unhealthy_cooldown_s": 0,
+            "circuit_failures": 100,
+            "health_check_interval_s": 300,
+        }
+    }
+    return config
+
+
+def test_a_hung_server_is_failed_over_unary_and_streamed(
+    serve_url: str, router: str, vllm: list[VllmServer]
+) -> None:
+    hung, other = vllm
+    deploy(serve_url, _hung_first(vllm))
+    failovers = _router_metric(router, "llm_router_failovers_total", model=MODEL)
+    tried = _router_metric(router, "llm_router_upstream_attempts_total", provider=hung.name)
+    hung.pause()
+    try:
+        unary = client(router).chat.completions.with_raw_response.create(
+            model=MODEL, messages=HELLO, max_tokens=4, temperature=0
+        )
+        assert unary.parse().choices[0].message.content
+        streamed = client(router).chat.completions.with_raw_response.create(
+            model=MODEL, messages=HELLO, max_tokens=4, temperature=0, stream=True
+        )
+        assert "".join(c.choices[0].delta.content or "" for c in streamed.parse() if c.choices)
+    finally:
+        hung.resume()
+        deploy(serve_url, models_config(vllm))
+    for raw in (unary, streamed):
+        assert (raw.headers["x-router-provider"], raw.headers["x-router-attempts"]) == (
+            other.name,
+            "2",
+        )
+
+    def counted() -> bool:
+        return (
+            _router_metric(router, "llm_router_failovers_total", model=MODEL) >= failovers + 2
+            and _router_metric(router, "llm_router_upstream_attempts_total", provider=hung.name)
+            >= tried + 2
+        )
+
+    wait_for(counted, 30, "the two failovers in the router's metrics")
+
+
+def _leave_early(router: str, stream: bool) -> http.client.HTTPConnection:
+    """A chat of LONG tokens (no early stop) that its client leaves: a streamed one after its
+    first event, a unary one once a server runs it."""
+    body = {
+        "model": MODEL,
+        "messages": HELLO,
+        "max_tokens": LONG,
+        "ignore_eos": True,
+        "temperature": 0,
+        "stream": stream,
+    }
+    host, port = router.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    conn.request(
+        "POST", "/v1/chat/completions", json.dumps(body), {"content-type": "application/json"}
+    )
+    return conn
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["unary", "stream"])
+def test_a_client_that_leaves_stops_the_generation_on_vllm(
+    router: str, vllm: list[VllmServer], stream: bool
+) -> None:
+    generated = sum(_server_metric(s, "vllm:generation_tokens_total") for s in vllm)
+    conn = _leave_early(router, stream)
+    if stream:
+        resp = conn.getresponse()
+        assert resp.status == 200 and resp.readline().startswith(b"data: ")
+    else:
+        wait_for(
+            lambda: sum(_server_metric(s, "vllm:num_requests_running") for s in vllm) >= 1,
+            60,
+            "a server to run the request",
+        )
+    conn.close()  # the client leaves
+
+    wait_for(
+        lambda: sum(_server_metric(s, "vllm:num_requests_running") for s in vllm) == 0,
+        60,
+        "the servers to stop running it",
+    )
+    # Stopped before its end: fewer tokens made than it asked for (no end of text: ignore_eos).
+    made = sum(_server_metric(s, "vllm:generation_tokens_total") for s in vllm) - generated
+    assert made < LONG, made
+    wait_for(
+        lambda: all(
+            _router_metric(router, "llm_router_provider_in_flight", provider=s.name) == 0
+            for s in vllm
+        ),
+        30,
+        "the providers' in-flight counts to come back to 0",
+    )
