@@ -16,11 +16,22 @@ import aiohttp
 import orjson
 
 
-def _pct(values: list[float], q: float) -> float:
+def percentile(values: list[float], q: float) -> float:
+    """In milliseconds, rounded."""
     if not values:
         return float("nan")
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000.0
+    return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000.0, 3)
+
+
+def run_generator(module: str, urls: str | list[str], body: dict, args: list[str]) -> dict:
+    """`python -m <module>` (this load generator or bench.streamgen) in a process of its own, off
+    this one's CPU; its last line's figures."""
+    command = [sys.executable, "-m", module, "--body", orjson.dumps(body).decode()]
+    for url in [urls] if isinstance(urls, str) else urls:
+        command += ["--url", url]
+    out = subprocess.run([*command, *args], check=True, capture_output=True, text=True)
+    return orjson.loads(out.stdout.strip().splitlines()[-1])
 
 
 async def run(
@@ -69,12 +80,12 @@ async def run(
         "requests": len(latencies),
         "errors": errors,
         "rps": round(len(latencies) / duration, 1),
-        "p50_ms": round(_pct(latencies, 0.50), 3),
-        "p99_ms": round(_pct(latencies, 0.99), 3),
+        "p50_ms": percentile(latencies, 0.50),
+        "p99_ms": percentile(latencies, 0.99),
     }
     if stream:
-        out["ttfb_p50_ms"] = round(_pct(ttfb, 0.50), 3)
-        out["ttfb_p99_ms"] = round(_pct(ttfb, 0.99), 3)
+        out["ttfb_p50_ms"] = percentile(ttfb, 0.50)
+        out["ttfb_p99_ms"] = percentile(ttfb, 0.99)
         out["events_per_s"] = round(events / duration, 1)
     return out
 
@@ -85,16 +96,13 @@ def measure(
     concurrency: int,
     duration: float,
     headers: dict[str, str] | None = None,
+    warmup: float = 1.5,
 ) -> dict:
-    """Run the load in a process of its own (off this one's CPU) and return its figures."""
-    command = [sys.executable, "-m", "bench.loadgen", "--body", orjson.dumps(body).decode()]
-    for url in [urls] if isinstance(urls, str) else urls:
-        command += ["--url", url]
-    command += ["--concurrency", str(concurrency), "--duration", str(duration)]
+    """The load's figures (`warmup` seconds of it not counted)."""
+    args = ["--concurrency", str(concurrency), "--duration", str(duration), "--warmup", str(warmup)]
     for name, value in (headers or {}).items():
-        command += ["--header", f"{name}: {value}"]
-    out = subprocess.run(command, check=True, capture_output=True, text=True)
-    return orjson.loads(out.stdout.strip().splitlines()[-1])
+        args += ["--header", f"{name}: {value}"]
+    return run_generator("bench.loadgen", urls, body, args)
 
 
 def main() -> None:

@@ -58,7 +58,6 @@ class Started:
 
     url: str
     process: subprocess.Popen[bytes] | None = None
-    log: Path | None = None
 
 
 @dataclass
@@ -186,41 +185,52 @@ def started(router: Router, upstreams: list[str]) -> Iterator[Started]:
             except RuntimeError as exc:
                 said = [line for line in log.read_text(errors="replace").splitlines() if line]
                 raise RuntimeError(f"{exc}: {said[-1] if said else 'no output'}") from None
-            yield Started(url, process, log)
+            yield Started(url, process)
         finally:
             _stop(process)
 
 
 def _stop(process: subprocess.Popen[bytes]) -> None:
-    try:
-        tree = [process.pid] + [c.pid for c in psutil.Process(process.pid).children(True)]
-    except psutil.Error:
-        tree = [process.pid]
-    with contextlib.suppress(ProcessLookupError):
-        process.send_signal(signal.SIGINT)
+    """SIGINT to the router's session (Ctrl-C), then SIGKILL to whatever of it is left,
+    including what left the session (psutil checks each is still the process it was)."""
+    tree = _tree(process)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGINT)
     with contextlib.suppress(subprocess.TimeoutExpired):
         process.wait(60)
-    for pid in tree:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, signal.SIGKILL)
-    process.wait(10)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)
+    for member in tree:
+        with contextlib.suppress(psutil.Error):
+            member.kill()
+    psutil.wait_procs(tree, timeout=10)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(10)
 
 
-def tree_cpu_s(process: subprocess.Popen[bytes] | None) -> float:
-    """CPU seconds used so far by the process and everything under it."""
-    if process is None:
-        return 0.0
-    total = 0.0
+def _tree(process: subprocess.Popen[bytes]) -> list[psutil.Process]:
     try:
         root = psutil.Process(process.pid)
-        members = [root, *root.children(recursive=True)]
+        return [root, *root.children(recursive=True)]
     except psutil.Error:
-        return 0.0
-    for member in members:
+        return []
+
+
+def tree_cpu_s(process: subprocess.Popen[bytes] | None) -> dict[tuple[int, float], float]:
+    """CPU seconds used so far by the process and each one under it, by (pid, start time): a
+    difference of two readings counts the processes alive at the second, none twice."""
+    out: dict[tuple[int, float], float] = {}
+    for member in [] if process is None else _tree(process):
         with contextlib.suppress(psutil.Error):
             times = member.cpu_times()
-            total += times.user + times.system
-    return total
+            out[(member.pid, member.create_time())] = times.user + times.system
+    return out
+
+
+def cpu_used_s(
+    before: dict[tuple[int, float], float], after: dict[tuple[int, float], float]
+) -> float:
+    return sum(used - before.get(key, 0.0) for key, used in after.items())
 
 
 def _body(text: str = "Say hello to the peers.", stream: bool = False) -> dict:
@@ -229,8 +239,10 @@ def _body(text: str = "Say hello to the peers.", stream: bool = False) -> dict:
 
 
 def _fast_case(case: str, target: str | list[str], duration: float) -> dict:
+    """Warmed up already (`_run_cases`): every request counts, so the CPU is per request."""
     kind, concurrency = case.split("_c")
-    return loadgen.measure(target, _body(stream=kind == "stream"), int(concurrency), duration)
+    body = _body(stream=kind == "stream")
+    return loadgen.measure(target, body, int(concurrency), duration, warmup=0.0)
 
 
 def _paced_case(case: str, target: str | list[str], tokens: int) -> dict:
@@ -253,9 +265,11 @@ def _run_cases(
         for case in cases:
             before = tree_cpu_s(running.process)
             figures = one(case, target)
-            used = tree_cpu_s(running.process) - before
-            done = figures.get("requests", figures.get("completed", 0))
-            figures["cpu_ms_per_request"] = round(used * 1000 / max(1, done), 3)
+            used = cpu_used_s(before, tree_cpu_s(running.process))
+            # every request sent: the answered, the refused and the broken
+            done = figures.get("requests", 0) + figures.get("errors", 0) + figures.get("streams", 0)
+            if running.process is not None:  # the direct path has no router to account
+                figures["cpu_ms_per_request"] = round(used * 1000 / max(1, done), 3)
             out[case] = figures
             print(f"  {router.name} {case}: {orjson.dumps(figures).decode()}", flush=True)
     return out
@@ -285,6 +299,7 @@ ROWS = [
     ("unary c=32: requests/s", "unary_c32", "rps", "{:,.0f}"),
     ("unary c=32: p99 ms", "unary_c32", "p99_ms", "{:.1f}"),
     ("unary c=32: CPU ms/request", "unary_c32", "cpu_ms_per_request", "{:.2f}"),
+    ("unary c=32: errors", "unary_c32", "errors", "{:d}"),
     ("stream c=1: added TTFB p50 ms", "stream_c1", "added_ttfb_p50_ms", "{:.2f}"),
     ("200 paced streams: added inter-token p99 ms", "paced_200", "added_itl_p99_ms", "{:.1f}"),
     ("200 paced streams: TTFT p50 ms", "paced_200", "ttft_p50_ms", "{:.1f}"),
@@ -309,11 +324,7 @@ def table(report: dict) -> str:
     for label, case, key, fmt in ROWS:
         cells = []
         for name in names:
-            entry = results[name]
-            if "problem" in entry:
-                cells.append("-")
-                continue
-            figures = entry.get("cases", {}).get(case, {})
+            figures = results[name].get("cases", {}).get(case, {})
             value = figures.get(key)
             if name == "direct" and figures and key.startswith("added_"):
                 value = 0.0  # the reference
@@ -323,8 +334,8 @@ def table(report: dict) -> str:
             cells.append(cell)
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     for name in names:
-        if "problem" in results[name]:
-            lines.append(f"\n{results[name]['label']}: {results[name]['problem']}")
+        for problem in results[name].get("problems", []):
+            lines.append(f"\n{results[name]['label']}: {problem}")
     return "\n".join(lines)
 
 
@@ -354,12 +365,11 @@ def main(argv: list[str] | None = None) -> int:
     for router in routers:
         version = peer_version(router.peer) if router.peer else None
         label = f"{router.name} {version}" if version else router.name
-        results[router.name] = {"label": label}
+        results[router.name] = {"label": label, "problems": []}
         if router.peer and (problem := install_peer(router.peer)) is not None:
-            results[router.name]["problem"] = f"not installed: {problem}"
+            results[router.name]["problems"].append(f"not installed: {problem}")
             print(f"{router.name}: not installed: {problem}", flush=True)
 
-    runnable = [r for r in routers if "problem" not in results[r.name]]
     phases = [
         (fast, ("--chunks", "50"), lambda c, t: _fast_case(c, t, args.duration)),
         (
@@ -373,16 +383,26 @@ def main(argv: list[str] | None = None) -> int:
             continue
         with ExitStack() as stack:
             upstreams = [stack.enter_context(demo_upstream(*upstream_args)) for _ in range(2)]
-            for router in runnable:
-                print(f"{router.name}: {', '.join(phase_cases)}", flush=True)
+            for router in routers:
                 entry = results[router.name]
-                try:
-                    measured = _run_cases(router, upstreams, phase_cases, one)
-                except (RuntimeError, subprocess.CalledProcessError) as exc:
-                    entry["problem"] = f"did not run: {str(exc).splitlines()[-1]}"
-                    print(f"{router.name}: {entry['problem']}", flush=True)
+                if any(p.startswith("not installed") for p in entry["problems"]):
                     continue
-                entry.setdefault("cases", {}).update(measured)
+                print(f"{router.name}: {', '.join(phase_cases)}", flush=True)
+                try:
+                    entry.setdefault("cases", {}).update(
+                        _run_cases(router, upstreams, phase_cases, one)
+                    )
+                except (OSError, RuntimeError, subprocess.CalledProcessError) as exc:
+                    said = getattr(exc, "stderr", None) or str(exc)  # a load generator's error
+                    lines = [line for line in said.splitlines() if line.strip()] or ["?"]
+                    entry["problems"].append(f"{'/'.join(phase_cases)} did not run: {lines[-1]}")
+                    print(f"{router.name}: {entry['problems'][-1]}", flush=True)
+                _write(results, args)  # what was measured so far survives a failure later
+    print(f"\n{TARGET}\n\n{_write(results, args)['table']}")
+    return 0
+
+
+def _write(results: dict[str, dict], args: argparse.Namespace) -> dict:
     _added(results)
     report = {
         "date": date.today().isoformat(),
@@ -395,8 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     report["table"] = table(report)
     RESULTS.write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
-    print(f"\n{TARGET}\n\n{report['table']}")
-    return 0
+    return report
 
 
 if __name__ == "__main__":

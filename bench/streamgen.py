@@ -11,20 +11,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import subprocess
-import sys
 import time
 
 import aiohttp
 import orjson
 
-
-def percentile(values: list[float], q: float) -> float:
-    """In milliseconds."""
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000.0, 3)
+from bench.loadgen import percentile, run_generator
 
 
 async def run(urls: list[str], body: bytes, streams: int, rounds: int) -> dict:
@@ -86,13 +78,10 @@ async def run(urls: list[str], body: bytes, streams: int, rounds: int) -> dict:
 
 
 def measure(urls: str | list[str], body: dict, streams: int, rounds: int) -> dict:
-    """Run the streams from a process of its own (off this one's CPU) and return its figures."""
-    command = [sys.executable, "-m", "bench.streamgen", "--body", orjson.dumps(body).decode()]
-    for url in [urls] if isinstance(urls, str) else urls:
-        command += ["--url", url]
-    command += ["--streams", str(streams), "--rounds", str(rounds)]
-    out = subprocess.run(command, check=True, capture_output=True, text=True)
-    return orjson.loads(out.stdout.strip().splitlines()[-1])
+    """The streams' figures."""
+    return run_generator(
+        "bench.streamgen", urls, body, ["--streams", str(streams), "--rounds", str(rounds)]
+    )
 
 
 def main() -> None:

@@ -137,14 +137,15 @@ class FakeUpstream:
         while not released.is_set():
             if request.transport is None or request.transport.is_closing():
                 return False
-            with contextlib.suppress(TimeoutError):
+            with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(released.wait(), 0.05)
         return True
 
     def release(self) -> None:
-        """Answer the calls held by the `hold` knobs, and hold no more (from the test's thread)."""
-        self.knobs.hold = self.knobs.hold_mid_stream = False
+        """Answer the calls held by the `hold` knobs, and hold no more (from the test's thread).
+        A hold set again at once may not hold: the release runs on the upstream's loop soon."""
         assert self._loop is not None, "release() is for an upstream started in a thread"
+        self.knobs.hold = self.knobs.hold_mid_stream = False
         self._loop.call_soon_threadsafe(self._release_held)
 
     def _release_held(self) -> None:
@@ -161,6 +162,7 @@ class FakeUpstream:
     # ---- life cycle -------------------------------------------------------------------------
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
         self._stopping = asyncio.Event()
+        self._released = asyncio.Event()  # of this start's loop
         self.loras = {}
         # Stopping (a chaos kill, test teardown) does not wait for slow handlers.
         self._runner = web.AppRunner(

@@ -74,15 +74,19 @@ async def test_load_scales_ingress_and_router_up_and_idle_down_with_nothing_fail
     async def scaled_to(count: int) -> bool:
         return _running() == {ingress: count, router: count}
 
-    begun = asyncio.Event()
+    begun = 0
 
     async def spanning() -> bytes:
+        nonlocal begun
         body = {"model": "m/span", "messages": [{"role": "user", "content": "x"}], "stream": True}
         async with http.post(f"{serve_url}/v1/chat/completions", json=body) as resp:
             assert resp.status == 200
             first = await resp.content.readany()
-            begun.set()
+            begun += 1
             return first + await resp.read()
+
+    async def all_begun() -> bool:
+        return begun == 2
 
     async def stopping() -> bool:
         app = serve.status().applications[APP_NAME]
@@ -91,25 +95,26 @@ async def test_load_scales_ingress_and_router_up_and_idle_down_with_nothing_fail
 
     heavy = asyncio.Event()
     clients = [asyncio.create_task(client(i % 2 == 0, heavy)) for i in range(12)]
-    held: asyncio.Task[bytes] | None = None
+    held: list[asyncio.Task[bytes]] = []
     try:
         await until(lambda: scaled_to(2), "both deployments at 2 replicas under load", 90)
-        # One stream, held after its first chunk, spans the first replica's stop: it begins
-        # while both deployments run 2 replicas, and is let go once one is stopping (a
-        # stopping replica drains what it carries).
-        held = asyncio.create_task(spanning())
-        await asyncio.wait_for(begun.wait(), 30)
+        # Two streams, held after their first chunk, span the first replicas' stop: they begin
+        # while both deployments run 2 replicas (spread over them by Serve, most likely one
+        # on the replica that stops), and are let go once one is stopping (a stopping replica
+        # drains what it carries). Two in flight still let the deployments shrink to one.
+        held += [asyncio.create_task(spanning()) for _ in range(2)]
+        await until(all_begun, "both held streams' first bytes")
         assert await scaled_to(2)
     finally:
         heavy.set()
         await asyncio.gather(*clients)
-    assert held is not None
     try:
         await until(stopping, "a replica to begin stopping", 90)
-        assert not held.done()
+        assert not any(h.done() for h in held)
     finally:
         span.release()
-    assert (await held).rstrip().endswith(b"data: [DONE]")
+    for answer in await asyncio.gather(*held):
+        assert answer.rstrip().endswith(b"data: [DONE]")
     assert failures == [], failures[:5]
     assert done["stream"] > 10 and done["unary"] > 10
     light = asyncio.Event()

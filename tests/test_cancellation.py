@@ -1,6 +1,7 @@
 """A client that goes away cancels its upstream call, in every dialect, unary and streamed: the
-upstream sees the router hang up, and the provider's in-flight count comes back (the provider
-takes one request at a time, so a leaked count would refuse the next request with a 429)."""
+upstream sees the router hang up, and the provider's in-flight count and slot come back (the
+provider takes one request at a time, so a leaked count or slot would refuse or hold up the
+next request)."""
 
 from __future__ import annotations
 
@@ -33,6 +34,8 @@ def pool(serve_url: str, upstream_factory) -> tuple[str, FakeUpstream]:
     config = {
         TYPE: {MODEL: {"providers": [provider("cancel", up.url, max_concurrency=1)]}},
         "active_models": {TYPE: [MODEL]},
+        # a slot (a lease from the broker) held for each request, as well as the count
+        "routing": {TYPE: {"strategy": "first_available"}},
     }
     deploy(serve_url, config)
     return serve_url, up
@@ -58,21 +61,21 @@ async def test_a_client_that_leaves_cancels_the_upstream_call(
     up.knobs = Knobs(hold=True) if not stream else Knobs(chunks=2000, chunk_delay_s=0.05)
     gone = up.disconnects
     headers = {"content-type": "application/json"}
-    async with aiohttp.ClientSession() as client:  # its own connections, closed on leaving
-        call = client.post(f"{url}{path}", data=orjson.dumps(body), headers=headers)
-        if stream:
-            async with call as resp:
-                assert resp.status == 200
-                await resp.content.readany()  # the stream has begun
-        else:
-            pending = asyncio.ensure_future(call)
-
-            async def on_the_upstream() -> bool:
-                return up.active == 1
-
-            await until(on_the_upstream, "the call to reach the upstream")
-            pending.cancel()
     try:
+        async with aiohttp.ClientSession() as client:  # its own connections, closed on leaving
+            call = client.post(f"{url}{path}", data=orjson.dumps(body), headers=headers)
+            if stream:
+                async with call as resp:
+                    assert resp.status == 200
+                    await resp.content.readany()  # the stream has begun
+            else:
+                pending = asyncio.ensure_future(call)
+
+                async def on_the_upstream() -> bool:
+                    return up.active == 1
+
+                await until(on_the_upstream, "the call to reach the upstream")
+                pending.cancel()
 
         async def upstream_saw_it() -> bool:
             return up.disconnects == gone + 1 and up.active == 0

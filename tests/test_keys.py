@@ -133,20 +133,25 @@ async def _in_one_minute(seconds_needed: float) -> None:
 
 
 async def test_requests_per_minute_are_exact_across_replicas(url: str, http) -> None:
-    made = await _make(http, url, rpm_limit=60)
-    await _in_one_minute(20)
-    minute = int(time.time() // 60)
-    results: list[tuple[int, dict, CIMultiDict[str]]] = []
+    for _ in range(2):  # a run that crosses the limiter's minute says nothing: once more
+        made = await _make(http, url, rpm_limit=60)
+        await _in_one_minute(20)
+        minute = int(time.time() // 60)
+        results: list[tuple[int, dict, CIMultiDict[str]]] = []
 
-    async def worker() -> None:  # until the limit refuses, however long that takes
-        while not any(r[0] == 429 for r in results):
-            results.append(await _chat(http, url, made["key"]))
+        async def worker(key: str, results: list) -> None:  # until the limit refuses
+            while not any(r[0] == 429 for r in results):
+                assert len(results) < 500, "the limit never refused"
+                results.append(await _chat(http, url, key))
 
-    await asyncio.gather(*(worker() for _ in range(8)))
-    after = await asyncio.gather(*(_chat(http, url, made["key"]) for _ in range(20)))
-    async with http.get(f"{url}/api/v1/keys/{made['id']}", headers=ADMIN) as resp:
-        takers = (await resp.json())["usage"]["replicas_this_minute"]
-    assert int(time.time() // 60) == minute, "the run crossed the limiter's minute: no verdict"
+        await asyncio.gather(*(worker(made["key"], results) for _ in range(8)))
+        after = await asyncio.gather(*(_chat(http, url, made["key"]) for _ in range(20)))
+        async with http.get(f"{url}/api/v1/keys/{made['id']}", headers=ADMIN) as resp:
+            takers = (await resp.json())["usage"]["replicas_this_minute"]
+        if int(time.time() // 60) == minute:
+            break
+    else:
+        raise AssertionError("both runs crossed the limiter's minute")
     # both ingress replicas spent the key's allowance, and together exactly its limit
     assert len(takers) == 2, takers
     statuses = [r[0] for r in results + list(after)]

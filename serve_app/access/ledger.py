@@ -145,8 +145,12 @@ class Ledger:
 
     def takers(self, record: KeyRecord, now: float) -> list[str]:
         """The replicas that asked for the key's allowance in this minute: an operator sees
-        which ingress replicas share a key's limits."""
-        return sorted(self._books_of(record, now).takers)
+        which ingress replicas share a key's limits. Reads only (an unused key's books stay
+        unmade)."""
+        books = self._books.get(record.id)
+        if books is None or books.window != int(now // WINDOW_S):
+            return []
+        return sorted(books.takers)
 
     def _left(self, record: KeyRecord, books: _Books) -> tuple[int | None, int | None]:
         requests = None if record.rpm_limit is None else record.rpm_limit - books.requests

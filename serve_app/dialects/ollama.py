@@ -139,10 +139,11 @@ def to_internal(
 
 
 def _tool_calls(answer: Answer) -> list[dict[str, Any]]:
-    """Ollama's calls: each with an id (the upstream's: Ollama's server gives every call one) and
-    `function.index`, its place in the message, which Ollama always writes."""
+    """Ollama's calls: each with the upstream's id (left out when it gave none, as Ollama writes
+    an empty one) and `function.index`, its place in the message, which Ollama always writes."""
     return [
-        {"id": c.id, "function": {"index": i, "name": c.name, "arguments": c.parsed()}}
+        ({"id": c.id} if c.id else {})
+        | {"function": {"index": i, "name": c.name, "arguments": c.parsed()}}
         for i, c in enumerate(answer.tool_calls)
     ]
 

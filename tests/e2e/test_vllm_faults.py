@@ -1,8 +1,8 @@
 """Failover and cancellation against the real vLLM servers: a hung server's unary and streamed
 requests are answered by the other one (x-router-provider, x-router-attempts and the attempts
-metric say so); a client that leaves stops the generation on the server, unary and streamed
-(vLLM's own gauges and counters), and the provider's in-flight count at the router comes back.
-Run by `make e2e`, after test_vllm.py (whose last test restarts a server)."""
+metric's "timed out" outcome say so); a client that leaves stops the generation on the server,
+unary and streamed (vLLM's own gauges and counters), and the provider's in-flight count at the
+router comes back. Run by `make e2e`, after test_vllm.py (whose last test restarts a server)."""
 
 from __future__ import annotations
 
@@ -27,7 +27,9 @@ def _server_metric(server: VllmServer, name: str) -> float:
     """A vLLM gauge or counter summed over its label sets (engines, finish reasons)."""
     with urllib.request.urlopen(f"{server.url}/metrics", timeout=30) as resp:
         page = resp.read().decode()
-    return sum(float(v) for v in re.findall(rf"^{name}(?:{{[^}}]*}})? (\S+)$", page, re.M))
+    values = re.findall(rf"^{name}(?:{{[^}}]*}})? (\S+)$", page, re.M)
+    assert values, f"{name} is not on {server.name}'s /metrics page"  # renamed: no verdict
+    return sum(float(v) for v in values)
 
 
 def _router_metric(router: str, name: str, **labels: str) -> float:
@@ -60,35 +62,39 @@ def test_a_hung_server_is_failed_over_unary_and_streamed(
 ) -> None:
     hung, other = vllm
     deploy(serve_url, _hung_first(vllm))
-    failovers = _router_metric(router, "llm_router_failovers_total", model=MODEL)
-    tried = _router_metric(router, "llm_router_upstream_attempts_total", provider=hung.name)
-    hung.pause()
     try:
-        unary = client(router).chat.completions.with_raw_response.create(
-            model=MODEL, messages=HELLO, max_tokens=4, temperature=0
-        )
-        assert unary.parse().choices[0].message.content
-        streamed = client(router).chat.completions.with_raw_response.create(
-            model=MODEL, messages=HELLO, max_tokens=4, temperature=0, stream=True
-        )
-        assert "".join(c.choices[0].delta.content or "" for c in streamed.parse() if c.choices)
+        # A replaced replica's totals leave the sums (after 15 s), so the baseline is of the one
+        # outcome no earlier test gives this server: "timed out".
+        timed_out = {"provider": hung.name, "outcome": "timed out"}
+        tried = _router_metric(router, "llm_router_upstream_attempts_total", **timed_out)
+        hung.pause()
+        try:
+            unary = client(router).chat.completions.with_raw_response.create(
+                model=MODEL, messages=HELLO, max_tokens=4, temperature=0
+            )
+            assert unary.parse().choices[0].message.content
+            streamed = client(router).chat.completions.with_raw_response.create(
+                model=MODEL, messages=HELLO, max_tokens=4, temperature=0, stream=True
+            )
+            text = "".join(c.choices[0].delta.content or "" for c in streamed.parse() if c.choices)
+            assert text
+        finally:
+            hung.resume()
+        for raw in (unary, streamed):
+            assert (raw.headers["x-router-provider"], raw.headers["x-router-attempts"]) == (
+                other.name,
+                "2",
+            )
+
+        def counted() -> bool:  # pushed by the replicas each second: before they are replaced
+            return (
+                _router_metric(router, "llm_router_upstream_attempts_total", **timed_out)
+                >= tried + 2
+            )
+
+        wait_for(counted, 60, "the two timed-out attempts in the router's metrics")
     finally:
-        hung.resume()
         deploy(serve_url, models_config(vllm))
-    for raw in (unary, streamed):
-        assert (raw.headers["x-router-provider"], raw.headers["x-router-attempts"]) == (
-            other.name,
-            "2",
-        )
-
-    def counted() -> bool:
-        return (
-            _router_metric(router, "llm_router_failovers_total", model=MODEL) >= failovers + 2
-            and _router_metric(router, "llm_router_upstream_attempts_total", provider=hung.name)
-            >= tried + 2
-        )
-
-    wait_for(counted, 30, "the two failovers in the router's metrics")
 
 
 def _leave_early(router: str, stream: bool) -> http.client.HTTPConnection:
@@ -134,7 +140,7 @@ def test_a_client_that_leaves_stops_the_generation_on_vllm(
     )
     # Stopped before its end: fewer tokens made than it asked for (no end of text: ignore_eos).
     made = sum(_server_metric(s, "vllm:generation_tokens_total") for s in vllm) - generated
-    assert made < LONG, made
+    assert 0 < made < LONG, made
     wait_for(
         lambda: all(
             _router_metric(router, "llm_router_provider_in_flight", provider=s.name) == 0
