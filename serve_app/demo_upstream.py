@@ -307,13 +307,15 @@ class FakeUpstream:
             "completion_tokens": len(self._pieces(text)),
             "total_tokens": 5 + len(self._pieces(text)),
         }
+        named = _named_call(body) if chat else None
         if not body.get("stream"):
+            message = (
+                {"role": "assistant", "content": "", "tool_calls": [named]}
+                if named
+                else {"role": "assistant", "content": text}
+            )
             choice = (
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": text},
-                    "finish_reason": "stop",
-                }
+                {"index": 0, "message": message, "finish_reason": "stop"}
                 if chat
                 else {"index": 0, "text": text, "logprobs": None, "finish_reason": "stop"}
             )
@@ -344,7 +346,10 @@ class FakeUpstream:
         if chat:  # as vLLM: the role first, with empty content
             role = {"role": "assistant", "content": ""}
             lines.append(event({"index": 0, "delta": role, "finish_reason": None}))
-        for piece in self._pieces(text):
+        if named:  # the call in one delta (vLLM spreads its arguments over several)
+            delta = {"tool_calls": [{**named, "index": 0}]}
+            lines.append(event({"index": 0, "delta": delta, "finish_reason": None}))
+        for piece in [] if named else self._pieces(text):
             if chat:
                 delta = {"content": piece}
                 lines.append(event({"index": 0, "delta": delta, "finish_reason": None}))
@@ -647,6 +652,35 @@ class FakeUpstream:
         await resp.write(orjson.dumps({"status": "success"}) + b"\n")
         await resp.write_eof()
         return resp
+
+
+def _named_call(body: dict[str, Any]) -> dict[str, Any] | None:
+    """The call a `tool_choice` naming one of the request's functions gets (vLLM with a tool
+    parser: content "", finish_reason "stop"), its arguments what the schema allows: each
+    required property its enum's first value, else a value of its type."""
+    choice = body.get("tool_choice")
+    if not isinstance(choice, dict) or choice.get("type") != "function":
+        return None
+    name = (choice.get("function") or {}).get("name")
+    functions = [t.get("function") or {} for t in body.get("tools") or [] if isinstance(t, dict)]
+    tool = next((f for f in functions if f.get("name") == name), None)
+    if tool is None:
+        return None
+    schema = tool.get("parameters") or {}
+    properties = schema.get("properties") or {}
+    arguments = {key: _example(properties.get(key) or {}) for key in schema.get("required") or []}
+    return {
+        "id": f"chatcmpl-tool-{uuid.uuid4().hex[:16]}",
+        "type": "function",
+        "function": {"name": name, "arguments": orjson.dumps(arguments).decode()},
+    }
+
+
+_EXAMPLES = {"string": "x", "integer": 0, "number": 0, "boolean": False, "array": [], "object": {}}
+
+
+def _example(schema: dict[str, Any]) -> Any:
+    return schema["enum"][0] if schema.get("enum") else _EXAMPLES.get(schema.get("type"))
 
 
 def _tagged(name: str) -> str:

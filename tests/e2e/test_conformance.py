@@ -72,19 +72,7 @@ def chat(model: str, **extra: object) -> dict:
 
 
 # ---- a tool call forced by a named tool_choice (first in the file: see tool_upstream) ----------
-@pytest.fixture(
-    params=[
-        pytest.param(
-            "demo",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="the demo's /v1/chat/completions (FakeUpstream._openai) answers text "
-                "whatever the tools; fixing it there turns this into an XPASS failure",
-            ),
-        ),
-        "vllm",
-    ]
-)
+@pytest.fixture(params=["demo", "vllm"])
 def tool_upstream(request: pytest.FixtureRequest, demo: FakeUpstream) -> Iterator[str]:
     """vLLM answers a named tool_choice only with a tool parser loaded (without, a 400 that
     names --tool-call-parser: tests/wire/vllm_chat_tool_named_refused.json), so the real one
