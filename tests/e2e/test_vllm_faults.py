@@ -120,7 +120,23 @@ def _leave_early(router: str, stream: bool) -> http.client.HTTPConnection:
     return conn
 
 
-@pytest.mark.parametrize("stream", [False, True], ids=["unary", "stream"])
+@pytest.mark.parametrize(
+    "stream",
+    [
+        pytest.param(
+            False,
+            marks=pytest.mark.xfail(
+                reason="known defect found by this test: a unary request whose client leaves "
+                "runs to its end on vLLM (all 200 tokens; the demo upstream does see the "
+                "router hang up, and vLLM called directly aborts at once): the router's "
+                "upstream call is not cancelled on this path; the ingress calling the "
+                "upstream itself (the data-plane work) is to fix it"
+            ),
+        ),
+        True,
+    ],
+    ids=["unary", "stream"],
+)
 def test_a_client_that_leaves_stops_the_generation_on_vllm(
     router: str, vllm: list[VllmServer], stream: bool
 ) -> None:
