@@ -144,13 +144,16 @@ ROUTERS = [
 ]
 
 
+def last_line(text: str, otherwise: str) -> str:
+    """What a tool said last (a failure's one-line reason), `otherwise` if it said nothing."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else otherwise
+
+
 def install_peer(name: str) -> str | None:
     """None when the peer's environment is ready, else pip's last line."""
     failed = ensure_venv(PEERS_VENVS / name, REQUIREMENTS / f"{name}.txt")
-    if failed is None:
-        return None
-    lines = [line for line in failed.splitlines() if line.strip()]
-    return lines[-1] if lines else failed
+    return None if failed is None else last_line(failed, failed)
 
 
 def peer_version(name: str) -> str:
@@ -183,8 +186,8 @@ def started(router: Router, upstreams: list[str]) -> Iterator[Started]:
             try:
                 wait_http(f"{url}{router.ready_path}", router.start_timeout_s, process)
             except RuntimeError as exc:
-                said = [line for line in log.read_text(errors="replace").splitlines() if line]
-                raise RuntimeError(f"{exc}: {said[-1] if said else 'no output'}") from None
+                said = last_line(log.read_text(errors="replace"), "no output")
+                raise RuntimeError(f"{exc}: {said}") from None
             yield Started(url, process)
         finally:
             _stop(process)
@@ -394,8 +397,8 @@ def main(argv: list[str] | None = None) -> int:
                     )
                 except (OSError, RuntimeError, subprocess.CalledProcessError) as exc:
                     said = getattr(exc, "stderr", None) or str(exc)  # a load generator's error
-                    lines = [line for line in said.splitlines() if line.strip()] or ["?"]
-                    entry["problems"].append(f"{'/'.join(phase_cases)} did not run: {lines[-1]}")
+                    reason = last_line(said, "?")
+                    entry["problems"].append(f"{'/'.join(phase_cases)} did not run: {reason}")
                     print(f"{router.name}: {entry['problems'][-1]}", flush=True)
                 _write(results, args)  # what was measured so far survives a failure later
     print(f"\n{TARGET}\n\n{_write(results, args)['table']}")

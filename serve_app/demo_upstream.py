@@ -34,6 +34,7 @@ from aiohttp import web
 from serve_app.dialects.base import now_iso
 
 Drop = Literal["before_headers", "mid_stream"]
+PROMPT_TOKENS = 5  # the demo's prompt count, whatever the prompt (every dialect)
 _NOT_INFERENCE = frozenset({"/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/api/pull"})
 
 
@@ -303,9 +304,9 @@ class FakeUpstream:
                 404, "NotFoundError", f"The model `{model}` does not exist.", param="model"
             )
         usage = {
-            "prompt_tokens": 5,
+            "prompt_tokens": PROMPT_TOKENS,
             "completion_tokens": len(self._pieces(text)),
-            "total_tokens": 5 + len(self._pieces(text)),
+            "total_tokens": PROMPT_TOKENS + len(self._pieces(text)),
         }
         named = _named_call(body) if chat else None
         if not body.get("stream"):
@@ -381,9 +382,7 @@ class FakeUpstream:
         text = self._reply_text({"messages": _dialect_messages(request.path, body)})
         pieces = self._pieces(text)
         unary = _recorded(stems.unary)
-        fill = _Fill(
-            text, str(model), _DEMO_PROMPT_TOKENS, len(pieces), body, unary["request"]["body"]
-        )
+        fill = _Fill(text, str(model), PROMPT_TOKENS, len(pieces), body, unary["request"]["body"])
         if stems.stream is None:  # count_tokens: only the prompt's count
             return web.json_response(fill.usage(unary["body"]))
         if not body.get("stream"):
@@ -539,7 +538,7 @@ class FakeUpstream:
             **base,
             "done": True,
             "done_reason": "stop",
-            **_ollama_metrics(started, 5, len(self._pieces(text))),
+            **_ollama_metrics(started, PROMPT_TOKENS, len(self._pieces(text))),
         }
         if body.get("stream", True) is False:
             if chat:
@@ -731,7 +730,6 @@ def _ollama_error(status: int, message: str, headers: dict[str, str] | None = No
 # ---- vLLM's Responses and Messages answers, from its recorded ones ------------------------------
 # A real vLLM's answers (recorded by tests/e2e/record_wire.py), shipped with the package.
 RECORDINGS = Path(__file__).with_name("recordings")
-_DEMO_PROMPT_TOKENS = 5  # the demo's prompt count everywhere, as `_openai`
 # Fields of a Responses object that echo the request (vLLM's ResponsesResponse.from_request):
 # the request's value when it has one, else the recorded one.
 _ECHOED = (

@@ -154,6 +154,16 @@ def run_cluster_script(module: str) -> dict:
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
+def samples(text: str, name: str) -> dict[str, float]:
+    """A metric's samples on a Prometheus text page, by the sample's name and labels."""
+    out = {}
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            key, value = line.rsplit(" ", 1)
+            out[key] = float(value)
+    return out
+
+
 def provider(pid: str, url: str, api_type: str = "openai", **extra: object) -> dict:
     return {
         "id": pid,

@@ -12,7 +12,7 @@ import orjson
 import pytest
 
 from serve_app.demo_upstream import FakeUpstream, Knobs
-from tests.conftest import deploy, provider, until
+from tests.conftest import deploy, provider, samples, until
 
 TYPE = "cancel_models"
 MODEL = "m/cancel"
@@ -43,10 +43,8 @@ def pool(serve_url: str, upstream_factory) -> tuple[str, FakeUpstream]:
 
 async def _in_flight(http: aiohttp.ClientSession, url: str) -> float:
     async with http.get(f"{url}/metrics") as resp:
-        for line in (await resp.text()).splitlines():
-            if line.startswith('llm_router_provider_in_flight{provider="cancel"}'):
-                return float(line.rsplit(" ", 1)[1])
-    return -1.0
+        gauges = samples(await resp.text(), "llm_router_provider_in_flight")
+    return gauges.get('llm_router_provider_in_flight{provider="cancel"}', -1.0)
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["unary", "stream"])

@@ -14,7 +14,7 @@ import pytest
 import ray
 
 from serve_app.demo_upstream import FakeUpstream, Knobs
-from tests.conftest import deploy, provider, until
+from tests.conftest import deploy, provider, samples, until
 
 pytestmark = pytest.mark.serve
 
@@ -177,23 +177,14 @@ async def test_a_deadline_mid_stream_ends_with_an_error_event(pool: Pool, http) 
     assert "[DONE]" not in text
 
 
-def _samples(text: str, name: str) -> dict[str, float]:
-    out = {}
-    for line in text.splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
-            key, value = line.rsplit(" ", 1)
-            out[key] = float(value)
-    return out
-
-
 async def test_metrics_cover_requests_providers_latency_and_circuits(pool: Pool, http) -> None:
     pool.h2.knobs = Knobs()
     ttft_count = 'llm_router_time_to_first_token_seconds_count{model="m/h"}'
     failover_count = 'llm_router_failovers_total{model="m/h"}'
     async with http.get(f"{pool.url}/metrics") as resp:  # earlier tests' requests count too
         earlier = await resp.text()
-    ttft_before = _samples(earlier, "llm_router_time_to_first_token_seconds_count")
-    failovers_before = _samples(earlier, "llm_router_failovers_total")
+    ttft_before = samples(earlier, "llm_router_time_to_first_token_seconds_count")
+    failovers_before = samples(earlier, "llm_router_failovers_total")
     for _ in range(5):
         assert (await _ask(http, pool.url))[0] == 200
     pool.h1.knobs = Knobs(fail_status=503, fail_times=1)  # one failover, to h2
@@ -208,9 +199,9 @@ async def test_metrics_cover_requests_providers_latency_and_circuits(pool: Pool,
 
     async def counted() -> bool:
         text = await scraped()
-        ok = _samples(text, "llm_router_upstream_attempts_total")
-        failovers = _samples(text, "llm_router_failovers_total")
-        ttft = _samples(text, "llm_router_time_to_first_token_seconds_count")
+        ok = samples(text, "llm_router_upstream_attempts_total")
+        failovers = samples(text, "llm_router_failovers_total")
+        ttft = samples(text, "llm_router_time_to_first_token_seconds_count")
         return (
             ok.get('llm_router_upstream_attempts_total{outcome="ok",provider="h1"}', 0) >= 5
             and failovers.get(failover_count, 0) >= failovers_before.get(failover_count, 0) + 1
@@ -219,12 +210,12 @@ async def test_metrics_cover_requests_providers_latency_and_circuits(pool: Pool,
 
     await until(counted, "router replicas to push their totals")
     text = await scraped()
-    requests = _samples(text, "llm_router_requests_total")
+    requests = samples(text, "llm_router_requests_total")
     assert (
         requests['llm_router_requests_total{api="openai",model="m/h",provider="h1",status="200"}']
         >= 5
     )
-    buckets = _samples(text, "llm_router_request_duration_seconds_bucket")
+    buckets = samples(text, "llm_router_request_duration_seconds_bucket")
     assert buckets['llm_router_request_duration_seconds_bucket{le="+Inf",model="m/h"}'] >= 5
     assert 'llm_router_provider_in_flight{provider="h1"} 0.0' in text
     assert 'llm_router_circuit_state{provider="h2"} 0.0' in text

@@ -297,17 +297,33 @@ RESPONSES_TAIL = [
 ]
 
 
+def framed_stream(
+    url: str, body: dict, head: list[str], tail: list[str], delta: str, recording: str
+) -> list[dict]:
+    """A streamed answer's events' data, checked to open with the `head` events, close with the
+    `tail` ones, carry only `delta` events (one at least) between, and to have, per event type,
+    the keys of the recorded vLLM stream."""
+    datas = [data for _, data in post_stream(url, body, named=True)]
+    types = [d["type"] for d in datas]
+    assert types[: len(head)] == head and types[-len(tail) :] == tail, types
+    deltas = datas[len(head) : -len(tail)]
+    assert deltas and {d["type"] for d in deltas} == {delta}
+    assert {d["type"]: set(d) for d in datas} == keys_by_type(recorded_events(recording))
+    return datas
+
+
 def test_responses_stream(upstream: str) -> None:
     request = RESPONSES | {"model": SERVED_MODEL}
-    events = post_stream(f"{upstream}/v1/responses", request, named=True)
-    datas = [data for _, data in events]
-    types = [d["type"] for d in datas]
-    assert types[:4] == RESPONSES_HEAD and types[-4:] == RESPONSES_TAIL, types
+    datas = framed_stream(
+        f"{upstream}/v1/responses",
+        request,
+        RESPONSES_HEAD,
+        RESPONSES_TAIL,
+        "response.output_text.delta",
+        "vllm_responses_stream",
+    )
     deltas = datas[4:-4]
-    assert deltas and {d["type"] for d in deltas} == {"response.output_text.delta"}
     assert [d["sequence_number"] for d in datas] == list(range(len(datas)))
-    recorded_keys = keys_by_type(recorded_events("vllm_responses_stream"))
-    assert {d["type"]: set(d) for d in datas} == recorded_keys
 
     created, in_progress, added, part_added = datas[:4]
     text_done, part_done, item_done, completed = datas[-4:]
@@ -354,15 +370,15 @@ MESSAGES_TAIL = ["content_block_stop", "message_delta", "message_stop"]
 
 def test_messages_stream(upstream: str) -> None:
     body = MESSAGES | {"model": SERVED_MODEL}
-    events = post_stream(f"{upstream}/v1/messages", body, named=True)
-    datas = [data for _, data in events]
-    types = [d["type"] for d in datas]
-    assert types[:2] == MESSAGES_HEAD and types[-3:] == MESSAGES_TAIL, types
-    deltas = datas[2:-3]
-    assert deltas and {d["type"] for d in deltas} == {"content_block_delta"}
-    assert {d["type"]: set(d) for d in datas} == keys_by_type(
-        recorded_events("vllm_messages_stream")
+    datas = framed_stream(
+        f"{upstream}/v1/messages",
+        body,
+        MESSAGES_HEAD,
+        MESSAGES_TAIL,
+        "content_block_delta",
+        "vllm_messages_stream",
     )
+    deltas = datas[2:-3]
     start, block_start = datas[:2]
     block_stop, message_delta, _ = datas[-3:]
     message = start["message"]

@@ -247,13 +247,20 @@ def _register(router: str, name: str, adapter: str) -> dict:
     return answer
 
 
-def _attempts(router: str, provider: str, reason: str) -> float:
-    text = metrics(router)
-    pattern = (
-        rf'llm_router_upstream_attempts_total{{[^}}]*provider="{provider}"'
-        rf'[^}}]*reason="{reason}"[^}}]*}} ([\d.]+)'
+def router_metric(router: str, name: str, **labels: str) -> float:
+    """A metric of the router's /metrics summed over the label sets that have `labels`."""
+    wanted = [f'{k}="{v}"' for k, v in labels.items()]
+    total = 0.0
+    for line in metrics(router).splitlines():
+        if line.startswith(name + "{") and all(w in line for w in wanted):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def _attempts(router: str, provider: str, outcome: str) -> float:
+    return router_metric(
+        router, "llm_router_upstream_attempts_total", provider=provider, outcome=outcome
     )
-    return sum(float(n) for n in re.findall(pattern, text))
 
 
 def test_a_rolling_update_under_load_fails_nothing_and_unloads_the_old_version(

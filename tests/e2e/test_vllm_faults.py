@@ -15,7 +15,7 @@ import pytest
 
 from tests.conftest import deploy, wait_for
 from tests.e2e.conftest import MODEL, MODEL_TYPE, models_config
-from tests.e2e.test_vllm import HELLO, client, metrics
+from tests.e2e.test_vllm import HELLO, client, router_metric
 from tests.e2e.vllm_server import VllmServer
 
 pytestmark = pytest.mark.e2e
@@ -30,15 +30,6 @@ def _server_metric(server: VllmServer, name: str) -> float:
     values = re.findall(rf"^{name}(?:{{[^}}]*}})? (\S+)$", page, re.M)
     assert values, f"{name} is not on {server.name}'s /metrics page"  # renamed: no verdict
     return sum(float(v) for v in values)
-
-
-def _router_metric(router: str, name: str, **labels: str) -> float:
-    wanted = [f'{k}="{v}"' for k, v in labels.items()]
-    total = 0.0
-    for line in metrics(router).splitlines():
-        if line.startswith(name + "{") and all(w in line for w in wanted):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 def _hung_first(servers: list[VllmServer]) -> dict:
@@ -66,7 +57,7 @@ def test_a_hung_server_is_failed_over_unary_and_streamed(
         # A replaced replica's totals leave the sums (after 15 s), so the baseline is of the one
         # outcome no earlier test gives this server: "timed out".
         timed_out = {"provider": hung.name, "outcome": "timed out"}
-        tried = _router_metric(router, "llm_router_upstream_attempts_total", **timed_out)
+        tried = router_metric(router, "llm_router_upstream_attempts_total", **timed_out)
         hung.pause()
         try:
             unary = client(router).chat.completions.with_raw_response.create(
@@ -88,7 +79,7 @@ def test_a_hung_server_is_failed_over_unary_and_streamed(
 
         def counted() -> bool:  # pushed by the replicas each second: before they are replaced
             return (
-                _router_metric(router, "llm_router_upstream_attempts_total", **timed_out)
+                router_metric(router, "llm_router_upstream_attempts_total", **timed_out)
                 >= tried + 2
             )
 
@@ -163,7 +154,7 @@ def test_a_client_that_leaves_stops_the_generation_on_vllm(
     assert 0 < made < LONG, made
     wait_for(
         lambda: all(
-            _router_metric(router, "llm_router_provider_in_flight", provider=s.name) == 0
+            router_metric(router, "llm_router_provider_in_flight", provider=s.name) == 0
             for s in vllm
         ),
         30,
