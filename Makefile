@@ -37,7 +37,7 @@ e2e: install
 # demo upstream (loopback only; token auth off for this throwaway local cluster). CI runs it.
 job-demo: install
 	@set -e; export PATH="$(CURDIR)/$(BIN):$$PATH" RAY_AUTH_MODE=disabled; \
-	python -m serve_app.demo_upstream --port 8101 & demo=$$!; \
+	python -m serve_app.demo.upstream --port 8101 & demo=$$!; \
 	trap 'ray stop --force >/dev/null 2>&1; kill $$demo' EXIT; \
 	ray start --head --port=6390 --dashboard-host=127.0.0.1 --dashboard-port=8266 \
 		--include-dashboard=true --num-cpus=2 --resources='{"gpu_node_demo": 1}' \

@@ -40,9 +40,9 @@ async def _measure(registry: object, n: int) -> dict:
     from serve_app.access.gate import Gate
     from serve_app.access.keys import KeyLimits
     from serve_app.access.limiter import limiter_handle
+    from serve_app.cluster.registry.manifest import effective_config
+    from serve_app.core.metrics import Tally
     from serve_app.dialects.usage import counts_of
-    from serve_app.metrics import Tally
-    from serve_app.registry.manifest import effective_config
 
     handle = registry.handle()  # type: ignore[attr-defined]
     (await handle.publish_config.remote(CONFIG, "bench")).checked("bench")

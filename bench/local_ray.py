@@ -18,10 +18,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from serve_app.serve_env import apply_fast_serve_env
+from serve_app.core.serve_env import apply_fast_serve_env
 
 if TYPE_CHECKING:
-    from serve_app.registry.actor import RegistryRef
+    from serve_app.cluster.registry.actor import RegistryRef
 
 
 @contextmanager
@@ -30,7 +30,7 @@ def local_registry(name: str) -> Iterator[RegistryRef]:
     apply_fast_serve_env(single_node=True)
     import ray
 
-    from serve_app.registry.actor import RegistryRef
+    from serve_app.cluster.registry.actor import RegistryRef
 
     ray.init(include_dashboard=False, logging_level="error", log_to_driver=False)
     folder = tempfile.mkdtemp(prefix=f"{name}-")
@@ -79,7 +79,7 @@ def local_router(name: str) -> Iterator[LocalRouter]:
 def demo_upstream(*args: str) -> Iterator[str]:
     """The demo upstream in its own process (`args`: its options), until the block ends."""
     port = free_port()
-    command = [sys.executable, "-m", "serve_app.demo_upstream", "--port", str(port), *args]
+    command = [sys.executable, "-m", "serve_app.demo.upstream", "--port", str(port), *args]
     process = subprocess.Popen(command)
     url = f"http://127.0.0.1:{port}"
     try:

@@ -1,7 +1,7 @@
 """What each strategy costs a router replica per request, without the HTTP and Serve noise.
 
-Runs the router's own request-path code for choosing and holding a provider (the Dispatcher's
-attempts: candidates, strategy order or slot, use and latency counts, release) against a real
+Runs the picker's own code for choosing and holding a provider (a plan: candidates, strategy
+order or slot, use counts; then the ingress's report of it: latency, release) against a real
 broker actor on a local Ray, for 40 providers as in `make bench --strategies`. c=1: one
 request after another; c=32: 32 requests interleaved on the event loop, each holding its
 provider across a yield as a real upstream call would. Every request carries a 32 KB chat
@@ -67,15 +67,16 @@ def _config(strategy: str, count: int) -> dict:
 
 
 class _Case:
-    """One strategy's router code path: a dispatcher, its shared state, one request at a time."""
+    """One strategy's picker code path: a picker, its shared state, one request at a time."""
 
     def __init__(self, strategy: str, registry: object, count: int) -> None:
-        from serve_app.broker import Terms, broker_handle
-        from serve_app.config import parse_config
-        from serve_app.dispatch import Dispatcher
-        from serve_app.handler import ModelHandler
-        from serve_app.schemas import Endpoint, RequestMeta
-        from serve_app.shared import SharedState
+        from serve_app.cluster.broker import Terms, broker_handle
+        from serve_app.core.config import parse_config
+        from serve_app.core.schemas import Endpoint, RequestMeta
+        from serve_app.pickers.handler import ModelHandler
+        from serve_app.pickers.picker import Picker
+        from serve_app.pickers.shared import SharedState
+        from serve_app.routing.prefix import request_blocks
 
         config = parse_config(_config(strategy, count))
         routing = config.model_types["t"].routing
@@ -88,8 +89,11 @@ class _Case:
             follow_index=strategy == "prefix_affinity",
         )
         self.shared.start()
-        self.dispatcher = Dispatcher(handler, routing, None, shared=self.shared)  # type: ignore[arg-type]
+        self.picker = Picker("bench", handler, routing, shared=self.shared)
+        chars = routing.prefix_block_chars if strategy == "prefix_affinity" else 0
+        # The ingress hashes the prompt's blocks; its cost is counted here too.
         self.bodies = _bodies(_model(strategy))
+        self.blocks = lambda body: request_blocks(body, chars) if chars else ()
         self.metas = [
             RequestMeta(Endpoint.CHAT, _model(strategy), False, 10, False, "r", session=f"s{i}")
             for i in range(CONVERSATIONS)
@@ -97,17 +101,15 @@ class _Case:
         self.turn = 0
 
     async def one(self, hold: bool) -> None:
+        from serve_app.pickers.plan import DONE, OK, Event, Report
+
         self.turn = turn = (self.turn + 1) % CONVERSATIONS
-        dispatcher = self.dispatcher
-        deadline = asyncio.get_running_loop().time() + 60
-        with dispatcher._attempts(
-            dispatcher._view, self.metas[turn], self.bodies[turn], deadline
-        ) as attempts:
-            provider = await attempts.next([])
-            assert provider is not None
-            if hold:
-                await asyncio.sleep(0)
-            attempts.answered()
+        plan = await self.picker.plan(self.metas[turn], self.blocks(self.bodies[turn]))
+        assert plan.targets, plan.error
+        if hold:
+            await asyncio.sleep(0)
+        ok = Event(plan.plan_id, plan.targets[0].id, OK, seconds=0.001)
+        self.picker.report(Report("bench", [ok, Event(plan.plan_id, "", DONE)], []))
 
     async def per_request_us(self, c: int, n: int) -> float:
         t0 = time.perf_counter()

@@ -1,4 +1,5 @@
-"""The Serve application: one ingress, one router deployment per active model type.
+"""The Serve application: one ingress, one picker deployment (`router-<type>`) per active model
+type.
 
 `serve run deployments/serve_config.yaml` imports `serve_app.app:build_app`. Building the app
 validates the models config and publishes it to the registry, so the replicas start on it.
@@ -12,10 +13,12 @@ from typing import NamedTuple, NoReturn
 import ray
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from ray.serve import Application
+from ray.serve.config import RequestRouterConfig
 from ray.serve.exceptions import RayServeException
 from ray.serve.schema import LoggingConfig
 
-from serve_app.config import (
+from serve_app.cluster.registry.actor import Published, RegistryRef
+from serve_app.core.config import (
     Autoscaling,
     ConfigError,
     RouterConfig,
@@ -28,16 +31,16 @@ from serve_app.config import (
     read_raw,
     replicas_options,
 )
-from serve_app.profiles import (
+from serve_app.ingress.replica import DEFAULT_MAX_BODY_BYTES, Ingress, IngressSettings
+from serve_app.pickers.owner import PlanOwnerRouter
+from serve_app.pickers.replica import ModelTypeRouter
+from serve_app.provision.profiles import (
     KIND,
     active_profile_name,
     parse_profiles,
     profiles_path,
     read_profiles,
 )
-from serve_app.registry.actor import Published, RegistryRef
-from serve_app.replicas.ingress import DEFAULT_MAX_BODY_BYTES, Ingress, IngressSettings
-from serve_app.replicas.router import ModelTypeRouter
 
 APP_NAME = "llm-router"
 # JSON lines, no per-request access log (it costs throughput and carries client paths).
@@ -131,6 +134,7 @@ def router_app(args: AppArgs, document: tuple[object, str] | None = None) -> App
             graceful_shutdown_timeout_s=group.routing.drain_timeout_s,
             graceful_shutdown_wait_loop_s=DRAIN_POLL_S,
             logging_config=LOGGING,
+            request_router_config=RequestRouterConfig(request_router_class=PlanOwnerRouter),
         ).bind(name, registry, checked.strategy)
         for name, group in config.model_types.items()
     }
@@ -141,6 +145,7 @@ def router_app(args: AppArgs, document: tuple[object, str] | None = None) -> App
         active_profile=checked.active_profile,
         watch_config=args.watch_config,
         ack_timeout_s=args.ack_timeout_s,
+        default_strategy=checked.strategy,
     )
     drain = max(g.routing.drain_timeout_s for g in config.model_types.values())
     return Ingress.options(

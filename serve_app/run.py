@@ -25,10 +25,10 @@ from typing import TYPE_CHECKING
 
 import psutil
 
-from serve_app.config import ConfigError
+from serve_app.core.config import ConfigError
+from serve_app.core.serve_env import apply_fast_serve_env
 from serve_app.local.ports import busy_port, needed_ports, port_free, sweep_leftovers
 from serve_app.local.terminal import detached_child, own_ctrl_c
-from serve_app.serve_env import apply_fast_serve_env
 
 if TYPE_CHECKING:
     from ray.serve import Application
@@ -162,7 +162,7 @@ def _serve(
     demo = None
     if not args.no_demo:
         demo = subprocess.Popen(
-            [sys.executable, "-m", "serve_app.demo_upstream", "--port", str(DEMO_PORT)],
+            [sys.executable, "-m", "serve_app.demo.upstream", "--port", str(DEMO_PORT)],
             process_group=0,
             preexec_fn=detached_child,
         )

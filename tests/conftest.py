@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from serve_app.serve_env import apply_fast_serve_env
+from serve_app.core.serve_env import apply_fast_serve_env
 
 ROOT = Path(__file__).resolve().parent.parent
 apply_fast_serve_env(single_node=True)  # before ray.serve is imported anywhere in this process
@@ -33,8 +33,8 @@ import ray  # noqa: E402
 from ray import serve  # noqa: E402
 
 from serve_app.app import APP_NAME, AppArgs, router_app  # noqa: E402
-from serve_app.demo_upstream import FakeUpstream, Knobs  # noqa: E402
-from serve_app.registry.actor import RegistryRef  # noqa: E402
+from serve_app.cluster.registry.actor import RegistryRef  # noqa: E402
+from serve_app.demo.upstream import FakeUpstream, Knobs  # noqa: E402
 
 # One registry for the session's deployments, on a private file.
 REGISTRY = RegistryRef(

@@ -15,11 +15,11 @@ import aiohttp
 import ray
 from ray.cluster_utils import Cluster
 
-from serve_app.broker import Terms, broker_handle
-from serve_app.config import ProviderConfig
-from serve_app.demo_upstream import FakeUpstream, Knobs
-from serve_app.registry.actor import RegistryRef
-from serve_app.shared import SharedState
+from serve_app.cluster.broker import Terms, broker_handle
+from serve_app.cluster.registry.actor import RegistryRef
+from serve_app.core.config import ProviderConfig
+from serve_app.demo.upstream import FakeUpstream, Knobs
+from serve_app.pickers.shared import SharedState
 
 LEASE_S = 2.0
 TERMS = Terms(lease_s=LEASE_S, pin_ttl_s=60.0, latency_alpha=0.3)

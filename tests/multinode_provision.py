@@ -10,10 +10,10 @@ import json
 import ray
 from ray.cluster_utils import Cluster
 
-from serve_app.config import parse_config
-from serve_app.demo_upstream import FakeUpstream
-from serve_app.profiles import parse_profiles
+from serve_app.core.config import parse_config
+from serve_app.demo.upstream import FakeUpstream
 from serve_app.provision.manager import LLMModelManager
+from serve_app.provision.profiles import parse_profiles
 
 
 def _provider(pid: str, url: str, model: str, resource: str) -> dict:

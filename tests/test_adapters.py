@@ -14,11 +14,15 @@ import orjson
 import pytest
 import ray
 
-from serve_app.config import parse_config
-from serve_app.demo_upstream import FakeUpstream
-from serve_app.dispatch import Dispatcher
-from serve_app.handler import ModelHandler
-from serve_app.schemas import Endpoint, validate_request
+from serve_app.core.config import parse_config
+from serve_app.core.metrics import Tally
+from serve_app.core.schemas import Endpoint, validate_request
+from serve_app.demo.upstream import FakeUpstream
+from serve_app.ingress.outcomes import Reporter
+from serve_app.ingress.relay import Relay, Route
+from serve_app.pickers.handler import ModelHandler
+from serve_app.pickers.picker import Picker
+from serve_app.pickers.plan import Plan
 from tests.conftest import ADMIN, REGISTRY, deploy, lora_dir, provider, wait_for
 
 pytestmark = pytest.mark.serve
@@ -356,11 +360,26 @@ async def test_a_version_every_server_lost_answers_503_from_a_router_not_yet_tol
         "test",
     )
     body = b'{"model": "gone", "messages": [{"role": "user", "content": "q"}]}'
+    meta = validate_request(Endpoint.CHAT, body, "r1")
+    routing = config.model_types[TYPE].routing
+    picker = Picker("p", ModelHandler(config=config), routing)
+    plan = await picker.plan(meta, ())
+
+    async def nowhere(key: object, report: object) -> None:
+        raise AssertionError("not started: nothing is sent")
+
+    class InProcess:  # the picker in this process, as the relay sees a picker deployment
+        model_type = TYPE
+
+        async def next(self, plan: Plan) -> Plan:
+            return await picker.next(plan.plan_id)
+
+        def failed(self, model: str, provider: str) -> None:
+            pass
+
     async with aiohttp.ClientSession() as session:
-        dispatcher = Dispatcher(
-            ModelHandler(config=config), config.model_types[TYPE].routing, session
-        )
-        answer = await dispatcher.unary(body, validate_request(Endpoint.CHAT, body, "r1"))
+        relay = Relay(session, Reporter("i", nowhere), Tally())
+        answer = await relay.call(Route(plan, InProcess(), routing), body, meta)
     assert answer.head.status == 503 and answer.head.headers["retry-after"] == "2"
     assert orjson.loads(answer.body)["error"]["code"] == "adapter_unavailable"
     assert [r.body["model"] for r in va.requests + vb.requests] == ["gone@v1", "gone@v1"]

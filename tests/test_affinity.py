@@ -11,7 +11,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from serve_app.config import ProviderConfig, RoutingConfig
+from serve_app.core.config import ProviderConfig, RoutingConfig
 from serve_app.routing.load import (
     COLD_PENALTY,
     KV_WEIGHT,

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import aiohttp
 import pytest
 
-from serve_app.demo_upstream import FakeUpstream, Knobs
+from serve_app.demo.upstream import FakeUpstream, Knobs
 from tests.conftest import ADMIN, deploy, provider, until
 
 pytestmark = pytest.mark.serve

@@ -13,7 +13,7 @@ from ray import serve
 from ray.serve._private.common import ReplicaState
 
 from serve_app.app import APP_NAME, router_deployment_name
-from serve_app.demo_upstream import Knobs
+from serve_app.demo.upstream import Knobs
 from tests.conftest import deploy, provider, until
 
 pytestmark = pytest.mark.serve
@@ -45,13 +45,22 @@ async def test_load_scales_ingress_and_router_up_and_idle_down_with_nothing_fail
     upstream.knobs = Knobs(latency_s=0.2, chunk_delay_s=0.05, chunks=4)
     span = upstream_factory("auto-span")  # its streams wait after their first chunk
     span.knobs = Knobs(chunks=4, hold_mid_stream=True)
+    # The pickers' load is their plan calls: a slot strategy's calls wait there for a slot
+    # (two at a time per provider), so twelve clients keep about ten calls in each picker.
     config = {
         TYPE: {
-            "m/auto": {"providers": [provider("auto-1", upstream.url)]},
-            "m/span": {"providers": [provider("auto-span", span.url)]},
+            "m/auto": {"providers": [provider("auto-1", upstream.url, nworkers=2)]},
+            "m/span": {"providers": [provider("auto-span", span.url, nworkers=2)]},
         },
         "active_models": {TYPE: ["m/auto", "m/span"]},
-        "routing": {TYPE: {"autoscaling": SCALING, "drain_timeout_s": 30}},
+        "routing": {
+            TYPE: {
+                "autoscaling": SCALING,
+                "drain_timeout_s": 30,
+                "strategy": "first_available_optim_nworkers",
+                "wait_timeout_s": 60,
+            }
+        },
     }
     deploy(serve_url, config, ingress_autoscaling=SCALING)
     router, ingress = router_deployment_name(TYPE), "Ingress"

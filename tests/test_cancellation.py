@@ -11,7 +11,7 @@ import aiohttp
 import orjson
 import pytest
 
-from serve_app.demo_upstream import FakeUpstream, Knobs
+from serve_app.demo.upstream import FakeUpstream, Knobs
 from tests.conftest import deploy, provider, samples, until
 
 TYPE = "cancel_models"

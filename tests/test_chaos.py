@@ -19,7 +19,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from serve_app.demo_upstream import Knobs
+from serve_app.demo.upstream import Knobs
 from tests.conftest import deploy, provider
 
 pytestmark = [pytest.mark.serve, pytest.mark.chaos]

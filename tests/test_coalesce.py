@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from serve_app.coalesce import Coalescer
+from serve_app.ingress.coalesce import Coalescer
 
 
 class Senders:

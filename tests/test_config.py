@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from serve_app.config import (
+from serve_app.core.config import (
     STRATEGY_ENV,
     ConfigError,
     ProviderConfig,
@@ -16,7 +16,7 @@ from serve_app.config import (
     load_config,
     parse_config,
 )
-from serve_app.handler import ModelHandler
+from serve_app.pickers.handler import ModelHandler
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "configs" / "models-config.example.json"
@@ -216,7 +216,7 @@ def test_nworkers_falls_back_to_one_with_a_warning(caplog) -> None:
     raw["t"]["m/one"]["providers"] = [
         {**template, "id": f"p{i}", "nworkers": v} for i, v in enumerate(values)
     ]
-    with caplog.at_level("WARNING", logger="serve_app.config"):
+    with caplog.at_level("WARNING", logger="serve_app.core.config"):
         cfg = parse_config(raw)
     got = [p.nworkers for p in cfg.model_types["t"].models["m/one"].providers]
     assert got == [4, 3, 1, 1, 1, 1, 1, 1]

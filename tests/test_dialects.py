@@ -11,15 +11,15 @@ from typing import Any
 import orjson
 import pytest
 
-from serve_app.config import ProviderConfig
+from serve_app.core.config import ProviderConfig
+from serve_app.core.errors import RouterError, error_body
+from serve_app.core.schemas import Endpoint, validate_request
 from serve_app.dialects.translate import error_in_dialect, stream_error, translation
 from serve_app.dialects.usage import StreamMeter, counts_of
-from serve_app.errors import RouterError, error_body
-from serve_app.providers import prepare
-from serve_app.providers.ollama import OllamaNativeExchange
-from serve_app.providers.openai import OpenAIExchange
-from serve_app.providers.translated import TranslatedExchange
-from serve_app.schemas import Endpoint, validate_request
+from serve_app.upstreams import prepare
+from serve_app.upstreams.ollama import OllamaNativeExchange
+from serve_app.upstreams.openai import OpenAIExchange
+from serve_app.upstreams.translated import TranslatedExchange
 from tests.conftest import provider
 
 # Recorded from the real vLLM (tests/e2e/record_wire.py): greedy, 4 tokens, so finish "length".

@@ -13,7 +13,7 @@ import openai
 import orjson
 import pytest
 
-from serve_app.demo_upstream import FakeUpstream
+from serve_app.demo.upstream import FakeUpstream
 from tests.conftest import deploy, provider, until
 
 pytestmark = pytest.mark.serve

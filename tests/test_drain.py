@@ -8,7 +8,7 @@ import aiohttp
 import orjson
 import pytest
 
-from serve_app.demo_upstream import Knobs
+from serve_app.demo.upstream import Knobs
 from tests.conftest import deploy, provider, wait_for
 
 pytestmark = [pytest.mark.serve, pytest.mark.chaos]

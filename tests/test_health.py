@@ -13,7 +13,7 @@ import orjson
 import pytest
 import ray
 
-from serve_app.demo_upstream import FakeUpstream, Knobs
+from serve_app.demo.upstream import FakeUpstream, Knobs
 from tests.conftest import deploy, provider, samples, until
 
 pytestmark = pytest.mark.serve
@@ -229,7 +229,7 @@ async def test_the_request_id_is_returned_and_logged(pool: Pool, http) -> None:
     logs = Path(ray._private.worker._global_node.get_logs_dir_path()) / "serve"
 
     def logged() -> bool:
-        for path in logs.glob("replica_*router-health_models*.log"):
+        for path in logs.glob("replica_*Ingress*.log"):  # the replica that calls upstreams
             for line in path.read_text(errors="replace").splitlines():
                 if "client-id-4711" in line and "upstream attempt failed" in line:
                     record = json.loads(line)

@@ -12,7 +12,15 @@ import aiohttp
 import pytest
 import ray
 
-from tests.conftest import ADMIN, ADMIN_TOKEN, TOKEN_ENV, TOKEN_VALUE, deploy, provider
+from tests.conftest import (
+    ADMIN,
+    ADMIN_TOKEN,
+    TOKEN_ENV,
+    TOKEN_VALUE,
+    deploy,
+    free_port,
+    provider,
+)
 
 pytestmark = [pytest.mark.serve, pytest.mark.chaos]
 
@@ -20,11 +28,15 @@ pytestmark = [pytest.mark.serve, pytest.mark.chaos]
 @pytest.fixture(scope="module")
 def url(serve_url: str, upstream_factory) -> str:
     up = upstream_factory("hostile")
+    token = "${" + TOKEN_ENV + "}"
+    dead = f"http://127.0.0.1:{free_port()}"
     config = {
         "hostile_models": {
-            "m/hostile": {"providers": [provider("hp", up.url, api_token="${" + TOKEN_ENV + "}")]}
+            "m/hostile": {"providers": [provider("hp", up.url, api_token=token)]},
+            # The ingress calls upstreams with their tokens: a failing one must not show it.
+            "m/dead": {"providers": [provider("dead", dead, api_token=token)]},
         },
-        "active_models": {"hostile_models": ["m/hostile"]},
+        "active_models": {"hostile_models": ["m/hostile", "m/dead"]},
     }
     deploy(serve_url, config)
     return serve_url
@@ -99,8 +111,15 @@ async def test_a_huge_body_is_refused_early_and_the_replica_lives(url: str, http
 async def test_no_secret_reaches_any_log(url: str, http) -> None:
     """Run last in `make chaos`: every log file of the session so far, Ray's and Serve's."""
     await _ok(http, url)  # the upstream got the token as a Bearer header...
-    async with http.get(f"{url}/api/v1/config", headers=ADMIN) as resp:
-        assert resp.status == 200
+    for stream in (False, True):  # ...and a dead one failed with it
+        body = {"model": "m/dead", "messages": [{"role": "user", "content": "x"}], "stream": stream}
+        async with http.post(f"{url}/v1/chat/completions", json=body) as resp:
+            assert resp.status == 503
+            assert TOKEN_VALUE not in await resp.text()
+    for path in ("/api/v1/config", "/api/v1/providers/state"):
+        async with http.get(f"{url}{path}", headers=ADMIN) as resp:
+            assert resp.status == 200
+            assert TOKEN_VALUE not in await resp.text()
     logs = Path(ray._private.worker._global_node.get_logs_dir_path())
     files = [p for p in logs.rglob("*") if p.is_file()]
     assert len(files) > 10

@@ -14,7 +14,7 @@ import orjson
 import pytest
 import ray
 
-from serve_app.demo_upstream import FakeUpstream, Knobs
+from serve_app.demo.upstream import FakeUpstream, Knobs
 from tests.conftest import ADMIN, REGISTRY, deploy, provider, until
 
 pytestmark = pytest.mark.serve

@@ -28,8 +28,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from serve_app.core.serve_env import FAST_SERVE_ENV, HAPROXY_BINARY_ENV, LOCAL_SERVE_ENV
 from serve_app.local.ports import SERVE_HAPROXY_DIR, port_free
-from serve_app.serve_env import FAST_SERVE_ENV, HAPROXY_BINARY_ENV, LOCAL_SERVE_ENV
 from tests.conftest import ROOT, free_port, wait_for
 
 STOP_WITHIN_S = 5.0

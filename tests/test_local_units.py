@@ -8,7 +8,7 @@ import sys
 import psutil
 import pytest
 
-from serve_app.config import ConfigError
+from serve_app.core.config import ConfigError
 from serve_app.local.haproxy import bind_admin_frontends, config_file
 from serve_app.local.ports import leftover, needed_ports
 

@@ -9,11 +9,8 @@ from pathlib import Path
 import pytest
 
 from serve_app.api.auth import admin_refusal
-from serve_app.config import ConfigError, ProviderConfig
-from serve_app.errors import RouterError
-from serve_app.handler import ModelHandler
-from serve_app.registry import store
-from serve_app.registry.adapters import (
+from serve_app.cluster.registry import store
+from serve_app.cluster.registry.adapters import (
     AdapterRegistration,
     Load,
     adapter_report,
@@ -27,14 +24,17 @@ from serve_app.registry.adapters import (
     with_unloaded,
     without_adapter,
 )
-from serve_app.registry.manifest import (
+from serve_app.cluster.registry.manifest import (
     Manifest,
     effective_config,
     is_lora_name,
     unplaced_adapters,
     with_config,
 )
-from serve_app.schemas import Endpoint, RequestMeta
+from serve_app.core.config import ConfigError, ProviderConfig
+from serve_app.core.errors import RouterError
+from serve_app.core.schemas import Endpoint, RequestMeta
+from serve_app.pickers.handler import ModelHandler
 from tests.conftest import provider
 
 

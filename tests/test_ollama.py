@@ -5,15 +5,15 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from serve_app.config import ProviderConfig
-from serve_app.errors import RouterError
-from serve_app.providers.ollama import (
+from serve_app.core.config import ProviderConfig
+from serve_app.core.errors import RouterError
+from serve_app.core.schemas import Endpoint, RequestMeta
+from serve_app.upstreams.ollama import (
     OllamaExchange,
     StreamTranslator,
     from_ollama_response,
     to_ollama_request,
 )
-from serve_app.schemas import Endpoint, RequestMeta
 
 
 def test_chat_request_translation() -> None:

@@ -27,12 +27,12 @@ from typing import Any
 import orjson
 import pytest
 
-from serve_app.config import ProviderConfig
-from serve_app.demo_upstream import FakeUpstream, Knobs
+from serve_app.core.config import ProviderConfig
+from serve_app.core.schemas import Endpoint, validate_request
+from serve_app.demo.upstream import FakeUpstream, Knobs
 from serve_app.dialects import ollama
-from serve_app.providers import prepare
-from serve_app.providers.base import Exchange
-from serve_app.schemas import Endpoint, validate_request
+from serve_app.upstreams import prepare
+from serve_app.upstreams.base import Exchange
 from tests.conftest import provider
 
 WIRE = Path(__file__).parent / "wire"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from serve_app.replicas.ingress import api
+from serve_app.ingress.replica import api
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "api" / "openapi.json"
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from serve_app.demo_upstream import FakeUpstream
+from serve_app.demo.upstream import FakeUpstream
 from tests.conftest import ADMIN, deploy, provider
 
 pytestmark = pytest.mark.serve

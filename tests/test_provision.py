@@ -7,12 +7,12 @@ import asyncio
 import pytest
 import ray
 
-from serve_app.config import ConfigError, ProviderConfig, parse_config
-from serve_app.demo_upstream import FakeUpstream, Knobs
-from serve_app.profiles import parse_profiles, with_role_defaults
+from serve_app.cluster.registry.actor import RegistryRef
+from serve_app.core.config import ConfigError, ProviderConfig, parse_config
+from serve_app.demo.upstream import FakeUpstream, Knobs
 from serve_app.provision.manager import LLMModelManager
+from serve_app.provision.profiles import parse_profiles, with_role_defaults
 from serve_app.provision.tasks import placement
-from serve_app.registry.actor import RegistryRef
 from tests.conftest import free_port, lora_dir, provider
 
 

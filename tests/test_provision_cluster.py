@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from serve_app.demo_upstream import Knobs
+from serve_app.demo.upstream import Knobs
 from tests.conftest import ROOT, provider, run_cluster_script
 
 

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import ray
 
-from serve_app.demo_upstream import FakeUpstream
-from serve_app.registry.actor import NAMESPACE, RegistryRef
-from serve_app.registry.adapters import AdapterRegistration
-from serve_app.registry.manifest import Manifest
+from serve_app.cluster.registry.actor import NAMESPACE, RegistryRef
+from serve_app.cluster.registry.adapters import AdapterRegistration
+from serve_app.cluster.registry.manifest import Manifest
+from serve_app.demo.upstream import FakeUpstream
 from tests.conftest import lora_dir, provider, wait_for
 
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from serve_app.config import ProviderConfig
-from serve_app.errors import RouterError
-from serve_app.providers import prepare
-from serve_app.providers.base import api_root
-from serve_app.schemas import Endpoint, validate_request
-from serve_app.tokens import estimate_sequences, estimate_text
+from serve_app.core.config import ProviderConfig
+from serve_app.core.errors import RouterError
+from serve_app.core.schemas import Endpoint, validate_request
+from serve_app.core.tokens import estimate_sequences, estimate_text
+from serve_app.upstreams import prepare
+from serve_app.upstreams.base import api_root
 
 
 def test_chat_meta() -> None:

@@ -12,7 +12,7 @@ import orjson
 import pytest
 from multidict import CIMultiDict
 
-from serve_app.demo_upstream import FakeUpstream, Knobs
+from serve_app.demo.upstream import FakeUpstream, Knobs
 from tests.conftest import deploy, free_port, provider
 
 pytestmark = pytest.mark.serve

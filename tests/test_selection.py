@@ -7,8 +7,9 @@ from collections import Counter
 
 import pytest
 
-from serve_app.config import ModelConfig, ProviderConfig
-from serve_app.errors import RouterError
+from serve_app.core.config import ModelConfig, ProviderConfig
+from serve_app.core.errors import RouterError
+from serve_app.core.schemas import Endpoint, RequestMeta
 from serve_app.routing.selection import candidate_tiers, initial_states, plan_attempts
 from serve_app.routing.strategies import (
     ConfigOrder,
@@ -18,7 +19,6 @@ from serve_app.routing.strategies import (
     WeightedRandom,
     make_strategy,
 )
-from serve_app.schemas import Endpoint, RequestMeta
 
 IDLE = Stats()
 

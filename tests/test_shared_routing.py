@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 import ray
 
-from serve_app.demo_upstream import FakeUpstream, Knobs
+from serve_app.demo.upstream import FakeUpstream, Knobs
 from tests.conftest import ADMIN, deploy, free_port, provider, run_cluster_script, until
 
 LEASE_S = 2.0
@@ -136,7 +136,7 @@ async def test_nworkers_limits_hold_across_replicas_under_load(pool: Pool, http)
 
 async def test_a_killed_replicas_slots_come_back_within_the_lease(pool: Pool, http) -> None:
     hold = pool.ups["hold"]
-    hold.knobs = Knobs(latency_s=120)  # the request holds the only slot until it is killed
+    hold.knobs = Knobs(hold=True)  # the request holds the only slot until released
     stuck = asyncio.ensure_future(_ask(http, pool.url, "m/hold"))
     holder: list[str] = []
 
@@ -148,17 +148,18 @@ async def test_a_killed_replicas_slots_come_back_within_the_lease(pool: Pool, ht
     replica = holder[0].split(":", 1)[1]
     actor = ray.get_actor(f"SERVE_REPLICA::llm-router#router-excl_models#{replica}", "serve")
     ray.kill(actor, no_restart=True)
-    hold.knobs = Knobs()
+    # The picker only planned the request: the ingress carries it, so its client is answered.
+    hold.release()
+    status, headers, _ = await stuck
+    assert status == 200 and headers["x-router-provider"] == "hold"
 
     async def returned() -> bool:
         return "hold" not in (await _state(http, pool.url))["busy"]
 
-    # Nobody releases it (its holder is dead): only the lease's expiry brings it back.
+    # Nobody releases the slot (its holder is dead): only the lease's expiry brings it back.
     await until(returned, "the lease to expire", timeout=LEASE_S * 4 + 30)
     status, headers, _ = await _ask(http, pool.url, "m/hold")
     assert status == 200 and headers["x-router-provider"] == "hold"
-    status, _, _ = await stuck  # the client of the killed replica got an error, not a hang
-    assert status in (500, 502, 503)
 
 
 async def test_a_request_that_leaves_while_waiting_gives_its_slot_back(pool: Pool, http) -> None:

@@ -1,5 +1,6 @@
-"""A replica's local copy of the shared state (serve_app/shared.py) against a real broker actor:
-counts seen by every replica, idle slots reused without a call only while a replica is alone."""
+"""A picker replica's local copy of the shared state (serve_app/pickers/shared.py) against a
+real broker actor: counts seen by every replica, idle slots reused without a call only while a
+replica is alone."""
 
 from __future__ import annotations
 
@@ -8,11 +9,11 @@ import uuid
 
 import pytest
 
-from serve_app.broker import Terms, broker_handle
-from serve_app.config import ProviderConfig
-from serve_app.registry.actor import RegistryRef
+from serve_app.cluster.broker import Terms, broker_handle
+from serve_app.cluster.registry.actor import RegistryRef
+from serve_app.core.config import ProviderConfig
+from serve_app.pickers.shared import SharedState
 from serve_app.routing.strategies import Balanced
-from serve_app.shared import SharedState
 from tests.conftest import REGISTRY
 
 TERMS = Terms(lease_s=5.0, pin_ttl_s=60.0, latency_alpha=0.5)

@@ -6,8 +6,8 @@ from collections import Counter
 
 import pytest
 
-from serve_app.config import ProviderConfig, StrategyName
-from serve_app.leases import Latency, LeaseTable, Pins
+from serve_app.cluster.leases import Latency, LeaseTable, Pins
+from serve_app.core.config import ProviderConfig, StrategyName
 from serve_app.routing.strategies import (
     Balanced,
     DynamicWeighted,

@@ -19,10 +19,10 @@ from ray.actor import ActorHandle
 from serve_app.access.keys import KeyRecord, parse_key, verify
 from serve_app.access.ledger import LEASE_S, Grant, Refusal, Used
 from serve_app.access.limiter import Usage
-from serve_app.config import REQUIRE_KEYS_ENV, RouterConfig
-from serve_app.errors import RouterError
-from serve_app.metrics import Tally
-from serve_app.registry.manifest import Manifest
+from serve_app.cluster.registry.manifest import Manifest
+from serve_app.core.config import REQUIRE_KEYS_ENV, RouterConfig
+from serve_app.core.errors import RouterError
+from serve_app.core.metrics import Tally
 
 log = logging.getLogger("ray.serve")
 

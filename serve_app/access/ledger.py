@@ -1,5 +1,5 @@
 """The limiter's books (pure): per key, what was granted in the current minute (requests,
-tokens) and budget period (tokens), handed to router replicas as short leases.
+tokens) and budget period (tokens), handed to ingress replicas as short leases.
 
 Exact across replicas: a grant never takes a key past its limits, so whatever replicas hold
 adds up to at most the limit. A holder stops using a lease after LEASE_S and returns it with

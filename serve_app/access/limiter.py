@@ -18,10 +18,10 @@ from ray.actor import ActorHandle
 
 from serve_app.access.keys import KeyRecord
 from serve_app.access.ledger import Grant, Ledger, Used
-from serve_app.registry import store
-from serve_app.registry.actor import RegistryRef
-from serve_app.registry.companion import ManifestCompanion, companion_handle
-from serve_app.registry.manifest import Manifest
+from serve_app.cluster.registry import store
+from serve_app.cluster.registry.actor import RegistryRef
+from serve_app.cluster.registry.companion import ManifestCompanion, companion_handle
+from serve_app.cluster.registry.manifest import Manifest
 
 SAVE_S = 1.0
 KINDS = ("prompt", "completion")

@@ -13,20 +13,20 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from serve_app.api.auth import admin_refusal
-from serve_app.api.gateway import Gateway, router_error
 from serve_app.api.http import log, read_body, replica
-from serve_app.broker import broker_handle
-from serve_app.config import ConfigError, RouterConfig, parse_config, read_raw
-from serve_app.errors import RouterError
-from serve_app.follow import Follower
-from serve_app.monitor import monitor_handle
-from serve_app.openapi import json_body
-from serve_app.profiles import DEFAULT_PROFILE, KIND, parse_profiles, read_profiles
-from serve_app.providers.base import JSON
+from serve_app.api.openapi import json_body
+from serve_app.cluster.broker import broker_handle
+from serve_app.cluster.follow import Follower
+from serve_app.cluster.monitor import monitor_handle
+from serve_app.cluster.registry.actor import Answer, Published, RegistryRef
+from serve_app.cluster.registry.adapters import AdapterRegistration
+from serve_app.cluster.registry.manifest import Manifest, WeightsUpdate
+from serve_app.core.config import ConfigError, RouterConfig, parse_config, read_raw
+from serve_app.core.errors import RouterError
+from serve_app.ingress.gateway import Gateway, router_error
 from serve_app.provision.manager import LLMModelManager, ProvisionRequest
-from serve_app.registry.actor import Answer, Published, RegistryRef
-from serve_app.registry.adapters import AdapterRegistration
-from serve_app.registry.manifest import Manifest, WeightsUpdate
+from serve_app.provision.profiles import DEFAULT_PROFILE, KIND, parse_profiles, read_profiles
+from serve_app.upstreams.base import JSON
 
 ADMIN_MAX_BODY_BYTES = 1024 * 1024
 Body = TypeVar("Body", bound=BaseModel)
@@ -208,7 +208,7 @@ async def provider_state(request: Request) -> Response:
     """The shared routing state: slots taken per provider and by which replica, host pins,
     requests waiting for a slot, use counts, latency averages, keep-alive warms, the prefix
     index; per provider its circuit, load signals and prefix index size; and the health
-    view's version with the one each router replica has applied."""
+    view's version with the one each picker replica has applied."""
     admin = admin_from(request)
     try:
         state, health = await asyncio.wait_for(

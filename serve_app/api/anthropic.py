@@ -5,7 +5,7 @@ where the router checks keys)."""
 from fastapi import APIRouter
 
 from serve_app.api.http import relay_route
-from serve_app.schemas import CountTokensRequest, Endpoint, MessagesRequest
+from serve_app.core.schemas import CountTokensRequest, Endpoint, MessagesRequest
 
 router = APIRouter()
 relay_route(router, "/v1/messages", Endpoint.MESSAGES, MessagesRequest, "messages")

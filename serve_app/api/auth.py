@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hmac
 
-from serve_app.errors import RouterError
+from serve_app.core.errors import RouterError
 
 ADMIN_TOKEN_ENV = "LLM_ROUTER_ADMIN_TOKEN"
 

@@ -16,11 +16,11 @@ from pydantic import BaseModel
 from ray import serve
 from starlette.exceptions import HTTPException
 
+from serve_app.api.openapi import json_body
+from serve_app.core.errors import RouterError
+from serve_app.core.schemas import Dialect, Endpoint
 from serve_app.dialects.translate import error_in_dialect
-from serve_app.errors import RouterError
-from serve_app.openapi import json_body
-from serve_app.providers.base import JSON
-from serve_app.schemas import Dialect, Endpoint
+from serve_app.upstreams.base import JSON
 
 log = logging.getLogger("ray.serve")
 

@@ -9,9 +9,9 @@ from fastapi.responses import Response
 from serve_app.access.keys import KeyLimits, KeyRecord
 from serve_app.access.limiter import limiter_handle
 from serve_app.api.admin import Admin, admin_from, json_response, relayed, validated_body
-from serve_app.api.gateway import router_error
-from serve_app.errors import key_not_found
-from serve_app.openapi import json_body
+from serve_app.api.openapi import json_body
+from serve_app.core.errors import key_not_found
+from serve_app.ingress.gateway import router_error
 
 router = APIRouter()
 

@@ -11,17 +11,17 @@ from fastapi.responses import PlainTextResponse, Response
 from pydantic import BaseModel, ValidationError
 
 from serve_app.api.http import read_body, relay_route, replica
-from serve_app.dialects import ollama
-from serve_app.errors import RouterError, model_not_found
-from serve_app.openapi import json_body
-from serve_app.providers.base import JSON
-from serve_app.schemas import (
+from serve_app.api.openapi import json_body
+from serve_app.core.errors import RouterError, model_not_found
+from serve_app.core.schemas import (
     Endpoint,
     OllamaChatRequest,
     OllamaEmbeddingsRequest,
     OllamaEmbedRequest,
     OllamaGenerateRequest,
 )
+from serve_app.dialects import ollama
+from serve_app.upstreams.base import JSON
 
 router = APIRouter()
 SHOW_MAX_BODY_BYTES = 64 * 1024

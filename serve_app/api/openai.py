@@ -4,8 +4,8 @@ from fastapi import APIRouter
 from fastapi.responses import Response
 
 from serve_app.api.http import relay_route, replica
-from serve_app.providers.base import JSON
-from serve_app.schemas import ChatRequest, CompletionRequest, EmbeddingRequest, Endpoint
+from serve_app.core.schemas import ChatRequest, CompletionRequest, EmbeddingRequest, Endpoint
+from serve_app.upstreams.base import JSON
 
 router = APIRouter()
 relay_route(router, "/v1/chat/completions", Endpoint.CHAT, ChatRequest, "chat_completions")

@@ -5,7 +5,7 @@ from fastapi import APIRouter
 from fastapi.responses import PlainTextResponse, Response
 
 from serve_app.api.http import replica
-from serve_app.providers.base import JSON
+from serve_app.upstreams.base import JSON
 
 router = APIRouter()
 

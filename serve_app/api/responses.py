@@ -3,7 +3,7 @@
 from fastapi import APIRouter
 
 from serve_app.api.http import relay_route
-from serve_app.schemas import Endpoint, ResponsesRequest
+from serve_app.core.schemas import Endpoint, ResponsesRequest
 
 router = APIRouter()
 relay_route(router, "/v1/responses", Endpoint.RESPONSES, ResponsesRequest, "create_response")

@@ -8,9 +8,9 @@ from typing import Any
 
 import orjson
 
+from serve_app.core.errors import RouterError
+from serve_app.core.schemas import Endpoint
 from serve_app.dialects.internal import Answer, Delta, StreamReader
-from serve_app.errors import RouterError
-from serve_app.schemas import Endpoint
 
 _STOP = {"length": "max_tokens", "tool_calls": "tool_use", "function_call": "tool_use"}
 # HTTP status -> Anthropic's error type.

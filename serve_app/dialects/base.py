@@ -6,8 +6,8 @@ import time
 from datetime import datetime, timezone
 from typing import Any, Protocol
 
+from serve_app.core.schemas import Endpoint
 from serve_app.dialects.internal import Answer, Delta, StreamReader
-from serve_app.schemas import Endpoint
 
 
 class StreamWriter(Protocol):

@@ -1,7 +1,7 @@
 """Ollama's API spoken by clients (`/api/chat`, `/api/generate`, `/api/embed`, `/api/embeddings`),
 in the internal form for providers that do not speak it, and their answers back in Ollama's shapes.
 
-The other direction (the router speaking to Ollama providers) is in providers/ollama.py; both
+The other direction (the router speaking to Ollama providers) is in upstreams/ollama.py; both
 use the options table here, so a field maps the same way each way.
 """
 
@@ -14,9 +14,9 @@ from typing import Any
 
 import orjson
 
+from serve_app.core.schemas import Endpoint
 from serve_app.dialects.base import now_iso
 from serve_app.dialects.internal import Answer, Delta, StreamReader
-from serve_app.schemas import Endpoint
 
 # OpenAI sampling fields -> Ollama `options` keys.
 OPTIONS = {

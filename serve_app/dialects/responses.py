@@ -8,10 +8,10 @@ from typing import Any
 
 import orjson
 
+from serve_app.core.errors import RouterError
+from serve_app.core.schemas import Endpoint
 from serve_app.dialects.base import now_s
 from serve_app.dialects.internal import Answer, Delta, StreamReader
-from serve_app.errors import RouterError
-from serve_app.schemas import Endpoint
 
 # Request fields copied into the Response object as the API echoes them.
 _ECHOED = ("instructions", "max_output_tokens", "metadata", "temperature", "top_p", "tool_choice")

@@ -6,11 +6,11 @@ from typing import Any
 
 import orjson
 
+from serve_app.core.errors import RouterError, sse_error_event
+from serve_app.core.schemas import Dialect, Endpoint
 from serve_app.dialects import anthropic, ollama
 from serve_app.dialects.base import Translation
 from serve_app.dialects.responses import ResponsesTranslation
-from serve_app.errors import RouterError, sse_error_event
-from serve_app.schemas import Dialect, Endpoint
 
 SSE = "text/event-stream"
 STREAM_TYPES: dict[Dialect, str] = {

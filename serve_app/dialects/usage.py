@@ -7,8 +7,8 @@ from typing import Any
 
 import orjson
 
+from serve_app.core.schemas import Dialect
 from serve_app.dialects.internal import LineReader, SSEReader
-from serve_app.schemas import Dialect
 
 Counts = tuple[int, int]  # prompt, completion
 

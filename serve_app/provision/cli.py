@@ -15,15 +15,15 @@ import sys
 
 import orjson
 
-from serve_app.config import ConfigError, parse_config, read_raw
-from serve_app.profiles import (
+from serve_app.cluster.registry.actor import RegistryRef
+from serve_app.core.config import ConfigError, parse_config, read_raw
+from serve_app.provision.profiles import (
     PROFILE_ENV,
     active_profile_name,
     parse_profiles,
     profiles_path,
     read_profiles,
 )
-from serve_app.registry.actor import RegistryRef
 
 FAILED = frozenset({"error", "unavailable"})
 log = logging.getLogger("scripts.models.provision")

@@ -16,8 +16,11 @@ from typing import Any
 import orjson
 from pydantic import BaseModel, ConfigDict
 
-from serve_app.config import ProviderConfig, RouterConfig
-from serve_app.profiles import AdapterSpec, Role
+from serve_app.cluster.registry.actor import RegistryRef
+from serve_app.cluster.registry.adapters import AdapterRegistration
+from serve_app.cluster.registry.manifest import Manifest
+from serve_app.core.config import ProviderConfig, RouterConfig
+from serve_app.provision.profiles import AdapterSpec, Role
 from serve_app.provision.tasks import (
     ENSURED,
     LOCAL_PROVIDERS,
@@ -26,9 +29,6 @@ from serve_app.provision.tasks import (
     placement,
     provision_on_node,
 )
-from serve_app.registry.actor import RegistryRef
-from serve_app.registry.adapters import AdapterRegistration
-from serve_app.registry.manifest import Manifest
 
 log = logging.getLogger("scripts.models.provision")
 

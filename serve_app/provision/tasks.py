@@ -18,9 +18,9 @@ import ray
 from pydantic import BaseModel
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from serve_app.config import ProviderConfig
-from serve_app.profiles import Role
+from serve_app.core.config import ProviderConfig
 from serve_app.provision import upstreams
+from serve_app.provision.profiles import Role
 
 Action = Literal["exists", "installed", "updated", "skipped", "error", "unavailable"]
 ENSURED = frozenset({"exists", "installed", "updated"})

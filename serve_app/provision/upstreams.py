@@ -7,10 +7,10 @@ from collections.abc import AsyncIterator
 import aiohttp
 import orjson
 
-from serve_app.config import ProviderConfig
-from serve_app.providers import probe_url
-from serve_app.providers.base import json_headers
-from serve_app.providers.ollama import ollama_root
+from serve_app.core.config import ProviderConfig
+from serve_app.upstreams import probe_url
+from serve_app.upstreams.base import json_headers
+from serve_app.upstreams.ollama import ollama_root
 
 LIST_TIMEOUT = aiohttp.ClientTimeout(total=30, sock_connect=5)
 # A pull may take an hour for a large model; what must not stall is the progress stream.

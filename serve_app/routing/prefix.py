@@ -6,7 +6,7 @@ the one before it: equal hashes at block i mean equal prompts up to the end of b
 provider has a bounded LRU index of the block hashes routed to it lately, so the provider with
 the longest matched prefix is the one most likely to hold the prompt in its prefix cache (what
 vLLM's automatic prefix caching reuses). Hashes are xxh3 (fast, and the same in every process:
-router replicas share the index through the broker).
+picker replicas share the index through the broker).
 """
 
 from __future__ import annotations

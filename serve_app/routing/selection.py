@@ -6,11 +6,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from serve_app.config import ModelConfig, ProviderConfig
-from serve_app.errors import RouterError
+from serve_app.core.config import ModelConfig, ProviderConfig
+from serve_app.core.errors import RouterError
+from serve_app.core.schemas import RequestMeta
 from serve_app.routing.load import LoadSignal
 from serve_app.routing.strategies import Stats, Strategy
-from serve_app.schemas import RequestMeta
 
 
 @dataclass

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from serve_app.config import ProviderConfig, RoutingConfig, StrategyName
+from serve_app.core.config import ProviderConfig, RoutingConfig, StrategyName
 from serve_app.routing.sessions import Ring
 
 # dynamic_weighted: a provider never drops below this share of its weight, so it keeps getting

@@ -1,5 +1,5 @@
 """Records the real vLLM's answers that the dialect unit tests translate (tests/wire/vllm_*) and
-the demo upstream imitates (serve_app/recordings/, shipped with the package):
+the demo upstream imitates (serve_app/demo/recordings/, shipped with the package):
 `python -m tests.e2e.record_wire` after `make e2e` has made the environment and the model.
 
 Every request is greedy with few tokens, so a new recording differs from the last only where
@@ -8,7 +8,7 @@ vLLM's wire format changed:
   `vllm_chat_stream.txt`), and the server's Prometheus page (the load gauges the monitor scrapes);
 - `/v1/responses` and `/v1/messages` unary and streamed, `/v1/messages/count_tokens`, and the
   unknown-model error of each of those three: the demo's answers on those routes are these
-  bodies with its own text, ids and counts filled in (`serve_app/demo_upstream.py`);
+  bodies with its own text, ids and counts filled in (`serve_app/demo/upstream.py`);
 - a chat whose `tool_choice` names a function, unary and streamed: vLLM decodes it under the
   tool's JSON schema, so even the random tiny model answers a valid call. The schema's one
   property is an enum, so the arguments end after a few tokens (a free string would run on
@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from serve_app import demo_upstream
+from serve_app.demo import upstream as demo_upstream
 from tests.conftest import free_port
 from tests.e2e.vllm_server import ROOT, SERVED_MODEL, VllmServer
 

@@ -1,5 +1,5 @@
 """The demo upstream held to a real vLLM: the same wire assertions (status codes, body shapes)
-against both. A difference found here is fixed in `serve_app/demo_upstream.py`. Run by `make e2e`.
+against both. A difference found here is fixed in `serve_app/demo/upstream.py`. Run by `make e2e`.
 
 The demo's text, ids and counts are its own, so answers are compared by shape, order and
 arithmetic, never by text. Key sets are compared with vLLM's recorded answers (tests/wire/vllm_*,
@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from serve_app.demo_upstream import FakeUpstream
+from serve_app.demo.upstream import FakeUpstream
 from tests.conftest import free_port
 from tests.e2e.record_wire import TOOL_CHAT, TOOL_SERVER, WEATHER, folder
 from tests.e2e.vllm_server import MODEL_DIR, SERVED_MODEL, VllmServer

@@ -118,10 +118,11 @@ def _leave_early(router: str, stream: bool) -> http.client.HTTPConnection:
             False,
             marks=pytest.mark.xfail(
                 reason="known defect found by this test: a unary request whose client leaves "
-                "runs to its end on vLLM (all 200 tokens in ~13 s; vLLM called directly "
-                "aborts at once, and the demo upstream does see the router hang up within the "
-                "demo test's 30 s): the router's upstream call is not cancelled in time on "
-                "this path; to fix with the data-plane work (the ingress calls the upstream)"
+                "may run to its end on vLLM (all 200 tokens in ~13 s; 1 of 2 runs after the "
+                "data-plane split, 4 of 6 before; vLLM called directly aborts at once; streams "
+                "are cancelled every time). The ingress itself calls vLLM now, so what is left "
+                "is whether the ingress replica learns in time that its client left while no "
+                "byte is written (HAProxy -> replica), not the hop the upstream call used to take"
             ),
         ),
         True,

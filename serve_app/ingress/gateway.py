@@ -1,0 +1,392 @@
+"""Where every inference request goes, whatever its dialect: checked, resolved to a model
+(a role of the active profile, a fallback), planned by its model type's picker, and answered
+with the upstream's bytes, which this replica fetches and relays itself (errors rewritten in
+the client's dialect).
+
+Only a small RequestMeta tuple (and, for prefix_affinity, the prompt's block hashes) crosses
+to the picker; the body is parsed once here (by pydantic-core) and translated only for the
+provider the plan names.
+"""
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any, NamedTuple
+
+import orjson
+from fastapi import Request
+from fastapi.responses import Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from serve_app.access.gate import Admission, Gate
+from serve_app.api.http import read_body, request_id
+from serve_app.cluster.registry.manifest import Manifest, unplaced_adapters
+from serve_app.core.config import RouterConfig, RoutingConfig, StrategyName
+from serve_app.core.errors import RouterError, adapter_unavailable, model_not_found
+from serve_app.core.schemas import (
+    SESSION_HEADER,
+    TIMEOUT_HEADER,
+    Endpoint,
+    RequestMeta,
+    parse_timeout,
+    validate_request,
+)
+from serve_app.dialects.translate import error_in_dialect
+from serve_app.dialects.usage import Counts, StreamMeter, counts_of
+from serve_app.ingress.picking import PickerLink
+from serve_app.ingress.relay import Relay, Route, Streamed
+from serve_app.pickers.handler import ApiModelConfig
+from serve_app.pickers.plan import (
+    ATTEMPTS_HEADER,
+    PROVIDER_HEADER,
+    UNSERVABLE_HEADER,
+    Head,
+    Unary,
+    error_answer,
+)
+from serve_app.provision.manager import role_models
+from serve_app.provision.profiles import Role, with_role_defaults
+from serve_app.routing.prefix import request_blocks
+
+log = logging.getLogger("ray.serve")
+
+# How much longer than a request's deadline the ingress waits for its picker and first bytes.
+HOP_SLACK_S = 5.0
+# OpenAI streams whose usage chunk the router asks for when it counts a key's tokens.
+_USAGE_CHUNK = frozenset({Endpoint.CHAT, Endpoint.COMPLETIONS})
+# Names the model that served a request its own model could not (fallback_model).
+FALLBACK_HEADER = "x-router-fallback-model"
+
+
+async def _metered(body: AsyncIterator[bytes], meter: StreamMeter) -> AsyncIterator[bytes]:
+    """The stream's body, its token counts read on the way (the meter may take out what the
+    client did not ask)."""
+    async for chunk in body:
+        if chunk := meter.feed(chunk):
+            yield chunk
+    if tail := meter.tail():
+        yield tail
+
+
+class _Relayed(StreamingResponse):
+    """A relayed stream; `on_end` runs when the response is over however it ends (to the last
+    byte, the client leaving, or before its body was ever read)."""
+
+    def __init__(self, content: AsyncIterator[bytes], on_end: Callable[[], None], **kw: Any):
+        super().__init__(content, **kw)
+        self._on_end = on_end
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_end()
+
+
+def _with_usage(body: bytes) -> tuple[bytes, bool]:
+    """An OpenAI stream request that asks for the usage chunk; True if the client had not (the
+    chunk is then taken out of its stream)."""
+    doc = orjson.loads(body)
+    options = doc.get("stream_options")
+    if isinstance(options, dict) and options.get("include_usage"):
+        return body, False
+    doc["stream_options"] = {
+        **(options if isinstance(options, dict) else {}),
+        "include_usage": True,
+    }
+    return orjson.dumps(doc), True
+
+
+def _with_model(body: bytes, model: str) -> bytes:
+    doc = orjson.loads(body)
+    doc["model"] = model
+    return orjson.dumps(doc)
+
+
+def router_error(status: int, message: str) -> RouterError:
+    code = {503: "router_unavailable", 504: "deadline_exceeded"}[status]
+    return RouterError(status, f"{message}; retry", type="api_error", code=code)
+
+
+def _not_deployed(model_type: str) -> RouterError:
+    return RouterError(
+        503,
+        f"model type {model_type!r} has no router deployment yet; redeploy the app "
+        "(serve deploy) to serve it",
+        type="api_error",
+        code="model_type_not_deployed",
+    )
+
+
+class ModelInfo(NamedTuple):
+    """A model clients can name: a configured model, an adapter (`parent`: its base model) or a
+    role of the active profile (`root`: the model serving it)."""
+
+    name: str
+    model_type: str
+    parent: str | None
+    root: str | None
+
+
+class Gateway:
+    """The ingress replica's inference path, and what it knows of the models from the manifest."""
+
+    def __init__(
+        self,
+        pickers: dict[str, PickerLink],
+        relay: Relay,
+        max_body_bytes: int,
+        gate: Gate,
+        default_strategy: StrategyName,
+    ) -> None:
+        self._pickers = pickers
+        self._relay = relay
+        self._default_strategy = default_strategy
+        self.model_types = frozenset(pickers)
+        self._routing: dict[str, RoutingConfig] = {}
+        self._prefix_chars: dict[str, int] = {}  # prefix_affinity models: their block size
+        self._max_body_bytes = max_body_bytes
+        self.type_of: dict[str, str] = {}
+        self._unplaced: frozenset[str] = frozenset()  # adapters loaded on no server now
+        self._fallbacks: dict[str, str] = {}
+        self._timeouts: dict[str, float] = {}
+        self.roles: dict[str, Role] = {}
+        self.role_models: dict[str, str] = {}
+        self.models: list[ModelInfo] = []
+        self.tools: frozenset[str] = frozenset()  # models with a tool-calling provider
+        self.openai_models = b""  # the `/v1/models` body
+        self.gate = gate
+        self.tally = gate.tally
+
+    def apply(self, manifest: Manifest, config: RouterConfig) -> None:
+        """`config`: the manifest's effective models config."""
+        for link in self._pickers.values():
+            link.reset()
+        parents = {name: adapter.base_model for name, adapter in manifest.adapters.items()}
+        self.roles = manifest.roles()
+        self.role_models = role_models(config, self.roles)
+        self.type_of = config.model_type_of()
+        self._unplaced = unplaced_adapters(manifest, config)
+        groups = config.model_types.values()
+        self._fallbacks = {
+            name: model.fallback_model
+            for group in groups
+            for name, model in group.models.items()
+            if model.fallback_model is not None
+        }
+        self.tools = frozenset(
+            name
+            for group in groups
+            for name, model in group.models.items()
+            if any(p.tool_calling for p in model.providers + model.providers_sleep)
+        )
+        self._timeouts = {t: g.routing.request_timeout_s for t, g in config.model_types.items()}
+        self._routing = {name: group.routing for group in groups for name in group.models}
+        self._prefix_chars = {
+            name: routing.prefix_block_chars
+            for name, routing in self._routing.items()
+            if (routing.strategy or self._default_strategy) == "prefix_affinity"
+        }
+        active = ApiModelConfig(config).active_names()
+        self.models = [
+            ModelInfo(name, group, parents.get(name), None)
+            for group, names in active.items()
+            for name in names
+        ] + [
+            # Roles of the active profile, named as clients send them; `root`: the model.
+            ModelInfo(key, self.type_of[model], None, model)
+            for key, model in self.role_models.items()
+            if key not in self.type_of and model in self.type_of
+        ]
+        self.openai_models = orjson.dumps({"object": "list", "data": self._openai_models()})
+
+    def find(self, name: str) -> ModelInfo | None:
+        return next((m for m in self.models if m.name == name), None)
+
+    async def relay(self, endpoint: Endpoint, request: Request) -> Response:
+        started = time.perf_counter()
+        rid = request_id()
+        model = ""
+        dialect = endpoint.dialect
+        admission: Admission | None = None
+        strip = False
+        try:
+            body = await read_body(request, self._max_body_bytes)
+            meta = validate_request(endpoint, body, rid)
+            requested = meta.model
+            key = meta.model.lower()
+            if meta.model not in self.type_of and key in self.role_models:
+                # A role of the active profile: the model serving it (OpenAI requests also take
+                # the role's defaults; other dialects name their parameters differently).
+                served = self.role_models[key]
+                if dialect == "openai":
+                    body = orjson.dumps(
+                        with_role_defaults(orjson.loads(body), self.roles[key], served)
+                    )
+                else:
+                    body = _with_model(body, served)
+                meta = validate_request(endpoint, body, rid)
+            meta = meta._replace(
+                timeout_s=parse_timeout(request.headers.get(TIMEOUT_HEADER)),
+                session=request.headers.get(SESSION_HEADER) or meta.session,
+            )
+            model_type = self.type_of.get(meta.model)
+            if model_type is None:
+                if meta.model in self._unplaced:
+                    raise adapter_unavailable(meta.model)
+                raise model_not_found(meta.model)
+            model = meta.model
+            if model_type not in self._pickers:
+                raise _not_deployed(model_type)
+            admission = await self.gate.admit(
+                request.headers, (requested, meta.model), meta.prompt_tokens
+            )
+            if admission is not None and meta.stream and endpoint in _USAGE_CHUNK:
+                body, strip = _with_usage(body)
+        except RouterError as err:
+            return self._answered(model, endpoint, started, error_answer(err), None)
+        # A backstop only: the relay ends the request at its deadline and answers 504 itself;
+        # this bounds the wait for the picker (a slot strategy waits there for a free slot).
+        wait = min(self._timeouts[model_type], meta.timeout_s or float("inf")) + HOP_SLACK_S
+        try:
+            async with asyncio.timeout(wait):
+                routed = await self._call(model_type, body, meta)
+                served = [meta.model]
+                while isinstance(routed, Unary) and routed.head.headers.pop(UNSERVABLE_HEADER, ""):
+                    fallback = self._fallbacks.get(served[-1])
+                    if fallback is None or fallback in served or fallback not in self.type_of:
+                        break
+                    served.append(fallback)
+                    log.warning(
+                        "model unservable; using its fallback",
+                        extra={"request_id": rid, "model": model, "fallback": fallback},
+                    )
+                    body = _with_model(body, fallback)
+                    meta = meta._replace(model=fallback)
+                    routed = await self._call(self.type_of[fallback], body, meta)
+                if len(served) > 1:
+                    routed.head.headers[FALLBACK_HEADER] = served[-1]
+                if isinstance(routed, Streamed):
+                    return self._streamed(model, endpoint, started, routed, admission, strip)
+                answer = routed
+        except TimeoutError:
+            log.warning("router call timed out", extra={"request_id": rid})
+            answer = error_answer(router_error(504, "the router did not answer in time"))
+        except Exception:
+            log.exception("router call failed", extra={"request_id": rid})
+            answer = error_answer(router_error(503, "the router for this model is unavailable"))
+        answer.head.headers.pop(UNSERVABLE_HEADER, None)
+        return self._answered(model, endpoint, started, answer, admission)
+
+    async def _call(self, model_type: str, body: bytes, meta: RequestMeta) -> Unary | Streamed:
+        """The model type's picker plans the request; this replica calls the plan's providers."""
+        link = self._pickers.get(model_type)
+        if link is None:
+            return error_answer(_not_deployed(model_type))
+        chars = self._prefix_chars.get(meta.model)
+        plan = await link.plan(meta, request_blocks(body, chars) if chars else ())
+        routing = self._routing.get(meta.model) or RoutingConfig()
+        route = Route(plan, link, routing)
+        return await self._relay.call(route, body, meta)
+
+    def _count(
+        self, model: str, endpoint: Endpoint, head: Head, started: float, first: float | None
+    ) -> None:
+        tally = self.tally
+        provider = head.headers.get(PROVIDER_HEADER, "")
+        tally.inc("llm_router_requests", (model, provider, str(head.status), endpoint.dialect))
+        if model:
+            now = time.perf_counter()
+            tally.observe("llm_router_request_duration_seconds", (model,), now - started)
+            tally.observe(
+                "llm_router_time_to_first_token_seconds", (model,), (first or now) - started
+            )
+            extra = int(head.headers.get(ATTEMPTS_HEADER, "1")) - 1
+            if extra > 0:
+                tally.inc("llm_router_failovers", (model,), extra)
+
+    def _answered(
+        self,
+        model: str,
+        endpoint: Endpoint,
+        started: float,
+        answer: Unary,
+        admission: Admission | None,
+    ) -> Response:
+        head, out = answer
+        self._count(model, endpoint, head, started, None)
+        if admission is not None:
+            counts = None
+            if head.status == 200:
+                with contextlib.suppress(orjson.JSONDecodeError):
+                    counts = counts_of(endpoint.dialect, orjson.loads(out))
+            self._settle(admission, model, counts, head.status, len(out))
+            head.headers.update(admission.headers)
+        if head.status >= 400:
+            out = error_in_dialect(endpoint.dialect, head.status, out)
+        return Response(
+            out, status_code=head.status, media_type=head.content_type, headers=head.headers
+        )
+
+    def _streamed(
+        self,
+        model: str,
+        endpoint: Endpoint,
+        started: float,
+        streamed: Streamed,
+        admission: Admission | None,
+        strip: bool,
+    ) -> Response:
+        # Its first bytes have come (the relay read them before answering): they go out now.
+        first = time.perf_counter()
+        meter = None if admission is None else StreamMeter(endpoint.dialect, strip)
+        head = streamed.head
+
+        def ended() -> None:
+            streamed.end()
+            self._count(model, endpoint, head, started, first)
+            if admission is not None and meter is not None:
+                self._settle(admission, model, meter.counts, head.status, 0)
+
+        return _Relayed(
+            streamed.body if meter is None else _metered(streamed.body, meter),
+            ended,
+            status_code=head.status,
+            media_type=head.content_type,
+            headers={
+                **head.headers,
+                **(admission.headers if admission else {}),
+                "cache-control": "no-cache",
+            },
+        )
+
+    def _settle(
+        self, admission: Admission, model: str, counts: Counts | None, status: int, size: int
+    ) -> None:
+        """The key's usage: the upstream's counts; a failed request used nothing; an answer
+        without counts is estimated (its prompt estimate, and its body's size for the rest)."""
+        if counts is not None:
+            self.gate.settle(admission, model, *counts, estimated=False)
+        elif status >= 400:
+            self.gate.settle(admission, model, 0, 0, estimated=False)
+        else:
+            self.gate.settle(admission, model, admission.estimate, size // 4, estimated=True)
+
+    def _openai_models(self) -> list[dict[str, Any]]:
+        """`/v1/models` entries: adapters name their `parent`, roles their `root`."""
+        out = []
+        for m in self.models:
+            entry: dict[str, Any] = {
+                "id": m.name,
+                "object": "model",
+                "created": 0,
+                "owned_by": m.model_type,
+            }
+            if m.parent is not None:
+                entry["parent"] = m.parent
+            if m.root is not None:
+                entry["root"] = m.root
+            out.append(entry)
+        return out

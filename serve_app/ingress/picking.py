@@ -1,0 +1,127 @@
+"""The ingress replica's side of one model type's picker deployment: plans asked for (calls
+made together share one trip), plans made ahead and kept for the next requests, a slot plan's
+next provider, and reports delivered to the replica that booked the plans they are about
+(pickers/owner.py routes them)."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Sequence
+
+from ray.serve.handle import DeploymentHandle
+
+from serve_app.core.schemas import RequestMeta
+from serve_app.ingress.coalesce import Coalescer
+from serve_app.ingress.outcomes import Reporter
+from serve_app.pickers.plan import Plan, Report, Spare
+
+PlanCall = tuple[RequestMeta, Sequence[int], int]
+Key = tuple[str, str]  # (model type, picker replica)
+
+# How long a plan made ahead stays usable: the picker's choice is at most this old when used.
+GRANT_S = 0.05
+
+
+class _Spares:
+    """One model's plans made ahead, oldest first, and how many requests the model had in the
+    last GRANT_S (how many to ask for next)."""
+
+    def __init__(self) -> None:
+        self.plans: deque[tuple[float, str, Spare]] = deque()  # (usable until, picker, plan)
+        self.window = 0.0
+        self.count = 0
+        self.last = 0
+
+
+class PickerLink:
+    def __init__(self, model_type: str, handle: DeploymentHandle, reporter: Reporter[Key]) -> None:
+        self.model_type = model_type
+        self._reporter = reporter
+        one = handle.options(method_name="plan")
+        many = handle.options(method_name="plan_many", stream=True)
+
+        async def send_one(call: PlanCall) -> Plan:
+            return await one.remote(*call)
+
+        def send_many(calls: list[PlanCall]) -> AsyncIterator[tuple[int, Plan]]:
+            return many.remote(calls)
+
+        self._plans: Coalescer[PlanCall, Plan] = Coalescer(send_one, send_many)
+        self._next = handle.options(method_name="next")
+        self._report = handle.options(method_name="report")
+        self._spares: dict[str, _Spares] = {}
+        self._epoch = 0  # config changes seen (plans made ahead before one are not used)
+
+    async def plan(self, meta: RequestMeta, prefix: Sequence[int]) -> Plan:
+        now = time.monotonic()
+        spares = self._spares.get(meta.model)
+        if spares is None:
+            spares = self._spares[meta.model] = _Spares()
+        if now - spares.window >= GRANT_S:
+            spares.window, spares.last, spares.count = now, spares.count, 0
+        spares.count += 1
+        self._drop_stale(spares, now)
+        while spares.plans:
+            _, picker, spare = spares.plans.popleft()
+            if _fits(spare, meta):
+                return Plan(spare.plan_id, picker, spare.targets)
+            self._reporter.closed((self.model_type, picker), spare.plan_id)
+        epoch = self._epoch
+        plan = await self._plans.call((meta, prefix, spares.last))
+        until = time.monotonic() + GRANT_S
+        for spare in plan.spares:
+            key = (self.model_type, plan.picker)
+            self._reporter.opened(key, spare.plan_id)
+            if epoch == self._epoch:
+                self._spares[meta.model].plans.append((until, plan.picker, spare))
+            else:  # made on the config before the last change
+                self._reporter.closed(key, spare.plan_id)
+        return plan
+
+    def reset(self) -> None:
+        """The config changed: every plan made ahead on the old one is given back."""
+        self._epoch += 1
+        for spares in self._spares.values():
+            for _, picker, spare in spares.plans:
+                self._reporter.closed((self.model_type, picker), spare.plan_id)
+        self._spares = {}
+
+    def failed(self, model: str, provider: str) -> None:
+        """A provider failed: plans made ahead that start with it are given back (the picker
+        now knows better)."""
+        spares = self._spares.get(model)
+        if spares is None:
+            return
+        kept: deque[tuple[float, str, Spare]] = deque()
+        for entry in spares.plans:
+            if entry[2].targets[0].id == provider:
+                self._reporter.closed((self.model_type, entry[1]), entry[2].plan_id)
+            else:
+                kept.append(entry)
+        spares.plans = kept
+
+    def sweep(self) -> None:
+        """Gives back the plans made ahead that were not used in time."""
+        now = time.monotonic()
+        for spares in self._spares.values():
+            self._drop_stale(spares, now)
+
+    def _drop_stale(self, spares: _Spares, now: float) -> None:
+        while spares.plans and spares.plans[0][0] < now:
+            _, picker, spare = spares.plans.popleft()
+            self._reporter.closed((self.model_type, picker), spare.plan_id)
+
+    async def next(self, plan: Plan) -> Plan:
+        return await self._next.remote(plan.picker, plan.plan_id)
+
+    async def report(self, picker: str, report: Report) -> None:
+        await self._report.remote(picker, report)
+
+
+def _fits(spare: Spare, meta: RequestMeta) -> bool:
+    """Whether every provider of a plan made ahead may serve this request (its size, tools)."""
+    return all(
+        meta.prompt_tokens <= p.input_size and (not meta.needs_tools or p.tool_calling)
+        for p in spare.targets
+    )

@@ -1,1 +1,0 @@
-"""Ray Serve shells around the pure request path."""
