@@ -1,6 +1,7 @@
 """Run by tests/test_shared_routing.py in its own process: a three-node Ray cluster on one machine
 (a head and two workers with custom resources). On each worker an actor takes first_available
-slots through the broker, as a router replica does, and calls fake upstreams with them; then
+slots through the broker, as a picker replica does, and calls fake upstreams with them (as the
+ingress would, here in the same actor); then
 the actor on one node is killed while it holds a slot. Prints what it saw as JSON."""
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ TERMS = Terms(lease_s=LEASE_S, pin_ttl_s=60.0, latency_alpha=0.3)
 
 @ray.remote(num_cpus=0)
 class Client:
-    """A stand-in for a router replica's request path: slot, upstream call, release."""
+    """A stand-in for a picker's slot and the ingress's upstream call: slot, call, release."""
 
     def __init__(self, registry: RegistryRef, name: str, providers: list[dict]) -> None:
         self._providers = [ProviderConfig.model_validate(p) for p in providers]

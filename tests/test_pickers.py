@@ -18,6 +18,7 @@ from serve_app.ingress.outcomes import Reporter
 from serve_app.pickers.handler import ModelHandler
 from serve_app.pickers.picker import Picker
 from serve_app.pickers.plan import DONE, OK, Event, Report
+from serve_app.pickers.shared import Slot
 from tests.conftest import deploy, provider, samples, until
 
 META = RequestMeta(Endpoint.CHAT, "m", False, 10, False, "r")
@@ -228,3 +229,37 @@ async def test_plans_made_ahead_follow_the_strategy_and_are_booked() -> None:
 async def test_no_plans_ahead_where_the_request_itself_decides(strategy: str) -> None:
     picker = _picker(strategy)
     assert (await picker.plan(META, (), spares=3)).spares == ()
+
+
+async def test_a_slot_plan_is_kept_while_it_waits_and_a_late_slot_goes_back() -> None:
+    """The picker's side of the broker, in process: slots come when the test says."""
+    free, released, ids = asyncio.Event(), [], iter(range(100))
+
+    class Slots:
+        async def acquire(self, model: str, strategy: str, tiers: list, wait_s: float) -> Slot:
+            await free.wait()
+            return Slot(f"lease-{next(ids)}", tiers[0][0].id)
+
+        def release(self, slot: Slot) -> None:
+            released.append(slot.lease_id)
+
+        def used(self, model: str, provider: str) -> None:
+            pass
+
+    picker = _picker("first_available", ttl=0.0)
+    picker.shared = Slots()  # type: ignore[assignment]
+    waiting = asyncio.ensure_future(picker.plan(META, ()))
+    await asyncio.sleep(0.01)
+    assert picker.expire() == 0  # nobody lists it yet, but it is waiting: not given back
+    free.set()
+    plan = await waiting
+    assert plan.more and len(plan.targets) == 1 and released == []
+    # The ingress asks for the next provider, and the plan ends while that waits for a slot.
+    free.clear()
+    asking = asyncio.ensure_future(picker.next(plan.plan_id))
+    await asyncio.sleep(0.01)
+    assert released == ["lease-0"]  # the failed provider's slot
+    picker.report(Report("i", [Event(plan.plan_id, "", DONE)], []))
+    free.set()
+    assert (await asking).targets == ()
+    assert released == ["lease-0", "lease-1"] and picker.plans == {}

@@ -36,7 +36,7 @@ from serve_app.core.schemas import (
 from serve_app.dialects.translate import error_in_dialect
 from serve_app.dialects.usage import Counts, StreamMeter, counts_of
 from serve_app.ingress.picking import PickerLink
-from serve_app.ingress.relay import Relay, Route, Streamed
+from serve_app.ingress.relay import Deadline, Relay, Route, Streamed
 from serve_app.pickers.handler import ApiModelConfig
 from serve_app.pickers.plan import (
     ATTEMPTS_HEADER,
@@ -247,12 +247,12 @@ class Gateway:
                 body, strip = _with_usage(body)
         except RouterError as err:
             return self._answered(model, endpoint, started, error_answer(err), None)
+        deadline = Deadline.within(min(self._timeouts[model_type], meta.timeout_s or float("inf")))
         # A backstop only: the relay ends the request at its deadline and answers 504 itself;
         # this bounds the wait for the picker (a slot strategy waits there for a free slot).
-        wait = min(self._timeouts[model_type], meta.timeout_s or float("inf")) + HOP_SLACK_S
         try:
-            async with asyncio.timeout(wait):
-                routed = await self._call(model_type, body, meta)
+            async with asyncio.timeout_at(deadline.at + HOP_SLACK_S):
+                routed = await self._call(model_type, body, meta, deadline)
                 served = [meta.model]
                 while isinstance(routed, Unary) and routed.head.headers.pop(UNSERVABLE_HEADER, ""):
                     fallback = self._fallbacks.get(served[-1])
@@ -265,11 +265,15 @@ class Gateway:
                     )
                     body = _with_model(body, fallback)
                     meta = meta._replace(model=fallback)
-                    routed = await self._call(self.type_of[fallback], body, meta)
+                    routed = await self._call(self.type_of[fallback], body, meta, deadline)
                 if len(served) > 1:
                     routed.head.headers[FALLBACK_HEADER] = served[-1]
                 if isinstance(routed, Streamed):
-                    return self._streamed(model, endpoint, started, routed, admission, strip)
+                    try:
+                        return self._streamed(model, endpoint, started, routed, admission, strip)
+                    except BaseException:
+                        routed.end()  # its response never came to be: the upstream call ends
+                        raise
                 answer = routed
         except TimeoutError:
             log.warning("router call timed out", extra={"request_id": rid})
@@ -280,7 +284,9 @@ class Gateway:
         answer.head.headers.pop(UNSERVABLE_HEADER, None)
         return self._answered(model, endpoint, started, answer, admission)
 
-    async def _call(self, model_type: str, body: bytes, meta: RequestMeta) -> Unary | Streamed:
+    async def _call(
+        self, model_type: str, body: bytes, meta: RequestMeta, deadline: Deadline
+    ) -> Unary | Streamed:
         """The model type's picker plans the request; this replica calls the plan's providers."""
         link = self._pickers.get(model_type)
         if link is None:
@@ -289,7 +295,7 @@ class Gateway:
         plan = await link.plan(meta, request_blocks(body, chars) if chars else ())
         routing = self._routing.get(meta.model) or RoutingConfig()
         route = Route(plan, link, routing)
-        return await self._relay.call(route, body, meta)
+        return await self._relay.call(route, body, meta, deadline)
 
     def _count(
         self, model: str, endpoint: Endpoint, head: Head, started: float, first: float | None

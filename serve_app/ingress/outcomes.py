@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 from collections.abc import Awaitable, Callable, Hashable
 from typing import Generic, TypeVar
@@ -63,7 +64,11 @@ class Reporter(Generic[K]):
         if not at_once:
             self._due.set()
             return
-        task = asyncio.ensure_future(self._deliver(key, self._events.pop(key)))
+        # In a context of its own: Serve cancels a request's calls when its client leaves, and
+        # this report carries other requests' outcomes too.
+        task = asyncio.get_running_loop().create_task(
+            self._deliver(key, self._events.pop(key)), context=contextvars.Context()
+        )
         self._sending.add(task)
         task.add_done_callback(self._sending.discard)
 
@@ -84,7 +89,10 @@ class Reporter(Generic[K]):
             await self._due.wait()
             await asyncio.sleep(FLUSH_S)
             self._due.clear()
-            await self.flush()
+            try:
+                await self.flush()
+            except Exception:  # never stop reporting: the next flush retries what it can
+                log.exception("picker reports failed")
 
     async def _renew(self) -> None:
         while True:

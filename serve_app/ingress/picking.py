@@ -32,6 +32,22 @@ class _Spares:
         self.window = 0.0
         self.count = 0
         self.last = 0
+        self.asking = False  # a plan call that asked for some is under way
+
+    def tick(self, now: float) -> None:
+        """Counts a request of the model."""
+        if now - self.window >= GRANT_S:
+            self.last = self.count if now - self.window < 2 * GRANT_S else 0
+            self.window, self.count = now, 0
+        self.count += 1
+
+    def wanted(self) -> int:
+        """How many plans to ask for ahead of the next GRANT_S: as many as the last GRANT_S had
+        requests, less this one and those held, and none while another call is asking (a
+        burst of calls must not each ask)."""
+        if self.asking:
+            return 0
+        return max(self.last - 1 - len(self.plans), 0)
 
 
 class PickerLink:
@@ -58,9 +74,7 @@ class PickerLink:
         spares = self._spares.get(meta.model)
         if spares is None:
             spares = self._spares[meta.model] = _Spares()
-        if now - spares.window >= GRANT_S:
-            spares.window, spares.last, spares.count = now, spares.count, 0
-        spares.count += 1
+        spares.tick(now)
         self._drop_stale(spares, now)
         while spares.plans:
             _, picker, spare = spares.plans.popleft()
@@ -68,7 +82,13 @@ class PickerLink:
                 return Plan(spare.plan_id, picker, spare.targets)
             self._reporter.closed((self.model_type, picker), spare.plan_id)
         epoch = self._epoch
-        plan = await self._plans.call((meta, prefix, spares.last))
+        want = spares.wanted()
+        spares.asking = spares.asking or want > 0
+        try:
+            plan = await self._plans.call((meta, prefix, want))
+        finally:
+            if want:
+                spares.asking = False
         until = time.monotonic() + GRANT_S
         for spare in plan.spares:
             key = (self.model_type, plan.picker)

@@ -103,6 +103,10 @@ class Deadline(NamedTuple):
     at: float
     seconds: float
 
+    @classmethod
+    def within(cls, seconds: float) -> Deadline:
+        return cls(asyncio.get_running_loop().time() + seconds, seconds)
+
     @property
     def past(self) -> bool:
         return asyncio.get_running_loop().time() >= self.at
@@ -211,15 +215,16 @@ class Relay:
     def __init__(self, session: aiohttp.ClientSession, reporter: Reporter, tally: Tally) -> None:
         self.session, self.reporter, self.tally = session, reporter, tally
 
-    async def call(self, route: Route, body: bytes, meta: RequestMeta) -> Unary | Streamed:
-        """The request's answer along its plan: a Unary (a stream that failed before its first
-        byte is one too), or a Streamed whose body the caller relays."""
+    async def call(
+        self, route: Route, body: bytes, meta: RequestMeta, deadline: Deadline
+    ) -> Unary | Streamed:
+        """The request's answer along its plan, by `deadline` (the whole request's: the plan's
+        wait for a slot and a fallback model's plan count too): a Unary (a stream that failed
+        before its first byte is one too), or a Streamed whose body the caller relays."""
         plan = route.plan
         if plan.error is not None:
             return plan.error
         self.reporter.opened(route.key, plan.plan_id)
-        seconds = min(route.routing.request_timeout_s, meta.timeout_s or float("inf"))
-        deadline = Deadline(asyncio.get_running_loop().time() + seconds, seconds)
         attempts = _Attempts(self, route, meta)
         streamed = False
         try:

@@ -7,19 +7,16 @@ from __future__ import annotations
 
 import random
 
-from ray.serve.request_router import (
-    FIFOMixin,
-    LocalityMixin,
-    PendingRequest,
-    RequestRouter,
-    RunningReplica,
-)
+from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
 # Picker methods whose first argument is the replica that booked the plan they are about.
 OWNED_CALLS = frozenset({"next", "report"})
 
 
-class PlanOwnerRouter(FIFOMixin, LocalityMixin, RequestRouter):
+class PlanOwnerRouter(RequestRouter):
+    """No FIFO mixin: it hands a replica chosen for one call to the oldest call waiting, which
+    would send a report to a replica other than its owner."""
+
     async def choose_replicas(
         self,
         candidate_replicas: list[RunningReplica],

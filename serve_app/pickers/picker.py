@@ -40,6 +40,7 @@ class _Booking:
     """What one plan holds: this replica's in-flight count on the provider under way, a slot
     (first_available*), and the upstream model names it may use (retiring adapter versions)."""
 
+    plan_id: str
     handler: ModelHandler
     meta: RequestMeta
     targets: list[ProviderConfig]
@@ -115,6 +116,7 @@ class Picker:
         plan_id = f"{self.holder}:{next(self._ids)}"
         timeout = min(routing.request_timeout_s, meta.timeout_s or float("inf"))
         booking = _Booking(
+            plan_id=plan_id,
             handler=handler,
             meta=meta,
             targets=[],
@@ -134,7 +136,7 @@ class Picker:
                 self.done(plan_id)
                 return Plan("", self.holder, (), error=error_answer(err))
             except BaseException:
-                self.done(plan_id)  # the ingress left (its client did) while this waited
+                self.done(plan_id)  # the plan call was cancelled while it waited
                 raise
             return Plan(plan_id, self.holder, (provider,) if provider else (), more=True)
         stats = handler.stats(meta, candidates, prefix, self.shared)
@@ -160,6 +162,7 @@ class Picker:
         plan_id = f"{self.holder}:{next(self._ids)}"
         stats = handler.stats(meta, candidates, (), self.shared)
         booking = _Booking(
+            plan_id=plan_id,
             handler=handler,
             meta=meta,
             targets=handler.order(meta.model, candidates, stats),
@@ -194,7 +197,15 @@ class Picker:
             self.routing.wait_timeout_s, booking.deadline - asyncio.get_running_loop().time()
         )
         strategy = booking.handler.strategy_names[model]
-        slot = await self.shared.acquire(model, strategy, tiers, wait)
+        booking.expires = float("inf")  # not given back while it waits (nobody lists it yet)
+        try:
+            slot = await self.shared.acquire(model, strategy, tiers, wait)
+        finally:
+            booking.expires = time.monotonic() + self._ttl
+        if self.plans.get(booking.plan_id) is not booking:  # done while it waited
+            if slot is not None:
+                self.shared.release(slot)
+            return None
         if slot is None:
             if failed:
                 return None
