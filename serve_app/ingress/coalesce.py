@@ -9,6 +9,7 @@ alone goes alone on the plain path. Nothing here knows about Ray: the two sender
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Generic, TypeVar
 
@@ -53,7 +54,10 @@ class Coalescer(Generic[Req, Res]):
 
     def _flush(self) -> None:
         batch, self._pending = self._pending, []
-        task = asyncio.ensure_future(self._send(batch))
+        # A call alone stays in its caller's context (Serve cancels it when that client
+        # leaves); a shared trip gets one of its own, so no one caller's leaving cancels it.
+        context = contextvars.copy_context() if len(batch) == 1 else contextvars.Context()
+        task = asyncio.get_running_loop().create_task(self._send(batch), context=context)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
