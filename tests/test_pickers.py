@@ -233,10 +233,11 @@ async def test_no_plans_ahead_where_the_request_itself_decides(strategy: str) ->
 
 async def test_a_slot_plan_is_kept_while_it_waits_and_a_late_slot_goes_back() -> None:
     """The picker's side of the broker, in process: slots come when the test says."""
-    free, released, ids = asyncio.Event(), [], iter(range(100))
+    free, asked, released, ids = asyncio.Event(), asyncio.Event(), [], iter(range(100))
 
     class Slots:
         async def acquire(self, model: str, strategy: str, tiers: list, wait_s: float) -> Slot:
+            asked.set()
             await free.wait()
             return Slot(f"lease-{next(ids)}", tiers[0][0].id)
 
@@ -249,15 +250,16 @@ async def test_a_slot_plan_is_kept_while_it_waits_and_a_late_slot_goes_back() ->
     picker = _picker("first_available", ttl=0.0)
     picker.shared = Slots()  # type: ignore[assignment]
     waiting = asyncio.ensure_future(picker.plan(META, ()))
-    await asyncio.sleep(0.01)
+    await asyncio.wait_for(asked.wait(), 5)
     assert picker.expire() == 0  # nobody lists it yet, but it is waiting: not given back
     free.set()
     plan = await waiting
     assert plan.more and len(plan.targets) == 1 and released == []
     # The ingress asks for the next provider, and the plan ends while that waits for a slot.
     free.clear()
+    asked.clear()
     asking = asyncio.ensure_future(picker.next(plan.plan_id))
-    await asyncio.sleep(0.01)
+    await asyncio.wait_for(asked.wait(), 5)
     assert released == ["lease-0"]  # the failed provider's slot
     picker.report(Report("i", [Event(plan.plan_id, "", DONE)], []))
     free.set()

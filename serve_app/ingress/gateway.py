@@ -15,6 +15,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, NamedTuple
 
+import aiohttp
 import orjson
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
@@ -36,7 +37,7 @@ from serve_app.core.schemas import (
 from serve_app.dialects.translate import error_in_dialect
 from serve_app.dialects.usage import Counts, StreamMeter, counts_of
 from serve_app.ingress.picking import PickerLink
-from serve_app.ingress.relay import Deadline, Relay, Route, Streamed
+from serve_app.ingress.relay import Deadline, Relay, Route, Streamed, client_timeout
 from serve_app.pickers.handler import ApiModelConfig
 from serve_app.pickers.plan import (
     ATTEMPTS_HEADER,
@@ -56,6 +57,8 @@ log = logging.getLogger("ray.serve")
 HOP_SLACK_S = 5.0
 # OpenAI streams whose usage chunk the router asks for when it counts a key's tokens.
 _USAGE_CHUNK = frozenset({Endpoint.CHAT, Endpoint.COMPLETIONS})
+# For a model the manifest dropped while its request was under way.
+DEFAULT_CLIENT_TIMEOUT = client_timeout(RoutingConfig())
 # Names the model that served a request its own model could not (fallback_model).
 FALLBACK_HEADER = "x-router-fallback-model"
 
@@ -146,6 +149,7 @@ class Gateway:
         self._default_strategy = default_strategy
         self.model_types = frozenset(pickers)
         self._routing: dict[str, RoutingConfig] = {}
+        self._client_timeouts: dict[str, aiohttp.ClientTimeout] = {}  # by model
         self._prefix_chars: dict[str, int] = {}  # prefix_affinity models: their block size
         self._max_body_bytes = max_body_bytes
         self.type_of: dict[str, str] = {}
@@ -184,6 +188,7 @@ class Gateway:
         )
         self._timeouts = {t: g.routing.request_timeout_s for t, g in config.model_types.items()}
         self._routing = {name: group.routing for group in groups for name in group.models}
+        self._client_timeouts = {name: client_timeout(r) for name, r in self._routing.items()}
         self._prefix_chars = {
             name: routing.prefix_block_chars
             for name, routing in self._routing.items()
@@ -293,8 +298,8 @@ class Gateway:
             return error_answer(_not_deployed(model_type))
         chars = self._prefix_chars.get(meta.model)
         plan = await link.plan(meta, request_blocks(body, chars) if chars else ())
-        routing = self._routing.get(meta.model) or RoutingConfig()
-        route = Route(plan, link, routing)
+        timeout = self._client_timeouts.get(meta.model) or DEFAULT_CLIENT_TIMEOUT
+        route = Route(plan, link, timeout)
         return await self._relay.call(route, body, meta, deadline)
 
     def _count(

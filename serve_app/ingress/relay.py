@@ -89,7 +89,7 @@ class Route(NamedTuple):
 
     plan: Plan
     link: Planner  # its picker deployment: a slot plan's next provider, failures
-    routing: RoutingConfig
+    timeout: aiohttp.ClientTimeout  # the model's connect and read timeouts (client_timeout)
 
     @property
     def key(self) -> tuple[str, str]:
@@ -237,6 +237,14 @@ class Relay:
             if not streamed:
                 self.reporter.closed(route.key, plan.plan_id, at_once=plan.more)
 
+    def _post(
+        self, exchange: Exchange, timeout: aiohttp.ClientTimeout
+    ) -> aiohttp.client._RequestContextManager:
+        """The exchange's upstream call (awaited, or used as a context manager)."""
+        return self.session.post(
+            exchange.url, data=exchange.body, headers=exchange.headers, timeout=timeout
+        )
+
     async def _unary(
         self,
         route: Route,
@@ -245,18 +253,12 @@ class Relay:
         meta: RequestMeta,
         deadline: Deadline,
     ) -> Unary:
-        client = client_timeout(route.routing)
         try:
             async with asyncio.timeout_at(deadline.at):
                 async for provider in attempts.providers():
                     exchange = prepare(provider, meta, body)
                     try:
-                        async with self.session.post(
-                            exchange.url,
-                            data=exchange.body,
-                            headers=exchange.headers,
-                            timeout=client,
-                        ) as resp:
+                        async with self._post(exchange, route.timeout) as resp:
                             if _retryable(resp.status, provider):
                                 attempts.failed(provider, _status_failure(resp))
                                 continue
@@ -283,18 +285,12 @@ class Relay:
     ) -> Unary | Streamed:
         """Failover is possible until the upstream's first body bytes; the deadline before them
         is a 504."""
-        client = client_timeout(route.routing)
         try:
             async for provider in attempts.providers():
                 exchange = prepare(provider, meta, body)
                 try:
                     async with asyncio.timeout_at(deadline.at):
-                        resp = await self.session.post(
-                            exchange.url,
-                            data=exchange.body,
-                            headers=exchange.headers,
-                            timeout=client,
-                        )
+                        resp = await self._post(exchange, route.timeout)
                 except UPSTREAM_ERRORS as exc:
                     if deadline.past:
                         raise deadline.error() from None
