@@ -203,7 +203,17 @@ async def test_an_adapter_loaded_nowhere_answers_503_then_comes_back(pool: Pool,
     finally:
         pool.va.knobs.lora_fail_status = pool.vb.knobs.lora_fail_status = None
     await _until(lambda: len(_loaded("lonely")) == 2, 15, "lonely loaded again")
-    assert (await _ask(http, pool.url, "lonely"))[0] == 200
+    # The replicas follow the registry's manifest by long-poll: until each has the new one it
+    # still answers 503 (with Retry-After), never anything else, and then serves the adapter.
+    answers: list[tuple[int, str]] = []
+    deadline = time.monotonic() + 10
+    while not answers or answers[-1][0] != 200:
+        assert time.monotonic() < deadline, answers
+        async with http.post(f"{pool.url}/v1/chat/completions", json=req) as resp:
+            doc = await resp.json()
+            answers.append((resp.status, doc.get("model") or doc["error"]["code"]))
+    assert set(answers[:-1]) <= {(503, "adapter_unavailable")}
+    assert answers[-1] == (200, "lonely@v1")
 
 
 async def test_a_provider_added_by_a_reload_gets_the_adapters_first(
