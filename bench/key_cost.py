@@ -11,13 +11,10 @@ where it is below this host's noise.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import statistics
-import time
 
 import orjson
 
-from bench.local_ray import local_registry
+from bench.local_ray import run_in_local_ray, us_per_request
 
 MODEL = "bench/echo"
 PROVIDER = {"id": "p", "api_host": "http://127.0.0.1:9", "api_type": "openai", "input_size": 8192}
@@ -60,34 +57,16 @@ async def _measure(registry: object, n: int) -> dict:
         assert counts is not None
         gate.settle(admission, MODEL, *counts, estimated=False)
 
-    for _ in range(200):
-        await one()
-    out: dict[str, object] = {}
-    for c in (1, 32):
-        times = []
-        for _ in range(5):
-            t0 = time.perf_counter()
-            await asyncio.gather(*(_run(one, n // c) for _ in range(c)))
-            times.append((time.perf_counter() - t0) / n * 1e6)
-        out[f"c{c}_us_per_request"] = round(statistics.median(times), 1)
+    out = await us_per_request(one, n)
     gate.stop()
     return out
-
-
-async def _run(one: object, calls: int) -> None:
-    for _ in range(calls):
-        await one()  # type: ignore[operator]
-        await asyncio.sleep(0)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=20_000)
     args = parser.parse_args(argv)
-    with local_registry("key-cost") as registry:
-        report = asyncio.run(_measure(registry, args.requests))
-    print(orjson.dumps(report).decode())
-    return 0
+    return run_in_local_ray("key-cost", lambda registry: _measure(registry, args.requests))
 
 
 if __name__ == "__main__":

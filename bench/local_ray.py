@@ -5,23 +5,57 @@ ports, waiting for an HTTP answer, the CPU time the app's processes used."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+import orjson
 
 from serve_app.core.serve_env import apply_fast_serve_env
 
 if TYPE_CHECKING:
     from serve_app.cluster.registry.actor import RegistryRef
+
+
+async def us_per_request(one: Callable[[], Awaitable[None]], n: int) -> dict[str, float]:
+    """Microseconds per call of `one` (an in-process cost), after a warm-up: `n` calls one
+    after another (c1) and as 32 interleaved loops on the event loop (c32), the median of 5."""
+    for _ in range(200):
+        await one()
+
+    async def loop(calls: int) -> None:
+        for _ in range(calls):
+            await one()
+            await asyncio.sleep(0)
+
+    out: dict[str, float] = {}
+    for c in (1, 32):
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            await asyncio.gather(*(loop(n // c) for _ in range(c)))
+            times.append((time.perf_counter() - t0) / n * 1e6)
+        out[f"c{c}_us_per_request"] = round(statistics.median(times), 1)
+    return out
+
+
+def run_in_local_ray(name: str, measure: Callable[[RegistryRef], Awaitable[dict]]) -> int:
+    """Runs an in-process cost benchmark against a local Ray and prints its JSON report."""
+    with local_registry(name) as registry:
+        report = asyncio.run(measure(registry))
+    print(orjson.dumps(report).decode())
+    return 0
 
 
 @contextmanager

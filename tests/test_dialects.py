@@ -301,12 +301,16 @@ def test_responses_input_items_in_the_internal_form() -> None:
     assert t.body["max_tokens"] == 20 and t.body["response_format"]["json_schema"]["name"] == "w"
 
 
-def test_responses_refuse_what_needs_stored_state_or_hosted_tools() -> None:
-    with pytest.raises(RouterError) as info:
-        translation(
-            Endpoint.RESPONSES, {"model": "m", "input": "x", "previous_response_id": "r1"}, False
-        )
-    assert (info.value.status, info.value.param) == (400, "previous_response_id")
+def test_responses_refuse_hosted_tools_and_leave_out_earlier_reasoning() -> None:
+    # A conversation continued from a reasoning model's turn: its thoughts are not chat input.
+    items = [
+        {"type": "message", "role": "user", "content": "x"},
+        {"type": "reasoning", "id": "rs_1", "summary": []},
+        {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "y"}]},
+        {"type": "message", "role": "user", "content": "z"},
+    ]
+    t = translation(Endpoint.RESPONSES, {"model": "m", "input": items}, False)
+    assert [m["role"] for m in t.body["messages"]] == ["user", "assistant", "user"]
     with pytest.raises(RouterError) as info:
         translation(
             Endpoint.RESPONSES,

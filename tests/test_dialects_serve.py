@@ -164,11 +164,15 @@ async def test_openai_client_responses_unary_and_streamed(pool: Pool) -> None:
     assert _last(pool.oa)[0] == "/v1/chat/completions"
 
 
-async def test_responses_previous_response_id_is_a_clear_400(pool: Pool) -> None:
+async def test_responses_an_unknown_previous_response_id_is_a_404(pool: Pool) -> None:
     client = openai.AsyncOpenAI(base_url=pool.url + "/v1", api_key="unused")
-    with pytest.raises(openai.BadRequestError) as info:
+    with pytest.raises(openai.NotFoundError) as info:
         await client.responses.create(model="m/oa", input="hi", previous_response_id="resp_1")
-    assert "previous_response_id" in info.value.message
+    assert isinstance(info.value.body, dict)
+    assert (info.value.body["param"], info.value.body["code"]) == (
+        "previous_response_id",
+        "response_not_found",
+    )
 
 
 # --- Anthropic Messages --------------------------------------------------------------------------
@@ -185,7 +189,7 @@ async def test_anthropic_client_messages_unary_streamed_and_counted(pool: Pool) 
             messages=[{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
         )
         assert message.content[0].text == f"{up.name}: hi" and message.stop_reason == "end_turn"
-        assert message.usage.input_tokens == 5
+        assert message.usage.input_tokens == 7  # the demo counts words: "be brief", "hi", and 4
         async with client.messages.stream(
             model=model, max_tokens=30, messages=[{"role": "user", "content": "yo"}]
         ) as stream:

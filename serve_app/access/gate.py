@@ -177,7 +177,12 @@ class Gate:
             if key_id not in self._records:  # revoked: nothing of it to give back
                 del self._allowances[key_id]
 
-    def _record(self, headers: Mapping[str, str], models: tuple[str, ...], now: float) -> KeyRecord:
+    def owner(self, headers: Mapping[str, str]) -> str:
+        """The id of the key a request carries ("" when keys are not required): what it owns
+        (stored responses); 401 as for inference."""
+        return self._key(headers, time.time()).id if self.required else ""
+
+    def _key(self, headers: Mapping[str, str], now: float) -> KeyRecord:
         presented = presented_key(headers)
         if not presented:
             raise _unauthorized(
@@ -194,6 +199,10 @@ class Gate:
                 self._verified[presented] = record.id
         if record.expired(now):
             raise _unauthorized(f"key {record.name!r} has expired", "expired_api_key")
+        return record
+
+    def _record(self, headers: Mapping[str, str], models: tuple[str, ...], now: float) -> KeyRecord:
+        record = self._key(headers, now)
         if not any(record.allows(m) for m in models):
             raise RouterError(
                 403,

@@ -104,6 +104,10 @@ class Admin:
         if err is not None:
             raise err
 
+    def holds_token(self, request: Request) -> bool:
+        """Whether the request carries the admin token (it may read every key's data)."""
+        return admin_refusal(request.headers.get("authorization"), self._token) is None
+
     async def call(self, method: str, *args: object) -> object:
         """A registry actor method's result; 503 registry_unavailable if it cannot be reached."""
         try:

@@ -63,7 +63,7 @@ _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
 _UNIT_S = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # Top-level keys that are not model types.
-RESERVED_KEYS = frozenset({"active_models", "routing", "auth"})
+RESERVED_KEYS = frozenset({"active_models", "routing", "auth", "responses"})
 REQUIRE_KEYS_ENV = "LLM_ROUTER_REQUIRE_KEYS"
 
 log = logging.getLogger(__name__)
@@ -132,6 +132,15 @@ class ProviderConfig(BaseModel):
     nworkers: int = 1
     # What first_available_optim calls a host (one model server); default: api_host's host:port.
     host: str | None = None
+    # A vLLM server started with VLLM_ENABLE_RESPONSES_API_STORE=1 keeps the Responses it
+    # makes: continuations of them go back to it first (docs/dialects.md).
+    responses_store: bool = False
+
+    @model_validator(mode="after")
+    def _store_on_vllm(self) -> ProviderConfig:
+        if self.responses_store and self.api_type != "vllm":
+            raise ValueError("responses_store: only vllm providers keep responses")
+        return self
 
     @cached_property
     def host_key(self) -> str:
@@ -309,12 +318,23 @@ class AuthConfig(BaseModel):
     require_keys: bool = False
 
 
+class ResponsesConfig(BaseModel):
+    """The models config's `responses` block: how long and how much of the OpenAI Responses
+    the router keeps for `previous_response_id` and the id routes (oldest evicted first)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    store_ttl_s: float = Field(default=30 * 86400.0, gt=0)  # OpenAI keeps them 30 days
+    max_bytes: int = Field(default=1 << 30, ge=1)
+
+
 class RouterConfig(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     source: str
     model_types: dict[str, ModelTypeConfig]
     auth: AuthConfig = AuthConfig()
+    responses: ResponsesConfig = ResponsesConfig()
 
     def model_type_of(self) -> dict[str, str]:
         return {m: t.name for t in self.model_types.values() for m in t.models}
@@ -406,6 +426,11 @@ def parse_config(raw: object, source: str = "<memory>") -> RouterConfig:
         auth = AuthConfig.model_validate(raw.get("auth") or {})
     except ValidationError as exc:
         problems += _problems(exc, ["auth"])
+    responses = ResponsesConfig()
+    try:
+        responses = ResponsesConfig.model_validate(raw.get("responses") or {})
+    except ValidationError as exc:
+        problems += _problems(exc, ["responses"])
     if problems:
         raise ConfigError(source, problems)
     if not models_by_type:
@@ -417,6 +442,7 @@ def parse_config(raw: object, source: str = "<memory>") -> RouterConfig:
             for t, m in models_by_type.items()
         },
         auth=auth,
+        responses=responses,
     )
 
 

@@ -267,6 +267,9 @@ class RequestMeta(NamedTuple):
     timeout_s: float | None = None
     # session_affinity's key: the `x-session-id` header, else the body's end-user id.
     session: str = ""
+    # A provider to try first if it may serve the request: the one that keeps the state this
+    # request continues (a Responses `previous_response_id` made on a vLLM with its store).
+    prefer: str = ""
 
 
 def _as_error(exc: ValidationError) -> RouterError:

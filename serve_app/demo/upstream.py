@@ -34,7 +34,8 @@ from aiohttp import web
 from serve_app.dialects.base import now_iso
 
 Drop = Literal["before_headers", "mid_stream"]
-PROMPT_TOKENS = 5  # the demo's prompt count, whatever the prompt (every dialect)
+# The tokens a chat template adds around a prompt: a one-word prompt counts 5.
+PROMPT_OVERHEAD = 4
 _NOT_INFERENCE = frozenset({"/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/api/pull"})
 
 
@@ -62,6 +63,9 @@ class Knobs:
     # What its vLLM /metrics page says besides the requests it is answering (running).
     waiting: int = 0
     kv_usage: float = 0.0
+    # Keep the Responses it makes, as vLLM with VLLM_ENABLE_RESPONSES_API_STORE=1: a
+    # previous_response_id it made is continued; one it did not make is a 404.
+    responses_store: bool = False
 
 
 @dataclass
@@ -89,6 +93,8 @@ class FakeUpstream:
     # Inference requests being answered now, and the most there ever were at once.
     active: int = 0
     peak: int = 0
+    # Its Responses store (knobs.responses_store): id -> the conversation's items so far.
+    responses: dict[str, list[Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._stopping = asyncio.Event()
@@ -303,10 +309,11 @@ class FakeUpstream:
             return _vllm_error(
                 404, "NotFoundError", f"The model `{model}` does not exist.", param="model"
             )
+        prompt = prompt_tokens(body)
         usage = {
-            "prompt_tokens": PROMPT_TOKENS,
+            "prompt_tokens": prompt,
             "completion_tokens": len(self._pieces(text)),
-            "total_tokens": PROMPT_TOKENS + len(self._pieces(text)),
+            "total_tokens": prompt + len(self._pieces(text)),
         }
         named = _named_call(body) if chat else None
         if not body.get("stream"):
@@ -379,14 +386,31 @@ class FakeUpstream:
         if not self._serves(model):  # in Anthropic's shape on /v1/messages*, as vLLM
             status, error = _recorded_error(stems.error, f"The model `{model}` does not exist.")
             return web.json_response(error, status=status)
-        text = self._reply_text({"messages": _dialect_messages(request.path, body)})
+        messages = _dialect_messages(request.path, body)
+        previous = body.get("previous_response_id") if request.path == "/v1/responses" else None
+        if previous is not None:  # as vLLM: only what it stored itself
+            if not self.knobs.responses_store or previous not in self.responses:
+                return _vllm_error(
+                    404,
+                    "invalid_request_error",
+                    f"Response with id '{previous}' not found.",
+                    param="response_id",
+                )
+            messages = [*self.responses[previous], *messages]
+        text = self._reply_text({"messages": messages})
         pieces = self._pieces(text)
         unary = _recorded(stems.unary)
-        fill = _Fill(text, str(model), PROMPT_TOKENS, len(pieces), body, unary["request"]["body"])
+        prompt = prompt_tokens({**body, "input": None, "messages": messages})
+        fill = _Fill(text, str(model), prompt, len(pieces), body, unary["request"]["body"])
         if stems.stream is None:  # count_tokens: only the prompt's count
             return web.json_response(fill.usage(unary["body"]))
+        keep = request.path == "/v1/responses" and self.knobs.responses_store
+        keep = keep and body.get("store", True) is not False
         if not body.get("stream"):
-            return web.json_response(fill.fill(unary["body"], _recorded_text(unary["body"])))
+            answer = fill.fill(unary["body"], _recorded_text(unary["body"]))
+            if keep:
+                self.responses[answer["id"]] = [*messages, *answer["output"]]
+            return web.json_response(answer)
         events = _recorded_stream(stems.stream)
         recorded_text = "".join(_delta_text(data) for _, data in events if _is_delta(data))
         lines: list[tuple[str | None, dict[str, Any]]] = []
@@ -401,6 +425,9 @@ class FakeUpstream:
         for i, (_, data) in enumerate(lines):
             if "sequence_number" in data:
                 data["sequence_number"] = i
+        final = lines[-1][1].get("response") if lines else None
+        if keep and isinstance(final, dict):
+            self.responses[final["id"]] = [*messages, *final["output"]]
         return await self._stream_lines(
             request,
             "text/event-stream; charset=utf-8",
@@ -538,7 +565,7 @@ class FakeUpstream:
             **base,
             "done": True,
             "done_reason": "stop",
-            **_ollama_metrics(started, PROMPT_TOKENS, len(self._pieces(text))),
+            **_ollama_metrics(started, prompt_tokens(body), len(self._pieces(text))),
         }
         if body.get("stream", True) is False:
             if chat:
@@ -919,6 +946,23 @@ class _Fill:
             cut = max(recorded.rfind("_"), recorded.rfind("-")) + 1
             self.ids[recorded] = recorded[:cut] + uuid.uuid4().hex[:16]
         return self.ids[recorded]
+
+
+def prompt_tokens(body: dict[str, Any]) -> int:
+    """The demo's prompt count: the words of every text the prompt holds, and a template's
+    overhead (more history, more tokens, as a real server counts)."""
+    parts = ("messages", "prompt", "input", "instructions", "system")
+    return PROMPT_OVERHEAD + sum(_words(body.get(key)) for key in parts)
+
+
+def _words(node: Any) -> int:
+    if isinstance(node, str):
+        return len(node.split())
+    if isinstance(node, list):
+        return sum(_words(x) for x in node)
+    if isinstance(node, dict):
+        return sum(_words(node.get(key)) for key in ("content", "text", "arguments", "output"))
+    return 0
 
 
 def _vllm_error(status: int, type_: str, message: str, param: str | None = None) -> web.Response:

@@ -14,7 +14,46 @@ from serve_app.dialects.base import now_s
 from serve_app.dialects.internal import Answer, Delta, StreamReader
 
 # Request fields copied into the Response object as the API echoes them.
-_ECHOED = ("instructions", "max_output_tokens", "metadata", "temperature", "top_p", "tool_choice")
+_ECHOED = (
+    "instructions",
+    "max_output_tokens",
+    "metadata",
+    "temperature",
+    "top_p",
+    "tool_choice",
+    "previous_response_id",
+)
+
+
+def echo_of(doc: dict[str, Any]) -> dict[str, Any]:
+    """What a Response object repeats of its request."""
+    return {k: doc.get(k) for k in _ECHOED} | {
+        "model": doc["model"],
+        "tools": doc.get("tools") or [],
+        "parallel_tool_calls": doc.get("parallel_tool_calls", True),
+        "text": doc.get("text") or {"format": {"type": "text"}},
+        "tool_choice": doc.get("tool_choice") or "auto",
+        "store": doc.get("store") is not False,
+        "background": doc.get("background") is True,
+    }
+
+
+def response_object(
+    response_id: str, created: int, echo: dict[str, Any], status: str, **fields: Any
+) -> dict[str, Any]:
+    """A Response object (`fields`: output, usage, error, incomplete_details when known)."""
+    return {
+        "id": response_id,
+        "object": "response",
+        "created_at": created,
+        "status": status,
+        "error": None,
+        "incomplete_details": None,
+        "output": [],
+        "usage": None,
+        **fields,
+        **echo,
+    }
 
 
 def _content(content: Any) -> Any:
@@ -59,6 +98,8 @@ def _messages(doc: dict[str, Any]) -> list[dict[str, Any]]:
                 out[-1]["tool_calls"].append(call)
             else:
                 out.append({"role": "assistant", "content": None, "tool_calls": [call]})
+        elif kind == "reasoning":
+            continue  # a reasoning model's thoughts from an earlier turn: not for chat models
         elif kind == "function_call_output":
             output = item.get("output")
             text = output if isinstance(output, str) else orjson.dumps(output).decode()
@@ -95,14 +136,8 @@ def _tool_choice(choice: Any) -> Any:
 
 
 def to_internal(doc: dict[str, Any], stream: bool) -> dict[str, Any]:
-    if doc.get("previous_response_id"):
-        raise RouterError(
-            400,
-            "previous_response_id needs stored responses, which this model's providers do not "
-            "keep; send the conversation in `input`",
-            param="previous_response_id",
-            code="unsupported_parameter",
-        )
+    """The request as a chat completion (a continuation comes here with its earlier turns
+    already in `input`: conversations/)."""
     body: dict[str, Any] = {"model": doc["model"], "messages": _messages(doc), "stream": stream}
     if doc.get("tools"):
         body["tools"] = _tools(doc["tools"])
@@ -155,13 +190,7 @@ class ResponsesTranslation:
         self.id = f"resp_{uuid.uuid4().hex}"
         self.message_id = f"msg_{uuid.uuid4().hex}"
         self.created = now_s()
-        self.echo = {k: doc.get(k) for k in _ECHOED} | {
-            "model": doc["model"],
-            "tools": doc.get("tools") or [],
-            "parallel_tool_calls": doc.get("parallel_tool_calls", True),
-            "text": doc.get("text") or {"format": {"type": "text"}},
-        }
-        self.echo["tool_choice"] = doc.get("tool_choice") or "auto"
+        self.echo = echo_of(doc)
 
     def response(
         self, status: str, output: list[dict[str, Any]], answer: Answer | None
@@ -176,17 +205,15 @@ class ResponsesTranslation:
                 "output_tokens_details": {"reasoning_tokens": 0},
                 "total_tokens": answer.usage.prompt + answer.usage.completion,
             }
-        return {
-            "id": self.id,
-            "object": "response",
-            "created_at": self.created,
-            "status": "incomplete" if incomplete and status == "completed" else status,
-            "error": None,
-            "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
-            "output": output,
-            "usage": usage,
-            **self.echo,
-        }
+        return response_object(
+            self.id,
+            self.created,
+            self.echo,
+            "incomplete" if incomplete and status == "completed" else status,
+            incomplete_details={"reason": "max_output_tokens"} if incomplete else None,
+            output=output,
+            usage=usage,
+        )
 
     def output(self, answer: Answer) -> list[dict[str, Any]]:
         items = []
@@ -207,6 +234,29 @@ class ResponsesTranslation:
 
 def event(kind: str, doc: dict[str, Any]) -> bytes:
     return b"event: " + kind.encode() + b"\ndata: " + orjson.dumps({"type": kind} | doc) + b"\n\n"
+
+
+# The event that ends a stream, by the response's final status.
+_FINAL_EVENTS = {"incomplete": "response.incomplete", "failed": "response.failed"}
+
+
+def replay(response: dict[str, Any]) -> bytes:
+    """A finished response as a stream's events (`GET /v1/responses/{id}?stream=true`): created,
+    each output item added and done, then the final event with the whole response."""
+    events = [
+        (
+            "response.created",
+            {"response": {**response, "status": "in_progress"} | {"output": [], "usage": None}},
+        )
+    ]
+    for index, item in enumerate(response.get("output") or []):
+        events.append(("response.output_item.added", {"output_index": index, "item": item}))
+        events.append(("response.output_item.done", {"output_index": index, "item": item}))
+    status = str(response.get("status"))
+    events.append((_FINAL_EVENTS.get(status, "response.completed"), {"response": response}))
+    return b"".join(
+        event(kind, {"sequence_number": n} | doc) for n, (kind, doc) in enumerate(events)
+    )
 
 
 class ResponsesStream:

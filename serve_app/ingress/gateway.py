@@ -24,6 +24,7 @@ from starlette.types import Receive, Scope, Send
 from serve_app.access.gate import Admission, Gate
 from serve_app.api.http import read_body, request_id
 from serve_app.cluster.registry.manifest import Manifest, unplaced_adapters
+from serve_app.conversations.service import Conversations, Turn
 from serve_app.core.config import RouterConfig, RoutingConfig, StrategyName
 from serve_app.core.errors import RouterError, adapter_unavailable, model_not_found
 from serve_app.core.schemas import (
@@ -37,7 +38,7 @@ from serve_app.core.schemas import (
 from serve_app.dialects.translate import error_in_dialect
 from serve_app.dialects.usage import Counts, StreamMeter, counts_of
 from serve_app.ingress.picking import PickerLink
-from serve_app.ingress.relay import Deadline, Relay, Route, Streamed, client_timeout
+from serve_app.ingress.relay import Deadline, Keeper, Relay, Route, Streamed, client_timeout
 from serve_app.pickers.handler import ApiModelConfig
 from serve_app.pickers.plan import (
     ATTEMPTS_HEADER,
@@ -143,9 +144,14 @@ class Gateway:
         max_body_bytes: int,
         gate: Gate,
         default_strategy: StrategyName,
+        conversations: Conversations,
     ) -> None:
         self._pickers = pickers
         self._relay = relay
+        self.conversations = conversations
+        # Providers that keep their own Responses (vLLM with its store: responses_store).
+        self._keepers: frozenset[str] = frozenset()
+        self._input_sizes: dict[str, int] = {}  # by model: its largest provider's input_size
         self._default_strategy = default_strategy
         self.model_types = frozenset(pickers)
         self._routing: dict[str, RoutingConfig] = {}
@@ -168,6 +174,7 @@ class Gateway:
         """`config`: the manifest's effective models config."""
         for link in self._pickers.values():
             link.reset()
+        self.conversations.limit(config.responses)
         parents = {name: adapter.base_model for name, adapter in manifest.adapters.items()}
         self.roles = manifest.roles()
         self.role_models = role_models(config, self.roles)
@@ -187,6 +194,13 @@ class Gateway:
             if any(p.tool_calling for p in model.providers + model.providers_sleep)
         )
         self._timeouts = {t: g.routing.request_timeout_s for t, g in config.model_types.items()}
+        everyone = {
+            name: model.providers + model.providers_sleep
+            for group in groups
+            for name, model in group.models.items()
+        }
+        self._keepers = frozenset(p.id for ps in everyone.values() for p in ps if p.responses_store)
+        self._input_sizes = {name: max(p.input_size for p in ps) for name, ps in everyone.items()}
         self._routing = {name: group.routing for group in groups for name in group.models}
         self._client_timeouts = {name: client_timeout(r) for name, r in self._routing.items()}
         self._prefix_chars = {
@@ -217,6 +231,7 @@ class Gateway:
         dialect = endpoint.dialect
         admission: Admission | None = None
         strip = False
+        turn: Turn | None = None
         try:
             body = await read_body(request, self._max_body_bytes)
             meta = validate_request(endpoint, body, rid)
@@ -250,14 +265,83 @@ class Gateway:
             )
             if admission is not None and meta.stream and endpoint in _USAGE_CHUNK:
                 body, strip = _with_usage(body)
+            if endpoint is Endpoint.RESPONSES:
+                turn = await self.conversations.begin(
+                    body, admission.record.id if admission else ""
+                )
+                body, meta = turn.body, self._continued(turn, meta)
+                if turn.background:
+                    return await self._background(turn, model_type, meta, admission, started)
         except RouterError as err:
             return self._answered(model, endpoint, started, error_answer(err), None)
+        routed = await self._route(model_type, body, meta, turn.keeper if turn else None)
+        if isinstance(routed, Streamed):
+            try:
+                if turn is not None:
+                    provider = routed.head.headers.get(PROVIDER_HEADER, "")
+                    keeps = provider in self._keepers
+                    tapped = self.conversations.tapped(turn, routed.body, provider, keeps)
+                    routed = routed._replace(body=tapped)
+                return self._streamed(model, endpoint, started, routed, admission, strip)
+            except BaseException:
+                routed.end()  # its response never came to be: the upstream call ends
+                raise
+        if turn is not None:
+            await self.conversations.record(turn, routed, self._keepers.__contains__)
+        return self._answered(model, endpoint, started, routed, admission)
+
+    def _continued(self, turn: Turn, meta: RequestMeta) -> RequestMeta:
+        """A Responses request's meta for its whole conversation: its size, the provider that
+        keeps the earlier turns first; 400 when the conversation outgrew the model."""
+        if turn.previous is None:
+            return meta
+        tokens = validate_request(meta.endpoint, turn.body, meta.request_id).prompt_tokens
+        largest = self._input_sizes.get(meta.model, 0)
+        if tokens > largest:
+            raise RouterError(
+                400,
+                f"the conversation (about {tokens} tokens over {turn.turns} turns, with "
+                f"previous_response_id) exceeds the input size of every provider of model "
+                f"{meta.model} (largest: {largest}); start a new conversation or send less",
+                param="previous_response_id",
+                code="context_length_exceeded",
+            )
+        prefer = turn.keeper.provider if turn.keeper else ""
+        return meta._replace(prompt_tokens=tokens, prefer=prefer)
+
+    async def _background(
+        self,
+        turn: Turn,
+        model_type: str,
+        meta: RequestMeta,
+        admission: Admission | None,
+        started: float,
+    ) -> Response:
+        """A background response: queued now, run on this replica, read through the store."""
+        meta = meta._replace(stream=False)
+
+        async def run() -> Unary:
+            answer = await self._route(model_type, turn.body, meta, turn.keeper)
+            assert isinstance(answer, Unary)
+            self._answered(meta.model, meta.endpoint, started, answer, admission)
+            return answer
+
+        timeout = min(self._timeouts[model_type], meta.timeout_s or float("inf"))
+        queued = await self.conversations.start(turn, timeout, run, self._keepers.__contains__)
+        return Response(queued, media_type="application/json")
+
+    async def _route(
+        self, model_type: str, body: bytes, meta: RequestMeta, keeper: Keeper | None
+    ) -> Unary | Streamed:
+        """The request planned and relayed by its deadline, its model's fallback taken when it
+        cannot be served."""
+        rid = meta.request_id
         deadline = Deadline.within(min(self._timeouts[model_type], meta.timeout_s or float("inf")))
         # A backstop only: the relay ends the request at its deadline and answers 504 itself;
         # this bounds the wait for the picker (a slot strategy waits there for a free slot).
         try:
             async with asyncio.timeout_at(deadline.at + HOP_SLACK_S):
-                routed = await self._call(model_type, body, meta, deadline)
+                routed = await self._call(model_type, body, meta, deadline, keeper)
                 served = [meta.model]
                 while isinstance(routed, Unary) and routed.head.headers.pop(UNSERVABLE_HEADER, ""):
                     fallback = self._fallbacks.get(served[-1])
@@ -266,19 +350,15 @@ class Gateway:
                     served.append(fallback)
                     log.warning(
                         "model unservable; using its fallback",
-                        extra={"request_id": rid, "model": model, "fallback": fallback},
+                        extra={"request_id": rid, "model": meta.model, "fallback": fallback},
                     )
                     body = _with_model(body, fallback)
-                    meta = meta._replace(model=fallback)
-                    routed = await self._call(self.type_of[fallback], body, meta, deadline)
+                    meta = meta._replace(model=fallback, prefer="")
+                    routed = await self._call(self.type_of[fallback], body, meta, deadline, None)
                 if len(served) > 1:
                     routed.head.headers[FALLBACK_HEADER] = served[-1]
                 if isinstance(routed, Streamed):
-                    try:
-                        return self._streamed(model, endpoint, started, routed, admission, strip)
-                    except BaseException:
-                        routed.end()  # its response never came to be: the upstream call ends
-                        raise
+                    return routed
                 answer = routed
         except TimeoutError:
             log.warning("router call timed out", extra={"request_id": rid})
@@ -287,10 +367,15 @@ class Gateway:
             log.exception("router call failed", extra={"request_id": rid})
             answer = error_answer(router_error(503, "the router for this model is unavailable"))
         answer.head.headers.pop(UNSERVABLE_HEADER, None)
-        return self._answered(model, endpoint, started, answer, admission)
+        return answer
 
     async def _call(
-        self, model_type: str, body: bytes, meta: RequestMeta, deadline: Deadline
+        self,
+        model_type: str,
+        body: bytes,
+        meta: RequestMeta,
+        deadline: Deadline,
+        keeper: Keeper | None,
     ) -> Unary | Streamed:
         """The model type's picker plans the request; this replica calls the plan's providers."""
         link = self._pickers.get(model_type)
@@ -299,7 +384,7 @@ class Gateway:
         chars = self._prefix_chars.get(meta.model)
         plan = await link.plan(meta, request_blocks(body, chars) if chars else ())
         timeout = self._client_timeouts.get(meta.model) or DEFAULT_CLIENT_TIMEOUT
-        route = Route(plan, link, timeout)
+        route = Route(plan, link, timeout, keeper)
         return await self._relay.call(route, body, meta, deadline)
 
     def _count(

@@ -70,6 +70,8 @@ class PickerLink:
         self._epoch = 0  # config changes seen (plans made ahead before one are not used)
 
     async def plan(self, meta: RequestMeta, prefix: Sequence[int]) -> Plan:
+        if meta.prefer:  # planned for its preferred provider, never from plans made ahead
+            return await self._plans.call((meta, prefix, 0))
         now = time.monotonic()
         spares = self._spares.get(meta.model)
         if spares is None:

@@ -84,12 +84,22 @@ class Planner(Protocol):
         """A provider of the model failed an attempt."""
 
 
+class Keeper(NamedTuple):
+    """The provider that keeps the state a request continues (a vLLM with its Responses store),
+    and the body it gets: the short form that names the state. Every other provider gets the
+    whole request; a 404 from the keeper (it restarted and lost the state) goes on to them."""
+
+    provider: str
+    body: bytes
+
+
 class Route(NamedTuple):
     """One request's plan and how to go on with it."""
 
     plan: Plan
     link: Planner  # its picker deployment: a slot plan's next provider, failures
     timeout: aiohttp.ClientTimeout  # the model's connect and read timeouts (client_timeout)
+    keeper: Keeper | None = None
 
     @property
     def key(self) -> tuple[str, str]:
@@ -149,6 +159,8 @@ class _Attempts:
         self._relay, self._route, self._meta = relay, route, meta
         self.failures: list[tuple[str, _Failure]] = []
         self._started = 0.0
+        self._keeper = route.keeper  # None once it said it lost the state
+        self._again = False  # the keeper is asked again with the whole request
 
     async def providers(self) -> AsyncIterator[ProviderConfig]:
         plan = self._route.plan
@@ -156,9 +168,26 @@ class _Attempts:
             for provider in plan.targets:
                 self._started = time.monotonic()
                 yield provider
+                if self._again:
+                    self._again = False
+                    yield provider
             if not plan.more or not plan.targets:
                 return
             plan = await self._route.link.next(plan)
+
+    def body(self, provider: ProviderConfig, body: bytes) -> bytes:
+        """What `provider` gets: the keeper the short form, every other the whole request."""
+        keeper = self._keeper
+        return keeper.body if keeper is not None and keeper.provider == provider.id else body
+
+    def retryable(self, status: int, provider: ProviderConfig) -> bool:
+        """Worth another provider (see _retryable); a keeper that lost the state (404) is
+        asked again at once with the whole request."""
+        keeper = self._keeper
+        if status == 404 and keeper is not None and keeper.provider == provider.id:
+            self._keeper, self._again = None, True
+            return True
+        return _retryable(status, provider)
 
     def failed(self, provider: ProviderConfig, failure: _Failure) -> None:
         route = self._route
@@ -256,10 +285,10 @@ class Relay:
         try:
             async with asyncio.timeout_at(deadline.at):
                 async for provider in attempts.providers():
-                    exchange = prepare(provider, meta, body)
+                    exchange = prepare(provider, meta, attempts.body(provider, body))
                     try:
                         async with self._post(exchange, route.timeout) as resp:
-                            if _retryable(resp.status, provider):
+                            if attempts.retryable(resp.status, provider):
                                 attempts.failed(provider, _status_failure(resp))
                                 continue
                             data = await resp.read()
@@ -287,7 +316,7 @@ class Relay:
         is a 504."""
         try:
             async for provider in attempts.providers():
-                exchange = prepare(provider, meta, body)
+                exchange = prepare(provider, meta, attempts.body(provider, body))
                 try:
                     async with asyncio.timeout_at(deadline.at):
                         resp = await self._post(exchange, route.timeout)
@@ -298,7 +327,7 @@ class Relay:
                     continue
                 handed = False
                 try:
-                    if _retryable(resp.status, provider):
+                    if attempts.retryable(resp.status, provider):
                         attempts.failed(provider, _status_failure(resp))
                         continue
                     if resp.status >= 400:

@@ -29,6 +29,8 @@ from serve_app.cluster.follow import Follower
 from serve_app.cluster.monitor import monitor_handle
 from serve_app.cluster.registry.actor import RegistryRef
 from serve_app.cluster.registry.manifest import Manifest, effective_config
+from serve_app.conversations.actor import responses_handle
+from serve_app.conversations.service import Conversations
 from serve_app.core.config import StrategyName
 from serve_app.core.metrics import Tally
 from serve_app.core.serve_env import REPLICA_CPUS
@@ -102,8 +104,14 @@ class Ingress:
         self._links = links
         self._session = _session()
         relay = Relay(self._session, self._reporter, self.gate.tally)
+        conversations = Conversations(lambda: responses_handle(registry), self._id)
         self.gateway = Gateway(
-            links, relay, settings.max_body_bytes, self.gate, settings.default_strategy
+            links,
+            relay,
+            settings.max_body_bytes,
+            self.gate,
+            settings.default_strategy,
+            conversations,
         )
         self._follower = Follower(registry.handle, self._id, Manifest(), self._apply)
         token = os.environ.get(ADMIN_TOKEN_ENV)
@@ -130,6 +138,7 @@ class Ingress:
             self._watcher.cancel()
         self._pusher.cancel()
         self.gate.stop()
+        await self.gateway.conversations.stop()
         await self._reporter.stop()
         await self._session.close()
         await self._follower.stop()

@@ -21,7 +21,7 @@ from serve_app.core.schemas import RequestMeta
 from serve_app.pickers.handler import ModelHandler
 from serve_app.pickers.plan import DONE, OK, Event, Plan, Report, Spare, error_answer
 from serve_app.pickers.shared import SharedState, Slot
-from serve_app.routing.selection import Candidates
+from serve_app.routing.selection import Candidates, preferred_first
 
 # A plan its ingress stops listing as open (the ingress replica died, or its reports are lost)
 # comes back after this long; an ingress lists its open plans every RENEW_S (ingress/outcomes).
@@ -141,12 +141,15 @@ class Picker:
             return Plan(plan_id, self.holder, (provider,) if provider else (), more=True)
         stats = handler.stats(meta, candidates, prefix, self.shared)
         booking.targets = handler.order(meta.model, candidates, stats)
+        if meta.prefer:
+            booking.targets = preferred_first(booking.targets, candidates, meta.prefer)
         if booking.targets:
             self._hold(booking, booking.targets[0])
         ahead: list[Spare] = []
         providers = [p for tier in candidates.tiers for p in tier]
         if (
             spares > 0
+            and not meta.prefer
             and booking.targets
             and strategy not in NO_SPARES
             and not candidates.last_resort

@@ -119,5 +119,15 @@ def plan_attempts(
     return [p for tier in candidates.tiers for p in strategy.order(tier, stats)[:max_attempts]]
 
 
+def preferred_first(
+    targets: list[ProviderConfig], candidates: Candidates, prefer: str
+) -> list[ProviderConfig]:
+    """`targets` with the provider `prefer` names first, if it is a candidate."""
+    chosen = next((p for tier in candidates.tiers for p in tier if p.id == prefer), None)
+    if chosen is None:
+        return targets
+    return [chosen, *(p for p in targets if p.id != prefer)]
+
+
 def initial_states(models: Sequence[ModelConfig]) -> dict[str, ProviderState]:
     return {p.id: ProviderState() for m in models for p in (*m.providers, *m.providers_sleep)}

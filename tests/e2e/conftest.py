@@ -17,6 +17,7 @@ from tests.e2e.vllm_server import (
 )
 
 MODEL = "e2e/tiny"
+STORE_ENV = "VLLM_ENABLE_RESPONSES_API_STORE"
 MODEL_TYPE = "vllm_models"
 
 
@@ -26,8 +27,11 @@ def vllm() -> Iterator[list[VllmServer]]:
         pytest.fail("no vLLM environment or tiny model: run the e2e tests with `make e2e`")
     stop_leftovers()  # of a run cut short, before their folders are reused
     cores = os.cpu_count() or 1
+    # vllm-a keeps the Responses it makes (vLLM's in-memory store), vllm-b does not: the
+    # router's Responses state is checked against both (test_vllm_responses.py).
     servers = [
-        VllmServer(name, free_port(), core=i % cores) for i, name in enumerate(("vllm-a", "vllm-b"))
+        VllmServer("vllm-a", free_port(), core=0, env={STORE_ENV: "1"}),
+        VllmServer("vllm-b", free_port(), core=1 % cores),
     ]
     try:
         for server in servers:

@@ -14,7 +14,7 @@ import signal
 import subprocess
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -53,6 +53,7 @@ class VllmServer:
         core: int | str,
         extra: Sequence[str] = (),
         model: Path = MODEL_DIR / "base",
+        env: Mapping[str, str] | None = None,
     ) -> None:
         """`core`: the CPU its engine's OpenMP threads are bound to ("nobind": one thread the
         kernel places, for more servers than cores). A busy engine's threads
@@ -60,9 +61,10 @@ class VllmServer:
         0, a restarted server's engine never finished starting while the other served (and a
         start-up helper of vLLM's, pinned to core 0, stalled the same way), so the tests do not
         load the other server while one starts. `extra`: more server arguments (a later
-        one wins)."""
+        one wins). `env`: more environment (VLLM_ENABLE_RESPONSES_API_STORE)."""
         self.name = name
         self.extra = list(extra)
+        self.env = dict(env or {})
         self.model = model
         self.port = port
         self.core = core
@@ -88,6 +90,7 @@ class VllmServer:
             "VLLM_CPU_KVCACHE_SPACE": "1",
             "VLLM_CPU_OMP_THREADS_BIND": str(self.core),
             **({"OMP_NUM_THREADS": "1"} if self.core == "nobind" else {}),
+            **self.env,
         }
         command = [
             str(VLLM_PYTHON),

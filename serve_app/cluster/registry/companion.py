@@ -13,8 +13,11 @@ from serve_app.cluster.registry.actor import NAMESPACE, RegistryRef
 from serve_app.cluster.registry.manifest import Manifest
 
 
-def companion_handle(actor_class: ActorClass, registry: RegistryRef, role: str) -> ActorHandle:
-    """The registry's `role` actor; created if there is none (it starts from the manifest)."""
+def companion_handle(
+    actor_class: ActorClass, registry: RegistryRef, role: str, on_head: bool = False
+) -> ActorHandle:
+    """The registry's `role` actor; created if there is none (it starts from the manifest).
+    `on_head`: pinned to the head node, as the registry, for a file beside the registry's."""
     return actor_class.options(
         name=f"{registry.name}-{role}",
         namespace=NAMESPACE,
@@ -22,6 +25,7 @@ def companion_handle(actor_class: ActorClass, registry: RegistryRef, role: str) 
         lifetime="detached",
         max_restarts=-1,
         num_cpus=0,
+        resources={"node:__internal_head__": 0.001} if on_head else None,
     ).remote(registry, role)
 
 

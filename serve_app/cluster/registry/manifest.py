@@ -233,6 +233,7 @@ def effective_config(manifest: Manifest) -> RouterConfig:
             for t, models in groups.items()
         },
         auth=config.auth,
+        responses=config.responses,
     )
 
 
