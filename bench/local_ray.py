@@ -92,7 +92,7 @@ class LocalRouter:
             registry_name=self._registry.name, registry_path=self._registry.path, **args
         )
         serve.run(router_app(app_args, (config, source)), name=APP_NAME, route_prefix="/")
-        wait_http(f"{self.url}/v1/models")
+        wait_http(f"{self.url}/healthz")
 
 
 @contextmanager

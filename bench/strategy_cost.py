@@ -7,6 +7,8 @@ request after another; c=32: 32 requests interleaved on the event loop, each hol
 provider across a yield as a real upstream call would. Every request carries a 32 KB chat
 prompt (one of 64 conversations) and a session id, which prefix_affinity hashes and matches and
 session_affinity places. Prints microseconds per request and where the slots came from.
+`--strategies balanced,balanced+flow` measures what flow control costs a request when the model
+is not full (queue_timeout_s and max_load set; the extra over `balanced`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from bench.local_ray import local_registry
 
 PROMPT_BYTES = 32 * 1024
 CONVERSATIONS = 64
+FLOW = {"queue_timeout_s": 30.0, "max_load": 1000.0}
 
 
 def _model(strategy: str) -> str:
@@ -59,10 +62,13 @@ def _config(strategy: str, count: int) -> dict:
         }
         for i in range(count)
     ]
+    name, _, flow = strategy.partition("+")
+    # `<strategy>+flow`: with flow control on (and its load bound checked), never saturated.
+    routing = {"strategy": name, **(FLOW if flow else {})}
     return {
         "t": {_model(strategy): {"providers": providers}},
         "active_models": {"t": [_model(strategy)]},
-        "routing": {"t": {"strategy": strategy}},
+        "routing": {"t": routing},
     }
 
 
@@ -86,11 +92,11 @@ class _Case:
             list(handler.states),
             [_model(strategy)],
             Terms.of(routing),
-            follow_index=strategy == "prefix_affinity",
+            follow_index=routing.strategy == "prefix_affinity",
         )
         self.shared.start()
         self.picker = Picker("bench", handler, routing, shared=self.shared)
-        chars = routing.prefix_block_chars if strategy == "prefix_affinity" else 0
+        chars = routing.prefix_block_chars if routing.strategy == "prefix_affinity" else 0
         # The ingress hashes the prompt's blocks; its cost is counted here too.
         self.bodies = _bodies(_model(strategy))
         self.blocks = lambda body: request_blocks(body, chars) if chars else ()

@@ -130,7 +130,7 @@ def router_app(args: AppArgs, document: tuple[object, str] | None = None) -> App
         name: ModelTypeRouter.options(
             name=router_deployment_name(name),
             **replicas_options(group.routing.num_replicas, group.routing.autoscaling),
-            max_ongoing_requests=group.routing.max_ongoing_requests,
+            max_ongoing_requests=group.routing.picker_ongoing(len(group.models)),
             graceful_shutdown_timeout_s=group.routing.drain_timeout_s,
             graceful_shutdown_wait_loop_s=DRAIN_POLL_S,
             logging_config=LOGGING,

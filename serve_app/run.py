@@ -63,7 +63,7 @@ def _answering(host: str, port: int, timeout: float = 60.0) -> None:
     in_a_row = 0
     while time.monotonic() < deadline and in_a_row < 5:
         try:
-            with urllib.request.urlopen(f"http://{address}:{port}/v1/models", timeout=2) as resp:
+            with urllib.request.urlopen(f"http://{address}:{port}/healthz", timeout=2) as resp:
                 in_a_row = in_a_row + 1 if resp.status == 200 else 0
         except OSError:
             in_a_row = 0

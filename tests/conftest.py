@@ -108,7 +108,8 @@ def deploy(
 
     def serving() -> bool:
         try:
-            with urllib.request.urlopen(f"{serve_url}/v1/models", timeout=2) as resp:
+            listing = urllib.request.Request(f"{serve_url}/v1/models", headers=ADMIN)
+            with urllib.request.urlopen(listing, timeout=2) as resp:
                 data = json.load(resp)["data"]
                 listed = [m["id"] for m in data if "parent" not in m and "root" not in m]
                 return sorted(listed) == expected

@@ -113,6 +113,30 @@ async def test_the_admin_api_never_shows_a_key_again(url: str, http) -> None:
         assert resp.status == 404 and (await resp.json())["error"]["code"] == "key_not_found"
 
 
+async def test_model_lists_need_a_key_and_show_only_its_models(url: str, http) -> None:
+    for method, path in (("GET", "/v1/models"), ("GET", "/api/tags"), ("GET", "/api/ps")):
+        async with http.request(method, f"{url}{path}") as resp:
+            assert resp.status == 401, path
+    async with http.post(f"{url}/api/show", json={"model": "m/a"}) as resp:
+        assert resp.status == 401 and isinstance((await resp.json())["error"], str)  # Ollama's
+    made = await _make(http, url, models=["m/a"])
+    key = {"authorization": f"Bearer {made['key']}"}
+    async with http.get(f"{url}/v1/models", headers=key) as resp:
+        doc = await resp.json()
+        assert resp.status == 200, doc
+        assert [m["id"] for m in doc["data"]] == ["m/a"]
+    async with http.get(f"{url}/api/tags", headers=key) as resp:
+        doc = await resp.json()
+        assert resp.status == 200, doc
+        assert [m["name"] for m in doc["models"]] == ["m/a"]
+    async with http.post(f"{url}/api/show", json={"model": "m/a"}, headers=key) as resp:
+        assert resp.status == 200
+    async with http.post(f"{url}/api/show", json={"model": "m/b"}, headers=key) as resp:
+        assert resp.status == 404  # another key's model is not named to this one
+    async with http.get(f"{url}/v1/models", headers=ADMIN) as resp:
+        assert {m["id"] for m in (await resp.json())["data"]} == {"m/a", "m/b"}
+
+
 async def test_a_revoked_key_is_refused_by_every_replica_at_once(url: str, http) -> None:
     made = await _make(http, url)
     assert {

@@ -141,6 +141,32 @@ class _Allowance:
         self.used = Used(u.requests + requests, u.tokens + tokens, u.budget + tokens)
 
 
+PRIORITY_HEADER = "x-priority"
+
+
+def flow_terms(admission: Admission | None, headers: Mapping[str, str]) -> dict[str, object]:
+    """What flow control orders a request by (RequestMeta's priority, tenant, weight): its key's
+    priority (or `x-priority`, for a key allowed to set it), the key's id and weight; nothing
+    without a key (the routing's default_priority then)."""
+    if admission is None:
+        return {}
+    record = admission.record
+    priority = record.priority
+    sent = headers.get(PRIORITY_HEADER)
+    if sent is not None and record.set_priority:
+        try:
+            priority = int(sent)
+        except ValueError:
+            priority = 10_000
+        if not -1000 <= priority <= 1000:
+            raise RouterError(
+                400,
+                f"{PRIORITY_HEADER} must be an integer from -1000 to 1000",
+                param=PRIORITY_HEADER,
+            )
+    return {"priority": priority, "tenant": record.id, "weight": record.weight}
+
+
 class Admission(NamedTuple):
     record: KeyRecord
     window: int  # the limiter's minute the request was counted in
@@ -176,6 +202,15 @@ class Gate:
         for key_id in list(self._allowances):
             if key_id not in self._records:  # revoked: nothing of it to give back
                 del self._allowances[key_id]
+
+    def lister(self, headers: Mapping[str, str]) -> Callable[[str, str | None], bool] | None:
+        """Which models a request may see listed (`/v1/models`, `/api/tags`, ...): None when
+        keys are not required (all); else its key's (401 as for inference), by a model's name
+        or the model serving it (a role's)."""
+        if not self.required:
+            return None
+        record = self._key(headers, time.time())
+        return lambda name, root: record.allows(name) or (root is not None and record.allows(root))
 
     def owner(self, headers: Mapping[str, str]) -> str:
         """The id of the key a request carries ("" when keys are not required): what it owns

@@ -33,6 +33,11 @@ class KeyLimits(BaseModel):
     token_budget: int | None = Field(default=None, ge=1, le=10**15)
     budget_period: BudgetPeriod | None = None
     expires_at: float | None = Field(default=None, gt=0)
+    # Flow control: the key's requests wait by priority (higher first), then by fair share
+    # between keys (`weight`); `set_priority`: its clients may send `x-priority` instead.
+    priority: int = Field(default=0, ge=-1000, le=1000)
+    weight: float = Field(default=1.0, gt=0, le=1000)
+    set_priority: bool = False
 
 
 class KeyRecord(KeyLimits):

@@ -211,8 +211,9 @@ async def set_weights(request: Request) -> Response:
 async def provider_state(request: Request) -> Response:
     """The shared routing state: slots taken per provider and by which replica, host pins,
     requests waiting for a slot, use counts, latency averages, keep-alive warms, the prefix
-    index; per provider its circuit, load signals and prefix index size; and the health
-    view's version with the one each picker replica has applied."""
+    index; per provider its circuit, load signals and prefix index size; the requests waiting
+    in flow control's queues by model and priority; and the health view's version with the one
+    each picker replica has applied."""
     admin = admin_from(request)
     try:
         state, health = await asyncio.wait_for(
@@ -224,11 +225,11 @@ async def provider_state(request: Request) -> Response:
         )
     except Exception:
         raise router_error(503, "the routing state is unavailable") from None
-    providers = health.pop("providers")
+    providers, queues = health.pop("providers"), health.pop("queues", {})
     entries = state["prefix_index"]["entries"]
     for pid, row in providers.items():
         row["prefix_index_entries"] = entries.get(pid, 0)
-    return json_response({**state, "providers": providers, "health": health})
+    return json_response({**state, "providers": providers, "queues": queues, "health": health})
 
 
 @router.get("/api/v1/config")

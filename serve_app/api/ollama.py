@@ -21,6 +21,7 @@ from serve_app.core.schemas import (
     OllamaGenerateRequest,
 )
 from serve_app.dialects import ollama
+from serve_app.ingress.gateway import ModelInfo
 from serve_app.upstreams.base import JSON
 
 router = APIRouter()
@@ -47,32 +48,39 @@ async def version() -> Response:
     return Response(orjson.dumps({"version": ollama.API_VERSION}), media_type=JSON)
 
 
-def _listing(entry: Callable[[str, str, str | None], dict[str, Any]]) -> bytes:
-    models = replica().gateway.models
+def _visible(request: Request) -> list[ModelInfo]:
+    served = replica()
+    return served.gateway.listed(request.headers, served.admin.holds_token(request))
+
+
+def _listing(request: Request, entry: Callable[[str, str, str | None], dict[str, Any]]) -> bytes:
+    """The models the request may see (with keys required, its key's; 401 without one)."""
+    models = _visible(request)
     return orjson.dumps({"models": [entry(m.name, m.model_type, m.parent) for m in models]})
 
 
 @router.get("/api/tags")
-async def tags() -> Response:
-    return Response(_listing(ollama.model_entry), media_type=JSON)
+async def tags(request: Request) -> Response:
+    return Response(_listing(request, ollama.model_entry), media_type=JSON)
 
 
 @router.get("/api/ps")
-async def running() -> Response:
+async def running(request: Request) -> Response:
     """What the router serves right now: every model it routes (its providers load them), in
     Ollama's /api/ps shape."""
-    return Response(_listing(ollama.running_entry), media_type=JSON)
+    return Response(_listing(request, ollama.running_entry), media_type=JSON)
 
 
 @router.post("/api/show", openapi_extra=json_body(ShowRequest))
 async def show(request: Request) -> Response:
     gateway = replica().gateway
+    visible = _visible(request)
     try:
         req = ShowRequest.model_validate_json(await read_body(request, SHOW_MAX_BODY_BYTES))
     except ValidationError as exc:
         raise RouterError(400, f"invalid request: {exc.errors()[0]['msg']}") from None
     info = gateway.find(req.model)
-    if info is None:
+    if info is None or info not in visible:  # another key's model is not named to this one
         raise model_not_found(req.model)
     root = info.root or info.name
     answer = ollama.show_answer(info.name, info.model_type, info.parent, root in gateway.tools)

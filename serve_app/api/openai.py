@@ -1,6 +1,6 @@
 """OpenAI's chat, completions, embeddings and model list: the router's internal form."""
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from serve_app.api.http import relay_route, replica
@@ -14,5 +14,9 @@ relay_route(router, "/v1/embeddings", Endpoint.EMBEDDINGS, EmbeddingRequest, "em
 
 
 @router.get("/v1/models")
-async def models() -> Response:
-    return Response(replica().gateway.openai_models, media_type=JSON)
+async def models(request: Request) -> Response:
+    """Every model, or with keys required (401 without one) those the key may use; every
+    model for the admin token."""
+    served = replica()
+    listing = served.gateway.openai_listing(request.headers, served.admin.holds_token(request))
+    return Response(listing, media_type=JSON)

@@ -25,6 +25,7 @@ from serve_app.cluster.registry.companion import ManifestCompanion, companion_ha
 from serve_app.cluster.registry.manifest import Manifest, config_of
 from serve_app.core.config import ConfigError, ProviderConfig, RoutingConfig
 from serve_app.core.metrics import Snapshot, Tally, render
+from serve_app.pickers.queues import LENGTH_METRIC
 from serve_app.routing.load import LoadSignal, parse_ollama_ps, parse_vllm_metrics
 from serve_app.upstreams import probe_url, signal_url
 from serve_app.upstreams.base import json_headers
@@ -202,7 +203,22 @@ class Monitor(ManifestCompanion):
             "version": self._view.version,
             "followers": dict(self._seen),
             "providers": providers,
+            "queues": self._queues(),
         }
+
+    def _queues(self) -> dict[str, dict[str, int]]:
+        """Flow control: requests waiting by model and priority, summed over the picker
+        replicas' last pushes (at most a second old)."""
+        cutoff = time.monotonic() - METRICS_TTL_S
+        out: dict[str, dict[str, int]] = {}
+        for at, snapshot in self._metrics.values():
+            if at < cutoff:
+                continue
+            for (name, labels), value in snapshot.values.items():
+                if name == LENGTH_METRIC and value:
+                    by_priority = out.setdefault(labels[0], {})
+                    by_priority[labels[1]] = by_priority.get(labels[1], 0) + int(value)
+        return out
 
     # --- metrics -----------------------------------------------------------------------------
 

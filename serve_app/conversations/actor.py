@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import sqlite3
 from pathlib import Path
 
 import ray
@@ -20,7 +22,11 @@ from serve_app.conversations.chain import RUNNING, StoredResponse
 from serve_app.conversations.store import ResponseStore, finished
 from serve_app.core.config import ResponsesConfig
 
+log = logging.getLogger(__name__)
+
 DB_NAME = "responses.sqlite3"
+# Calls at once: each running background response holds one (its runner's wait_settled).
+MAX_CALLS = 20_000
 # How often responses past their TTL are dropped when nothing is written.
 EVICT_S = 60.0
 # How often the write-ahead log of the ingress replicas' writes goes into the file.
@@ -29,7 +35,9 @@ CHECKPOINT_S = 1.0
 
 def responses_handle(registry: RegistryRef) -> ActorHandle:
     """The registry's responses store; created if there is none."""
-    return companion_handle(ResponsesActor, registry, "responses", on_head=True)
+    return companion_handle(
+        ResponsesActor, registry, "responses", on_head=True, max_concurrency=MAX_CALLS
+    )
 
 
 @ray.remote
@@ -37,7 +45,7 @@ class ResponsesActor(ManifestCompanion):
     def __init__(self, registry: RegistryRef, role: str) -> None:
         super().__init__(registry, role)
         limits = ResponsesConfig()
-        self._path = Path(registry.path).parent / DB_NAME
+        self._path = Path(registry.path).resolve().parent / DB_NAME
         self._store = ResponseStore(self._path, limits.store_ttl_s, limits.max_bytes)
         self._settled: dict[str, asyncio.Event] = {}  # running background responses
 
@@ -51,9 +59,12 @@ class ResponsesActor(ManifestCompanion):
         while True:
             await asyncio.sleep(CHECKPOINT_S)
             ticks += 1
-            if ticks % int(EVICT_S / CHECKPOINT_S) == 0:
-                self._store.evict()
-            self._store.checkpoint()
+            try:
+                if ticks % int(EVICT_S / CHECKPOINT_S) == 0:
+                    self._store.evict()
+                self._store.checkpoint()
+            except sqlite3.Error as exc:  # a lock held too long, a full disk: next tick again
+                log.warning("responses store upkeep failed", extra={"reason": type(exc).__name__})
 
     async def where(self) -> tuple[str, str]:
         """The node it runs on and its database file: ingress replicas on that node use the
@@ -71,20 +82,26 @@ class ResponsesActor(ManifestCompanion):
         await self._ensure_started()
         return self._store.put(StoredResponse.model_validate_json(record))
 
-    async def finish(self, record: bytes) -> bytes:
-        """A background response's end (one cancelled meanwhile stays cancelled): the record."""
+    async def finish(self, record: bytes) -> bytes | None:
+        """A background response's new state: the record as stored (one cancelled meanwhile
+        stays cancelled), or None when it was deleted (its runner then stops)."""
         await self._ensure_started()
         ended = StoredResponse.model_validate_json(record)
         stored = self._store.get(ended.id, None)
-        if stored is not None and stored.status not in RUNNING:
-            return stored.model_dump_json().encode()
+        if stored is None or stored.status not in RUNNING:
+            return _json(stored)
         self._store.put(ended)
-        self._wake(ended.id)
+        if ended.status not in RUNNING:
+            self._wake(ended.id)
         return record
 
     async def delete(self, response_id: str, owner: str | None) -> bool:
+        """Deletes a response; a running background one's runner is woken and stops."""
         await self._ensure_started()
-        return self._store.delete(response_id, owner)
+        deleted = self._store.delete(response_id, owner)
+        if deleted:
+            self._wake(response_id)
+        return deleted
 
     async def cancel(self, response_id: str, owner: str | None) -> bytes | None:
         """A running background response ends as cancelled (its runner is woken to stop the

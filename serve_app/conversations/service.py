@@ -164,10 +164,11 @@ class Conversations:
             return _locally(local.put, record)
         return await self._call("put", record.model_dump_json().encode())
 
-    async def _ended(self, record: StoredResponse) -> StoredResponse:
-        """A background response's new state, through the actor (it wakes who waits on it)."""
+    async def _ended(self, record: StoredResponse) -> StoredResponse | None:
+        """A background response's new state, through the actor (it wakes who waits on it):
+        as stored, or None if it was deleted meanwhile."""
         blob = await self._call("finish", record.model_dump_json().encode())
-        return StoredResponse.model_validate_json(blob)
+        return None if blob is None else StoredResponse.model_validate_json(blob)
 
     # --- a request's turn ----------------------------------------------------------------------
 
@@ -304,26 +305,28 @@ class Conversations:
             update={"response": {**record.response, "status": "in_progress"}}
         )
         with contextlib.suppress(RouterError):
-            await self._ended(running)
+            if await self._ended(running) is None:  # deleted before it started
+                return
         work = asyncio.ensure_future(run())
         watch = asyncio.ensure_future(self._settled(record.id, timeout_s + BACKGROUND_SLACK_S))
-        await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
-        if not work.done():  # cancelled (or lost): the upstream call stops
-            work.cancel()
-            with contextlib.suppress(BaseException):
-                await work
-            return
-        watch.cancel()
         try:
-            answer = work.result()
-        except Exception:
-            log.exception("background response failed", extra={"response_id": record.id})
-            answer = error_answer(
-                RouterError(500, "the request failed in the router", type="api_error")
-            )
-        final = self._final(running, answer, keeps)
-        with contextlib.suppress(RouterError):
-            await self._ended(final)
+            await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+            if not work.done():  # cancelled, deleted (or lost): the upstream call stops
+                return
+            try:
+                answer = work.result()
+            except Exception:
+                log.exception("background response failed", extra={"response_id": record.id})
+                answer = error_answer(
+                    RouterError(500, "the request failed in the router", type="api_error")
+                )
+            final = self._final(running, answer, keeps)
+            with contextlib.suppress(RouterError):
+                await self._ended(final)
+        finally:  # also when this replica stops: neither outlives the run
+            for task in (work, watch):
+                task.cancel()
+            await asyncio.gather(work, watch, return_exceptions=True)
 
     async def _settled(self, response_id: str, timeout_s: float) -> None:
         """Returns when someone else ended the background response (a cancel)."""
@@ -373,12 +376,8 @@ class Conversations:
         return record.response
 
     async def delete(self, response_id: str, owner: str | None) -> dict[str, Any]:
-        local = await self._file()
-        if local is not None:
-            deleted = _locally(local.delete, response_id, owner)
-        else:
-            deleted = await self._call("delete", response_id, owner)
-        if not deleted:
+        """Through the actor always: a running background response's runner must stop."""
+        if not await self._call("delete", response_id, owner):
             raise response_not_found(response_id)
         return {"id": response_id, "object": "response", "deleted": True}
 

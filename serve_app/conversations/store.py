@@ -100,7 +100,7 @@ class ResponseStore:
                 (grown, 0 if old else 1),
             ).fetchone()
             if row[0] > self.max_bytes:
-                self._evict_oldest(row[0] - self.max_bytes)
+                self._evict_oldest(row[0] - self.max_bytes, keep=record.id)
         return True
 
     def get(self, response_id: str, owner: str | None) -> StoredResponse | None:
@@ -114,9 +114,28 @@ class ResponseStore:
             return None
         record = StoredResponse.model_validate_json(row[2])
         if record.status in RUNNING and record.expires is not None and record.expires < now:
-            record = finished(record, "failed", error=LOST)
-            self.put(record)
+            return self._lost(record)
         return record
+
+    def _lost(self, record: StoredResponse) -> StoredResponse:
+        """A background response whose runner is gone, failed, unless it has just ended (read
+        again inside the write)."""
+        with self._write():
+            row = self._db.execute(
+                "SELECT record FROM responses WHERE id = ?", (record.id,)
+            ).fetchone()
+            if row is None:
+                return finished(record, "failed", error=LOST)
+            current = StoredResponse.model_validate_json(row[0])
+            if current.status not in RUNNING:
+                return current
+            lost = finished(current, "failed", error=LOST)
+            blob = lost.model_dump_json().encode()
+            self._db.execute(
+                "UPDATE responses SET record = ?, size = ? WHERE id = ?", (blob, len(blob), lost.id)
+            )
+            self._db.execute("UPDATE totals SET bytes = bytes + ?", (len(blob) - len(row[0]),))
+        return lost
 
     def delete(self, response_id: str, owner: str | None) -> bool:
         if self.get(response_id, owner) is None:
@@ -136,30 +155,30 @@ class ResponseStore:
         """Copies the write-ahead log into the file, without waiting for readers or writers."""
         self._db.execute("PRAGMA wal_checkpoint(PASSIVE)")
 
-    def _evict_oldest(self, excess: int) -> int:
+    def _evict_oldest(self, excess: int, keep: str = "") -> int:
+        """Drops the oldest responses (never `keep`, the one just written) until `excess`
+        bytes are gone."""
         oldest: list[str] = []
         for response_id, size in self._db.execute(
-            "SELECT id, size FROM responses ORDER BY created"
+            "SELECT id, size FROM responses WHERE id != ? ORDER BY created", (keep,)
         ):
             oldest.append(response_id)
             excess -= size
             if excess <= 0:
                 break
-        self._db.executemany("DELETE FROM responses WHERE id = ?", [(i,) for i in oldest])
-        self._recount()
-        return len(oldest)
+        return sum(self._remove("id = ?", (i,)) for i in oldest)
 
     def _remove(self, where: str, args: tuple[Any, ...]) -> int:
-        gone = self._db.execute(f"DELETE FROM responses WHERE {where}", args).rowcount
-        if gone:
-            self._recount()
-        return gone
-
-    def _recount(self) -> None:
-        self._db.execute(
-            "UPDATE totals SET (bytes, count) = "
-            "(SELECT COALESCE(SUM(size), 0), COUNT(*) FROM responses)"
-        )
+        """Deletes rows and takes their sizes off the totals (no scan of the table)."""
+        sizes = [
+            row[0]
+            for row in self._db.execute(f"DELETE FROM responses WHERE {where} RETURNING size", args)
+        ]
+        if sizes:
+            self._db.execute(
+                "UPDATE totals SET bytes = bytes - ?, count = count - ?", (sum(sizes), len(sizes))
+            )
+        return len(sizes)
 
     def _write(self) -> _Transaction:
         return _Transaction(self._db)

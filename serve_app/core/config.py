@@ -293,11 +293,28 @@ class RoutingConfig(BaseModel):
     # prefix_affinity, session_affinity: their choice is taken only while its load (requests,
     # see routing.load) is at most this much above the least loaded candidate's.
     max_load_imbalance: float = Field(default=4.0, ge=0)
+    # Flow control (docs/flow-control.md), on when set: a request for a model whose providers
+    # are all full waits this long in its picker (capped by its own deadline), then 429.
+    queue_timeout_s: float | None = Field(default=None, gt=0)
+    # The waiting requests per model and picker replica: how many, how many body bytes.
+    queue_max_requests: int = Field(default=1000, ge=1)
+    queue_max_bytes: int = Field(default=64 * 1024 * 1024, ge=1)
+    # A provider is full at this load figure (upstream running + waiting, KV use; see
+    # routing.load), besides its max_concurrency; None: by max_concurrency alone.
+    max_load: float | None = Field(default=None, gt=0)
+    # The priority of requests without a client key (keys have their own, default 0).
+    default_priority: int = Field(default=0, ge=-1000, le=1000)
 
     @model_validator(mode="after")
     def _replicas(self) -> RoutingConfig:
         exclusive_with_autoscaling(self, "num_replicas", "autoscaling")
         return self
+
+    def picker_ongoing(self, models: int) -> int:
+        """Calls a picker replica takes at once: max_ongoing_requests, plus with flow control
+        room for every model's full queue (each waiting request holds a call there)."""
+        waiting = self.queue_max_requests * models if self.queue_timeout_s is not None else 0
+        return self.max_ongoing_requests + waiting
 
 
 class ModelTypeConfig(BaseModel):

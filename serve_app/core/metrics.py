@@ -73,6 +73,17 @@ SPECS: dict[str, Spec] = {
         "(an ingress replica that died mid-request)",
         (),
     ),
+    "llm_router_queue_length": Spec(
+        "gauge",
+        "Requests waiting for a full model's providers (flow control), by model and priority",
+        ("model", "priority"),
+    ),
+    "llm_router_queue_wait_seconds": Spec(
+        "histogram",
+        "Time requests waited in a model's queue, by model, priority and outcome (dispatched, "
+        "timeout, shed, left: its client went, error: it could go nowhere)",
+        ("model", "priority", "outcome"),
+    ),
     "llm_router_circuit_state": Spec(
         "gauge", "Provider circuit: 0 closed, 1 half-open, 2 open", ("provider",)
     ),

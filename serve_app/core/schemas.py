@@ -270,6 +270,12 @@ class RequestMeta(NamedTuple):
     # A provider to try first if it may serve the request: the one that keeps the state this
     # request continues (a Responses `previous_response_id` made on a vLLM with its store).
     prefer: str = ""
+    # Flow control: the request's priority (None: the routing's default_priority), its tenant
+    # (the client key's id, "" without one) and the tenant's weight, its body's size.
+    priority: int | None = None
+    tenant: str = ""
+    weight: float = 1.0
+    size: int = 0
 
 
 def _as_error(exc: ValidationError) -> RouterError:

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, NamedTuple
 
 import aiohttp
@@ -21,7 +21,7 @@ from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from serve_app.access.gate import Admission, Gate
+from serve_app.access.gate import Admission, Gate, flow_terms
 from serve_app.api.http import read_body, request_id
 from serve_app.cluster.registry.manifest import Manifest, unplaced_adapters
 from serve_app.conversations.service import Conversations, Turn
@@ -219,10 +219,26 @@ class Gateway:
             for key, model in self.role_models.items()
             if key not in self.type_of and model in self.type_of
         ]
-        self.openai_models = orjson.dumps({"object": "list", "data": self._openai_models()})
+        self.openai_models = orjson.dumps(
+            {"object": "list", "data": self._openai_models(self.models)}
+        )
 
     def find(self, name: str) -> ModelInfo | None:
         return next((m for m in self.models if m.name == name), None)
+
+    def listed(self, headers: Mapping[str, str], everything: bool = False) -> list[ModelInfo]:
+        """The models a request may see: all (`everything`: the admin token), or with keys
+        required those its key may use (401 without one)."""
+        allowed = None if everything else self.gate.lister(headers)
+        if allowed is None:
+            return self.models
+        return [m for m in self.models if allowed(m.name, m.root)]
+
+    def openai_listing(self, headers: Mapping[str, str], everything: bool = False) -> bytes:
+        """The `/v1/models` body for this request."""
+        if everything or not self.gate.required:
+            return self.openai_models
+        return orjson.dumps({"object": "list", "data": self._openai_models(self.listed(headers))})
 
     async def relay(self, endpoint: Endpoint, request: Request) -> Response:
         started = time.perf_counter()
@@ -265,15 +281,16 @@ class Gateway:
             )
             if admission is not None and meta.stream and endpoint in _USAGE_CHUNK:
                 body, strip = _with_usage(body)
+            meta = meta._replace(size=len(body), **flow_terms(admission, request.headers))
             if endpoint is Endpoint.RESPONSES:
                 turn = await self.conversations.begin(
                     body, admission.record.id if admission else ""
                 )
-                body, meta = turn.body, self._continued(turn, meta)
+                body, meta = turn.body, self._continued(turn, meta)._replace(size=len(turn.body))
                 if turn.background:
                     return await self._background(turn, model_type, meta, admission, started)
-        except RouterError as err:
-            return self._answered(model, endpoint, started, error_answer(err), None)
+        except RouterError as err:  # a key admitted here is charged nothing for it
+            return self._answered(model, endpoint, started, error_answer(err), admission)
         routed = await self._route(model_type, body, meta, turn.keeper if turn else None)
         if isinstance(routed, Streamed):
             try:
@@ -321,7 +338,12 @@ class Gateway:
         meta = meta._replace(stream=False)
 
         async def run() -> Unary:
-            answer = await self._route(model_type, turn.body, meta, turn.keeper)
+            try:
+                answer = await self._route(model_type, turn.body, meta, turn.keeper)
+            except asyncio.CancelledError:  # cancelled or deleted: nothing was used
+                if admission is not None:
+                    self._settle(admission, meta.model, None, 499, 0)
+                raise
             assert isinstance(answer, Unary)
             self._answered(meta.model, meta.endpoint, started, answer, admission)
             return answer
@@ -383,6 +405,8 @@ class Gateway:
             return error_answer(_not_deployed(model_type))
         chars = self._prefix_chars.get(meta.model)
         plan = await link.plan(meta, request_blocks(body, chars) if chars else ())
+        if plan.queued:  # every provider is full: it waits in the picker's queue
+            plan = await link.wait(plan)
         timeout = self._client_timeouts.get(meta.model) or DEFAULT_CLIENT_TIMEOUT
         route = Route(plan, link, timeout, keeper)
         return await self._relay.call(route, body, meta, deadline)
@@ -470,10 +494,10 @@ class Gateway:
         else:
             self.gate.settle(admission, model, admission.estimate, size // 4, estimated=True)
 
-    def _openai_models(self) -> list[dict[str, Any]]:
+    def _openai_models(self, models: list[ModelInfo]) -> list[dict[str, Any]]:
         """`/v1/models` entries: adapters name their `parent`, roles their `root`."""
         out = []
-        for m in self.models:
+        for m in models:
             entry: dict[str, Any] = {
                 "id": m.name,
                 "object": "model",

@@ -5,8 +5,9 @@ next provider, and reports delivered to the replica that booked the plans they a
 
 from __future__ import annotations
 
+import random
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Sequence
 
 from ray.serve.handle import DeploymentHandle
@@ -21,6 +22,8 @@ Key = tuple[str, str]  # (model type, picker replica)
 
 # How long a plan made ahead stays usable: the picker's choice is at most this old when used.
 GRANT_S = 0.05
+# A picker replica that made no plan for this long is left out of flow control's choice.
+HEARD_S = 10.0
 
 
 class _Spares:
@@ -65,13 +68,21 @@ class PickerLink:
 
         self._plans: Coalescer[PlanCall, Plan] = Coalescer(send_one, send_many)
         self._next = handle.options(method_name="next")
+        self._wait = handle.options(method_name="wait")
+        self._plan_at = handle.options(method_name="plan_at")
+        # Flow control: this replica's waits under way per picker replica, and when each
+        # picker replica was last heard of (it made a plan).
+        self._waits: Counter[str] = Counter()
+        self._heard: dict[str, float] = {}
         self._report = handle.options(method_name="report")
         self._spares: dict[str, _Spares] = {}
         self._epoch = 0  # config changes seen (plans made ahead before one are not used)
 
     async def plan(self, meta: RequestMeta, prefix: Sequence[int]) -> Plan:
+        if self._waits:  # the model type is full somewhere: the replica least waited on
+            return self._heard_of(await self._plan_at.remote(self._least_waited(), meta, prefix))
         if meta.prefer:  # planned for its preferred provider, never from plans made ahead
-            return await self._plans.call((meta, prefix, 0))
+            return self._heard_of(await self._plans.call((meta, prefix, 0)))
         now = time.monotonic()
         spares = self._spares.get(meta.model)
         if spares is None:
@@ -87,7 +98,7 @@ class PickerLink:
         want = spares.wanted()
         spares.asking = spares.asking or want > 0
         try:
-            plan = await self._plans.call((meta, prefix, want))
+            plan = self._heard_of(await self._plans.call((meta, prefix, want)))
         finally:
             if want:
                 spares.asking = False
@@ -136,6 +147,32 @@ class PickerLink:
 
     async def next(self, plan: Plan) -> Plan:
         return await self._next.remote(plan.picker, plan.plan_id)
+
+    async def wait(self, plan: Plan) -> Plan:
+        """A queued plan's real one, once its request may go (a call of its own: the client
+        leaving cancels it, and the request leaves the picker's queue)."""
+        self._waits[plan.picker] += 1
+        try:
+            return self._heard_of(await self._wait.remote(plan.picker, plan.plan_id))
+        finally:
+            self._waits[plan.picker] -= 1
+            if self._waits[plan.picker] <= 0:
+                del self._waits[plan.picker]
+
+    def _heard_of(self, plan: Plan) -> Plan:
+        if plan.picker:
+            self._heard[plan.picker] = time.monotonic()
+        return plan
+
+    def _least_waited(self) -> str:
+        """While requests wait, new ones go to the picker replica this replica waits on least
+        (of those heard of lately), so each replica's queue holds a like share of every
+        tenant and fair share holds across replicas (Serve's own choice let one replica's
+        queue grow while another's ran dry)."""
+        now = time.monotonic()
+        live = {p for p, at in self._heard.items() if now - at < HEARD_S} | set(self._waits)
+        fewest = min(self._waits.get(p, 0) for p in live)
+        return random.choice(sorted(p for p in live if self._waits.get(p, 0) == fewest))
 
     async def report(self, picker: str, report: Report) -> None:
         await self._report.remote(picker, report)

@@ -40,6 +40,8 @@ log = logging.getLogger("ray.serve")
 
 UPSTREAM_ERRORS = (aiohttp.ClientError, TimeoutError, OSError, ValueError)
 ATTEMPTS_METRIC = "llm_router_upstream_attempts"
+# How long the request waited in its picker's queue (flow control), milliseconds.
+QUEUED_HEADER = "x-router-queued-ms"
 
 
 class Streamed(NamedTuple):
@@ -191,11 +193,12 @@ class _Attempts:
 
     def failed(self, provider: ProviderConfig, failure: _Failure) -> None:
         route = self._route
-        event = Event(
-            route.plan.plan_id, provider.id, failure.reason, failure.status, failure.retry_after
-        )
-        self._relay.reporter.event(route.key, event, at_once=True)
-        route.link.failed(self._meta.model, provider.id)
+        if not self._again:  # (a keeper that lost the state is asked again: its health is fine)
+            event = Event(
+                route.plan.plan_id, provider.id, failure.reason, failure.status, failure.retry_after
+            )
+            self._relay.reporter.event(route.key, event, at_once=True)
+            route.link.failed(self._meta.model, provider.id)
         self._relay.tally.inc(ATTEMPTS_METRIC, (provider.id, failure.reason))
         self.failures.append((provider.id, failure))
         log.warning(
@@ -214,7 +217,10 @@ class _Attempts:
             self._route.key, Event(self._route.plan.plan_id, provider.id, OK, seconds=seconds)
         )
         self._relay.tally.inc(ATTEMPTS_METRIC, (provider.id, "ok"))
-        return {PROVIDER_HEADER: provider.id, ATTEMPTS_HEADER: str(len(self.failures) + 1)}
+        headers = {PROVIDER_HEADER: provider.id, ATTEMPTS_HEADER: str(len(self.failures) + 1)}
+        if waited := self._route.plan.waited:
+            headers[QUEUED_HEADER] = f"{waited * 1000:.0f}"
+        return headers
 
     def exhausted(self) -> RouterError:
         model, failures = self._meta.model, [f for _, f in self.failures]

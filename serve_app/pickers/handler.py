@@ -152,6 +152,28 @@ class ModelHandler:
         """The providers this request may go to (see selection.candidate_tiers)."""
         return candidate_tiers(meta.model, self._model(meta.model), meta, self.states, self.clock())
 
+    def with_room(
+        self, meta: RequestMeta, candidates: Candidates, max_load: float | None
+    ) -> Candidates | None:
+        """The candidates below `max_load` (their load figure, see routing.load); None when
+        none is (the model is full). Last-resort candidates (all cooling down) are kept."""
+        if max_load is None or candidates.last_resort:
+            return candidates
+        tiers = [
+            [
+                p
+                for p in tier
+                if load_figure(
+                    self.states[p.id].in_flight,
+                    self.states[p.id].signal,
+                    upstream_model(p, meta.model),
+                )
+                < max_load
+            ]
+            for tier in candidates.tiers
+        ]
+        return Candidates(tiers) if any(tiers) else None
+
     def in_flight(self) -> dict[str, int]:
         """This handler's requests under way, per provider."""
         return {pid: s.in_flight for pid, s in self.states.items()}

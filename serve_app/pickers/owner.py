@@ -1,6 +1,7 @@
 """Serve's request router for the picker deployments: calls about a plan (its outcomes, a slot
-plan's next provider) go to the replica that booked it, named by their first argument; every
-other call to two random replicas, the less busy of which Serve picks (power of two choices).
+plan's next provider, a queued plan's wait) and plans the ingress addresses (flow control's
+least waited replica) go to the replica their first argument names; every other call to two
+random replicas, the less busy of which Serve picks (power of two choices).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import random
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
 # Picker methods whose first argument is the replica that booked the plan they are about.
-OWNED_CALLS = frozenset({"next", "report"})
+OWNED_CALLS = frozenset({"next", "report", "wait", "plan_at"})
 
 
 class PlanOwnerRouter(RequestRouter):

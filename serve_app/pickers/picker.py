@@ -17,9 +17,11 @@ from dataclasses import dataclass, field
 
 from serve_app.core.config import SLOT_STRATEGIES, ProviderConfig, RoutingConfig
 from serve_app.core.errors import RouterError
+from serve_app.core.metrics import Tally
 from serve_app.core.schemas import RequestMeta
 from serve_app.pickers.handler import ModelHandler
 from serve_app.pickers.plan import DONE, OK, Event, Plan, Report, Spare, error_answer
+from serve_app.pickers.queues import Queues
 from serve_app.pickers.shared import SharedState, Slot
 from serve_app.routing.selection import Candidates, preferred_first
 
@@ -33,6 +35,8 @@ MAX_SPARES = 32
 # Strategies whose choice depends on the request itself (its prompt, its session) or that hold
 # an exclusive slot: every request of theirs is planned when it comes.
 NO_SPARES = SLOT_STRATEGIES | {"prefix_affinity", "session_affinity"}
+# The error of a model whose every provider is at its max_concurrency (flow control waits).
+FULL = "all_providers_busy"
 
 
 @dataclass
@@ -96,23 +100,79 @@ class Picker:
         self._ids = itertools.count()
         self.handler = handler
         self.routing = routing
+        self.tally = shared.tally if shared is not None else Tally()
+        self.queues = Queues(holder, self.tally, self._plan_now, self.done)
 
     def update(self, handler: ModelHandler, routing: RoutingConfig) -> None:
         """Plan new requests with a new config; booked plans keep the view they were made on."""
         self.handler, self.routing = handler, routing
+        self.queues.dispatch_all()  # the new config may have room for some
 
     # --- planning ----------------------------------------------------------------------------
 
     async def plan(self, meta: RequestMeta, prefix: Sequence[int], spares: int = 0) -> Plan:
         """The request's plan, booked; an error answer when it can go nowhere. `prefix`: the
         prompt's block hashes (prefix_affinity only). `spares`: how many plans the ingress
-        would like made ahead for its next requests of this model (see Plan.spares)."""
+        would like made ahead for its next requests of this model (see Plan.spares). With
+        flow control on, a request whose model is full waits (a queued Plan: queues.py)."""
         handler, routing = self.handler, self.routing
+        strategy = handler.strategy_names.get(meta.model)
+        if routing.queue_timeout_s is not None and strategy not in (None, *SLOT_STRATEGIES):
+            if not self.queues.waiting(meta.model):
+                plan = self._plan_now(meta, prefix)
+                if plan is not None:
+                    return plan
+            return self.queues.enqueue(meta, prefix, routing)
         try:
             candidates = handler.candidates(meta)
         except RouterError as err:
             return Plan("", self.holder, (), error=error_answer(err))
-        strategy = handler.strategy_names[meta.model]
+        booking = self._book(meta, prefix, candidates)
+        if self.shared is not None and strategy in SLOT_STRATEGIES:
+            plan_id = booking.plan_id
+            try:
+                provider = await self._next_slot(booking, failed=False)
+            except RouterError as err:
+                self.done(plan_id)
+                return Plan("", self.holder, (), error=error_answer(err))
+            except BaseException:
+                self.done(plan_id)  # the plan call was cancelled while it waited
+                raise
+            return Plan(plan_id, self.holder, (provider,) if provider else (), more=True)
+        return self._ordered(booking, candidates, spares)
+
+    def _plan_now(self, meta: RequestMeta, prefix: Sequence[int]) -> Plan | None:
+        """Flow control's plan: booked if a provider has room, None while every one is full
+        (its in-flight at max_concurrency, or its load at routing `max_load`)."""
+        strategy = self.handler.strategy_names.get(meta.model)
+        if self.routing.queue_timeout_s is None or strategy in SLOT_STRATEGIES:
+            # The config changed under a waiting request: its new routing decides afresh.
+            changed = RouterError(
+                503,
+                f"the routing of model {meta.model} changed while the request waited; retry",
+                type="api_error",
+                code="routing_changed",
+                headers={"retry-after": "1"},
+            )
+            return Plan("", self.holder, (), error=error_answer(changed))
+        try:
+            candidates = self.handler.candidates(meta)
+        except RouterError as err:
+            if err.code == FULL:
+                return None
+            return Plan("", self.holder, (), error=error_answer(err))
+        roomy = self.handler.with_room(meta, candidates, self.routing.max_load)
+        if roomy is None:
+            return None
+        return self._ordered(self._book(meta, prefix, roomy), roomy, 0)
+
+    async def wait(self, ticket: str) -> Plan:
+        """A queued request's plan once it may go (see queues.py)."""
+        return await self.queues.wait(ticket)
+
+    def _book(self, meta: RequestMeta, prefix: Sequence[int], candidates: Candidates) -> _Booking:
+        """A new booking of the request (nothing held yet)."""
+        handler, routing = self.handler, self.routing
         plan_id = f"{self.holder}:{next(self._ids)}"
         timeout = min(routing.request_timeout_s, meta.timeout_s or float("inf"))
         booking = _Booking(
@@ -129,17 +189,14 @@ class Picker:
         )
         self.in_use.update(booking.paths)
         self.plans[plan_id] = booking
-        if self.shared is not None and strategy in SLOT_STRATEGIES:
-            try:
-                provider = await self._next_slot(booking, failed=False)
-            except RouterError as err:
-                self.done(plan_id)
-                return Plan("", self.holder, (), error=error_answer(err))
-            except BaseException:
-                self.done(plan_id)  # the plan call was cancelled while it waited
-                raise
-            return Plan(plan_id, self.holder, (provider,) if provider else (), more=True)
-        stats = handler.stats(meta, candidates, prefix, self.shared)
+        return booking
+
+    def _ordered(self, booking: _Booking, candidates: Candidates, spares: int) -> Plan:
+        """The booking's providers in its strategy's order, the first held; and `spares` plans
+        made ahead where they may be."""
+        handler, meta, plan_id = booking.handler, booking.meta, booking.plan_id
+        strategy = handler.strategy_names[meta.model]
+        stats = handler.stats(meta, candidates, booking.prefix, self.shared)
         booking.targets = handler.order(meta.model, candidates, stats)
         if meta.prefer:
             booking.targets = preferred_first(booking.targets, candidates, meta.prefer)
@@ -150,6 +207,7 @@ class Picker:
         if (
             spares > 0
             and not meta.prefer
+            and self.routing.queue_timeout_s is None  # flow control counts every booking
             and booking.targets
             and strategy not in NO_SPARES
             and not candidates.last_resort
@@ -260,6 +318,8 @@ class Picker:
         if booking is not None:
             self._let_go(booking)
             self.in_use.subtract(booking.paths)
+            if self.queues.any_waiting():  # its room goes to the next waiting (of any model
+                self.queues.dispatch_all()  # using the provider: an adapter shares its base's)
 
     def expire(self) -> int:
         """Gives back the plans no ingress listed for PLAN_TTL_S; how many there were."""

@@ -63,7 +63,9 @@ class Plan(NamedTuple):
     next (`Picker.next`). `error`: the request can go nowhere; answer it. `spares`: plans the
     picker made and booked ahead, in its strategy's order, for the ingress's next requests of
     this model (only where the strategy's choice depends on nothing in the request but its
-    size and tools); the ingress uses them for GRANT_S or gives them back."""
+    size and tools); the ingress uses them for GRANT_S or gives them back. `queued`: every
+    provider is full and the request waits in the picker's queue under the ticket `plan_id`
+    (flow control; the ingress then asks `Picker.wait`); `waited`: how long it waited."""
 
     plan_id: str
     picker: str
@@ -71,6 +73,8 @@ class Plan(NamedTuple):
     more: bool = False
     error: Unary | None = None
     spares: tuple[Spare, ...] = ()
+    queued: bool = False
+    waited: float = 0.0
 
 
 class Event(NamedTuple):

@@ -25,6 +25,7 @@ from serve_app.local.loopback import keep_replica_grpc_on_loopback
 from serve_app.pickers.handler import ModelHandler
 from serve_app.pickers.picker import Picker
 from serve_app.pickers.plan import Plan, Report
+from serve_app.pickers.queues import LENGTH_METRIC
 from serve_app.pickers.shared import SharedState
 from serve_app.provision.manager import LLMModelManager, auto_pull_models
 
@@ -104,6 +105,7 @@ class ModelTypeRouter:
                     state.down_until, state.failures = 0.0, 0
                 state.out_of_service = out
                 state.signal = view.load.get(pid)
+            self._picker.queues.dispatch_all()  # new load figures may leave room
 
     def _trip(self, provider_id: str, reason: str) -> None:
         self._monitor.actor().trip.remote(provider_id, reason)  # fire and forget
@@ -114,6 +116,8 @@ class ModelTypeRouter:
             tally = self._shared.tally
             for pid, state in self._live.handler.states.items():
                 tally.set("llm_router_provider_in_flight", (pid,), state.in_flight)
+            for (model, priority), length in self._live.queues.lengths().items():
+                tally.set(LENGTH_METRIC, (model, str(priority)), length)
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(
                     self._monitor.actor().push_metrics.remote(self._id, tally.snapshot()),
@@ -171,6 +175,16 @@ class ModelTypeRouter:
     async def next(self, owner: str, plan_id: str) -> Plan:
         """A slot plan's next provider (`owner`: this replica; Serve routes by it)."""
         return await self._live.next(plan_id)
+
+    async def plan_at(self, owner: str, meta: RequestMeta, prefix: Sequence[int]) -> Plan:
+        """A plan asked of this replica by name (`owner`; flow control's balance: see
+        ingress/picking.py)."""
+        return await self.plan(meta, prefix)
+
+    async def wait(self, owner: str, ticket: str) -> Plan:
+        """A queued request's plan once it may go (`owner`: this replica; Serve routes by it).
+        Cancelled when its client leaves: the request leaves the queue."""
+        return await self._live.wait(ticket)
 
     async def report(self, owner: str, report: Report) -> None:
         """An ingress replica's outcomes (`owner`: this replica; Serve routes by it)."""

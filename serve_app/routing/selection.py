@@ -122,8 +122,10 @@ def plan_attempts(
 def preferred_first(
     targets: list[ProviderConfig], candidates: Candidates, prefer: str
 ) -> list[ProviderConfig]:
-    """`targets` with the provider `prefer` names first, if it is a candidate."""
-    chosen = next((p for tier in candidates.tiers for p in tier if p.id == prefer), None)
+    """`targets` with the provider `prefer` names first, if it is a candidate of the first tier
+    with any (a sleeping provider is not woken for it while a primary is ready)."""
+    first = next((tier for tier in candidates.tiers if tier), [])
+    chosen = next((p for p in first if p.id == prefer), None)
     if chosen is None:
         return targets
     return [chosen, *(p for p in targets if p.id != prefer)]

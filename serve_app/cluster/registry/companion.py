@@ -14,10 +14,15 @@ from serve_app.cluster.registry.manifest import Manifest
 
 
 def companion_handle(
-    actor_class: ActorClass, registry: RegistryRef, role: str, on_head: bool = False
+    actor_class: ActorClass,
+    registry: RegistryRef,
+    role: str,
+    on_head: bool = False,
+    max_concurrency: int | None = None,
 ) -> ActorHandle:
     """The registry's `role` actor; created if there is none (it starts from the manifest).
-    `on_head`: pinned to the head node, as the registry, for a file beside the registry's."""
+    `on_head`: pinned to the head node, as the registry, for a file beside the registry's.
+    `max_concurrency`: calls it runs at once (Ray's default for an async actor: 1000)."""
     return actor_class.options(
         name=f"{registry.name}-{role}",
         namespace=NAMESPACE,
@@ -26,6 +31,7 @@ def companion_handle(
         max_restarts=-1,
         num_cpus=0,
         resources={"node:__internal_head__": 0.001} if on_head else None,
+        **({"max_concurrency": max_concurrency} if max_concurrency else {}),
     ).remote(registry, role)
 
 
