@@ -5,10 +5,11 @@ next provider, and reports delivered to the replica that booked the plans they a
 
 from __future__ import annotations
 
+import contextlib
 import random
 import time
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 
 from ray.serve.handle import DeploymentHandle
 
@@ -80,7 +81,9 @@ class PickerLink:
 
     async def plan(self, meta: RequestMeta, prefix: Sequence[int]) -> Plan:
         if self._waits:  # the model type is full somewhere: the replica least waited on
-            return self._heard_of(await self._plan_at.remote(self._least_waited(), meta, prefix))
+            target = self._least_waited()
+            with self._waiting_on(target):  # counted at once: a burst must not all go there
+                return self._heard_of(await self._plan_at.remote(target, meta, prefix))
         if meta.prefer:  # planned for its preferred provider, never from plans made ahead
             return self._heard_of(await self._plans.call((meta, prefix, 0)))
         now = time.monotonic()
@@ -151,13 +154,19 @@ class PickerLink:
     async def wait(self, plan: Plan) -> Plan:
         """A queued plan's real one, once its request may go (a call of its own: the client
         leaving cancels it, and the request leaves the picker's queue)."""
-        self._waits[plan.picker] += 1
-        try:
+        with self._waiting_on(plan.picker):
             return self._heard_of(await self._wait.remote(plan.picker, plan.plan_id))
+
+    @contextlib.contextmanager
+    def _waiting_on(self, picker: str) -> Iterator[None]:
+        """Counts a call under way to `picker` for flow control's choice (_least_waited)."""
+        self._waits[picker] += 1
+        try:
+            yield
         finally:
-            self._waits[plan.picker] -= 1
-            if self._waits[plan.picker] <= 0:
-                del self._waits[plan.picker]
+            self._waits[picker] -= 1
+            if self._waits[picker] <= 0:
+                del self._waits[picker]
 
     def _heard_of(self, plan: Plan) -> Plan:
         if plan.picker:
