@@ -187,18 +187,15 @@ class Gateway:
             for name, model in group.models.items()
             if model.fallback_model is not None
         }
-        self.tools = frozenset(
-            name
-            for group in groups
-            for name, model in group.models.items()
-            if any(p.tool_calling for p in model.providers + model.providers_sleep)
-        )
-        self._timeouts = {t: g.routing.request_timeout_s for t, g in config.model_types.items()}
-        everyone = {
+        everyone = {  # each model's providers, sleeping ones included
             name: model.providers + model.providers_sleep
             for group in groups
             for name, model in group.models.items()
         }
+        self.tools = frozenset(
+            name for name, ps in everyone.items() if any(p.tool_calling for p in ps)
+        )
+        self._timeouts = {t: g.routing.request_timeout_s for t, g in config.model_types.items()}
         self._keepers = frozenset(p.id for ps in everyone.values() for p in ps if p.responses_store)
         self._input_sizes = {name: max(p.input_size for p in ps) for name, ps in everyone.items()}
         self._routing = {name: group.routing for group in groups for name in group.models}
