@@ -206,6 +206,9 @@ async def test_metrics_cover_requests_providers_latency_and_circuits(pool: Pool,
             ok.get('llm_router_upstream_attempts_total{outcome="ok",provider="h1"}', 0) >= 5
             and failovers.get(failover_count, 0) >= failovers_before.get(failover_count, 0) + 1
             and ttft.get(ttft_count, 0) >= ttft_before.get(ttft_count, 0) + 6
+            # Every booking ends: plans the ingress made ahead and did not use are given back
+            # within a push or two, so the gauge settles at 0 (a leaked booking never does).
+            and 'llm_router_provider_in_flight{provider="h1"} 0.0' in text
         )
 
     await until(counted, "router replicas to push their totals")
@@ -217,7 +220,6 @@ async def test_metrics_cover_requests_providers_latency_and_circuits(pool: Pool,
     )
     buckets = samples(text, "llm_router_request_duration_seconds_bucket")
     assert buckets['llm_router_request_duration_seconds_bucket{le="+Inf",model="m/h"}'] >= 5
-    assert 'llm_router_provider_in_flight{provider="h1"} 0.0' in text
     assert 'llm_router_circuit_state{provider="h2"} 0.0' in text
     assert 'llm_router_provider_probe_up{provider="h2"} 1.0' in text
 
