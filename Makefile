@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install run test chaos e2e job-demo ci lint bench bench-affinity bench-stream bench-peers openapi clean
+.PHONY: install run test chaos e2e job-demo ci lint wheel bench bench-affinity bench-stream bench-peers openapi clean
 
 install: $(STAMP)
 
@@ -13,10 +13,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-# `make run RUN_ARGS="--port 8080 --watch"`: see `python -m serve_app.run --help`.
+# `make run RUN_ARGS="--port 8080 --watch"`: see `serve-router run --help`.
 RUN_ARGS ?=
 run: install
-	$(BIN)/python -m serve_app.run $(RUN_ARGS)
+	$(BIN)/serve-router run $(RUN_ARGS)
 
 lint: install
 	$(BIN)/ruff check .
@@ -48,6 +48,12 @@ job-demo: install
 # What CI runs.
 ci: test chaos job-demo e2e
 
+# dist/serve_router-<version>-py3-none-any.whl: `pip install` it anywhere (then `serve-router run`).
+# build/ goes first: setuptools packs whatever an earlier build left there.
+wheel: install
+	rm -rf build dist
+	$(BIN)/pip wheel -q --no-deps . -w dist
+
 # Rewrite docs/api/openapi.json after changing an endpoint (a test checks it is current).
 openapi: install
 	$(BIN)/python -m tests.test_openapi_doc
@@ -72,4 +78,4 @@ bench-peers: install
 	$(BIN)/python -m bench.peers $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) .venv-vllm .venv-peers .e2e .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) .venv-vllm .venv-peers .e2e .pytest_cache .ruff_cache *.egg-info build dist

@@ -4,7 +4,7 @@ same demo upstreams and the same load generators; writes bench/peers.json and pr
 Routers, one at a time, each started fresh on 127.0.0.1 in front of two demo upstream
 processes (round-robin, or the router's nearest equivalent):
 - direct: the load generator spreads its clients over the two upstreams itself (the limit);
-- serve-router with `make run`'s settings (`python -m serve_app.run --no-demo`);
+- serve-router with `make run`'s settings (`serve-router run --no-demo`);
 - LiteLLM proxy, 1 and 2 workers (`simple-shuffle`, its default);
 - vLLM's Rust router `vllm-router` (`round_robin`).
 The peers are installed in environments of their own (.venv-peers/<name>, reused while their
@@ -84,7 +84,7 @@ def _serve_router(upstreams: list[str], port: int, scratch: Path) -> list[str]:
     }
     path = scratch / "models-config.json"
     path.write_bytes(orjson.dumps(config))
-    run = [sys.executable, "-m", "serve_app.run"]
+    run = [sys.executable, "-m", "serve_app.cli", "run"]
     return [*run, "--config", str(path), "--no-demo", "--port", str(port)]
 
 

@@ -1,6 +1,6 @@
 """`python -m scripts.provision_models --roles general coding --force --json` (see README)."""
 
-from serve_app.provision.cli import main
+from serve_app.cli.provision import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -33,6 +33,8 @@ from serve_app.local.ports import SERVE_HAPROXY_DIR, port_free
 from tests.conftest import ROOT, free_port, wait_for
 
 STOP_WITHIN_S = 5.0
+# `serve-router run` from this checkout (`make run` calls the installed script).
+RUN = [sys.executable, "-m", "serve_app.cli", "run"]
 CHAT = {"model": "demo/echo", "messages": [{"role": "user", "content": "hi"}]}
 
 
@@ -42,15 +44,15 @@ def _take_terminal() -> None:
 
 
 class Run:
-    """One `make run` (or `python -m serve_app.run`) started as a terminal would."""
+    """One `make run` (or `serve-router run`) started as a terminal would."""
 
-    def __init__(self, command: list[str], env: dict[str, str]) -> None:
+    def __init__(self, command: list[str], env: dict[str, str], cwd: Path = ROOT) -> None:
         self.log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (closed by `runs`)
         self.seen: list[psutil.Process] = []
         self.terminal, tty = os.openpty()
         self.proc = subprocess.Popen(
             command,
-            cwd=ROOT,
+            cwd=cwd,
             env=env,
             stdin=tty,
             stdout=self.log,
@@ -132,7 +134,7 @@ def not_loopback(procs: list[psutil.Process]) -> list[str]:
     return bad
 
 
-def _as_a_user(tmp_path: Path) -> dict[str, str]:
+def as_a_user(tmp_path: Path) -> dict[str, str]:
     """The environment as a user's shell has it: no Ray of the test session, none of the
     settings this test session set for its own Serve (`make run` sets its own), and a registry
     file of the test's own."""
@@ -143,17 +145,17 @@ def _as_a_user(tmp_path: Path) -> dict[str, str]:
 
 
 @pytest.fixture
-def runs(tmp_path: Path) -> Iterator[Callable[[list[str]], Run]]:
+def runs(tmp_path: Path) -> Iterator[Callable[..., Run]]:
     """Starts runs with their own ports and registry; kills whatever a failed test left."""
     env = {
-        **_as_a_user(tmp_path),
+        **as_a_user(tmp_path),
         "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
         "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
     }
     started: list[Run] = []
 
-    def start(command: list[str]) -> Run:
-        started.append(Run(command, env))
+    def start(command: list[str], cwd: Path = ROOT, **extra_env: str) -> Run:
+        started.append(Run(command, {**env, **extra_env}, cwd))
         return started[-1]
 
     yield start
@@ -191,7 +193,7 @@ def test_ctrl_c_restart_kill_and_loopback(runs: Callable[[list[str]], Run]) -> N
     second.wait_ready()
     assert chat(port) == 200
     tree = second.tree()
-    (driver,) = [p for p in tree if "serve_app.run" in p.cmdline()]
+    (driver,) = [p for p in tree if any(a.endswith("bin/serve-router") for a in p.cmdline()[:2])]
     driver.kill()  # `kill -9` of the driver alone: nothing of it can stop what it started
     second.wait(10)
     third = runs(make)
@@ -232,7 +234,7 @@ def test_stale_haproxy_of_a_killed_run_is_stopped(runs: Callable[[list[str]], Ru
         p for p in psutil.process_iter(["cmdline"]) if str(config) in (p.info["cmdline"] or [])
     ]
     try:
-        run = runs([sys.executable, "-m", "serve_app.run", "--port", str(port)])
+        run = runs([*RUN, "--port", str(port)])
         run.wait_ready()
         assert f"stopped Serve's HAProxy (pid {stale.pid})" in run.output()
         assert not stale.is_running()
@@ -254,7 +256,7 @@ def _start_fails(command: list[str], env: dict[str, str]) -> tuple[int, list[str
 
 @pytest.fixture
 def user_env(tmp_path: Path) -> dict[str, str]:
-    return _as_a_user(tmp_path)
+    return as_a_user(tmp_path)
 
 
 def test_a_busy_port_is_one_line_naming_its_holder(user_env: dict[str, str]) -> None:
@@ -262,7 +264,7 @@ def test_a_busy_port_is_one_line_naming_its_holder(user_env: dict[str, str]) -> 
         holder.bind(("127.0.0.1", 0))
         holder.listen()
         port = holder.getsockname()[1]
-        command = [sys.executable, "-m", "serve_app.run", "--port", str(port)]
+        command = [*RUN, "--port", str(port)]
         status, lines = _start_fails(command, user_env)
     assert status == 2
     assert len(lines) == 1, lines
@@ -297,12 +299,12 @@ def test_a_bad_setting_at_start_is_one_line_and_status_2(
     case: str, expected: list[str], user_env: dict[str, str], tmp_path: Path
 ) -> None:
     env = user_env
-    command = [sys.executable, "-m", "serve_app.run", "--no-demo", "--port", str(free_port())]
+    files: list[str] = []  # what `serve-router check` is given too
     serve_run = [str(Path(sys.executable).parent / "serve"), "run", "serve_app.app:build_app"]
     if case == "config_not_json":
-        command += ["--config", _write(tmp_path, "bad.json", "{not json")]
+        files = ["--config", _write(tmp_path, "bad.json", "{not json")]
     elif case == "config_bad_field":
-        command += ["--config", _write(tmp_path, "bad.json", BAD_API_TYPE)]
+        files = ["--config", _write(tmp_path, "bad.json", BAD_API_TYPE)]
     elif case == "config_missing":
         env["LLM_ROUTER_MODELS_CONFIG"] = str(tmp_path / "missing.json")
     elif case == "profiles_bad":
@@ -311,6 +313,7 @@ def test_a_bad_setting_at_start_is_one_line_and_status_2(
         env["LLM_MODELS_PROFILE"] = "nope"
     elif "strategy" in case:
         env["LLM_ROUTER_BALANCE_STRATEGY"] = "fastest"
+    command = [*RUN, "--no-demo", "--port", str(free_port()), *files]
     if case == "serve_run_strategy":
         command = serve_run
     elif case == "serve_run_arg":
@@ -323,3 +326,8 @@ def test_a_bad_setting_at_start_is_one_line_and_status_2(
     assert not any("Traceback" in line for line in lines), lines
     if not case.startswith("serve_run"):
         assert lines == ours  # nothing else on stderr
+        # `serve-router check` finds the same problem, with the same line, starting nothing.
+        assert _start_fails([sys.executable, "-m", "serve_app.cli", "check", *files], env) == (
+            2,
+            ours,
+        )

@@ -232,6 +232,18 @@ async def provider_state(request: Request) -> Response:
     return json_response({**state, "providers": providers, "queues": queues, "health": health})
 
 
+@router.get("/api/v1/status")
+async def status(request: Request) -> Response:
+    """One row per model and provider: tier, state (and why), in flight, the upstream's load,
+    requests and 5xx answers so far (`serve-router status` reads it twice for rates)."""
+    admin = admin_from(request)
+    try:
+        rows = await asyncio.wait_for(monitor_handle(admin.registry).status.remote(), 5.0)
+    except Exception:
+        raise router_error(503, "the status is unavailable") from None
+    return json_response({"data": [row.model_dump() for row in rows]})
+
+
 @router.get("/api/v1/config")
 async def config_status(request: Request) -> Response:
     admin = admin_from(request)

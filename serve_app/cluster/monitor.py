@@ -23,7 +23,8 @@ from serve_app.cluster.health import CIRCUIT_LEVEL, Breaker, Circuit, HealthView
 from serve_app.cluster.registry.actor import RegistryRef
 from serve_app.cluster.registry.companion import ManifestCompanion, companion_handle
 from serve_app.cluster.registry.manifest import Manifest, config_of
-from serve_app.core.config import ConfigError, ProviderConfig, RoutingConfig
+from serve_app.cluster.status import StatusRow, health_of, status_rows
+from serve_app.core.config import ConfigError, ProviderConfig, RouterConfig, RoutingConfig
 from serve_app.core.metrics import Snapshot, Tally, render
 from serve_app.pickers.queues import LENGTH_METRIC
 from serve_app.routing.load import LoadSignal, parse_ollama_ps, parse_vllm_metrics
@@ -64,12 +65,14 @@ class Monitor(ManifestCompanion):
         self._metrics: dict[str, tuple[float, Snapshot]] = {}
         self._signals_changed = False
         self._seen: dict[str, int] = {}  # follower -> the view version it has
+        self._config: RouterConfig | None = None
 
     def _apply(self, manifest: Manifest) -> None:
         try:
             config = config_of(manifest)
         except ConfigError:
             return
+        self._config = config
         wanted = {
             p.id: (p, group.routing)
             for group in config.model_types.values()
@@ -206,14 +209,24 @@ class Monitor(ManifestCompanion):
             "queues": self._queues(),
         }
 
+    async def status(self) -> list[StatusRow]:
+        """One row per model and provider (cluster/status.py), for operators."""
+        await self._ensure_started()
+        if self._config is None:
+            return []
+        health = {pid: health_of(p.breaker, p.up, p.signal) for pid, p in self._providers.items()}
+        return status_rows(self._config, health, self._live_snapshots())
+
+    def _live_snapshots(self) -> list[Snapshot]:
+        """The replicas' last pushes, at most METRICS_TTL_S old."""
+        cutoff = time.monotonic() - METRICS_TTL_S
+        return [snapshot for at, snapshot in self._metrics.values() if at >= cutoff]
+
     def _queues(self) -> dict[str, dict[str, int]]:
         """Flow control: requests waiting by model and priority, summed over the picker
         replicas' last pushes (at most a second old)."""
-        cutoff = time.monotonic() - METRICS_TTL_S
         out: dict[str, dict[str, int]] = {}
-        for at, snapshot in self._metrics.values():
-            if at < cutoff:
-                continue
+        for snapshot in self._live_snapshots():
             for (name, labels), value in snapshot.values.items():
                 if name == LENGTH_METRIC and value:
                     by_priority = out.setdefault(labels[0], {})

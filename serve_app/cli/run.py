@@ -1,11 +1,11 @@
-"""`make run`: the demo upstream and the router on 127.0.0.1, until Ctrl-C.
+"""`serve-router run` (`make run`): the demo upstream and the router on 127.0.0.1, until Ctrl-C.
 
 With `--no-demo` it serves only the models config (point it at a real Ollama or vLLM).
 
 Every problem found before start (a config file, a setting, a busy port) is one line on stderr
-and exit status 2. The first Ctrl-C (or SIGTERM) stops in order: the router stops taking
-requests and finishes those under way, Ray stops, the demo upstream stops last. A second
-Ctrl-C stops everything at once.
+and exit status 2. The first Ctrl-C (or SIGTERM, or SIGHUP: its terminal closed) stops in
+order: the router stops taking requests and finishes those under way, Ray stops, the demo
+upstream stops last. A second Ctrl-C stops everything at once.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING
 
 import psutil
 
+from serve_app.cli.files import add_document_arguments, documents
+from serve_app.cli.output import say
 from serve_app.core.config import ConfigError
 from serve_app.core.serve_env import apply_fast_serve_env
 from serve_app.local.ports import busy_port, needed_ports, port_free, sweep_leftovers
@@ -33,15 +35,13 @@ from serve_app.local.terminal import detached_child, own_ctrl_c
 if TYPE_CHECKING:
     from ray.serve import Application
 
-DEMO_PORT = 8101  # what configs/models-config.json points at
+    from serve_app.app import AppArgs
+
+DEMO_PORT = 8101  # what the demo's models config points at
 # A whole-router stop, not a redeploy: the ingress replica stays registered this long for
 # HAProxy (itself stopping) instead of the 5 s tests and redeploys keep (serve_env.py).
 STOP_DRAINING_S = "1"
 STOP_TIMEOUT_S = 30.0
-
-
-def _say(message: str) -> None:
-    print(f"serve-router: {message}", file=sys.stderr, flush=True)
 
 
 def _listening(proc: subprocess.Popen[bytes], port: int, timeout: float = 15.0) -> bool:
@@ -79,7 +79,8 @@ def _kill_tree() -> None:
 
 
 class Stop:
-    """The first SIGINT/SIGTERM asks for an orderly stop; the second stops at once."""
+    """The first SIGINT/SIGTERM/SIGHUP asks for an orderly stop; the second stops at once.
+    (SIGHUP's default ended this process alone: Ray and HAProxy went on without it.)"""
 
     def __init__(self) -> None:
         self.requested = threading.Event()
@@ -87,13 +88,14 @@ class Stop:
     def install(self) -> None:
         signal.signal(signal.SIGINT, self._on_signal)
         signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGHUP, self._on_signal)
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         if self.requested.is_set():
             _kill_tree()
             os._exit(128 + signum)
         self.requested.set()
-        _say("stopping (Ctrl-C again to stop at once)")
+        say("stopping (Ctrl-C again to stop at once)")
 
 
 def _stop_serve() -> None:
@@ -118,38 +120,55 @@ def _stop_serve() -> None:
         time.sleep(0.05)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+DESCRIPTION = "Start the router (and the demo upstream) on this machine until Ctrl-C."
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_document_arguments(parser)
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on (8000)")
     parser.add_argument(
-        "--config",
-        help="models config (default: $LLM_ROUTER_MODELS_CONFIG or configs/models-config.json)",
+        "--no-demo",
+        action="store_true",
+        help=f"do not start the demo upstream (on 127.0.0.1:{DEMO_PORT})",
     )
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--no-demo", action="store_true", help="do not start the demo upstream")
     parser.add_argument(
         "--watch", action="store_true", help="publish the models config whenever the file changes"
     )
-    args = parser.parse_args(argv)
+
+
+def app_args(args: argparse.Namespace) -> AppArgs:
+    """The app's arguments for the files the command line names (cli/files.py)."""
+    from serve_app.app import AppArgs
+
+    found = documents(args.config, args.profiles)
+    return AppArgs(
+        models_config=found.config,
+        profiles_config=found.profiles,
+        watch_config=getattr(args, "watch", False),
+    )
+
+
+def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", STOP_DRAINING_S)
     apply_fast_serve_env(single_node=True)  # before anything imports ray.serve
-    from serve_app.app import APP_NAME, AppArgs, check_settings, router_app
+    from serve_app.app import APP_NAME, check_settings, router_app
 
-    app_args = AppArgs(models_config=args.config, watch_config=args.watch)
+    settings = app_args(args)
     try:
-        checked = check_settings(app_args)
+        checked = check_settings(settings)
     except ConfigError as exc:
-        _say(str(exc))
+        say(str(exc))
         return 2
     for line in sweep_leftovers():
-        _say(line)
+        say(line)
     problem = busy_port(needed_ports(args.port, None if args.no_demo else DEMO_PORT), args.host)
     if problem is not None:
-        _say(problem)
+        say(problem)
         return 2
     models = ", ".join(m for g in checked.config.model_types.values() for m in g.models)
     with own_ctrl_c():
-        return _serve(args, lambda: router_app(app_args), APP_NAME, models)
+        return _serve(args, lambda: router_app(settings), APP_NAME, models)
 
 
 def _serve(
@@ -167,7 +186,7 @@ def _serve(
             preexec_fn=detached_child,
         )
         if not _listening(demo, DEMO_PORT):
-            _say(f"the demo upstream did not start on 127.0.0.1:{DEMO_PORT}; try --no-demo")
+            say(f"the demo upstream did not start on 127.0.0.1:{DEMO_PORT}; try --no-demo")
             demo.kill()
             return 2
     stop = Stop()
@@ -182,7 +201,7 @@ def _serve(
         )
         stop.requested.wait()
     except KeyboardInterrupt:  # before the handlers were installed
-        _say("stopping")
+        say("stopping")
     finally:
         # In a thread, so that a second Ctrl-C is handled at once by the main thread.
         stopper = threading.Thread(target=_stop_in_order, args=(demo,), daemon=True)
@@ -203,7 +222,3 @@ def _stop_in_order(demo: subprocess.Popen[bytes] | None) -> None:
         if demo is not None:
             demo.terminate()
             demo.wait(10)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,4 +1,5 @@
-"""The provisioning CLI: `python -m scripts.provision_models`, also under `ray job submit`.
+"""`serve-router provision` (monGARS's `python -m scripts.provision_models`, also under `ray job
+submit`).
 
 It connects to the running Ray cluster when there is one (`ray job submit` sets RAY_ADDRESS),
 else starts a local one, reads the models config and the profiles, and provisions the roles as
@@ -15,7 +16,8 @@ import sys
 
 import orjson
 
-from serve_app.cluster.registry.actor import RegistryRef
+from serve_app.cli.files import add_document_arguments, documents
+from serve_app.cli.output import table
 from serve_app.core.config import ConfigError, parse_config, read_raw
 from serve_app.provision.profiles import (
     PROFILE_ENV,
@@ -29,31 +31,32 @@ FAILED = frozenset({"error", "unavailable"})
 log = logging.getLogger("scripts.models.provision")
 
 
-def _table(statuses: list[dict[str, object]]) -> str:
-    columns = ("role", "provider", "provider_id", "action", "detail", "node", "duration_s")
-    rows = [[str(s.get(c) if s.get(c) is not None else "-") for c in columns] for s in statuses]
-    for row in rows:
-        row[5] = row[5][:12]  # node ids are long; the prefix is enough to tell them apart
-    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in rows]
-    return "\n".join(lines)
+DESCRIPTION = "Ensure the active profile's models are on their providers (monGARS's profiles)."
+COLUMNS = ("role", "provider", "provider_id", "action", "detail", "node", "duration_s")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Ensure the active profile's models are installed")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--roles", nargs="+", help="roles to provision (default: all)")
     parser.add_argument("--force", action="store_true", help="re-check and re-pull, no cache")
     parser.add_argument("--json", action="store_true", help="print the JSON report")
-    parser.add_argument("--models-config", help="models config (default: as the router)")
-    parser.add_argument("--profiles", help="llm_models.json (default: configs/llm_models.json)")
+    add_document_arguments(parser)
     parser.add_argument("--profile", help=f"profile (default: ${PROFILE_ENV} or 'default')")
-    args = parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m scripts.provision_models`."""
+    parser = argparse.ArgumentParser(description=DESCRIPTION)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
     logging.basicConfig(stream=sys.stderr, format="%(message)s")
     log.setLevel(logging.INFO)
     try:
-        config = parse_config(*read_raw(args.models_config))
-        document = read_profiles(args.profiles)
+        found = documents(args.config, args.profiles)
+        config = parse_config(*read_raw(found.config))
+        document = read_profiles(found.profiles)
         if document is None:
             print(f"no profiles file: {profiles_path()} does not exist", file=sys.stderr)
             return 2
@@ -62,8 +65,9 @@ def main(argv: list[str] | None = None) -> int:
         print(exc, file=sys.stderr)
         return 2
 
-    import ray
+    import ray  # not before: `serve-router run` sets Ray's environment first
 
+    from serve_app.cluster.registry.actor import RegistryRef
     from serve_app.provision.manager import LLMModelManager
 
     ray.init(logging_level="warning", include_dashboard=False)
@@ -76,6 +80,15 @@ def main(argv: list[str] | None = None) -> int:
         ray.shutdown()
     statuses = report["statuses"]
     print(
-        orjson.dumps(report, option=orjson.OPT_INDENT_2).decode() if args.json else _table(statuses)
+        orjson.dumps(report, option=orjson.OPT_INDENT_2).decode()
+        if args.json
+        else table(COLUMNS, [[_cell(s, c) for c in COLUMNS] for s in statuses])
     )
     return 1 if any(s["action"] in FAILED for s in statuses) else 0
+
+
+def _cell(status: dict[str, object], column: str) -> object:
+    value = status.get(column)
+    if column == "node" and isinstance(value, str):
+        return value[:12]  # node ids are long; the prefix is enough to tell them apart
+    return value
