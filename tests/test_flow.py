@@ -12,6 +12,7 @@ import pytest
 from serve_app.core.config import parse_config
 from serve_app.core.schemas import Endpoint, RequestMeta
 from serve_app.flow.queue import FairQueue, Waiter
+from serve_app.pickers import queues
 from serve_app.pickers.handler import ModelHandler
 from serve_app.pickers.picker import Picker
 from serve_app.pickers.plan import DONE, Event, Report
@@ -152,6 +153,44 @@ async def test_a_wait_times_out_and_a_leaving_client_leaves_the_queue() -> None:
     assert picker.queues.lengths() == {("m", 0): 0}
     _done(picker, first.plan_id)  # nobody waits: nothing is booked
     assert picker.handler.states["a"].in_flight == 0 and picker.plans == {}
+
+
+async def test_the_ingress_report_takes_out_a_request_whose_wait_never_arrived() -> None:
+    """Serve may lose a cancel that reaches the picker before the wait call itself: the
+    ingress's report of the ticket as done takes the request out all the same."""
+    picker = _picker()
+    first = await picker.plan(META, ())
+    queued = await picker.plan(META, ())
+    assert picker.queues.lengths() == {("m", 0): 1}
+    _done(picker, queued.plan_id)
+    assert picker.queues.lengths() == {("m", 0): 0}
+    late = await picker.wait(queued.plan_id)  # the wait call, arriving after all
+    assert late.error is not None and late.error.head.status == 503
+    outcomes = {labels[2] for (name, labels) in picker.tally.snapshot().histograms}
+    assert outcomes == {"left"}
+    # Planned while nobody asked, then reported left: the plan goes back at once.
+    again = await picker.plan(META, ())
+    _done(picker, first.plan_id)  # room: `again` is planned and booked for nobody yet
+    assert picker.handler.states["a"].in_flight == 1
+    _done(picker, again.plan_id)
+    assert picker.handler.states["a"].in_flight == 0 and picker.plans == {}
+
+
+async def test_a_ticket_whose_wait_never_comes_leaves_the_queue(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The plan call's answer (the ticket) never reached its ingress (its client left while
+    the call was under way): nobody would wait on it or report it."""
+    monkeypatch.setattr(queues, "UNCLAIMED_S", 0.05)
+    picker = _picker()
+    await picker.plan(META, ())
+    forgotten = await picker.plan(META, ())
+    asked = await picker.plan(META, ())
+    wait = asyncio.ensure_future(picker.wait(asked.plan_id))
+    await asyncio.sleep(0.2)
+    assert forgotten.queued and picker.queues.lengths() == {("m", 0): 1}  # the one waited on
+    assert not wait.done()
+    wait.cancel()
 
 
 async def test_a_full_queue_sheds_and_a_plan_made_for_nobody_goes_back() -> None:

@@ -83,6 +83,11 @@ class Run:
     def ctrl_c(self) -> None:
         os.write(self.terminal, b"\x03")  # the terminal's INTR character
 
+    def close_terminal(self) -> None:
+        """The terminal window is closed: the kernel hangs up its session (SIGHUP)."""
+        os.close(self.terminal)
+        self.terminal = -1
+
     def wait(self, timeout: float) -> float:
         """Seconds until the run exited."""
         started = time.monotonic()
@@ -166,7 +171,8 @@ def runs(tmp_path: Path) -> Iterator[Callable[..., Run]]:
             with contextlib.suppress(psutil.Error):
                 proc.kill()
         run.log.close()
-        os.close(run.terminal)
+        if run.terminal >= 0:
+            os.close(run.terminal)
 
 
 def test_ctrl_c_restart_kill_and_loopback(runs: Callable[[list[str]], Run]) -> None:
@@ -207,6 +213,21 @@ def test_ctrl_c_restart_kill_and_loopback(runs: Callable[[list[str]], Run]) -> N
     assert third.wait(10) < 2.0
     assert third.proc.returncode != 0
     wait_for(lambda: alive(tree) == [], 5, "every process of the run to end")
+
+
+def test_closing_its_terminal_stops_the_run_in_order(runs: Callable[..., Run]) -> None:
+    """SIGHUP's default ended the driver alone, and Ray and HAProxy went on holding the ports."""
+    port = free_port()
+    run = runs([*RUN, "--port", str(port)])
+    run.wait_ready()
+    assert chat(port) == 200
+    tree = run.tree()
+    run.close_terminal()
+    run.wait(30)
+    assert run.proc.returncode == 0, run.output()[-2000:]
+    assert "stopping" in run.output()
+    wait_for(lambda: alive(tree) == [], 5, "every process of the run to end")
+    assert port_free(port)
 
 
 def _bundled_haproxy() -> str:

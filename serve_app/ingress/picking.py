@@ -5,6 +5,7 @@ next provider, and reports delivered to the replica that booked the plans they a
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import random
 import time
@@ -155,7 +156,13 @@ class PickerLink:
         """A queued plan's real one, once its request may go (a call of its own: the client
         leaving cancels it, and the request leaves the picker's queue)."""
         with self._waiting_on(plan.picker):
-            return self._heard_of(await self._wait.remote(plan.picker, plan.plan_id))
+            try:
+                return self._heard_of(await self._wait.remote(plan.picker, plan.plan_id))
+            except asyncio.CancelledError:
+                # Serve cancels the wait call on the picker too, except when the cancel gets
+                # there before the call: the report says so in any case.
+                self._reporter.closed((self.model_type, plan.picker), plan.plan_id, at_once=True)
+                raise
 
     @contextlib.contextmanager
     def _waiting_on(self, picker: str) -> Iterator[None]:

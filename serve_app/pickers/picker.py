@@ -315,7 +315,9 @@ class Picker:
 
     def done(self, plan_id: str) -> None:
         booking = self.plans.pop(plan_id, None)
-        if booking is not None:
+        if booking is None:  # a queued request's ticket: its client left
+            self.queues.leave(plan_id)
+        else:
             self._let_go(booking)
             self.in_use.subtract(booking.paths)
             if self.queues.any_waiting():  # its room goes to the next waiting (of any model

@@ -27,7 +27,9 @@ from serve_app.pickers.plan import Plan, error_answer
 
 WAIT_METRIC = "llm_router_queue_wait_seconds"
 LENGTH_METRIC = "llm_router_queue_length"
-# How long an answered wait is kept for an ingress that has not asked for it yet.
+# How long an answered wait is kept for an ingress that has not asked for it yet; and how long
+# a ticket waits for its ingress's wait call (none came: the ticket's answer never reached its
+# ingress, whose client left while the plan call was under way).
 UNCLAIMED_S = 5.0
 
 
@@ -40,6 +42,7 @@ class Waiting:
     since: float
     priority: int
     timer: asyncio.TimerHandle | None = None
+    asked: asyncio.TimerHandle | None = None  # until its wait call comes
 
 
 def queue_timeout(model: str, seconds: float) -> RouterError:
@@ -117,6 +120,7 @@ class Queues:
         if item.future.done():  # it could go at once after all
             self._claim(ticket)
             return item.future.result()
+        item.asked = loop.call_later(UNCLAIMED_S, self.leave, ticket)
         return Plan(ticket, self._holder, (), queued=True)
 
     async def wait(self, ticket: str) -> Plan:
@@ -126,19 +130,32 @@ class Queues:
         if waiter is None:
             lost = RouterError(503, "the queued request is unknown here; retry", type="api_error")
             return Plan(ticket, self._holder, (), error=error_answer(lost))
-        future = waiter.item.future
+        if waiter.item.asked is not None:
+            waiter.item.asked.cancel()
         try:
-            return await asyncio.shield(future)
+            return await asyncio.shield(waiter.item.future)
         except asyncio.CancelledError:
-            if future.done():
-                self._give_back(future.result().plan_id)
-            else:
-                self._queues[waiter.item.meta.model].remove(waiter)
-                self._answer(waiter, Plan(ticket, self._holder, ()))
-                self._observe(waiter.item, "left")
+            self.leave(ticket)
             raise
         finally:
             self._claim(ticket)
+
+    def leave(self, ticket: str) -> None:
+        """The request's client left: out of the queue, and a plan made meanwhile goes back.
+        Its wait being cancelled says so, and its ingress's report too (a cancel that reached
+        this replica before the wait call itself was lost)."""
+        waiter = self._tickets.get(ticket)
+        if waiter is None:
+            return
+        future = waiter.item.future
+        if future.done():
+            if plan_id := future.result().plan_id:
+                self._give_back(plan_id)
+        else:
+            self._queues[waiter.item.meta.model].remove(waiter)
+            self._answer(waiter, Plan(ticket, self._holder, ()))
+            self._observe(waiter.item, "left")
+        self._claim(ticket)
 
     def dispatch(self, model: str) -> None:
         """Plans the model's waiting requests, in the queue's order, while its providers have
@@ -193,8 +210,10 @@ class Queues:
 
     def _claim(self, ticket: str) -> None:
         waiter = self._tickets.pop(ticket, None)
-        if waiter is not None and waiter.item.timer is not None:
-            waiter.item.timer.cancel()
+        if waiter is not None:
+            for timer in (waiter.item.timer, waiter.item.asked):
+                if timer is not None:
+                    timer.cancel()
 
     def _observe(self, item: Waiting, outcome: str) -> None:
         labels = (item.meta.model, str(item.priority), outcome)
