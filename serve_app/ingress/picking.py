@@ -159,8 +159,8 @@ class PickerLink:
             try:
                 return self._heard_of(await self._wait.remote(plan.picker, plan.plan_id))
             except asyncio.CancelledError:
-                # Serve cancels the wait call on the picker too, except when the cancel gets
-                # there before the call: the report says so in any case.
+                # Serve cancels the wait call on the picker too; the report makes sure the
+                # ticket leaves even when that cancel does not reach it.
                 self._reporter.closed((self.model_type, plan.picker), plan.plan_id, at_once=True)
                 raise
 

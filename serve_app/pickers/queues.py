@@ -142,8 +142,8 @@ class Queues:
 
     def leave(self, ticket: str) -> None:
         """The request's client left: out of the queue, and a plan made meanwhile goes back.
-        Its wait being cancelled says so, and its ingress's report too (a cancel that reached
-        this replica before the wait call itself was lost)."""
+        Its wait being cancelled says so, its ingress's report too, and a ticket nobody asked
+        for within UNCLAIMED_S."""
         waiter = self._tickets.get(ticket)
         if waiter is None:
             return
