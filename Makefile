@@ -34,7 +34,8 @@ e2e: install
 	$(BIN)/python -m tests.e2e.harness
 
 # `ray job submit` of the provisioning CLI against a local `ray start --head` cluster, with the
-# demo upstream (loopback only; token auth off for this throwaway local cluster). CI runs it.
+# demo upstream (loopback only; token auth off for this throwaway local cluster), once the
+# head's job agent answers (a submit before that failed after 10 s). CI runs it.
 job-demo: install
 	@set -e; export PATH="$(CURDIR)/$(BIN):$$PATH" RAY_AUTH_MODE=disabled; \
 	python -m serve_app.demo.upstream --port 8101 & demo=$$!; \
@@ -42,6 +43,7 @@ job-demo: install
 	ray start --head --port=6390 --dashboard-host=127.0.0.1 --dashboard-port=8266 \
 		--include-dashboard=true --num-cpus=2 --resources='{"gpu_node_demo": 1}' \
 		--disable-usage-stats >/dev/null; \
+	python -m tests.job_agent http://127.0.0.1:8266; \
 	ray job submit --address http://127.0.0.1:8266 --working-dir . -- \
 		python -m scripts.provision_models --json
 
