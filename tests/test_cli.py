@@ -105,7 +105,7 @@ def test_status_rows_join_config_circuits_and_every_replicas_totals() -> None:
         ("m", "a", "primary", "healthy", 3, 7, 2),
         ("m", "b", "primary", "circuit_open", 0, 0, 0),
         ("n", "c", "primary", "unprobed", 0, 7, 0),
-        ("n", "z", "sleep", "probe_failing", 0, 0, 0),
+        ("n", "z", "sleeping", "probe_failing", 0, 0, 0),
     ]
     assert rows[0].model_type == "t" and (rows[0].running, rows[0].kv_usage) == (2, 0.5)
     assert rows[1].reason == "3 requests failed in a row: 503"

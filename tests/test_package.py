@@ -130,7 +130,7 @@ def test_run_keys_status_and_ctrl_c(
     assert status.returncode == 0, status.stderr
     rows = [line.split() for line in status.stdout.splitlines()[1:]]
     assert {row[1] for row in rows} == set(DEMO_PROVIDERS)
-    assert {row[2] for row in rows} == {"primary", "sleep"}
+    assert {row[2] for row in rows} == {"primary", "sleeping"}
 
     revoked = cli("keys", "revoke", key_id)
     assert revoked.returncode == 0, revoked.stderr

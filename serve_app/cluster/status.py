@@ -34,9 +34,12 @@ class StatusRow(BaseModel):
     model_type: str
     model: str
     provider: str
-    tier: Literal["primary", "sleep"]
+    api_type: str
+    tier: Literal["primary", "sleeping"]
     state: State
     reason: str | None = None
+    circuit: Circuit = Circuit.CLOSED
+    probe_up: bool | None = None  # the last probe's answer (None: not probed yet)
     in_flight: int = 0
     running: float | None = None
     waiting: float | None = None
@@ -83,7 +86,7 @@ def status_rows(
     for type_name, group in config.model_types.items():
         for model_name, model in group.models.items():
             tiers = [("primary", p) for p in model.providers]
-            tiers += [("sleep", p) for p in model.providers_sleep]
+            tiers += [("sleeping", p) for p in model.providers_sleep]
             for tier, provider in tiers:
                 h = health.get(provider.id)
                 state, reason = state_of(h)
@@ -93,9 +96,12 @@ def status_rows(
                         model_type=type_name,
                         model=model_name,
                         provider=provider.id,
+                        api_type=provider.api_type,
                         tier=tier,
                         state=state,
                         reason=reason,
+                        circuit=Circuit.CLOSED if h is None else h.circuit,
+                        probe_up=None if h is None else h.probe_up,
                         in_flight=int(in_flight.get(provider.id, 0)),
                         running=signal.running,
                         waiting=signal.waiting,
