@@ -24,7 +24,8 @@ from serve_app.cluster.registry.actor import RegistryRef
 from serve_app.cluster.registry.companion import ManifestCompanion, companion_handle
 from serve_app.cluster.registry.manifest import Manifest, config_of
 from serve_app.core.config import ConfigError, ProviderConfig, RoutingConfig
-from serve_app.core.metrics import Snapshot, Tally, render
+from serve_app.core.metrics import Snapshot, Tally, merge, render
+from serve_app.core.series import SAMPLE_S, Series, summarize
 from serve_app.pickers.queues import LENGTH_METRIC
 from serve_app.routing.load import LoadSignal, parse_ollama_ps, parse_vllm_metrics
 from serve_app.upstreams import probe_url, signal_url
@@ -64,6 +65,8 @@ class Monitor(ManifestCompanion):
         self._metrics: dict[str, tuple[float, Snapshot]] = {}
         self._signals_changed = False
         self._seen: dict[str, int] = {}  # follower -> the view version it has
+        self._series = Series()
+        self._next_sample = 0.0
 
     def _apply(self, manifest: Manifest) -> None:
         try:
@@ -113,6 +116,9 @@ class Monitor(ManifestCompanion):
                 asyncio.get_running_loop().create_task(self._probe(p))
             if self._signals_changed:  # one new view per tick, however many scrapes landed
                 self._publish()
+            if now >= self._next_sample:
+                self._next_sample = now + SAMPLE_S
+                self._series.add(time.time(), summarize(merge(self._live_snapshots())))
             await asyncio.sleep(TICK_S)
 
     async def _probe(self, p: _Provider) -> None:
@@ -193,6 +199,7 @@ class Monitor(ManifestCompanion):
         providers = {
             pid: {
                 "circuit": p.breaker.state.value,
+                "reason": p.breaker.reason or None,  # why it opened (a probe's or a trip's)
                 "probe_up": p.up,
                 "signals": None if p.signal is None else p.signal.model_dump(),
                 "signals_error": p.signal_error or None,
@@ -206,14 +213,27 @@ class Monitor(ManifestCompanion):
             "queues": self._queues(),
         }
 
+    async def overview(self) -> dict[str, object]:
+        """For the console's Overview: `state()`, each provider's requests in flight (summed
+        over the picker replicas' last pushes) and the last 15 minutes of per-model series."""
+        state = await self.state()
+        in_flight: dict[str, float] = {}
+        for snapshot in self._live_snapshots():
+            for (name, labels), value in snapshot.values.items():
+                if name == "llm_router_provider_in_flight":
+                    in_flight[labels[0]] = in_flight.get(labels[0], 0.0) + value
+        return {**state, "in_flight": in_flight, "series": self._series.points()}
+
+    def _live_snapshots(self) -> list[Snapshot]:
+        """The last push of every replica that pushed within METRICS_TTL_S."""
+        cutoff = time.monotonic() - METRICS_TTL_S
+        return [snapshot for at, snapshot in self._metrics.values() if at >= cutoff]
+
     def _queues(self) -> dict[str, dict[str, int]]:
         """Flow control: requests waiting by model and priority, summed over the picker
         replicas' last pushes (at most a second old)."""
-        cutoff = time.monotonic() - METRICS_TTL_S
         out: dict[str, dict[str, int]] = {}
-        for at, snapshot in self._metrics.values():
-            if at < cutoff:
-                continue
+        for snapshot in self._live_snapshots():
             for (name, labels), value in snapshot.values.items():
                 if name == LENGTH_METRIC and value:
                     by_priority = out.setdefault(labels[0], {})
