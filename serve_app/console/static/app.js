@@ -303,11 +303,13 @@ async function showUsage(k, detail, window) {
   const pick = h("select", {}, ["1h", "1d", "30d"].map((w) => h("option", { value: w, selected: w === window }, w)));
   pick.addEventListener("change", () => showUsage(k, detail, pick.value));
   const models = Object.entries(doc.models);
+  const per = { 60: "minute", 3600: "hour", 86400: "day" }[doc.bucket_s];
   detail.replaceChildren(h("section", { class: "card", "data-usage": k.id },
     h("h2", {}, `Usage of ${k.name} `, pick),
-    models.length ? h("div", { class: "charts" }, models.map(([m, u]) => chart(`${m} (per ${doc.bucket_s / 60} min)`,
-      [{ label: "requests", values: u.requests },
-        { label: "tokens", values: u.prompt.map((p, i) => p + u.completion[i]) }], (v) => fmt.num(v, 0))))
+    models.length ? h("div", { class: "charts" }, models.flatMap(([m, u]) => [
+      chart(`${m}: requests per ${per}`, [{ label: "", values: u.requests }], (v) => fmt.num(v, 0)),
+      chart(`${m}: tokens per ${per}`,
+        [{ label: "prompt", values: u.prompt }, { label: "completion", values: u.completion }], (v) => fmt.num(v, 0))]))
       : h("p", { class: "muted" }, "No usage in this window.")));
 }
 
