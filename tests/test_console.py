@@ -15,6 +15,7 @@ from pathlib import Path
 import orjson
 import pytest
 
+from bench.browser import CHROMIUM, launch
 from serve_app.demo.upstream import FakeUpstream, Knobs
 from tests.conftest import ADMIN, ADMIN_TOKEN, deploy, provider, wait_for
 
@@ -22,18 +23,6 @@ pytestmark = pytest.mark.serve
 sync_api = pytest.importorskip("playwright.sync_api")
 expect = sync_api.expect
 
-CHROMIUM = "/usr/bin/chromium"
-# As root, on a machine with no outside network: no sandbox, no GPU, nothing in the background.
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 TYPE = "console_models"
 # An absolute path or an outside address where the page names a file or calls the API (the
 # SVG namespace URIs name no address).
@@ -95,13 +84,7 @@ def browser_context(tmp_path_factory) -> Iterator[object]:
     if shutil.which(CHROMIUM) is None:
         pytest.skip("Debian's chromium is not installed (.ci/run installs it)")
     with sync_api.sync_playwright() as p:
-        context = p.chromium.launch_persistent_context(
-            str(tmp_path_factory.mktemp("chromium-profile")),
-            executable_path=CHROMIUM,
-            args=CHROMIUM_ARGS,
-            headless=True,
-            viewport={"width": 1280, "height": 900},
-        )
+        context = launch(p, str(tmp_path_factory.mktemp("chromium-profile")))
         context.set_default_timeout(10_000)
         yield context
         context.close()
