@@ -9,7 +9,6 @@ so a page opened now shows the last 15 minutes at once and costs one small read 
 
 from __future__ import annotations
 
-import itertools
 from collections import deque
 from typing import NamedTuple
 
@@ -73,39 +72,63 @@ def quantile(buckets: list[int], q: float) -> float | None:
     return BUCKETS[-1]
 
 
+FIELDS = ("rps", "error_rate", "p50", "p99", "ttft_p50", "ttft_p99")
+Point = tuple[float | None, ...]  # in FIELDS order
+NOTHING: Point = (0.0, None, None, None, None, None)  # an interval without the model
+
+
 class Series:
+    """The points, each made once when its interval's second summary arrives, and their
+    assembled form, made once per new point however often it is read (every open console
+    polls it)."""
+
     def __init__(self) -> None:
-        self._samples: deque[tuple[float, dict[str, Totals]]] = deque(maxlen=KEEP)
+        self._last: tuple[float, dict[str, Totals]] | None = None
+        self._points: deque[tuple[float, dict[str, Point]]] = deque(maxlen=KEEP - 1)
+        self._assembled: dict[str, object] | None = None
 
     def add(self, at: float, totals: dict[str, Totals]) -> None:
-        self._samples.append((at, totals))
+        if self._last is not None:
+            t0, before = self._last
+            models = before.keys() | totals.keys()
+            point = {m: _point(before.get(m), totals.get(m), at - t0) for m in models}
+            self._points.append((at, point))
+            self._assembled = None
+        self._last = (at, totals)
 
     def points(self) -> dict[str, object]:
         """`t`: each point's time (its interval's end, unix seconds); per model, per point:
         requests/s, the share of 5xx answers, p50/p99 of duration and TTFT (seconds; None for
         an interval without requests). A total that fell (a replica left) counts as 0."""
-        samples = list(self._samples)
-        pairs = list(itertools.pairwise(samples))
-        models = sorted({m for _, totals in samples for m in totals})
-        out: dict[str, dict[str, list[float | None]]] = {}
-        for m in models:
-            row: dict[str, list[float | None]] = {
-                k: [] for k in ("rps", "error_rate", "p50", "p99", "ttft_p50", "ttft_p99")
+        if self._assembled is None:
+            models = sorted({m for _, row in self._points for m in row})
+            self._assembled = {
+                "interval_s": SAMPLE_S,
+                "t": [round(t, 3) for t, _ in self._points],
+                "models": {
+                    m: {
+                        field: [row.get(m, NOTHING)[i] for _, row in self._points]
+                        for i, field in enumerate(FIELDS)
+                    }
+                    for m in models
+                },
             }
-            for (t0, before), (t1, after) in pairs:
-                a, b = before.get(m), after.get(m)
-                requests = _grew(a and a.requests, b and b.requests)
-                errors = _grew(a and a.errors, b and b.errors)
-                duration = _grew_buckets(a and a.duration, b and b.duration)
-                ttft = _grew_buckets(a and a.ttft, b and b.ttft)
-                row["rps"].append(round(requests / max(t1 - t0, 1e-9), 3))
-                row["error_rate"].append(round(errors / requests, 4) if requests else None)
-                row["p50"].append(quantile(duration, 0.5))
-                row["p99"].append(quantile(duration, 0.99))
-                row["ttft_p50"].append(quantile(ttft, 0.5))
-                row["ttft_p99"].append(quantile(ttft, 0.99))
-            out[m] = row
-        return {"interval_s": SAMPLE_S, "t": [round(t1, 3) for _, (t1, _) in pairs], "models": out}
+        return self._assembled
+
+
+def _point(a: Totals | None, b: Totals | None, seconds: float) -> Point:
+    requests = _grew(a and a.requests, b and b.requests)
+    errors = _grew(a and a.errors, b and b.errors)
+    duration = _grew_buckets(a and a.duration, b and b.duration)
+    ttft = _grew_buckets(a and a.ttft, b and b.ttft)
+    return (
+        round(requests / max(seconds, 1e-9), 3),
+        round(errors / requests, 4) if requests else None,
+        quantile(duration, 0.5),
+        quantile(duration, 0.99),
+        quantile(ttft, 0.5),
+        quantile(ttft, 0.99),
+    )
 
 
 def _grew(before: float | None, after: float | None) -> float:
