@@ -3,21 +3,25 @@ against a real router: one router and one browser for the module, a new tab per 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import shutil
+import threading
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import aiohttp
 import orjson
 import pytest
+from aiohttp import web
 
 from bench.browser import CHROMIUM, launch
 from serve_app.demo.upstream import FakeUpstream, Knobs
-from tests.conftest import ADMIN, ADMIN_TOKEN, deploy, provider, wait_for
+from tests.conftest import ADMIN, ADMIN_TOKEN, deploy, free_port, provider, wait_for
 
 pytestmark = pytest.mark.serve
 sync_api = pytest.importorskip("playwright.sync_api")
@@ -28,6 +32,8 @@ TYPE = "console_models"
 # SVG namespace URIs name no address).
 ABSOLUTE = re.compile(r"""(src|href)="/|(fetch|api)\(["'`]/|https?://(?!www\.w3\.org/)""")
 ROLE_MODEL = "console:1b"
+# What the test's reverse proxy passes on, each way.
+FORWARDED = frozenset({"authorization", "content-type", "content-security-policy", "location"})
 
 
 @dataclass
@@ -148,6 +154,58 @@ def test_every_url_of_the_page_is_relative(router: Router) -> None:
         )
 
 
+@pytest.fixture(scope="module")
+def prefixed(router: Router) -> Iterator[str]:
+    """The router behind a reverse proxy that serves it under `/prefix` (on loopback)."""
+    loop = asyncio.new_event_loop()
+    port = free_port()
+
+    async def forward(request: web.Request) -> web.Response:
+        path = request.path_qs.removeprefix("/prefix")
+        headers = {k: v for k, v in request.headers.items() if k.lower() in FORWARDED}
+        async with (
+            aiohttp.ClientSession() as http,
+            http.request(
+                request.method, router.url + path, headers=headers, data=await request.read()
+            ) as resp,
+        ):
+            body = await resp.read()
+            kept = {k: v for k, v in resp.headers.items() if k.lower() in FORWARDED}
+            return web.Response(status=resp.status, body=body, headers=kept)
+
+    app = web.Application()
+    app.router.add_route("*", "/prefix/{tail:.*}", forward)
+    runner = web.AppRunner(app)
+    ready = threading.Event()
+
+    def serve() -> None:  # its own loop on its own thread: Playwright's runs on this one
+        asyncio.set_event_loop(loop)
+        loop.run_until_complete(runner.setup())
+        loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", port).start())
+        ready.set()
+        loop.run_forever()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    assert ready.wait(10), "the proxy did not start"
+    yield f"http://127.0.0.1:{port}/prefix"
+    asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(10)
+
+
+def test_the_console_works_under_a_path_prefix(browser_context, prefixed: str) -> None:
+    page = browser_context.new_page()
+    asked: list[str] = []
+    page.on("request", lambda r: asked.append(r.url))
+    page.goto(f"{prefixed}/console")
+    page.fill("#token", ADMIN_TOKEN)
+    page.click("#login button[type=submit]")
+    expect(page.locator("[data-model='c/echo'] tr[data-provider=con-b]")).to_be_visible()
+    assert asked and all(u.startswith(f"{prefixed}/") for u in asked), asked
+    page.close()
+
+
 def test_overview_shows_providers_and_an_upstream_killed_opens_its_circuit(
     page, router: Router
 ) -> None:
@@ -186,7 +244,9 @@ def test_a_key_is_shown_once_works_and_is_refused_once_revoked(page, router: Rou
         "the key's usage to be recorded",
     )
     row.locator("text=Usage").click()
-    expect(page.locator(f"[data-usage='{key_id}'] figure")).to_contain_text("c/echo")
+    charts = page.locator(f"[data-usage='{key_id}'] figure")
+    expect(charts).to_have_count(2)  # requests, tokens
+    expect(charts.first).to_contain_text("c/echo: requests per minute")
     # Edit its limits.
     row.locator("text=Edit").click()
     page.locator("section:has-text('Edit console-key') input[name=rpm_limit]").fill("7")
