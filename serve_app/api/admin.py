@@ -346,14 +346,10 @@ async def _provision_events(
     wanted = {r.lower() for r in req.roles} if req.roles else None
     events = manager.subscribe()
     run = asyncio.ensure_future(manager.ensure_models_installed(req.roles, req.force))
+    # The run's events are all queued before it ends: None after them marks the end.
+    run.add_done_callback(lambda _: events.put_nowait(None))
     try:
-        while not (run.done() and events.empty()):
-            nxt = asyncio.ensure_future(events.get())
-            await asyncio.wait({nxt, run}, return_when=asyncio.FIRST_COMPLETED)
-            if not nxt.done():
-                nxt.cancel()
-                continue
-            event = nxt.result()
+        while (event := await events.get()) is not None:
             if wanted is None or event["role"].split(":")[0] in wanted:
                 yield orjson.dumps(event) + b"\n"
         yield orjson.dumps({"event": "done", **run.result()}) + b"\n"

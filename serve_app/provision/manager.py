@@ -91,16 +91,17 @@ class LLMModelManager:
         self._ensured: set[str] = set()
         self._flights: dict[str, asyncio.Task[list[Status]]] = {}
         # Queues of the callers streaming provisioning as it happens (`subscribe`).
-        self._listeners: set[asyncio.Queue[dict[str, Any]]] = set()
+        self._listeners: set[asyncio.Queue[dict[str, Any] | None]] = set()
 
-    def subscribe(self) -> asyncio.Queue[dict[str, Any]]:
+    def subscribe(self) -> asyncio.Queue[dict[str, Any] | None]:
         """A queue of every provisioning event from now on (start, pull progress, status)
-        until `unsubscribe`: how the admin API streams a run as it happens."""
-        events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        until `unsubscribe`: how the admin API streams a run as it happens. The subscriber may
+        put None in it to mark its own end."""
+        events: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
         self._listeners.add(events)
         return events
 
-    def unsubscribe(self, events: asyncio.Queue[dict[str, Any]]) -> None:
+    def unsubscribe(self, events: asyncio.Queue[dict[str, Any] | None]) -> None:
         self._listeners.discard(events)
 
     def _emit(self, event: dict[str, Any]) -> None:
