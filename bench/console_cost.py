@@ -54,15 +54,21 @@ def _cpu_since(before: dict[str, float]) -> dict[str, float]:
 
 
 def _per_poll(url: str, polls: int) -> dict[str, float]:
-    """CPU ms of the app per Overview poll, by process kind, without other load."""
+    """CPU ms of the app per Overview poll, by process kind, without other load: the CPU of
+    `polls` polls sent back to back, less what the same processes use in as long idle (their
+    own timers: probes, pushes, the broker's sweeps)."""
     request = urllib.request.Request(
         f"{url}/api/v1/overview", headers={"authorization": f"Bearer {TOKEN}"}
     )
-    before = replica_cpu_s()
+    before, t0 = replica_cpu_s(), time.monotonic()
     for _ in range(polls):
         with urllib.request.urlopen(request, timeout=10) as resp:
             resp.read()
-    return {k: round(v * 1000 / polls, 3) for k, v in _cpu_since(before).items()}
+    busy, wall = _cpu_since(before), time.monotonic() - t0
+    before = replica_cpu_s()
+    time.sleep(wall)
+    idle = _cpu_since(before)
+    return {k: round(max(0.0, v - idle.get(k, 0.0)) * 1000 / polls, 3) for k, v in busy.items()}
 
 
 def _loaded(url: str, rate: float, duration: float, context: object | None) -> dict[str, float]:
@@ -90,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=100.0)
     parser.add_argument("--duration", type=float, default=20.0)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--polls", type=int, default=300)
+    parser.add_argument("--polls", type=int, default=1000)
     args = parser.parse_args(argv)
     from playwright.sync_api import sync_playwright
 
@@ -99,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         lr.deploy(_config(upstream), "console-cost")
         _per_poll(lr.url, 20)  # warm
         per_poll = _per_poll(lr.url, args.polls)
+        print("overview poll, CPU ms", orjson.dumps(per_poll).decode(), flush=True)
         runs: dict[str, list[dict[str, float]]] = {"without": [], "with": []}
         with sync_playwright() as p, tempfile.TemporaryDirectory() as profile:
             context = launch(p, profile)

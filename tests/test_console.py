@@ -4,6 +4,7 @@ against a real router: one router and one browser for the module, a new tab per 
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import re
 import shutil
@@ -21,7 +22,7 @@ from aiohttp import web
 
 from bench.browser import CHROMIUM, launch
 from serve_app.demo.upstream import FakeUpstream, Knobs
-from tests.conftest import ADMIN, ADMIN_TOKEN, deploy, free_port, provider, wait_for
+from tests.conftest import ADMIN, ADMIN_TOKEN, deploy, free_port, lora_dir, provider, wait_for
 
 pytestmark = pytest.mark.serve
 sync_api = pytest.importorskip("playwright.sync_api")
@@ -62,8 +63,9 @@ def router(serve_url: str, upstream_factory, tmp_path_factory) -> Router:
             "c/llama": {
                 "providers": [provider("con-ol", ollama.url, "ollama", model_path=ROLE_MODEL)]
             },
+            "c/base": {"providers": [provider("con-vllm", steady.url, "vllm")]},
         },
-        "active_models": {TYPE: ["c/echo", "c/llama"]},
+        "active_models": {TYPE: ["c/echo", "c/llama", "c/base"]},
         "routing": {
             TYPE: {
                 "health_check_interval_s": 0.3,
@@ -123,6 +125,16 @@ def _chat(url: str, key: str, model: str = "c/echo") -> int:
             return resp.status
     except urllib.error.HTTPError as err:
         return err.code
+
+
+def _call(
+    url: str, method: str, path: str, body: bytes | None = None, **headers: str
+) -> http.client.HTTPResponse | urllib.error.HTTPError:
+    request = urllib.request.Request(url + path, data=body, method=method, headers=headers)
+    try:
+        return urllib.request.urlopen(request, timeout=20)
+    except urllib.error.HTTPError as err:
+        return err
 
 
 def _admin_get(url: str, path: str) -> dict:
@@ -274,6 +286,19 @@ def test_provisioning_streams_its_progress(page, router: Router) -> None:
     assert ROLE_MODEL in router.ollama.pulled
 
 
+def test_adapters_show_their_versions_and_where_they_are_loaded(page, router: Router) -> None:
+    for version in (1, 2):
+        body = orjson.dumps(
+            {"base_model": "c/base", "name": "sql", "source": lora_dir(f"con-sql-{version}")}
+        )
+        with _call(router.url, "POST", "/api/v1/adapters", body, **ADMIN) as resp:
+            assert resp.status == 201
+    page.click("nav a[data-view=adapters]")
+    card = page.locator("[data-adapter=sql]")
+    expect(card).to_contain_text("version 2")
+    expect(card.locator("tr", has_text="con-vllm")).to_contain_text("current")
+
+
 def test_config_masks_tokens_and_a_bad_reload_says_why(page, router: Router) -> None:
     page.click("nav a[data-view=config]")
     shown = page.locator("#config-json")
@@ -288,14 +313,6 @@ def test_config_masks_tokens_and_a_bad_reload_says_why(page, router: Router) -> 
     page.click("text=Reload from file")
     expect(page.locator("#reload-result")).to_contain_text("version")
     expect(page.locator("#reload-result")).not_to_have_class("error")
-
-
-def _call(url: str, method: str, path: str, body: bytes | None = None, **headers: str):
-    request = urllib.request.Request(url + path, data=body, method=method, headers=headers)
-    try:
-        return urllib.request.urlopen(request, timeout=20)
-    except urllib.error.HTTPError as err:
-        return err
 
 
 def test_provisioning_streams_each_event_as_it_happens(router: Router) -> None:
