@@ -289,12 +289,12 @@ def test_provisioning_streams_its_progress(page, router: Router) -> None:
 def test_adapters_show_their_versions_and_where_they_are_loaded(page, router: Router) -> None:
     for version in (1, 2):
         body = orjson.dumps(
-            {"base_model": "c/base", "name": "sql", "source": lora_dir(f"con-sql-{version}")}
+            {"base_model": "c/base", "name": "con-sql", "source": lora_dir(f"con-sql-{version}")}
         )
         with _call(router.url, "POST", "/api/v1/adapters", body, **ADMIN) as resp:
             assert resp.status == 201
     page.click("nav a[data-view=adapters]")
-    card = page.locator("[data-adapter=sql]")
+    card = page.locator("[data-adapter=con-sql]")
     expect(card).to_contain_text("version 2")
     expect(card.locator("tr", has_text="con-vllm")).to_contain_text("current")
 
