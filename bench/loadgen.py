@@ -1,5 +1,6 @@
 """Closed-loop HTTP load: C clients for D seconds; prints one JSON line of figures. With several
 `--url`s, client i sends to the i-th modulo their number (a direct call to a pool of upstreams).
+With `--rate R`, the clients together send at most R requests a second (each paced to R / C).
 
 Run as its own process so its CPU is not shared with the server under test.
 """
@@ -41,6 +42,7 @@ async def run(
     duration: float,
     warmup: float,
     extra_headers: dict[str, str],
+    rate: float | None = None,
 ) -> dict:
     latencies: list[float] = []
     ttfb: list[float] = []
@@ -55,7 +57,14 @@ async def run(
         async def client(url: str) -> None:
             nonlocal events, errors
             headers = {"content-type": "application/json", **extra_headers}
+            gap = concurrency / rate if rate else 0.0
+            due = time.perf_counter()
             while (t0 := time.perf_counter()) < end:
+                if gap:
+                    due += gap
+                    if due > t0:
+                        await asyncio.sleep(due - t0)
+                        t0 = time.perf_counter()
                 first = None
                 n = 0
                 async with session.post(url, data=body, headers=headers) as resp:
@@ -97,9 +106,12 @@ def measure(
     duration: float,
     headers: dict[str, str] | None = None,
     warmup: float = 1.5,
+    rate: float | None = None,
 ) -> dict:
     """The load's figures (`warmup` seconds of it not counted)."""
     args = ["--concurrency", str(concurrency), "--duration", str(duration), "--warmup", str(warmup)]
+    if rate:
+        args += ["--rate", str(rate)]
     for name, value in (headers or {}).items():
         args += ["--header", f"{name}: {value}"]
     return run_generator("bench.loadgen", urls, body, args)
@@ -115,9 +127,12 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=8.0)
     parser.add_argument("--warmup", type=float, default=1.5)
     parser.add_argument("--header", action="append", default=[], help="name: value")
+    parser.add_argument("--rate", type=float, default=None, help="requests/s in all (open loop)")
     a = parser.parse_args()
     headers = dict(h.split(": ", 1) for h in a.header)
-    result = asyncio.run(run(a.url, a.body.encode(), a.concurrency, a.duration, a.warmup, headers))
+    result = asyncio.run(
+        run(a.url, a.body.encode(), a.concurrency, a.duration, a.warmup, headers, a.rate)
+    )
     print(orjson.dumps(result).decode())
 
 

@@ -6,7 +6,6 @@ ports, waiting for an HTTP answer, the CPU time the app's processes used."""
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 import socket
 import statistics
@@ -17,10 +16,10 @@ import time
 import urllib.request
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import orjson
+import psutil
 
 from serve_app.core.serve_env import apply_fast_serve_env
 
@@ -149,11 +148,11 @@ def wait_http(
 
 def replica_cpu_s() -> dict[str, float]:
     """CPU seconds used so far by the app's processes of each kind: the Serve replicas (ingress,
-    router) and the actors they talk to on the request path (broker, monitor). Linux /proc.
+    router) and the actors they talk to on the request path (broker, monitor). Only this
+    process's descendants (the Ray it started): another Ray on the same host is not counted.
 
     CPU per request is a steadier cost figure than throughput on a noisy two-core host.
     """
-    tick = os.sysconf("SC_CLK_TCK")
     kinds = {
         "ServeReplica:llm-router:Ingress": "ingress",
         "ServeReplica:llm-router:": "router",
@@ -161,13 +160,13 @@ def replica_cpu_s() -> dict[str, float]:
         "ray::Monitor": "monitor",
     }
     out: dict[str, float] = {}
-    for proc in Path("/proc").glob("[0-9]*"):
+    for proc in psutil.Process().children(recursive=True):
         try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
+            cmdline = " ".join(proc.cmdline())
+            times = proc.cpu_times()
+        except psutil.Error:  # gone meanwhile
             continue
         kind = next((k for marker, k in kinds.items() if marker in cmdline), None)
         if kind is not None:
-            out[kind] = out.get(kind, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+            out[kind] = out.get(kind, 0.0) + times.user + times.system
     return out

@@ -1,10 +1,10 @@
 """The router installed as a user installs it: the wheel built from this checkout, in a new
 virtualenv, used from an empty directory (nothing of the checkout on its path).
 
-`serve-router --help` and `check`; then `serve-router run` serves the demo from the files inside
-the package, the official openai client is answered with a key made by `serve-router keys
-create`, refused once `keys revoke` has answered, `status` lists the demo's providers, and
-Ctrl-C stops it all within 5 s.
+`serve-router --help` and `check`; then `serve-router run` serves the demo and the console's
+page from the files inside the package, the official openai client is answered with a key made
+by `serve-router keys create`, refused once `keys revoke` has answered, `status` lists the
+demo's providers, and Ctrl-C stops it all within 5 s.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import urllib.request
 import venv
 from collections.abc import Callable
 from pathlib import Path
@@ -123,6 +124,10 @@ def test_run_keys_status_and_ctrl_c(
         model="demo/echo", messages=[{"role": "user", "content": "hello from the wheel"}]
     )
     assert answer.choices[0].message.content
+
+    for name, kind in (("console", "text/html"), ("console/app.js", "text/javascript")):
+        with urllib.request.urlopen(f"{url}/{name}", timeout=30) as page:  # from the package
+            assert page.headers["content-type"].startswith(kind) and page.read()
 
     listed = cli("keys", "list")
     assert key_id in listed.stdout and secret not in listed.stdout + listed.stderr

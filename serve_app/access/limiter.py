@@ -16,6 +16,7 @@ import orjson
 import ray
 from ray.actor import ActorHandle
 
+from serve_app.access.history import UsageHistory, Window
 from serve_app.access.keys import KeyRecord
 from serve_app.access.ledger import Grant, Ledger, Used
 from serve_app.cluster.registry import store
@@ -62,10 +63,10 @@ class Limiter(ManifestCompanion):
         self._path = usage_path(registry)
         self._dirty = False
         saved = store.load(self._path)
-        if saved:
-            doc = orjson.loads(saved)
-            self._ledger.budgets = {k: (v[0], v[1]) for k, v in doc.get("budgets", {}).items()}
-            self._usage.update(doc.get("usage", {}))
+        doc = orjson.loads(saved) if saved else {}
+        self._ledger.budgets = {k: (v[0], v[1]) for k, v in doc.get("budgets", {}).items()}
+        self._usage.update(doc.get("usage", {}))
+        self._history = UsageHistory(doc.get("history"))
 
     def _apply(self, manifest: Manifest) -> None:
         self._records = dict(manifest.keys)
@@ -75,8 +76,13 @@ class Limiter(ManifestCompanion):
             await asyncio.sleep(SAVE_S)
             if self._dirty:
                 self._dirty = False
-                doc = {"budgets": self._ledger.budgets, "usage": self._usage}
-                await asyncio.to_thread(store.save, self._path, orjson.dumps(doc))
+                doc = {
+                    "budgets": self._ledger.budgets,
+                    "usage": self._usage,
+                    "history": self._history.dump(),
+                }
+                data = orjson.dumps(doc, option=orjson.OPT_NON_STR_KEYS)  # history's int keys
+                await asyncio.to_thread(store.save, self._path, data)
 
     async def take(self, key_id: str, holder: str, tokens: int, used: Used) -> Grant | None:
         """A lease for `holder`, which used `used` of its last one; None: no such key."""
@@ -108,7 +114,13 @@ class Limiter(ManifestCompanion):
             counts["completion"] += u.completion
             counts["requests"] += u.requests
             counts["estimated_requests"] += u.estimated
+            self._history.add(u.key_id, u.model, u.requests, u.prompt, u.completion, now)
         self._dirty = True
+
+    async def history(self, key_id: str, window: Window) -> dict[str, object]:
+        """A key's usage per model in each bucket of the last hour, day or 30 days."""
+        await self._ensure_started()
+        return self._history.series(key_id, window, time.time())
 
     async def usage(self, key_id: str) -> dict[str, object]:
         """A key's usage per model since it was made, its budget period so far, and the

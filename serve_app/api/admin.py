@@ -3,13 +3,14 @@ profiles and provisioning, LoRA adapters. `Admin` holds what the endpoints act o
 actor does the work."""
 
 import asyncio
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import TypeVar
+from typing import Annotated, Any, TypeVar
 
 import orjson
 import watchfiles
-from fastapi import APIRouter, Request
-from fastapi.responses import Response
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from serve_app.api.auth import admin_refusal
@@ -21,7 +22,13 @@ from serve_app.cluster.monitor import monitor_handle
 from serve_app.cluster.registry.actor import Answer, Published, RegistryRef
 from serve_app.cluster.registry.adapters import AdapterRegistration
 from serve_app.cluster.registry.manifest import Manifest, WeightsUpdate
-from serve_app.core.config import ConfigError, RouterConfig, parse_config, read_raw
+from serve_app.core.config import (
+    ConfigError,
+    RouterConfig,
+    masked_tokens,
+    parse_config,
+    read_raw,
+)
 from serve_app.core.errors import RouterError
 from serve_app.ingress.gateway import Gateway, router_error
 from serve_app.provision.manager import LLMModelManager, ProvisionRequest
@@ -259,8 +266,30 @@ async def config_status(request: Request) -> Response:
                 for t in admin.gateway.model_types
             },
             "replicas": followers,
+            # The published models config itself, api tokens masked.
+            "config": masked_tokens(manifest.models_config),
         }
     )
+
+
+@router.get("/api/v1/overview")
+async def overview(request: Request) -> Response:
+    """The console's Overview in one read: per model type and model, each provider's status
+    row (as /api/v1/status: tier, state and why, circuit, last probe, in flight, load); the
+    last 15 minutes of per-model rates and latencies (core/series.py); the flow-control
+    queues."""
+    admin = admin_from(request)
+    try:
+        health = await asyncio.wait_for(monitor_handle(admin.registry).overview.remote(), 5.0)
+    except Exception:
+        raise router_error(503, "the routing state is unavailable") from None
+    types: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for row in health["rows"]:
+        models = types.setdefault(row.model_type, {})
+        models.setdefault(row.model, []).append(
+            row.model_dump(mode="json", exclude={"model_type", "model"})
+        )
+    return json_response({"types": types, "queues": health["queues"], "series": health["series"]})
 
 
 @router.get("/api/v1/models")
@@ -284,12 +313,38 @@ async def model_profiles(request: Request) -> Response:
 
 
 @router.post("/api/v1/models/provision", openapi_extra=json_body(ProvisionRequest))
-async def provision(request: Request) -> Response:
-    """Ensure the roles' models are on their providers; monGARS's provisioning report."""
+async def provision(request: Request, stream: Annotated[bool, Query()] = False) -> Response:
+    """Ensure the roles' models are on their providers; monGARS's provisioning report. With
+    `?stream=true`, NDJSON as it happens: `start` per (role, provider), Ollama's pull
+    `progress` lines, a `status` per report line, then `done` with the whole report."""
     admin = admin_from(request)
     req = await validated_body(request, ProvisionRequest, "invalid_request", b"{}")
     assert admin.manager is not None
+    if stream:
+        return StreamingResponse(_provision_events(admin.manager, req), media_type=NDJSON)
     return json_response(await admin.manager.ensure_models_installed(req.roles, req.force))
+
+
+NDJSON = "application/x-ndjson"
+
+
+async def _provision_events(
+    manager: LLMModelManager, req: ProvisionRequest
+) -> AsyncIterator[bytes]:
+    """The run's events, one JSON line each, as the manager emits them (those of the roles
+    asked for: another caller's run may be under way beside this one)."""
+    wanted = {r.lower() for r in req.roles} if req.roles else None
+    events = manager.subscribe()
+    run = asyncio.ensure_future(manager.ensure_models_installed(req.roles, req.force))
+    # The run's events are all queued before it ends: None after them marks the end.
+    run.add_done_callback(lambda _: events.put_nowait(None))
+    try:
+        while (event := await events.get()) is not None:
+            if wanted is None or event["role"].split(":")[0] in wanted:
+                yield orjson.dumps(event) + b"\n"
+        yield orjson.dumps({"event": "done", **run.result()}) + b"\n"
+    finally:
+        manager.unsubscribe(events)
 
 
 @router.post("/api/v1/adapters", openapi_extra=json_body(AdapterRegistration))

@@ -2,10 +2,12 @@
 once, when it is made; the registry keeps only its salted hash."""
 
 import asyncio
+from typing import Annotated
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
+from serve_app.access.history import Window
 from serve_app.access.keys import KeyLimits, KeyRecord
 from serve_app.access.limiter import limiter_handle
 from serve_app.api.admin import Admin, admin_from, json_response, relayed, validated_body
@@ -47,6 +49,33 @@ async def show_key(key_id: str, request: Request) -> Response:
     except Exception:
         raise router_error(503, "usage is unavailable") from None
     return json_response(record.public() | {"usage": usage})
+
+
+@router.put("/api/v1/keys/{key_id}", openapi_extra=json_body(KeyLimits))
+async def update_key(key_id: str, request: Request) -> Response:
+    """Replace the key's name and limits (the key itself stays the same); every replica
+    applies them once this answers."""
+    admin = admin_from(request)
+    _record(admin, key_id)
+    limits = await validated_body(request, KeyLimits, "invalid_key")
+    return relayed(await admin.call("update_key", key_id, limits, admin.settings.ack_timeout_s))
+
+
+@router.get("/api/v1/keys/{key_id}/usage")
+async def key_usage_history(
+    key_id: str, request: Request, window: Annotated[Window, Query()] = "1h"
+) -> Response:
+    """The key's usage per model over the last hour (minute buckets), day (hourly) or 30 days
+    (daily): requests, prompt and completion tokens per bucket, oldest first."""
+    admin = admin_from(request)
+    _record(admin, key_id)
+    try:
+        history = await asyncio.wait_for(
+            limiter_handle(admin.registry).history.remote(key_id, window), 5.0
+        )
+    except Exception:
+        raise router_error(503, "usage is unavailable") from None
+    return json_response(history)
 
 
 @router.delete("/api/v1/keys/{key_id}")

@@ -25,7 +25,8 @@ from serve_app.cluster.registry.companion import ManifestCompanion, companion_ha
 from serve_app.cluster.registry.manifest import Manifest, config_of
 from serve_app.cluster.status import StatusRow, health_of, status_rows
 from serve_app.core.config import ConfigError, ProviderConfig, RouterConfig, RoutingConfig
-from serve_app.core.metrics import Snapshot, Tally, render
+from serve_app.core.metrics import Snapshot, Tally, merge, render
+from serve_app.core.series import SAMPLE_S, Series, summarize
 from serve_app.pickers.queues import LENGTH_METRIC
 from serve_app.routing.load import LoadSignal, parse_ollama_ps, parse_vllm_metrics
 from serve_app.upstreams import probe_url, signal_url
@@ -66,6 +67,8 @@ class Monitor(ManifestCompanion):
         self._signals_changed = False
         self._seen: dict[str, int] = {}  # follower -> the view version it has
         self._config: RouterConfig | None = None
+        self._series = Series()
+        self._next_sample = 0.0
 
     def _apply(self, manifest: Manifest) -> None:
         try:
@@ -116,6 +119,9 @@ class Monitor(ManifestCompanion):
                 asyncio.get_running_loop().create_task(self._probe(p))
             if self._signals_changed:  # one new view per tick, however many scrapes landed
                 self._publish()
+            if now >= self._next_sample:
+                self._next_sample = now + SAMPLE_S
+                self._series.add(time.time(), summarize(merge(self._live_snapshots())))
             await asyncio.sleep(TICK_S)
 
     async def _probe(self, p: _Provider) -> None:
@@ -196,6 +202,7 @@ class Monitor(ManifestCompanion):
         providers = {
             pid: {
                 "circuit": p.breaker.state.value,
+                "reason": p.breaker.reason or None,  # why it opened (a probe's or a trip's)
                 "probe_up": p.up,
                 "signals": None if p.signal is None else p.signal.model_dump(),
                 "signals_error": p.signal_error or None,
@@ -216,6 +223,12 @@ class Monitor(ManifestCompanion):
             return []
         health = {pid: health_of(p.breaker, p.up, p.signal) for pid, p in self._providers.items()}
         return status_rows(self._config, health, self._live_snapshots())
+
+    async def overview(self) -> dict[str, object]:
+        """For the console's Overview: the status rows, the flow-control queues and the last
+        15 minutes of per-model series."""
+        rows = await self.status()
+        return {"rows": rows, "queues": self._queues(), "series": self._series.points()}
 
     def _live_snapshots(self) -> list[Snapshot]:
         """The replicas' last pushes, at most METRICS_TTL_S old."""

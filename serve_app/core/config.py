@@ -113,6 +113,15 @@ def _expand_env(value: str) -> str:
     return _ENV_REF.sub(sub, value)
 
 
+def masked_tokens(raw: object) -> object:
+    """A models config as the admin API may show it: every non-empty `api_token` replaced."""
+    if isinstance(raw, dict):
+        return {k: ("***" if k == "api_token" and v else masked_tokens(v)) for k, v in raw.items()}
+    if isinstance(raw, list):
+        return [masked_tokens(v) for v in raw]
+    return raw
+
+
 class ProviderConfig(BaseModel):
     """One upstream endpoint. Unknown keys are kept (llm-router's files may carry more)."""
 

@@ -130,7 +130,7 @@ class Tally:
         )
 
 
-def _merge(snapshots: Iterable[Snapshot]) -> Snapshot:
+def merge(snapshots: Iterable[Snapshot]) -> Snapshot:
     values: dict[Key, float] = {}
     histograms: dict[Key, tuple[list[int], float]] = {}
     for snap in snapshots:
@@ -174,5 +174,5 @@ class _Merged(Collector):
 def render(snapshots: Mapping[str, Snapshot]) -> bytes:
     """The Prometheus text for the sum of every replica's snapshot."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Merged(_merge(snapshots.values())))
+    registry.register(_Merged(merge(snapshots.values())))
     return generate_latest(registry)

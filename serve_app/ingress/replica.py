@@ -21,7 +21,7 @@ from starlette.types import ASGIApp
 
 from serve_app.access.gate import Gate
 from serve_app.access.limiter import limiter_handle
-from serve_app.api import admin, anthropic, keys, ollama, openai, ops, responses
+from serve_app.api import admin, anthropic, console, keys, ollama, openai, ops, responses
 from serve_app.api.admin import Admin, AdminSettings
 from serve_app.api.auth import ADMIN_TOKEN_ENV
 from serve_app.api.http import install_error_handlers
@@ -54,7 +54,7 @@ api = FastAPI(
 # The surfaces' routes are added to the app's own router rather than by include_router: an
 # included router is a node that each request is matched through first (about 15 us more per
 # request, measured in-process with FastAPI 0.163).
-for surface in (openai, responses, anthropic, ollama, ops, admin, keys):
+for surface in (openai, responses, anthropic, ollama, ops, admin, keys, console):
     api.router.routes.extend(surface.router.routes)
 install_error_handlers(api)
 

@@ -125,6 +125,8 @@ class ModelTypeRouter:
                 )
 
     async def _expire(self) -> None:
+        # Exported at 0 from the start: a rate over it has data before any plan expires.
+        self._shared.tally.inc("llm_router_plans_expired", (), 0)
         while True:
             await asyncio.sleep(EXPIRE_S)
             if gone := self._live.expire():

@@ -90,6 +90,23 @@ class LLMModelManager:
         self._registry = registry
         self._ensured: set[str] = set()
         self._flights: dict[str, asyncio.Task[list[Status]]] = {}
+        # Queues of the callers streaming provisioning as it happens (`subscribe`).
+        self._listeners: set[asyncio.Queue[dict[str, Any] | None]] = set()
+
+    def subscribe(self) -> asyncio.Queue[dict[str, Any] | None]:
+        """A queue of every provisioning event from now on (start, pull progress, status)
+        until `unsubscribe`: how the admin API streams a run as it happens. The subscriber may
+        put None in it to mark its own end."""
+        events: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        self._listeners.add(events)
+        return events
+
+    def unsubscribe(self, events: asyncio.Queue[dict[str, Any] | None]) -> None:
+        self._listeners.discard(events)
+
+    def _emit(self, event: dict[str, Any]) -> None:
+        for events in self._listeners:
+            events.put_nowait(event)
 
     def update(self, roles: dict[str, Role], config: RouterConfig) -> None:
         """New profiles or models config; what was ensured stays ensured."""
@@ -140,6 +157,7 @@ class LLMModelManager:
                 )
         statuses += [await self._adapter(key, role, spec) for spec in role.adapters]
         for s in statuses:
+            self._emit({"event": "status", **s.model_dump()})
             event = {"event": "role provisioned", "role": s.role, "provider_id": s.provider_id}
             log.info(orjson.dumps({**event, "action": s.action, "detail": s.detail}).decode())
         if statuses and all(s.action in ENSURED for s in statuses):
@@ -149,6 +167,7 @@ class LLMModelManager:
     async def _run(self, provider: ProviderConfig, key: str, role: Role, force: bool) -> Status:
         options, note = placement(provider)
         status: Status | None = None
+        self._emit({"event": "start", "role": key, "name": role.name, "provider_id": provider.id})
         try:
             async for ref in provision_on_node.options(**options).remote(
                 provider, key, role, force
@@ -156,6 +175,7 @@ class LLMModelManager:
                 item = await ref
                 if isinstance(item, Progress):
                     event = {"event": "pull progress", "role": key, "provider_id": provider.id}
+                    self._emit({**item.line, **event, "event": "progress"})
                     log.info(orjson.dumps({**event, **item.line}).decode())
                 else:
                     status = item

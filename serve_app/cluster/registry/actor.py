@@ -279,6 +279,20 @@ class Registry:
         body = record.public() | {"key": key, "unconfirmed_replicas": unconfirmed}
         return Answer(201, orjson.dumps(body))
 
+    async def update_key(self, key_id: str, limits: KeyLimits, ack_timeout_s: float) -> Answer:
+        """New limits for a key (the same secret): the answer comes once every live replica
+        applies them."""
+        async with self._lock:
+            record = self._manifest.keys.get(key_id)
+            if record is None:
+                return Answer.error(key_not_found(key_id))
+            record = record.model_copy(update=limits.model_dump())
+            manifest = with_key(self._manifest, record)
+            self._commit(manifest)
+        log.info("client key updated", extra={"key_id": key_id, "key_name": record.name})
+        unconfirmed = await self.wait_for_followers(manifest.version, ack_timeout_s)
+        return Answer(200, orjson.dumps(record.public() | {"unconfirmed_replicas": unconfirmed}))
+
     async def delete_key(self, key_id: str, ack_timeout_s: float) -> Answer:
         """Revoke a key: the answer comes once every live replica refuses it."""
         async with self._lock:
