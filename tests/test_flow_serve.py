@@ -120,7 +120,10 @@ async def test_weights_share_a_saturated_model(pool: Pool) -> None:
         heavy = Client(http, pool.url, await _key(http, pool.url, weight=3))
         light = Client(http, pool.url, await _key(http, pool.url, weight=1))
         stop = asyncio.Event()
-        floods = [asyncio.ensure_future(c.flood(stop, 32)) for c in (heavy, light)]
+        # 48 clients each (under aiohttp's 100 connections), so each key keeps requests waiting
+        # on both picker replicas: shares hold only while both keys wait (a replica holding none
+        # of a key's requests gives the other its turns). With 32 each: 2.49:1 once, busy machine.
+        floods = [asyncio.ensure_future(c.flood(stop, 48)) for c in (heavy, light)]
         # Past the first answers (both keys' requests in arrival order), 600 answers.
         await until(lambda: _true(len(heavy.queued) + len(light.queued) > 200), "a backlog")
         start = (len(heavy.queued), len(light.queued))
