@@ -17,7 +17,7 @@ from serve_app.cli.output import table
 from serve_app.cluster.health import Breaker
 from serve_app.cluster.status import health_of, status_rows
 from serve_app.core.config import parse_config
-from serve_app.core.metrics import Tally
+from serve_app.core.metrics import Tally, merge
 from serve_app.routing.load import LoadSignal
 from tests.conftest import ROOT
 
@@ -99,7 +99,7 @@ def test_status_rows_join_config_circuits_and_every_replicas_totals() -> None:
     two.inc("llm_router_requests", ("m", "a", "502", "ollama"), 2)
     two.inc("llm_router_requests", ("n", "c", "200", "openai"), 7)
     two.inc("llm_router_requests", ("m", "c", "200", "openai"), 1)  # not one of m's providers
-    rows = status_rows(config, health, [one.snapshot(), two.snapshot()])
+    rows = status_rows(config, health, merge([one.snapshot(), two.snapshot()]))
     got = [(r.model, r.provider, r.tier, r.state, r.in_flight, r.requests, r.errors) for r in rows]
     assert got == [
         ("m", "a", "primary", "healthy", 3, 7, 2),
@@ -109,7 +109,7 @@ def test_status_rows_join_config_circuits_and_every_replicas_totals() -> None:
     ]
     assert rows[0].model_type == "t" and (rows[0].running, rows[0].kv_usage) == (2, 0.5)
     assert rows[1].reason == "3 requests failed in a row: 503"
-    assert status_rows(config, {}, [])[0].state == "unprobed"
+    assert status_rows(config, {}, merge([]))[0].state == "unprobed"
 
 
 def test_rates_come_from_two_readings() -> None:

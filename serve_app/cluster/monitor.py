@@ -121,7 +121,7 @@ class Monitor(ManifestCompanion):
                 self._publish()
             if now >= self._next_sample:
                 self._next_sample = now + SAMPLE_S
-                self._series.add(time.time(), summarize(merge(self._live_snapshots())))
+                self._series.add(time.time(), summarize(self._totals()))
             await asyncio.sleep(TICK_S)
 
     async def _probe(self, p: _Provider) -> None:
@@ -222,7 +222,7 @@ class Monitor(ManifestCompanion):
         if self._config is None:
             return []
         health = {pid: health_of(p.breaker, p.up, p.signal) for pid, p in self._providers.items()}
-        return status_rows(self._config, health, self._live_snapshots())
+        return status_rows(self._config, health, self._totals())
 
     async def overview(self) -> dict[str, object]:
         """For the console's Overview: the status rows, the flow-control queues and the last
@@ -230,20 +230,18 @@ class Monitor(ManifestCompanion):
         rows = await self.status()
         return {"rows": rows, "queues": self._queues(), "series": self._series.points()}
 
-    def _live_snapshots(self) -> list[Snapshot]:
-        """The replicas' last pushes, at most METRICS_TTL_S old."""
+    def _totals(self) -> Snapshot:
+        """The sum of every replica's last push, those at most METRICS_TTL_S old."""
         cutoff = time.monotonic() - METRICS_TTL_S
-        return [snapshot for at, snapshot in self._metrics.values() if at >= cutoff]
+        return merge(snapshot for at, snapshot in self._metrics.values() if at >= cutoff)
 
     def _queues(self) -> dict[str, dict[str, int]]:
         """Flow control: requests waiting by model and priority, summed over the picker
         replicas' last pushes (at most a second old)."""
         out: dict[str, dict[str, int]] = {}
-        for snapshot in self._live_snapshots():
-            for (name, labels), value in snapshot.values.items():
-                if name == LENGTH_METRIC and value:
-                    by_priority = out.setdefault(labels[0], {})
-                    by_priority[labels[1]] = by_priority.get(labels[1], 0) + int(value)
+        for (name, labels), value in self._totals().values.items():
+            if name == LENGTH_METRIC and value:
+                out.setdefault(labels[0], {})[labels[1]] = int(value)
         return out
 
     # --- metrics -----------------------------------------------------------------------------

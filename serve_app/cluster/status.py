@@ -8,14 +8,14 @@ Counts are totals since the replicas started: a client takes two readings to get
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Literal
 
 from pydantic import BaseModel
 
 from serve_app.cluster.health import Breaker, Circuit
 from serve_app.core.config import RouterConfig
-from serve_app.core.metrics import Snapshot
+from serve_app.core.metrics import Snapshot, server_error
 from serve_app.routing.load import LoadSignal
 
 State = Literal["healthy", "circuit_open", "half_open", "probe_failing", "unprobed"]
@@ -67,21 +67,21 @@ def health_of(breaker: Breaker, probe_up: bool | None, signal: LoadSignal | None
 
 
 def status_rows(
-    config: RouterConfig, health: Mapping[str, ProviderHealth], snapshots: Iterable[Snapshot]
+    config: RouterConfig, health: Mapping[str, ProviderHealth], totals: Snapshot
 ) -> list[StatusRow]:
-    """Rows in the config's order: model types, their models, primaries then sleepers."""
+    """Rows in the config's order: model types, their models, primaries then sleepers.
+    `totals`: every replica's metric totals summed (core.metrics.merge)."""
     in_flight: dict[str, float] = {}
     requests: dict[tuple[str, str], float] = {}
     errors: dict[tuple[str, str], float] = {}
-    for snapshot in snapshots:
-        for (name, labels), value in snapshot.values.items():
-            if name == "llm_router_provider_in_flight":
-                in_flight[labels[0]] = in_flight.get(labels[0], 0) + value
-            elif name == "llm_router_requests":
-                model, provider, status = labels[0], labels[1], labels[2]
-                requests[model, provider] = requests.get((model, provider), 0) + value
-                if status.startswith("5"):
-                    errors[model, provider] = errors.get((model, provider), 0) + value
+    for (name, labels), value in totals.values.items():
+        if name == "llm_router_provider_in_flight":
+            in_flight[labels[0]] = value
+        elif name == "llm_router_requests":  # by model, provider, status and dialect
+            model, provider, status = labels[0], labels[1], labels[2]
+            requests[model, provider] = requests.get((model, provider), 0) + value
+            if server_error(status):
+                errors[model, provider] = errors.get((model, provider), 0) + value
     rows = []
     for type_name, group in config.model_types.items():
         for model_name, model in group.models.items():

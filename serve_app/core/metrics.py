@@ -130,7 +130,13 @@ class Tally:
         )
 
 
+def server_error(status: str) -> bool:
+    """Whether an `llm_router_requests` status label is a 5xx answer."""
+    return status.isdigit() and int(status) >= 500
+
+
 def merge(snapshots: Iterable[Snapshot]) -> Snapshot:
+    """Every replica's totals summed (what /metrics shows)."""
     values: dict[Key, float] = {}
     histograms: dict[Key, tuple[list[int], float]] = {}
     for snap in snapshots:

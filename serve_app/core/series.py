@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections import deque
 from typing import NamedTuple
 
-from serve_app.core.metrics import BUCKETS, Snapshot
+from serve_app.core.metrics import BUCKETS, Snapshot, server_error
 
 SAMPLE_S = 5.0
 KEEP = int(15 * 60 / SAMPLE_S) + 1  # 15 minutes of differences
@@ -37,7 +37,7 @@ def summarize(snapshot: Snapshot) -> dict[str, Totals]:
         if name == "llm_router_requests":
             row = counts.setdefault(labels[0], [0.0, 0.0])
             row[0] += value
-            if labels[2].isdigit() and int(labels[2]) >= 500:
+            if server_error(labels[2]):
                 row[1] += value
     hists: dict[tuple[str, str], tuple[int, ...]] = {
         (name, labels[0]): tuple(buckets)
