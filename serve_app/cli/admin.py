@@ -24,14 +24,14 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 TIMEOUT_S = 30.0  # a key's creation waits for every replica to know it (5 s by default)
 
 
-Command = Callable[["Admin", argparse.Namespace], str]
+Command = Callable[["AdminClient", argparse.Namespace], str]
 
 
 class AdminError(Exception):
     """One line for the user: the API's error, or why the router could not be reached."""
 
 
-class Admin:
+class AdminClient:
     def __init__(self, url: str, token: str) -> None:
         self._url = url.rstrip("/")
         self._token = token
@@ -119,7 +119,7 @@ def run_keys(args: argparse.Namespace) -> int:
     return _with_admin(args, KEYS[args.keys_command])
 
 
-def _create(admin: Admin, args: argparse.Namespace) -> str:
+def _create(admin: AdminClient, args: argparse.Namespace) -> str:
     body: dict[str, Any] = {"name": args.name}
     for field in (*LIMITS, "models", "priority", "weight"):
         if getattr(args, field) is not None:
@@ -134,7 +134,7 @@ def _create(admin: Admin, args: argparse.Namespace) -> str:
     )
 
 
-def _list(admin: Admin, args: argparse.Namespace) -> str:
+def _list(admin: AdminClient, args: argparse.Namespace) -> str:
     return table(KEY_COLUMNS, [_key_row(k) for k in admin.call("GET", "/api/v1/keys")["data"]])
 
 
@@ -150,12 +150,12 @@ def _key_row(key: dict[str, Any]) -> list[object]:
     ]
 
 
-def _show(admin: Admin, args: argparse.Namespace) -> str:
+def _show(admin: AdminClient, args: argparse.Namespace) -> str:
     key = admin.call("GET", f"/api/v1/keys/{args.key_id}")
     return orjson.dumps(key, option=orjson.OPT_INDENT_2).decode()
 
 
-def _revoke(admin: Admin, args: argparse.Namespace) -> str:
+def _revoke(admin: AdminClient, args: argparse.Namespace) -> str:
     admin.call("DELETE", f"/api/v1/keys/{args.key_id}")
     return f"key {args.key_id} revoked: every replica refuses it"
 
@@ -193,7 +193,7 @@ def add_status_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_status(args: argparse.Namespace) -> int:
-    def status(admin: Admin, args: argparse.Namespace) -> str:
+    def status(admin: AdminClient, args: argparse.Namespace) -> str:
         before = admin.call("GET", "/api/v1/status")["data"]
         started = time.monotonic()
         time.sleep(max(args.interval, 0.0))
@@ -243,15 +243,13 @@ def _number(value: float | None) -> str | None:
     return None if value is None else f"{value:g}"
 
 
-def _with_admin(
-    args: argparse.Namespace, command: Callable[[Admin, argparse.Namespace], str]
-) -> int:
+def _with_admin(args: argparse.Namespace, command: Command) -> int:
     token = os.environ.get(ADMIN_TOKEN_ENV)
     if not token:
         say(f"set {ADMIN_TOKEN_ENV} to the router's admin token")
         return 2
     try:
-        print(command(Admin(args.url, token), args))
+        print(command(AdminClient(args.url, token), args))
     except AdminError as exc:
         say(str(exc))
         return 1
