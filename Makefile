@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install run test chaos e2e job-demo ci lint wheel bench bench-affinity bench-stream bench-peers openapi clean
+.PHONY: install run test test-tools chaos e2e job-demo ci lint wheel bench bench-affinity bench-stream bench-peers openapi clean
 
 install: $(STAMP)
 
@@ -22,8 +22,23 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: lint
-	$(BIN)/python -m pytest -q
+# Modules in a random order (the seed is printed at the top: rerun an order with
+# PYTEST_ADDOPTS=--random-order-seed=N). A skipped test fails the run (tests/conftest.py).
+test: lint test-tools
+	$(BIN)/python -m pytest -q -rs --random-order-bucket=module
+
+# The console's browser tests and the dashboard's Prometheus test use Debian's own chromium and
+# prometheus (nothing is downloaded at test time): installed here where apt-get may, else named.
+test-tools:
+	@for tool in chromium prometheus; do \
+		command -v $$tool >/dev/null && continue; \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			apt-get update -qq && apt-get install -y -qq --no-install-recommends $$tool >/dev/null \
+				|| exit 1; \
+		else \
+			echo "make test needs Debian's $$tool: sudo apt-get install $$tool" >&2; exit 1; \
+		fi; \
+	done
 
 # Fault injection under load and hostile clients; prints its figures (also in bench/chaos.json).
 chaos: install

@@ -31,6 +31,7 @@ os.environ[TOKEN_ENV] = TOKEN_VALUE
 import aiohttp  # noqa: E402
 import ray  # noqa: E402
 from ray import serve  # noqa: E402
+from ray._common.utils import get_default_ray_temp_dir  # noqa: E402
 
 from serve_app.app import APP_NAME, AppArgs, router_app  # noqa: E402
 from serve_app.cluster.registry.actor import RegistryRef  # noqa: E402
@@ -78,6 +79,72 @@ async def until(check: Callable[[], Awaitable[bool]], what: str, timeout: float 
     while not await check():
         assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
         await asyncio.sleep(0.05)
+
+
+# What the tests hand out that no log may hold: the admin token, the upstream token, and every
+# client key (they all begin so). Modules with secrets of their own add them.
+SECRETS = [ADMIN_TOKEN, TOKEN_VALUE, "sk-sr-"]
+
+
+def leaked_secrets(since: float) -> list[str]:
+    """`file: secret` for every log file of the Ray sessions written since `since` (this
+    process's and those of the runs the tests started in other processes: Ray's, Serve's and
+    HAProxy's logs) that holds one of SECRETS."""
+    root = Path(get_default_ray_temp_dir())
+    sessions = [
+        logs
+        for logs in root.glob("session_2*/logs")
+        if logs.is_dir() and logs.stat().st_mtime >= since
+    ]
+    assert sessions, f"no Ray session logs under {root}"
+    needles = [secret.encode() for secret in SECRETS]
+    return [
+        f"{file}: {needle.decode()[:6]}..."
+        for logs in sessions
+        for file in logs.rglob("*")
+        if file.is_file()
+        for needle in needles
+        if needle in file.read_bytes()
+    ]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_secret_in_any_log(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Checked once every module has run (chaos too), whatever their order."""
+    started = time.time()
+    yield
+    if any(item.get_closest_marker("serve") for item in request.session.items):
+        assert leaked_secrets(started) == []
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """`make test` shuffles the modules (pytest-random-order); inside a module the tests keep
+    their order: some walk one state on purpose (the console tests: one browser session, a
+    role ensured once per replica), and the module is the unit that deploys what it needs."""
+    for item in items:
+        item.add_marker(pytest.mark.random_order(disabled=True))
+
+
+# Skips are failures: a test that cannot run here (a missing tool, say) must not pass unseen.
+# An expected failure (xfail) still counts as expected.
+_skipped: list[str] = []
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
+        _skipped.append(f"{report.nodeid}: {reason}")
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if _skipped and exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    for line in _skipped:
+        terminalreporter.write_line(f"FAILED (skipped): {line}", red=True)
 
 
 @pytest.fixture(scope="session")

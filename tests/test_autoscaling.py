@@ -80,6 +80,10 @@ async def test_load_scales_ingress_and_router_up_and_idle_down_with_nothing_fail
                 failures.append(f"{resp.status} {data[-200:]!r}")
             done["stream" if stream else "unary"] += 1
 
+    async def moved_since(before: dict[str, int], *kinds: str) -> bool:
+        """Requests of each kind completed since `before`."""
+        return all(done[kind] > before[kind] for kind in kinds or done)
+
     async def scaled_to(count: int) -> bool:
         return _running() == {ingress: count, router: count}
 
@@ -107,6 +111,10 @@ async def test_load_scales_ingress_and_router_up_and_idle_down_with_nothing_fail
     held: list[asyncio.Task[bytes]] = []
     try:
         await until(lambda: scaled_to(2), "both deployments at 2 replicas under load", 90)
+        # Requests completed on one replica and while it scaled up; they go on completing on two.
+        grown = dict(done)
+        assert grown["unary"] and grown["stream"], grown
+        await until(lambda: moved_since(grown), "requests completing on 2 replicas", 60)
         # Two streams, held after their first chunk, span the first replicas' stop: they begin
         # while both deployments run 2 replicas (spread over them by Serve, most likely one
         # on the replica that stops), and are let go once one is stopping (a stopping replica
@@ -125,11 +133,12 @@ async def test_load_scales_ingress_and_router_up_and_idle_down_with_nothing_fail
     for answer in await asyncio.gather(*held):
         assert answer.rstrip().endswith(b"data: [DONE]")
     assert failures == [], failures[:5]
-    assert done["stream"] > 10 and done["unary"] > 10
     light = asyncio.Event()
     trickle = asyncio.create_task(client(True, light))  # one stream at a time while it shrinks
     try:
         await until(lambda: scaled_to(1), "both deployments back at 1 replica", 90)
+        shrunk = dict(done)
+        await until(lambda: moved_since(shrunk, "stream"), "a stream completing on 1 replica", 60)
     finally:
         light.set()
         await trickle

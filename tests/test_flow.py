@@ -16,7 +16,7 @@ from serve_app.pickers import queues
 from serve_app.pickers.handler import ModelHandler
 from serve_app.pickers.picker import Picker
 from serve_app.pickers.plan import DONE, Event, Report
-from tests.conftest import provider
+from tests.conftest import provider, until
 
 
 def _w(name: str, priority: int = 0, tenant: str = "a", weight: float = 1.0, size: int = 1):
@@ -109,6 +109,16 @@ def _picker(queue_timeout_s: float = 30.0, queue_max_requests: int = 100) -> Pic
     return Picker("p", ModelHandler(config=config), config.model_types["t"].routing)
 
 
+async def _true(value: bool) -> bool:
+    return value
+
+
+def _outcomes(picker: Picker) -> set[str]:
+    """How the picker's queued requests' waits ended."""
+    histograms = picker.tally.snapshot().histograms
+    return {labels[2] for (name, labels) in histograms if name == "llm_router_queue_wait_seconds"}
+
+
 def _done(picker: Picker, plan_id: str) -> None:
     picker.report(Report("i", [Event(plan_id, "", DONE)], []))
 
@@ -129,9 +139,7 @@ async def test_a_full_model_queues_and_the_next_goes_when_a_booking_ends() -> No
     assert picker.handler.states["a"].in_flight == 1
     _done(picker, got.plan_id)
     assert (await asyncio.wait_for(waits[0], 1)).targets[0].id == "a"
-    counts = picker.tally.snapshot().histograms
-    outcomes = {labels[2] for (name, labels) in counts if name == "llm_router_queue_wait_seconds"}
-    assert outcomes == {"dispatched"}
+    assert _outcomes(picker) == {"dispatched"}
 
 
 async def test_a_wait_times_out_and_a_leaving_client_leaves_the_queue() -> None:
@@ -166,8 +174,7 @@ async def test_the_ingress_report_takes_out_a_request_whose_wait_never_arrived()
     assert picker.queues.lengths() == {("m", 0): 0}
     late = await picker.wait(queued.plan_id)  # the wait call, arriving after all
     assert late.error is not None and late.error.head.status == 503
-    outcomes = {labels[2] for (name, labels) in picker.tally.snapshot().histograms}
-    assert outcomes == {"left"}
+    assert _outcomes(picker) == {"left"}
     # Planned while nobody asked, then reported left: the plan goes back at once.
     again = await picker.plan(META, ())
     _done(picker, first.plan_id)  # room: `again` is planned and booked for nobody yet
@@ -187,13 +194,17 @@ async def test_a_ticket_whose_wait_never_comes_leaves_the_queue(
     forgotten = await picker.plan(META, ())
     asked = await picker.plan(META, ())
     wait = asyncio.ensure_future(picker.wait(asked.plan_id))
-    await asyncio.sleep(0.2)
-    assert forgotten.queued and picker.queues.lengths() == {("m", 0): 1}  # the one waited on
-    assert not wait.done()
+    assert forgotten.queued
+    await until(lambda: _true(picker.queues.lengths() == {("m", 0): 1}), "the forgotten gone")
+    assert not wait.done()  # the one waited on stays
+    assert _outcomes(picker) == {"unclaimed"}  # told apart from a client seen to leave
     wait.cancel()
 
 
-async def test_a_full_queue_sheds_and_a_plan_made_for_nobody_goes_back() -> None:
+async def test_a_full_queue_sheds_and_a_plan_made_for_nobody_goes_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(queues, "UNCLAIMED_S", 0.05)
     picker = _picker(queue_max_requests=1)
     first = await picker.plan(META, ())
     low = await picker.plan(META, ())
@@ -206,8 +217,9 @@ async def test_a_full_queue_sheds_and_a_plan_made_for_nobody_goes_back() -> None
     # The high one is planned when room comes, but its ingress never asks: it goes back.
     _done(picker, first.plan_id)
     assert picker.handler.states["a"].in_flight == 1
-    picker.queues._timed_out(high.plan_id, 0.0)  # what the unclaimed timer does
-    assert picker.handler.states["a"].in_flight == 0 and picker.plans == {}
+    # Its unclaimed answer's timer gives the plan back.
+    await until(lambda: _true(picker.plans == {}), "the unclaimed plan given back")
+    assert picker.handler.states["a"].in_flight == 0
 
 
 async def test_waiting_requests_are_sent_back_when_flow_control_is_turned_off() -> None:

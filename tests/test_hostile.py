@@ -5,16 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from pathlib import Path
 from urllib.parse import urlsplit
 
 import aiohttp
 import pytest
-import ray
 
 from tests.conftest import (
     ADMIN,
-    ADMIN_TOKEN,
     TOKEN_ENV,
     TOKEN_VALUE,
     deploy,
@@ -108,8 +105,10 @@ async def test_a_huge_body_is_refused_early_and_the_replica_lives(url: str, http
     await _ok(http, url)
 
 
-async def test_no_secret_reaches_any_log(url: str, http) -> None:
-    """Run last in `make chaos`: every log file of the session so far, Ray's and Serve's."""
+async def test_no_secret_reaches_an_answer(url: str, http) -> None:
+    """The upstream token travels to upstreams only: never in an answer, an error or the
+    admin API. The token also goes through failures here (the session's end checks every log
+    for it: tests/conftest.py)."""
     await _ok(http, url)  # the upstream got the token as a Bearer header...
     for stream in (False, True):  # ...and a dead one failed with it
         body = {"model": "m/dead", "messages": [{"role": "user", "content": "x"}], "stream": stream}
@@ -120,13 +119,3 @@ async def test_no_secret_reaches_any_log(url: str, http) -> None:
         async with http.get(f"{url}{path}", headers=ADMIN) as resp:
             assert resp.status == 200
             assert TOKEN_VALUE not in await resp.text()
-    logs = Path(ray._private.worker._global_node.get_logs_dir_path())
-    files = [p for p in logs.rglob("*") if p.is_file()]
-    assert len(files) > 10
-    leaks = [
-        str(p)
-        for p in files
-        for secret in (TOKEN_VALUE.encode(), ADMIN_TOKEN.encode())
-        if secret in p.read_bytes()
-    ]
-    assert leaks == []

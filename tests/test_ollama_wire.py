@@ -150,6 +150,7 @@ def assert_shape(real: Any, ours: Any, omittable: frozenset[str], path: str = "$
                 assert RFC3339.match(ours[key]), f"{path}.{key}: {ours[key]!r} is not RFC 3339"
             assert_shape(real[key], ours[key], omittable, f"{path}.{key}")
     elif want == "list" and real:
+        assert ours, f"{path}: Ollama sends {len(real)} item(s), ours is an empty list"
         for item in ours:
             assert_shape(real[0], item, omittable, f"{path}[]")
 

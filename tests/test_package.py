@@ -20,11 +20,16 @@ from pathlib import Path
 import openai
 import pytest
 
-from tests.conftest import ROOT, free_port, wait_for
+from tests.conftest import ROOT, SECRETS, free_port, wait_for
 from tests.test_local_run import STOP_WITHIN_S, Run, alive, as_a_user
 from tests.test_local_run import runs as runs  # the fixture: runs as a terminal starts them
 
 ADMIN = "package-test-admin-token"
+SECRETS.append(ADMIN)  # its run's logs are checked at the session's end too
+INSTALL_S = 840
+# The first test's setup installs the wheel with its dependencies (pytest-timeout's 300 s
+# default would end a cold install, which downloads Ray, before pip's own limit).
+pytestmark = pytest.mark.timeout(INSTALL_S + 120)
 DEMO_PROVIDERS = ("demo-openai-1", "demo-vllm-1", "demo-sleep-1", "demo-ollama-1")
 
 
@@ -51,7 +56,9 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     venv.create(where / "venv", with_pip=True)
     bin_dir = where / "venv" / "bin"
     install = [str(bin_dir / "python"), *pip[1:], "install", str(wheel)]
-    subprocess.run(install, check=True, timeout=600, capture_output=True)
+    # On a new machine pip downloads Ray and the rest: its own limit, under the module's.
+    done = subprocess.run(install, timeout=INSTALL_S, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
     return bin_dir
 
 

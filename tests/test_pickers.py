@@ -5,6 +5,7 @@ died come back. Pure tests of the picker and the reporter, then real Serve."""
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from collections.abc import Iterator
 
 import aiohttp
@@ -15,11 +16,12 @@ from serve_app.core.config import parse_config
 from serve_app.core.schemas import Endpoint, RequestMeta
 from serve_app.demo.upstream import FakeUpstream, Knobs
 from serve_app.ingress.outcomes import Reporter
+from serve_app.ingress.picking import answer_or_give_back
 from serve_app.pickers.handler import ModelHandler
 from serve_app.pickers.picker import Picker
 from serve_app.pickers.plan import DONE, OK, Event, Report
 from serve_app.pickers.shared import Slot
-from tests.conftest import deploy, provider, samples, until
+from tests.conftest import ADMIN, deploy, provider, samples, until
 
 META = RequestMeta(Endpoint.CHAT, "m", False, 10, False, "r")
 
@@ -164,6 +166,10 @@ async def test_outcomes_reach_the_picker_replica_that_planned(
         )
 
     await until(all_held, "16 streams held and booked")
+    async with http.get(f"{serve_url}/api/v1/providers/state", headers=ADMIN) as resp:
+        booked = (await resp.json())["health"]["in_flight_by_replica"]
+    pickers = {r: n for r, n in booked.items() if r.startswith(f"router-{TYPE}:")}
+    assert len(pickers) == 2 and sum(pickers.values()) == 16, booked  # both planned some
     for up in pool.values():
         up.release()
     assert await asyncio.gather(*streams) == [200] * 16
@@ -265,3 +271,45 @@ async def test_a_slot_plan_is_kept_while_it_waits_and_a_late_slot_goes_back() ->
     free.set()
     assert (await asking).targets == ()
     assert released == ["lease-0", "lease-1"] and picker.plans == {}
+
+
+async def test_an_answer_that_comes_after_its_caller_left_is_given_back() -> None:
+    """The ingress's plan and wait calls: a caller cancelled while its call is under way does
+    not cancel the call, and what it brings back goes to give_back (a ticket or a booked plan
+    the picker made for a client who left); a caller still there gets the answer as usual."""
+    answers: list[asyncio.Future[str]] = []
+    given: list[str] = []
+    seen: list[str] = []  # the request context each call ran in
+    request = contextvars.ContextVar("request", default="none")
+
+    async def call() -> str:
+        seen.append(request.get())
+        answers.append(asyncio.get_running_loop().create_future())
+        return await answers[-1]
+
+    request.set("client-1")  # Serve's request context: the call must not run in it
+    kept = asyncio.ensure_future(answer_or_give_back(call, given.append))
+    await until(lambda: _true(len(answers) == 1), "the call under way")
+    assert seen == ["none"]
+    kept.cancel()  # the client left
+    with pytest.raises(asyncio.CancelledError):
+        await kept
+    assert not answers[0].cancelled()
+    answers[0].set_result("q7")
+    await until(lambda: _true(given == ["q7"]), "the late answer given back")
+    # A caller that stays gets its answer, and nothing is given back.
+    staying = asyncio.ensure_future(answer_or_give_back(call, given.append))
+    await until(lambda: _true(len(answers) == 2), "the second call")
+    answers[1].set_result("p:3")
+    assert await staying == "p:3" and given == ["q7"]
+    # A call that fails after its caller left gives nothing back.
+    failing = asyncio.ensure_future(answer_or_give_back(call, given.append))
+    await until(lambda: _true(len(answers) == 3), "the third call")
+    failing.cancel()
+    answers[2].set_exception(RuntimeError("picker gone"))
+    await asyncio.sleep(0)
+    assert given == ["q7"]
+
+
+async def _true(value: bool) -> bool:
+    return value

@@ -5,7 +5,9 @@ traffic every query of deployments/grafana/serve-router.json returns data."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
+import math
 import re
 import shutil
 import subprocess
@@ -26,14 +28,21 @@ pytestmark = pytest.mark.serve
 DASHBOARD = ROOT / "deployments" / "grafana" / "serve-router.json"
 # The vLLM gauges the monitor reads (routing/load.py), shown where Prometheus scrapes vLLM.
 VLLM_GAUGES = ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc")
-# Grafana's variables as the test fills them: every value, a rate window of a few scrapes.
+# Grafana's variables as the test fills them: every non-empty value (Grafana's `.*` would also
+# match series that lack the label, hiding a query on the wrong label), and a rate window that
+# spans the whole test (a rate over a window the traffic has left reads 0).
 VARIABLES = {
-    "$__rate_interval": "30s",
-    "$model": ".*",
-    "$provider": ".*",
-    "$api": ".*",
-    "$key_name": ".*",
+    "$__rate_interval": "10m",
+    "$model": ".+",
+    "$provider": ".+",
+    "$api": ".+",
+    "$key_name": ".+",
 }
+
+
+# Rates this traffic cannot move (an ingress replica would have to die: tests/test_pickers.py
+# covers that counter); their series must be there all the same.
+STILL = {"Plans expired/s"}
 
 
 def _dashboard() -> dict:
@@ -75,13 +84,16 @@ class Scraped:
     url: str  # the router
     prometheus: str
     vllm: FakeUpstream
+    slot: FakeUpstream
 
 
 @pytest.fixture(scope="module")
 def scraped(serve_url: str, upstream_factory, tmp_path_factory) -> Iterator[Scraped]:
     binary = shutil.which("prometheus")
     if binary is None:
-        pytest.skip("Debian's prometheus is not installed (.ci/run installs it)")
+        pytest.skip(
+            "Debian's prometheus is not installed: apt-get install prometheus (make test does)"
+        )
     bad, vllm, queued, slot = (upstream_factory(n) for n in ("pr-bad", "pr-vllm", "pr-q", "pr-s"))
     bad.knobs = Knobs(fail_status=500)  # tried first, fails over: failovers and 5xx attempts
     queued.knobs = Knobs(latency_s=0.3)
@@ -127,7 +139,7 @@ def scraped(serve_url: str, upstream_factory, tmp_path_factory) -> Iterator[Scra
     prometheus = f"http://127.0.0.1:{port}"
     try:
         wait_for(lambda: _ready(prometheus), 30, "prometheus to be ready")
-        yield Scraped(serve_url, prometheus, vllm)
+        yield Scraped(serve_url, prometheus, vllm, slot)
     finally:
         proc.terminate()
         proc.wait(10)
@@ -159,26 +171,69 @@ async def test_every_dashboard_query_returns_data_after_traffic(scraped: Scraped
     url = scraped.url
     key = await _key(http, url, "prom-team")
     limited = await _key(http, url, "prom-limited", rpm_limit=1)
-    assert {await _chat(http, url, key, "p/chat") for _ in range(6)} == {200}
-    queue = await asyncio.gather(*(_chat(http, url, key, "p/queue") for _ in range(4)))
-    assert set(queue) == {200}
-    assert {await _chat(http, url, key, "p/slot") for _ in range(3)} == {200}
-    assert sorted([await _chat(http, url, limited, "p/chat") for _ in range(2)]) == [200, 429]
+
+    async def traffic() -> None:
+        assert {await _chat(http, url, key, "p/chat") for _ in range(6)} == {200}
+        queue = await asyncio.gather(*(_chat(http, url, key, "p/queue") for _ in range(4)))
+        assert set(queue) == {200}
+        assert {await _chat(http, url, key, "p/slot") for _ in range(3)} == {200}
+        assert 429 in [await _chat(http, url, limited, "p/chat") for _ in range(2)]
+        scraped.slot.knobs = Knobs(fail_status=400)  # a provider's own 4xx, passed back
+        assert await _chat(http, url, key, "p/slot") == 400
+        scraped.slot.knobs = Knobs()
+
+    async def returns_data(title: str, expr: str, moved: bool) -> bool:
+        """`moved`: a rate (or a quantile of rates) must be above 0, not only there."""
+        values = [float(v) for _, v in (r["value"] for r in await _query(http, scraped, expr))]
+        if moved and "rate(" in expr and title not in STILL:
+            return any(v > 0 and math.isfinite(v) for v in values)
+        return bool(values)
+
+    # Prometheus counts a counter's moves between its scrapes, not the value it first sees:
+    # once every series is there, the same traffic again must move every rate.
+    await traffic()
     scraped.vllm.knobs = Knobs(kv_usage=0.25)
+    for moved in (False, True):
+        for title, expr in _queries(_dashboard()):
+            check = functools.partial(returns_data, title, expr, moved)
+            await until(check, f"data for {title!r} (moved: {moved}): {expr}", 60)
+        if not moved:
+            await traffic()
+    # The variables' own queries (label_values) list what the traffic made.
+    expected = {
+        "model": {"p/chat", "p/queue", "p/slot"},
+        "provider": {"pr-bad", "pr-vllm", "pr-q", "pr-s"},
+        "api": {"openai"},
+        "key_name": {"prom-team", "prom-limited"},
+    }
+    for variable in _dashboard()["templating"]["list"]:
+        if variable["type"] != "query":
+            continue
+        metric, label = re.fullmatch(
+            r"label_values\((\w+), *(\w+)\)", variable["query"]["query"]
+        ).groups()
+        query = urllib.parse.urlencode({"match[]": metric})
+        async with http.get(f"{scraped.prometheus}/api/v1/label/{label}/values?{query}") as resp:
+            values = set((await resp.json())["data"])
+        assert expected[variable["name"]] <= values, (variable["name"], values)
 
-    async def returns_data(expr: str) -> bool:
-        query = urllib.parse.urlencode({"query": expr})
-        async with http.get(f"{scraped.prometheus}/api/v1/query?{query}") as resp:
-            doc = await resp.json()
-            assert doc["status"] == "success", (expr, doc)
-            return bool(doc["data"]["result"])
 
-    for title, expr in _queries(_dashboard()):
-        await until(lambda expr=expr: returns_data(expr), f"data for {title!r}: {expr}", 60)
+async def _query(http: aiohttp.ClientSession, scraped: Scraped, expr: str) -> list[dict]:
+    query = urllib.parse.urlencode({"query": expr})
+    async with http.get(f"{scraped.prometheus}/api/v1/query?{query}") as resp:
+        doc = await resp.json()
+    assert doc["status"] == "success", (expr, doc)
+    return doc["data"]["result"]
 
 
-def test_prometheus_scrapes_only_loopback(scraped: Scraped) -> None:
-    with urllib.request.urlopen(f"{scraped.prometheus}/api/v1/targets", timeout=5) as resp:
-        targets = json.load(resp)["data"]["activeTargets"]
-    assert {t["labels"]["job"] for t in targets} == {"serve-router", "vllm"}
-    assert all(t["scrapeUrl"].startswith("http://127.0.0.1:") for t in targets)
+async def test_prometheus_reads_every_page_it_scrapes(scraped: Scraped, http) -> None:
+    """The router's /metrics (and the vLLM page the monitor reads) parse as Prometheus
+    expects: each target up, with no scrape error."""
+
+    async def all_up() -> bool:
+        async with http.get(f"{scraped.prometheus}/api/v1/targets") as resp:
+            targets = (await resp.json())["data"]["activeTargets"]
+        assert {t["labels"]["job"] for t in targets} == {"serve-router", "vllm"}
+        return all(t["health"] == "up" and not t["lastError"] for t in targets)
+
+    await until(all_up, "every target scraped without error", 30)

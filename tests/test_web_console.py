@@ -10,6 +10,7 @@ import re
 import shutil
 import threading
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,13 +20,13 @@ import aiohttp
 import orjson
 import pytest
 from aiohttp import web
+from playwright import sync_api
 
 from bench.browser import CHROMIUM, launch
 from serve_app.demo.upstream import FakeUpstream, Knobs
 from tests.conftest import ADMIN, ADMIN_TOKEN, deploy, free_port, lora_dir, provider, wait_for
 
 pytestmark = pytest.mark.serve
-sync_api = pytest.importorskip("playwright.sync_api")
 expect = sync_api.expect
 
 TYPE = "console_models"
@@ -90,7 +91,7 @@ def router(serve_url: str, upstream_factory, tmp_path_factory) -> Router:
 @pytest.fixture(scope="module")
 def browser_context(tmp_path_factory) -> Iterator[object]:
     if shutil.which(CHROMIUM) is None:
-        pytest.skip("Debian's chromium is not installed (.ci/run installs it)")
+        pytest.skip("Debian's chromium is missing: apt-get install chromium (make test does)")
     with sync_api.sync_playwright() as p:
         context = launch(p, str(tmp_path_factory.mktemp("chromium-profile")))
         context.set_default_timeout(10_000)
@@ -144,14 +145,20 @@ def _admin_get(url: str, path: str) -> dict:
 
 def test_only_the_login_renders_without_the_token(browser_context, router: Router) -> None:
     page = browser_context.new_page()
+    asked: list[str] = []
+    page.on("request", lambda request: asked.append(urllib.parse.urlsplit(request.url).path))
     page.goto(f"{router.url}/console")
+    page.wait_for_load_state("networkidle")  # whatever the page would load by itself, it has
     expect(page.locator("#login")).to_be_visible()
     expect(page.locator("#app")).to_be_hidden()
     assert page.locator("[data-model]").count() == 0
+    assert not [path for path in asked if "/api/" in path], asked  # no data asked for
     page.fill("#token", "not-the-token")
     page.click("#login button[type=submit]")
     expect(page.locator("#login-error")).to_contain_text("refused")
+    page.wait_for_load_state("networkidle")
     expect(page.locator("#app")).to_be_hidden()
+    assert page.locator("[data-model]").count() == 0
     page.close()
 
 
@@ -160,10 +167,19 @@ def test_every_url_of_the_page_is_relative(router: Router) -> None:
     for name in ("console", "console/app.js", "console/app.css"):
         with urllib.request.urlopen(f"{router.url}/{name}", timeout=10) as resp:
             text = resp.read().decode()
-            assert "default-src 'self'" in resp.headers["content-security-policy"]
+            policy = _csp(resp.headers["content-security-policy"])
+        # Only the page's own files run: no inline script or style, no eval, no other origin.
+        assert policy["default-src"] == ["'self'"] and "script-src" not in policy, policy
+        assert "style-src" not in policy and policy["frame-ancestors"] == ["'none'"], policy
         assert not re.search(
             r"""(src|href)="/|fetch\(["'`]/|api\(["'`]/|https?://(?!www\.w3)""", text
         )
+
+
+def _csp(header: str) -> dict[str, list[str]]:
+    """A Content-Security-Policy header's directives and their sources."""
+    directives = (part.split() for part in header.split(";") if part.strip())
+    return {name: sources for name, *sources in directives}
 
 
 @pytest.fixture(scope="module")

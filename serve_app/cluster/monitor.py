@@ -25,7 +25,7 @@ from serve_app.cluster.registry.companion import ManifestCompanion, companion_ha
 from serve_app.cluster.registry.manifest import Manifest, config_of
 from serve_app.cluster.status import StatusRow, health_of, status_rows
 from serve_app.core.config import ConfigError, ProviderConfig, RouterConfig, RoutingConfig
-from serve_app.core.metrics import Snapshot, Tally, merge, render
+from serve_app.core.metrics import IN_FLIGHT_METRIC, Snapshot, Tally, merge, render
 from serve_app.core.series import SAMPLE_S, Series, summarize
 from serve_app.pickers.queues import LENGTH_METRIC
 from serve_app.routing.load import LoadSignal, parse_ollama_ps, parse_vllm_metrics
@@ -214,6 +214,7 @@ class Monitor(ManifestCompanion):
             "followers": dict(self._seen),
             "providers": providers,
             "queues": self._queues(),
+            "in_flight_by_replica": self._in_flight_by_replica(),
         }
 
     async def status(self) -> list[StatusRow]:
@@ -234,6 +235,19 @@ class Monitor(ManifestCompanion):
         """The sum of every replica's last push, those at most METRICS_TTL_S old."""
         cutoff = time.monotonic() - METRICS_TTL_S
         return merge(snapshot for at, snapshot in self._metrics.values() if at >= cutoff)
+
+    def _in_flight_by_replica(self) -> dict[str, int]:
+        """Requests each picker replica has booked now (its last push): how Serve spreads the
+        plan calls over the replicas."""
+        cutoff = time.monotonic() - METRICS_TTL_S
+        out: dict[str, int] = {}
+        for replica_id, (at, snapshot) in self._metrics.items():
+            booked = sum(
+                value for (name, _), value in snapshot.values.items() if name == IN_FLIGHT_METRIC
+            )
+            if at >= cutoff and booked:
+                out[replica_id] = int(booked)
+        return out
 
     def _queues(self) -> dict[str, dict[str, int]]:
         """Flow control: requests waiting by model and priority, summed over the picker

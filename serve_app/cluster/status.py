@@ -15,7 +15,7 @@ from pydantic import BaseModel
 
 from serve_app.cluster.health import Breaker, Circuit
 from serve_app.core.config import RouterConfig
-from serve_app.core.metrics import Snapshot, server_error
+from serve_app.core.metrics import IN_FLIGHT_METRIC, Snapshot, server_error
 from serve_app.routing.load import LoadSignal
 
 State = Literal["healthy", "circuit_open", "half_open", "probe_failing", "unprobed"]
@@ -75,7 +75,7 @@ def status_rows(
     requests: dict[tuple[str, str], float] = {}
     errors: dict[tuple[str, str], float] = {}
     for (name, labels), value in totals.values.items():
-        if name == "llm_router_provider_in_flight":
+        if name == IN_FLIGHT_METRIC:
             in_flight[labels[0]] = value
         elif name == "llm_router_requests":  # by model, provider, status and dialect
             model, provider, status = labels[0], labels[1], labels[2]

@@ -29,6 +29,8 @@ class Spec(NamedTuple):
     labels: tuple[str, ...]
 
 
+IN_FLIGHT_METRIC = "llm_router_provider_in_flight"  # set by the pickers, read by the monitor
+
 SPECS: dict[str, Spec] = {
     "llm_router_requests": Spec(
         "counter",
@@ -57,9 +59,7 @@ SPECS: dict[str, Spec] = {
     "llm_router_upstream_attempts": Spec(
         "counter", "Upstream attempts by provider and outcome", ("provider", "outcome")
     ),
-    "llm_router_provider_in_flight": Spec(
-        "gauge", "Upstream requests in flight, by provider", ("provider",)
-    ),
+    IN_FLIGHT_METRIC: Spec("gauge", "Upstream requests in flight, by provider", ("provider",)),
     "llm_router_slot_takes": Spec(
         "counter",
         "first_available* slots taken: from this replica's own (local), from the broker "

@@ -25,7 +25,7 @@ from serve_app.access.gate import Admission, Gate, flow_terms
 from serve_app.api.http import read_body, request_id
 from serve_app.cluster.registry.manifest import Manifest, unplaced_adapters
 from serve_app.conversations.service import Conversations, Turn
-from serve_app.core.config import RouterConfig, RoutingConfig, StrategyName
+from serve_app.core.config import SLOT_STRATEGIES, RouterConfig, RoutingConfig, StrategyName
 from serve_app.core.errors import RouterError, adapter_unavailable, model_not_found
 from serve_app.core.schemas import (
     SESSION_HEADER,
@@ -157,6 +157,7 @@ class Gateway:
         self._routing: dict[str, RoutingConfig] = {}
         self._client_timeouts: dict[str, aiohttp.ClientTimeout] = {}  # by model
         self._prefix_chars: dict[str, int] = {}  # prefix_affinity models: their block size
+        self._slot_models: frozenset[str] = frozenset()  # first_available* models
         self._max_body_bytes = max_body_bytes
         self.type_of: dict[str, str] = {}
         self._unplaced: frozenset[str] = frozenset()  # adapters loaded on no server now
@@ -200,11 +201,13 @@ class Gateway:
         self._input_sizes = {name: max(p.input_size for p in ps) for name, ps in everyone.items()}
         self._routing = {name: group.routing for group in groups for name in group.models}
         self._client_timeouts = {name: client_timeout(r) for name, r in self._routing.items()}
+        strategies = {n: r.strategy or self._default_strategy for n, r in self._routing.items()}
         self._prefix_chars = {
-            name: routing.prefix_block_chars
-            for name, routing in self._routing.items()
-            if (routing.strategy or self._default_strategy) == "prefix_affinity"
+            name: self._routing[name].prefix_block_chars
+            for name, strategy in strategies.items()
+            if strategy == "prefix_affinity"
         }
+        self._slot_models = frozenset(n for n, s in strategies.items() if s in SLOT_STRATEGIES)
         active = ApiModelConfig(config).active_names()
         self.models = [
             ModelInfo(name, group, parents.get(name), None)
@@ -401,7 +404,8 @@ class Gateway:
         if link is None:
             return error_answer(_not_deployed(model_type))
         chars = self._prefix_chars.get(meta.model)
-        plan = await link.plan(meta, request_blocks(body, chars) if chars else ())
+        prefix = request_blocks(body, chars) if chars else ()
+        plan = await link.plan(meta, prefix, meta.model in self._slot_models)
         if plan.queued:  # every provider is full: it waits in the picker's queue
             plan = await link.wait(plan)
         timeout = self._client_timeouts.get(meta.model) or DEFAULT_CLIENT_TIMEOUT

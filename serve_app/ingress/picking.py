@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import random
 import time
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from typing import TypeVar
 
 from ray.serve.handle import DeploymentHandle
 
@@ -21,6 +23,7 @@ from serve_app.pickers.plan import Plan, Report, Spare
 
 PlanCall = tuple[RequestMeta, Sequence[int], int]
 Key = tuple[str, str]  # (model type, picker replica)
+T = TypeVar("T")
 
 # How long a plan made ahead stays usable: the picker's choice is at most this old when used.
 GRANT_S = 0.05
@@ -80,13 +83,18 @@ class PickerLink:
         self._spares: dict[str, _Spares] = {}
         self._epoch = 0  # config changes seen (plans made ahead before one are not used)
 
-    async def plan(self, meta: RequestMeta, prefix: Sequence[int]) -> Plan:
+    async def plan(self, meta: RequestMeta, prefix: Sequence[int], slot: bool = False) -> Plan:
+        """`slot`: the model's strategy takes slots (first_available*), so the plan call may
+        wait at the picker for one: that call stays in the request, and Serve cancels it there
+        when the client leaves (a slot granted too late goes back: `abandoned`). Every other
+        call is _kept."""
         if self._waits:  # the model type is full somewhere: the replica least waited on
             target = self._least_waited()
             with self._waiting_on(target):  # counted at once: a burst must not all go there
-                return self._heard_of(await self._plan_at.remote(target, meta, prefix))
+                plan = await self._kept(lambda: self._plan_at.remote(target, meta, prefix))
+                return self._heard_of(plan)
         if meta.prefer:  # planned for its preferred provider, never from plans made ahead
-            return self._heard_of(await self._plans.call((meta, prefix, 0)))
+            return self._heard_of(await self._planned((meta, prefix, 0), slot))
         now = time.monotonic()
         spares = self._spares.get(meta.model)
         if spares is None:
@@ -102,7 +110,7 @@ class PickerLink:
         want = spares.wanted()
         spares.asking = spares.asking or want > 0
         try:
-            plan = self._heard_of(await self._plans.call((meta, prefix, want)))
+            plan = self._heard_of(await self._planned((meta, prefix, want), slot))
         finally:
             if want:
                 spares.asking = False
@@ -157,12 +165,33 @@ class PickerLink:
         leaving cancels it, and the request leaves the picker's queue)."""
         with self._waiting_on(plan.picker):
             try:
-                return self._heard_of(await self._wait.remote(plan.picker, plan.plan_id))
+                return self._heard_of(
+                    await self._kept(lambda: self._wait.remote(plan.picker, plan.plan_id))
+                )
             except asyncio.CancelledError:
-                # Serve cancels the wait call on the picker too; the report makes sure the
-                # ticket leaves even when that cancel does not reach it.
+                # The report takes the ticket out of the queue (the wait call goes on: _kept).
                 self._reporter.closed((self.model_type, plan.picker), plan.plan_id, at_once=True)
                 raise
+
+    async def _planned(self, call: PlanCall, slot: bool) -> Plan:
+        return await (
+            self._plans.call(call) if slot else self._kept(lambda: self._plans.call(call))
+        )
+
+    async def _kept(self, call: Callable[[], Awaitable[Plan]]) -> Plan:
+        """The answer of a plan, plan_at or wait call, made outside the request's context.
+        Serve cancels the calls a request made when its client leaves; a call the picker had
+        already answered then loses its answer, and what the picker booked for it (a plan and
+        its plans made ahead, or a queue ticket) would come back to nobody, holding a provider
+        for PLAN_TTL_S or a place in the queue for UNCLAIMED_S. So the call goes on, and what
+        it brings back after its client left is reported done at once."""
+        return await answer_or_give_back(call, self._give_back)
+
+    def _give_back(self, plan: Plan) -> None:
+        key = (self.model_type, plan.picker)
+        for plan_id in (plan.plan_id, *(spare.plan_id for spare in plan.spares)):
+            if plan_id:
+                self._reporter.closed(key, plan_id, at_once=True)
 
     @contextlib.contextmanager
     def _waiting_on(self, picker: str) -> Iterator[None]:
@@ -192,6 +221,29 @@ class PickerLink:
 
     async def report(self, picker: str, report: Report) -> None:
         await self._report.remote(picker, report)
+
+
+async def answer_or_give_back(
+    call: Callable[[], Awaitable[T]], give_back: Callable[[T], None]
+) -> T:
+    """Awaits `call()`, run in a context of its own (no cancel of the caller's reaches it); if
+    the caller is cancelled first, `call()` goes on and its answer, should one come, goes to
+    `give_back`."""
+
+    async def run() -> T:
+        return await call()
+
+    task = asyncio.get_running_loop().create_task(run(), context=contextvars.Context())
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+
+        def late(done: asyncio.Future[T]) -> None:
+            if not done.cancelled() and done.exception() is None:
+                give_back(done.result())
+
+        task.add_done_callback(late)
+        raise
 
 
 def _fits(spare: Spare, meta: RequestMeta) -> bool:

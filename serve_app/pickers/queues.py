@@ -120,7 +120,7 @@ class Queues:
         if item.future.done():  # it could go at once after all
             self._claim(ticket)
             return item.future.result()
-        item.asked = loop.call_later(UNCLAIMED_S, self.leave, ticket)
+        item.asked = loop.call_later(UNCLAIMED_S, self.leave, ticket, "unclaimed")
         return Plan(ticket, self._holder, (), queued=True)
 
     async def wait(self, ticket: str) -> Plan:
@@ -140,10 +140,11 @@ class Queues:
         finally:
             self._claim(ticket)
 
-    def leave(self, ticket: str) -> None:
+    def leave(self, ticket: str, outcome: str = "left") -> None:
         """The request's client left: out of the queue, and a plan made meanwhile goes back.
-        Its wait being cancelled says so, its ingress's report too, and a ticket nobody asked
-        for within UNCLAIMED_S."""
+        Its wait being cancelled says so, its ingress's report too (outcome `left`), and a
+        ticket nobody asked for within UNCLAIMED_S (`unclaimed`: its answer reached no
+        ingress, which should not happen; the metric shows whether it does)."""
         waiter = self._tickets.get(ticket)
         if waiter is None:
             return
@@ -154,7 +155,7 @@ class Queues:
         else:
             self._queues[waiter.item.meta.model].remove(waiter)
             self._answer(waiter, Plan(ticket, self._holder, ()))
-            self._observe(waiter.item, "left")
+            self._observe(waiter.item, outcome)
         self._claim(ticket)
 
     def dispatch(self, model: str) -> None:

@@ -19,6 +19,7 @@ from serve_app.cluster.registry.actor import RegistryRef
 from serve_app.cluster.registry.adapters import retiring_names
 from serve_app.cluster.registry.manifest import Manifest, effective_config, unplaced_adapters
 from serve_app.core.config import RouterConfig, RoutingConfig, StrategyName
+from serve_app.core.metrics import IN_FLIGHT_METRIC
 from serve_app.core.schemas import RequestMeta
 from serve_app.core.serve_env import REPLICA_CPUS
 from serve_app.local.loopback import keep_replica_grpc_on_loopback
@@ -115,7 +116,7 @@ class ModelTypeRouter:
             await asyncio.sleep(METRICS_PUSH_S)
             tally = self._shared.tally
             for pid, state in self._live.handler.states.items():
-                tally.set("llm_router_provider_in_flight", (pid,), state.in_flight)
+                tally.set(IN_FLIGHT_METRIC, (pid,), state.in_flight)
             for (model, priority), length in self._live.queues.lengths().items():
                 tally.set(LENGTH_METRIC, (model, str(priority)), length)
             with contextlib.suppress(Exception):
