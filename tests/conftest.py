@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
+from random_order.config import Config as RandomOrder
 
 from serve_app.core.serve_env import apply_fast_serve_env
 
@@ -142,9 +143,17 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
-def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+def pytest_terminal_summary(
+    terminalreporter: pytest.TerminalReporter, config: pytest.Config
+) -> None:
     for line in _skipped:
         terminalreporter.write_line(f"FAILED (skipped): {line}", red=True)
+    order = RandomOrder(config)
+    if order.is_enabled:  # printed last, where a failed run's log ends
+        terminalreporter.write_line(
+            f"modules in random order: PYTEST_ADDOPTS=--random-order-seed={order.seed} "
+            "make test runs this order again"
+        )
 
 
 @pytest.fixture(scope="session")
