@@ -237,8 +237,10 @@ async def test_a_provider_added_by_a_reload_gets_the_adapters_first(
         assert "vc" in {r[1] for r in asked} and {r[0] for r in asked} == {200}
     finally:
         ray.get(registry.publish_config.remote(pool.config, "test-config"))
+    # Every adapter of its base model (the session's registry also holds other modules' ones).
     current = ray.get(registry.current.remote()).adapters
-    assert vc.loras == {f"{n}@v{a.current.version}": a.current.source for n, a in current.items()}
+    ours = {n: a for n, a in current.items() if a.base_model == "m/base"}
+    assert vc.loras == {f"{n}@v{a.current.version}": a.current.source for n, a in ours.items()}
     assert _asked_before_loaded(vc, "late@v1") == []
 
 

@@ -12,7 +12,7 @@ from serve_app.core.config import ConfigError, ProviderConfig, parse_config
 from serve_app.demo.upstream import FakeUpstream, Knobs
 from serve_app.provision.manager import LLMModelManager
 from serve_app.provision.profiles import parse_profiles, with_role_defaults
-from serve_app.provision.tasks import placement
+from serve_app.provision.tasks import ENSURED, placement
 from tests.conftest import free_port, lora_dir, provider
 
 
@@ -151,6 +151,23 @@ async def test_each_action_of_the_report(ollama: FakeUpstream) -> None:
     forced = _actions(await manager.ensure_models_installed(["general"], force=True))
     assert forced["general"][0] == "updated"
     assert ollama.count("/api/pull") == 2
+
+
+async def test_a_role_pointed_at_another_model_is_ensured_again(ollama: FakeUpstream) -> None:
+    """A new profile (or models config) keeps what was ensured only for roles that still name
+    the same model on the same providers."""
+    ollama.knobs = Knobs(pull_fail_after=None)
+    manager = _manager(ollama, f"http://127.0.0.1:{free_port()}")
+    assert _actions(await manager.ensure_models_installed(["general"]))["general"][0] in ENSURED
+    config, roles = manager._config, manager._roles
+    manager.update(roles, config)  # the same again: still ensured
+    again = _actions(await manager.ensure_models_installed(["general"]))
+    assert again == {"general": ("skipped", "already_ensured")}
+    repointed = {**roles, "general": roles["manual"].model_copy(update={"auto_download": True})}
+    manager.update(repointed, config)
+    pulls = ollama.count("/api/pull")
+    moved = _actions(await manager.ensure_models_installed(["general"]))
+    assert moved["general"][0] == "installed" and ollama.count("/api/pull") == pulls + 1
 
 
 async def test_a_pull_that_breaks_midway_is_an_error_with_the_reason(ollama: FakeUpstream) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import ray
 
+from serve_app.cluster.follow import Followers
 from serve_app.cluster.registry.actor import NAMESPACE, RegistryRef
 from serve_app.cluster.registry.adapters import AdapterRegistration
 from serve_app.cluster.registry.manifest import Manifest
@@ -150,3 +151,20 @@ def test_an_old_version_is_unloaded_only_once_no_replica_uses_it(
         10,
         "the manifest to forget v1",
     )
+
+
+def test_a_follower_killed_without_leaving_is_forgotten_once_silent() -> None:
+    """The registry's and the monitor's followers: one that left is gone at once; one that
+    died (no long-poll under way, silent for the TTL) is gone then; one waiting on a long-poll
+    stays however long it waits."""
+    followers = Followers(ttl_s=0.05)
+    followers.seen("left", 3)
+    followers.seen("killed", 2)
+    followers.seen("waiting", 3, waiting=1)
+    followers.leave("left")
+    assert followers.versions() == {"killed": 2, "waiting": 3}
+    wait_for(lambda: "killed" not in followers.versions(), 5, "the killed one forgotten")
+    assert followers.versions() == {"waiting": 3}  # still in its long-poll
+    followers.done_waiting("waiting")  # its poll returned: heard from just now
+    assert followers.versions() == {"waiting": 3}
+    wait_for(lambda: not followers.versions(), 5, "a follower silent since forgotten")

@@ -15,7 +15,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
 from ray.actor import ActorHandle
@@ -23,6 +25,8 @@ from ray.actor import ActorHandle
 log = logging.getLogger("ray.serve")
 
 LONG_POLL_S = 10.0
+# A follower that has not called for this long is taken for gone (its replica died).
+FOLLOWER_TTL_S = 30.0
 BUSY_POLL_S = 0.5
 RETRY_S = 0.5
 # How long a call to the registry may take beyond its own long-poll before it counts as lost.
@@ -50,6 +54,54 @@ class Signal:
     async def wait(self, timeout: float) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._event.wait(), timeout)
+
+
+@dataclass
+class Seen:
+    """What an actor knows of one follower."""
+
+    version: int  # the state's version it has applied
+    busy: frozenset[str]  # what it reported busy with (requests on retiring adapter versions)
+    last_seen: float
+    waiting: int = 0  # its long-poll calls under way
+
+
+class Followers:
+    """The actor side's followers. A follower that leaves says so; one killed cannot: when it
+    has no long-poll under way and has not called for `ttl_s` (a live one calls at least every
+    LONG_POLL_S), it is taken for gone, so nobody waits for it to apply a version."""
+
+    def __init__(self, ttl_s: float = FOLLOWER_TTL_S) -> None:
+        self._ttl_s = ttl_s
+        self._seen: dict[str, Seen] = {}
+
+    def seen(
+        self, follower_id: str, version: int, busy: frozenset[str] = frozenset(), waiting: int = 0
+    ) -> None:
+        f = self._seen.get(follower_id)
+        if f is None:
+            f = self._seen[follower_id] = Seen(version, busy, time.monotonic())
+        f.version, f.busy, f.last_seen = version, busy, time.monotonic()
+        f.waiting += waiting
+
+    def done_waiting(self, follower_id: str) -> None:
+        f = self._seen.get(follower_id)
+        if f is not None:
+            f.waiting -= 1
+            f.last_seen = time.monotonic()
+
+    def leave(self, follower_id: str) -> None:
+        self._seen.pop(follower_id, None)
+
+    def live(self) -> dict[str, Seen]:
+        cutoff = time.monotonic() - self._ttl_s
+        for gone in [k for k, f in self._seen.items() if not f.waiting and f.last_seen < cutoff]:
+            del self._seen[gone]
+        return self._seen
+
+    def versions(self) -> dict[str, int]:
+        """Live follower id -> the version it has applied."""
+        return {fid: f.version for fid, f in self.live().items()}
 
 
 class ActorLink:

@@ -18,7 +18,7 @@ import orjson
 import ray
 from ray.actor import ActorHandle
 
-from serve_app.cluster.follow import Signal
+from serve_app.cluster.follow import Followers, Signal
 from serve_app.cluster.health import CIRCUIT_LEVEL, Breaker, Circuit, HealthView
 from serve_app.cluster.registry.actor import RegistryRef
 from serve_app.cluster.registry.companion import ManifestCompanion, companion_handle
@@ -65,7 +65,7 @@ class Monitor(ManifestCompanion):
         self._changed = Signal()
         self._metrics: dict[str, tuple[float, Snapshot]] = {}
         self._signals_changed = False
-        self._seen: dict[str, int] = {}  # follower -> the view version it has
+        self._followers = Followers()
         self._config: RouterConfig | None = None
         self._series = Series()
         self._next_sample = 0.0
@@ -178,14 +178,17 @@ class Monitor(ManifestCompanion):
         self, follower_id: str, known_version: int, busy: list[str], timeout_s: float
     ) -> HealthView | None:
         await self._ensure_started()
-        self._seen[follower_id] = known_version
-        if self._view.version == known_version:
-            await self._changed.wait(timeout_s)
+        self._followers.seen(follower_id, known_version, waiting=1)
+        try:
+            if self._view.version == known_version:
+                await self._changed.wait(timeout_s)
+        finally:
+            self._followers.done_waiting(follower_id)
         return None if self._view.version == known_version else self._view
 
     async def leave(self, follower_id: str) -> None:
         self._metrics.pop(follower_id, None)
-        self._seen.pop(follower_id, None)
+        self._followers.leave(follower_id)
 
     async def trip(self, provider_id: str, reason: str) -> None:
         """A replica saw the provider's requests fail `circuit_failures` times in a row."""
@@ -211,7 +214,7 @@ class Monitor(ManifestCompanion):
         }
         return {
             "version": self._view.version,
-            "followers": dict(self._seen),
+            "followers": self._followers.versions(),
             "providers": providers,
             "queues": self._queues(),
             "in_flight_by_replica": self._in_flight_by_replica(),

@@ -88,7 +88,8 @@ class LLMModelManager:
         self._roles = roles
         self._config = config
         self._registry = registry
-        self._ensured: set[str] = set()
+        # Role key -> what was ensured for it: the role and the providers serving it then.
+        self._ensured: dict[str, tuple[Role, tuple[str, ...]]] = {}
         self._flights: dict[str, asyncio.Task[list[Status]]] = {}
         # Queues of the callers streaming provisioning as it happens (`subscribe`).
         self._listeners: set[asyncio.Queue[dict[str, Any] | None]] = set()
@@ -109,7 +110,8 @@ class LLMModelManager:
             events.put_nowait(event)
 
     def update(self, roles: dict[str, Role], config: RouterConfig) -> None:
-        """New profiles or models config; what was ensured stays ensured."""
+        """New profiles or models config; what was ensured stays ensured while its role names
+        the same model on the same providers (a role pointed elsewhere is ensured again)."""
         self._roles, self._config = roles, config
 
     async def ensure_models_installed(
@@ -125,7 +127,7 @@ class LLMModelManager:
             known = ", ".join(sorted(self._roles)) or "none"
             detail = f"unknown_role: not in the active profile (roles: {known})"
             return [Status(role=key, name="", provider="", action="error", detail=detail)]
-        if not force and key in self._ensured:
+        if not force and self._ensured.get(key) == self._as_ensured(role):
             return [
                 Status(
                     role=key,
@@ -161,8 +163,11 @@ class LLMModelManager:
             event = {"event": "role provisioned", "role": s.role, "provider_id": s.provider_id}
             log.info(orjson.dumps({**event, "action": s.action, "detail": s.detail}).decode())
         if statuses and all(s.action in ENSURED for s in statuses):
-            self._ensured.add(key)
+            self._ensured[key] = self._as_ensured(role)
         return statuses
+
+    def _as_ensured(self, role: Role) -> tuple[Role, tuple[str, ...]]:
+        return role, tuple(sorted(p.id for p in role_providers(self._config, role)))
 
     async def _run(self, provider: ProviderConfig, key: str, role: Role, force: bool) -> Status:
         options, note = placement(provider)

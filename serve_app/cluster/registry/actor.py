@@ -14,7 +14,6 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -25,7 +24,7 @@ from pydantic import BaseModel, ConfigDict
 from ray.actor import ActorHandle
 
 from serve_app.access.keys import KeyLimits, new_key
-from serve_app.cluster.follow import Signal
+from serve_app.cluster.follow import Followers, Signal
 from serve_app.cluster.registry import lora, store
 from serve_app.cluster.registry.adapters import (
     AdapterRegistration,
@@ -61,8 +60,6 @@ NAMESPACE = "serve-router"
 DEFAULT_NAME = "llm-router-registry"
 PATH_ENV = "LLM_ADAPTER_REGISTRY_PATH"
 DEFAULT_PATH = "state/registry.json"
-# A follower that has not called for this long is taken for gone (its replica died).
-FOLLOWER_TTL_S = 30.0
 # After this long an old adapter version is unloaded even if a replica still reports a request
 # on it (a stream that never ends must not pin GPU memory forever).
 DRAIN_TIMEOUT_S = 600.0
@@ -126,14 +123,6 @@ class RegistryRef(BaseModel):
         ).remote(self.path)
 
 
-@dataclass
-class _Follower:
-    version: int
-    busy: frozenset[str]
-    last_seen: float
-    waiting: int = 0
-
-
 @ray.remote
 class Registry:
     def __init__(self, path: str) -> None:
@@ -142,7 +131,7 @@ class Registry:
         self._manifest = Manifest.model_validate_json(data) if data else Manifest()
         self._changed = Signal()
         self._reported = Signal()
-        self._followers: dict[str, _Follower] = {}
+        self._followers = Followers()
         self._lock = asyncio.Lock()
         self._session: aiohttp.ClientSession | None = None
         self._background: list[asyncio.Task[None]] = []
@@ -166,20 +155,8 @@ class Registry:
         return True
 
     def _seen(self, follower_id: str, version: int, busy: frozenset[str], waiting: int) -> None:
-        f = self._followers.get(follower_id)
-        if f is None:
-            f = self._followers[follower_id] = _Follower(version, busy, time.monotonic())
-        f.version, f.busy, f.last_seen = version, busy, time.monotonic()
-        f.waiting += waiting
+        self._followers.seen(follower_id, version, busy, waiting)
         self._reported.fire()
-
-    def _live(self) -> dict[str, _Follower]:
-        cutoff = time.monotonic() - FOLLOWER_TTL_S
-        for fid in [
-            k for k, f in self._followers.items() if not f.waiting and f.last_seen < cutoff
-        ]:
-            del self._followers[fid]
-        return self._followers
 
     def _start_background(self) -> None:
         if not self._background:
@@ -221,22 +198,22 @@ class Registry:
             if self.version == known_version:
                 await self._changed.wait(timeout_s)
         finally:
-            self._followers.get(follower_id, _Follower(0, frozenset(), 0)).waiting -= 1
+            self._followers.done_waiting(follower_id)
         return None if self.version == known_version else self._manifest
 
     async def leave(self, follower_id: str) -> None:
-        self._followers.pop(follower_id, None)
+        self._followers.leave(follower_id)
         self._reported.fire()
 
     async def followers(self) -> dict[str, int]:
         """Live follower id -> the manifest version it has applied."""
-        return {fid: f.version for fid, f in self._live().items()}
+        return self._followers.versions()
 
     async def wait_for_followers(self, version: int, timeout_s: float) -> list[str]:
         """Wait until every live follower has applied `version`; the ones that had not, if any."""
         deadline = time.monotonic() + timeout_s
         while True:
-            behind = sorted(k for k, f in self._live().items() if f.version < version)
+            behind = sorted(k for k, v in self._followers.versions().items() if v < version)
             left = deadline - time.monotonic()
             if not behind or left <= 0:
                 return behind
@@ -405,7 +382,8 @@ class Registry:
         )
 
     def _drained(self, retired_in: int, name: str) -> bool:
-        return all(f.version >= retired_in and name not in f.busy for f in self._live().values())
+        live = self._followers.live().values()
+        return all(f.version >= retired_in and name not in f.busy for f in live)
 
     async def _unload_drained(self) -> None:
         now = time.monotonic()
