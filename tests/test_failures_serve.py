@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import csv
+import os
 import random
 from collections import Counter
 from dataclasses import dataclass
@@ -28,6 +30,10 @@ FLOW, SLOT, PLAIN = "fail_flow_models", "fail_slot_models", "fail_plain_models"
 REPLICAS = 2  # of the ingress and of each picker deployment
 DEPLOYMENTS = {"Ingress": REPLICAS, **{f"router-{t}": REPLICAS for t in (FLOW, SLOT, PLAIN)}}
 LEASE_S = 2.0
+# Serve's HAProxy's stats page (its listing of the ingress replicas it sends to).
+HAPROXY_STATS = (
+    f"http://127.0.0.1:{os.environ.get('RAY_SERVE_HAPROXY_STATS_PORT', '8404')}/stats;csv"
+)
 # Bounds for what must end: generous for a busy 2-core machine, never waited out when all is well.
 ANSWERED_S = 90.0
 RECOVERED_S = 90.0
@@ -148,6 +154,18 @@ def _replicas(deployment: str) -> list[str]:
     )
 
 
+async def _haproxy_sessions(http: aiohttp.ClientSession) -> dict[str, int]:
+    """The connections HAProxy has open to each ingress replica that it sends to (UP)."""
+    async with http.get(HAPROXY_STATS) as resp:
+        rows = list(csv.DictReader((await resp.text()).lstrip("# ").splitlines()))
+    return {
+        f"{r['pxname']}/{r['svname']}": int(r["scur"] or 0)
+        for r in rows
+        if r["svname"] not in ("FRONTEND", "BACKEND") and r["pxname"] != "stats"
+        if r["status"] == "UP" and r["bck"] == "0"
+    }
+
+
 async def _all_served(http: aiohttp.ClientSession, pool: Pool, n: int) -> bool:
     """n requests at once, each answered 200 (a connection HAProxy cut counts as not)."""
     try:
@@ -173,7 +191,12 @@ async def whole(pool: Pool) -> None:
 
     await until(running, "every replica running", timeout=RECOVERED_S)
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
-        await until(lambda: _all_served(http, pool, 8), "HAProxy to reach every ingress", 60)
+
+        async def reached() -> bool:
+            return len(await _haproxy_sessions(http)) == REPLICAS
+
+        await until(reached, "HAProxy to send to every ingress replica", timeout=RECOVERED_S)
+        await until(lambda: _all_served(http, pool, 8), "every request served", 60)
 
         async def idle() -> bool:
             return await _in_flight(http, pool, *pool.ups) == 0
@@ -299,7 +322,10 @@ async def test_an_ingress_replica_dies_while_the_other_streams(pool: Pool) -> No
             return p1.active + p2.active == 8 and await _in_flight(http, pool, "p1", "p2") == 8
 
         await until(held, "8 streams held mid-answer and booked")
-        await _kill_and_wait(random.choice(_replicas("Ingress")))
+        sessions = await _haproxy_sessions(http)
+        assert len(sessions) == REPLICAS and all(sessions.values()), sessions  # on both
+        victim = random.choice(_replicas("Ingress"))
+        await _kill_and_wait(victim)
 
         async def cut() -> bool:  # the dead replica's streams: cut at the client and upstream
             ended = sum(s.done() for s in streams)
@@ -317,7 +343,13 @@ async def test_an_ingress_replica_dies_while_the_other_streams(pool: Pool) -> No
         cut_off = len(outcomes) - len(whole)
         assert whole and cut_off, outcomes
 
-        # HAProxy stops sending to the dead replica: once the replacement is up, all is served.
+        # HAProxy stops sending to the dead replica; once the replacement is up, all is served.
+        server = victim.replace("::", "_").replace("#", "-")
+
+        async def dropped() -> bool:
+            return not any(name.endswith(f"/{server}") for name in await _haproxy_sessions(http))
+
+        await until(dropped, "HAProxy to stop sending to the dead replica", RECOVERED_S)
         await until(lambda: _all_served(http, pool, 8), "every request served", RECOVERED_S)
         assert await _all_served(http, pool, 16)
 
