@@ -145,6 +145,10 @@ async def _in_flight(http: aiohttp.ClientSession, pool: Pool, *providers: str) -
     return await _metric(http, pool, "llm_router_provider_in_flight", *providers)
 
 
+async def _true(value: bool) -> bool:
+    return value
+
+
 def _replicas(deployment: str) -> list[str]:
     prefix = f"SERVE_REPLICA::{APP_NAME}#{deployment}#"
     return sorted(
@@ -467,7 +471,3 @@ async def test_flow_control_order_holds_across_two_ingress_replicas(pool: Pool) 
     for future in clients.values():
         with contextlib.suppress(asyncio.CancelledError):
             await future
-
-
-async def _true(value: bool) -> bool:
-    return value
