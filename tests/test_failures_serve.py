@@ -37,6 +37,8 @@ HAPROXY_STATS = (
 # Bounds for what must end: generous for a busy 2-core machine, never waited out when all is well.
 ANSWERED_S = 90.0
 RECOVERED_S = 90.0
+# How a whole stream ends, in each client dialect.
+STREAM_END = {"openai": "data: [DONE]", "anthropic": 'data: {"type":"message_stop"}'}
 
 
 @dataclass
@@ -239,10 +241,11 @@ async def test_a_picker_replica_dies_while_requests_wait_in_its_queue(pool: Pool
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=ANSWERED_S)) as http:
         await _heard_of_every_picker(http, pool)
         fc.knobs = Knobs(hold=True)
-        dialects = ["anthropic" if n % 3 == 0 else "openai" for n in range(12)]
+        # OpenAI's and Anthropic's dialects, unary and streamed.
+        asked = [("anthropic" if n % 3 == 0 else "openai", n % 2 == 1) for n in range(12)]
         clients = [
-            asyncio.ensure_future(_ask(http, pool, "m/flow", f"q{n}", dialect=d))
-            for n, d in enumerate(dialects)
+            asyncio.ensure_future(_ask(http, pool, "m/flow", f"q{n}", dialect=d, stream=s))
+            for n, (d, s) in enumerate(asked)
         ]
 
         async def full() -> bool:  # one held per picker replica (max_concurrency 1), 10 wait
@@ -256,8 +259,11 @@ async def test_a_picker_replica_dies_while_requests_wait_in_its_queue(pool: Pool
         _, pending = await asyncio.wait(clients, timeout=ANSWERED_S)
         assert not pending, f"{len(pending)} requests still unanswered"
         answers = [c.result() for c in clients]
-        for answer, dialect in zip(answers, dialects, strict=True):
-            assert answer.status == 200 or _clear_503(answer, dialect), answer
+        for answer, (dialect, stream) in zip(answers, asked, strict=True):
+            if answer.status == 200 and stream:  # whole, to its dialect's last event
+                assert answer.text.rstrip().endswith(STREAM_END[dialect]), answer.text
+            else:
+                assert answer.status == 200 or _clear_503(answer, dialect), answer
         statuses = Counter(a.status for a in answers)
         # Both replicas held waiting requests (flow control spreads them), so some waited on
         # the dead one; at least the two held requests were answered.
