@@ -12,14 +12,15 @@ import sys
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 from fastapi.routing import APIRoute
 
 from serve_app.api.auth import ADMIN_TOKEN_ENV
 from serve_app.ingress.replica import api
-from tests.conftest import free_port
-from tests.test_local_run import Run, chat, runs  # noqa: F401 (runs: a fixture used here)
+from tests.conftest import NO_PROFILES, free_port, provider
+from tests.test_local_run import CHAT, Run, chat, runs  # noqa: F401 (runs: a fixture used here)
 
 ADMIN_PREFIX = "/api/v1/"
 
@@ -38,13 +39,24 @@ def admin_routes() -> list[tuple[str, str]]:
 
 
 @pytest.fixture
-def without_token(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> Iterator[int]:
-    """A demo router of its own, its environment without the admin token: `runs` copies
-    os.environ when it is set up, so it is set up after the token is gone."""
+def without_token(
+    monkeypatch: pytest.MonkeyPatch,
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    upstream_factory: Callable,
+) -> Iterator[int]:
+    """A router of its own, its environment without the admin token (`runs` copies os.environ
+    when it is set up, so it is set up after the token is gone), in front of a test upstream
+    (not the demo's: its fixed port may be another run's)."""
+    up = upstream_factory("no-admin")
+    config = tmp_path / "models-config.json"
+    model = {CHAT["model"]: {"providers": [provider(up.name, up.url)]}}
+    config.write_text(json.dumps({"t": model, "active_models": {"t": list(model)}}))
     monkeypatch.delenv(ADMIN_TOKEN_ENV)
     start: Callable[..., Run] = request.getfixturevalue("runs")
     port = free_port()
-    run = start([sys.executable, "-m", "serve_app.cli", "run", "--port", str(port)])
+    documents = ["--config", str(config), "--profiles", NO_PROFILES, "--no-demo"]
+    run = start([sys.executable, "-m", "serve_app.cli", "run", "--port", str(port), *documents])
     run.wait_ready()
     yield port
     run.ctrl_c()
