@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -19,8 +18,9 @@ from fastapi.routing import APIRoute
 
 from serve_app.api.auth import ADMIN_TOKEN_ENV
 from serve_app.ingress.replica import api
-from tests.conftest import NO_PROFILES, free_port, provider
-from tests.test_local_run import CHAT, Run, chat, runs  # noqa: F401 (runs: a fixture used here)
+from tests.conftest import free_port
+from tests.local_router import run_command
+from tests.test_local_run import Run, chat, runs  # noqa: F401 (runs: a fixture used here)
 
 ADMIN_PREFIX = "/api/v1/"
 
@@ -46,17 +46,11 @@ def without_token(
     upstream_factory: Callable,
 ) -> Iterator[int]:
     """A router of its own, its environment without the admin token (`runs` copies os.environ
-    when it is set up, so it is set up after the token is gone), in front of a test upstream
-    (not the demo's: its fixed port may be another run's)."""
-    up = upstream_factory("no-admin")
-    config = tmp_path / "models-config.json"
-    model = {CHAT["model"]: {"providers": [provider(up.name, up.url)]}}
-    config.write_text(json.dumps({"t": model, "active_models": {"t": list(model)}}))
+    when it is set up, so it is set up after the token is gone)."""
     monkeypatch.delenv(ADMIN_TOKEN_ENV)
     start: Callable[..., Run] = request.getfixturevalue("runs")
     port = free_port()
-    documents = ["--config", str(config), "--profiles", NO_PROFILES, "--no-demo"]
-    run = start([sys.executable, "-m", "serve_app.cli", "run", "--port", str(port), *documents])
+    run = start(run_command(port, upstream_factory("no-admin"), tmp_path))
     run.wait_ready()
     yield port
     run.ctrl_c()
