@@ -381,7 +381,7 @@ def _band(label: str) -> int:
 
 def _fair(chain: list[str]) -> int:
     """Weights 3:1 inside priority 0 while both keys wait: after every n requests, the heavy
-    key's count is within one of 3n/4 (stride scheduling's bound; equal turns break it by n=6).
+    key's count is within one of 3n/4 (stride scheduling's bound; equal turns break it by n = 6).
     Returns how many requests were checked."""
     lows = [label.split("-")[0] for label in chain if _band(label) == 0]
     last = min(
@@ -429,14 +429,14 @@ async def test_flow_control_order_holds_across_two_ingress_replicas(pool: Pool) 
             if fc.active == REPLICAS:
                 break
         waiting = len(clients) - REPLICAS
-        for n in range(18):
+        for n in range(24):
             send("heavy", n)
             if n % 3 == 0:
                 send("light", n // 3)
         for n in range(6):
             send("high", n)
         leavers = [send("leaver", n) for n in range(4)]
-        waiting += 18 + 6 + 6 + 4
+        waiting += 24 + 8 + 6 + 4
         await queued(waiting)
         for label in leavers:
             clients[label].cancel()
@@ -471,7 +471,7 @@ async def test_flow_control_order_holds_across_two_ingress_replicas(pool: Pool) 
         bands = [_band(label) for label in chain]
         assert bands == sorted(bands, reverse=True), chain  # strictly by priority
         checked.append(_fair(chain))
-    assert max(checked) >= 8, chains  # the weights were seen at work
+    assert max(checked) >= 6, chains  # long enough for equal turns to fail (at n = 6 or 3)
     # Both picker replicas dispatched from the queue (fair share needs both to hold a share).
     assert all(len(chain) > 1 for chain in chains), chains
     for future in clients.values():
