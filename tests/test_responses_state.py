@@ -185,24 +185,38 @@ async def test_the_id_routes_and_key_isolation(pool: Pool) -> None:
 
 
 async def test_the_store_actor_killed_mid_conversation(pool: Pool) -> None:
+    """The replicas beside the store's actor use its file, so a conversation goes on while the
+    actor is dead; what goes through the actor (background runs, a replica elsewhere:
+    tests/multinode_responses.py) gets an actor made again on the same file, which has the turn
+    written while none ran."""
     client = pool.client()
     first, _, _ = await _turn(client, "m/chat", "one")
     second, _, _ = await _turn(client, "m/chat", "two", first.id)
     store = ray.get_actor(f"{REGISTRY.name}-responses", namespace=NAMESPACE)
     ray.kill(store)  # no restart: it is made again, from the same file
-    _, served, _ = await _turn(client, "m/chat", "three", second.id)
+    third, served, _ = await _turn(client, "m/chat", "three", second.id)
     assert _users(pool.upstream(served)) == ["one", "two", "three"]
-    # What needs the actor itself: a replica on another node, a background response.
-    far = Conversations(lambda: responses_handle(REGISTRY), "test-far-replica", local=False)
-    assert (await far.get(first.id, pool.key_id))["id"] == first.id
+    # Through the actor: a new one, which reads what the replicas wrote meanwhile.
+    actor = responses_handle(REGISTRY)
+    assert actor._actor_id != store._actor_id
+    stored = orjson.loads(await actor.get.remote(third.id, pool.key_id))
+    assert stored["id"] == third.id and stored["turns"] == 3
+    # A background continuation: stored, run and settled through the actor.
     queued = await client.responses.create(
-        model="m/chat", input="four", previous_response_id=second.id, background=True
+        model="m/chat", input="four", previous_response_id=third.id, background=True
     )
 
     async def completed() -> bool:
         return (await client.responses.retrieve(queued.id)).status == "completed"
 
     await until(completed, "the background response to complete")
+    done = await client.responses.retrieve(queued.id)
+    maker = pool.upstream(done.output_text.split(":")[0])
+    assert _users(maker) == ["one", "two", "three", "four"]
+    # Deleted through the actor: the replicas, reading the file, no longer find it.
+    assert await actor.delete.remote(third.id, pool.key_id)
+    with pytest.raises(openai.NotFoundError):
+        await client.responses.retrieve(third.id)
 
 
 async def test_a_conversation_longer_than_the_model_is_a_clear_400(pool: Pool) -> None:

@@ -387,3 +387,60 @@ def test_bad_key_edits_and_windows_are_400(router: Router) -> None:
     with _call(router.url, "PUT", f"/api/v1/keys/{key_id}", b'{"name": "y"}', **ADMIN) as resp:
         assert json.load(resp)["name"] == "y"
         assert "key" not in json.load(_call(router.url, "GET", f"/api/v1/keys/{key_id}", **ADMIN))
+
+
+def test_hostile_strings_render_as_text(page, router: Router) -> None:
+    """Markup in what operators and clients name (a key's models, an adapter's source, a
+    provider's id beside its circuit's reason) is shown as text: no element is made of it and
+    nothing of it runs (no dialog, no console error such as a CSP refusal). Key and adapter
+    names refuse it outright."""
+    dialogs: list[str] = []
+    errors: list[str] = []
+    page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
+    page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
+    hostile = {
+        what: f"<img src=x onerror=alert('{what}')>" for what in ("key", "adapter", "provider")
+    }
+    source = lora_dir("<svg onload=alert('source')>")
+    # Names may hold no markup at all; a key's models and an adapter's source are free text.
+    named = {
+        "key": ("/api/v1/keys", {}),
+        "adapter": ("/api/v1/adapters", {"base_model": "c/base", "source": source}),
+    }
+    for what, (path, fields) in named.items():
+        body = orjson.dumps({**fields, "name": hostile[what]})
+        with _call(router.url, "POST", path, body, **ADMIN) as resp:
+            assert resp.status == 400, what
+    body = orjson.dumps({"name": "hostile-models", "models": [hostile["key"]]})
+    with _call(router.url, "POST", "/api/v1/keys", body, **ADMIN) as resp:
+        key_id = json.load(resp)["id"]
+    body = orjson.dumps({"base_model": "c/base", "name": "con-hostile", "source": source})
+    with _call(router.url, "POST", "/api/v1/adapters", body, **ADMIN) as resp:
+        assert resp.status == 201
+    dead = provider(hostile["provider"], f"http://127.0.0.1:{free_port()}")
+    config = {
+        **router.config,
+        TYPE: {**router.config[TYPE], "c/hostile": {"providers": [dead]}},
+        "active_models": {TYPE: [*router.config["active_models"][TYPE], "c/hostile"]},
+    }
+    router.config_file.write_bytes(orjson.dumps(config))
+    try:
+        with _call(router.url, "POST", "/api/v1/config/reload", **ADMIN) as resp:
+            assert resp.status == 200
+        card = page.locator("[data-model='c/hostile']")
+        expect(card).to_contain_text(hostile["provider"], timeout=15_000)
+        expect(card).to_contain_text("probe", timeout=15_000)  # its circuit opened: why
+        page.click("nav a[data-view=keys]")
+        expect(page.locator(f"tr[data-key='{key_id}']")).to_contain_text(hostile["key"])
+        page.click("nav a[data-view=adapters]")
+        expect(page.locator("[data-adapter=con-hostile]")).to_contain_text(source)
+        made = page.evaluate("document.querySelectorAll('img, [onerror], [onload]').length")
+        assert made == 0 and dialogs == [] and errors == [], (made, dialogs, errors)
+    finally:
+        router.config_file.write_bytes(orjson.dumps(router.config))
+        with _call(router.url, "POST", "/api/v1/config/reload", **ADMIN) as resp:
+            assert resp.status == 200
+        with _call(router.url, "DELETE", "/api/v1/adapters/con-hostile", **ADMIN) as resp:
+            assert resp.status == 200
+        with _call(router.url, "DELETE", f"/api/v1/keys/{key_id}", **ADMIN) as resp:
+            assert resp.status in (200, 204)

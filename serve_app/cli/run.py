@@ -191,7 +191,9 @@ def _serve(
             return 2
     stop = Stop()
     try:
-        ray.init(include_dashboard=False, logging_level="warning")
+        # Its own Ray, always: without an address, ray.init joins the cluster a `ray start` on
+        # this machine last recorded (/tmp/ray/ray_current_cluster), even a dead one.
+        ray.init(address="local", include_dashboard=False, logging_level="warning")
         stop.install()  # after ray.init, which installs handlers of its own
         serve.start(http_options={"host": args.host, "port": args.port})
         serve.run(build(), name=app_name, route_prefix="/")
