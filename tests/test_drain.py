@@ -46,9 +46,12 @@ async def test_scale_down_and_redeploy_cut_no_request(serve_url: str, upstream_f
         while not stop.is_set():
             try:
                 async with http.post(f"{serve_url}/v1/chat/completions", json=chat) as resp:
-                    doc = orjson.loads(await resp.read())
-                    ok = resp.status == 200 and doc["choices"][0]["message"]["content"]
-                    outcomes.append("ok" if ok else f"unary {resp.status}")
+                    raw = await resp.read()
+                    try:
+                        ok = resp.status == 200 and orjson.loads(raw)["choices"][0]["message"]
+                    except orjson.JSONDecodeError:
+                        ok = False
+                    outcomes.append("ok" if ok else f"unary {resp.status} {raw[:200]!r}")
             except aiohttp.ClientError as exc:
                 outcomes.append(f"unary {type(exc).__name__}")
 

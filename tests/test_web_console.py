@@ -94,7 +94,10 @@ def browser_context(tmp_path_factory) -> Iterator[object]:
         pytest.skip("Debian's chromium is missing: apt-get install chromium (make test does)")
     with sync_api.sync_playwright() as p:
         context = launch(p, str(tmp_path_factory.mktemp("chromium-profile")))
-        context.set_default_timeout(10_000)
+        # Deadlines for what the page shows (each waits for its condition, no longer): room
+        # for a 2-core machine busy with the router, Ray and the browser at once.
+        context.set_default_timeout(15_000)
+        expect.set_options(timeout=15_000)
         yield context
         context.close()
 
