@@ -5,15 +5,20 @@ from __future__ import annotations
 
 import time
 
+import aiohttp
 import msgspec
+import orjson
 import zmq
 import zmq.asyncio
+from prometheus_client.parser import text_string_to_metric_families
 
 from bench.local_ray import free_port
 from serve_app.demo.vllm_sim.engine import Engine, Request
 from serve_app.demo.vllm_sim.kv_cache import chain_hashes
 from serve_app.demo.vllm_sim.profiles import H100_LLAMA_8B, Profile
 from serve_app.demo.vllm_sim.publisher import KVEventsConfig, ZmqPublisher
+from serve_app.demo.vllm_sim.server import Options, SimServer
+from serve_app.demo.vllm_sim.tokens import SimpleTokenizer
 from serve_app.demo.vllm_sim.wire import DECODER, ENCODER, BlockRemoved, BlockStored, EventBatch
 
 SMALL = Profile(
@@ -212,3 +217,52 @@ def test_the_batch_is_vllms_wire_shape() -> None:
         "lora_name",
         "group_idx",
     }
+
+
+async def test_the_http_surface_reports_cached_tokens_and_vllms_metric_names() -> None:
+    port = free_port()
+    options = Options(model="sim", profile=SMALL, time_scale=50.0, prompt_tokens_details=True)
+    server = SimServer(options, SimpleTokenizer())
+    await server.start("127.0.0.1", port)
+    url = f"http://127.0.0.1:{port}"
+    words = " ".join(f"w{i}" for i in range(12))
+    body = {"model": "sim", "messages": [{"role": "user", "content": words}], "max_tokens": 3}
+    try:
+        async with aiohttp.ClientSession() as http:
+            usages = []
+            for _ in range(2):
+                async with http.post(f"{url}/v1/chat/completions", json=body) as resp:
+                    assert resp.status == 200
+                    usages.append((await resp.json())["usage"])
+            stream = {**body, "stream": True, "stream_options": {"include_usage": True}}
+            async with http.post(f"{url}/v1/chat/completions", json=stream) as resp:
+                lines = [line async for line in resp.content if line.startswith(b"data: ")]
+            async with http.post(f"{url}/v1/chat/completions", json={**body, "model": "x"}) as r:
+                assert r.status == 404
+            async with http.get(f"{url}/metrics") as resp:
+                page = await resp.text()
+    finally:
+        await server.stop()
+    # "user: w0 .. w11" then "assistant:": 14 tokens, 3 full blocks of 4, all cached next time.
+    assert [u["prompt_tokens"] for u in usages] == [14, 14]
+    assert [u["prompt_tokens_details"]["cached_tokens"] for u in usages] == [0, 12]
+    assert lines[-1] == b"data: [DONE]\n"
+    assert orjson.loads(lines[-2][6:])["usage"]["completion_tokens"] == 3
+    assert len(lines) == 1 + 3 + 1 + 1  # role, 3 tokens, usage, [DONE]
+    labels = {
+        sample.name: set(sample.labels) - {"le", "finished_reason"}
+        for family in text_string_to_metric_families(page)
+        for sample in family.samples
+    }
+    for name in (
+        "vllm:num_requests_running",
+        "vllm:num_requests_waiting",
+        "vllm:kv_cache_usage_perc",
+        "vllm:prefix_cache_queries_total",
+        "vllm:prefix_cache_hits_total",
+        "vllm:request_success_total",
+        "vllm:time_to_first_token_seconds_bucket",
+        "vllm:inter_token_latency_seconds_bucket",
+    ):
+        assert labels.get(name) == {"engine", "model_name"}, name
+    assert 'vllm:prefix_cache_hits_total{engine="0",model_name="sim"} 24.0' in page

@@ -38,8 +38,9 @@ class Request:
     token_times: list[float] = field(default_factory=list)
     finished_at: float | None = None
     finish_reason: str | None = None
-    # Called after each sampled token and at the end (the HTTP shell streams from it).
-    listener: Callable[[Request], None] | None = None
+    # Called after each sampled token but the last (a stream's), and at the end.
+    on_token: Callable[[Request], None] | None = None
+    on_finish: Callable[[Request], None] | None = None
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids)
@@ -233,8 +234,8 @@ class Engine:
                 self.cache.free(request.blocks)
                 request.blocks = []
                 self._finish(request, "length")
-            elif request.listener is not None:
-                request.listener(request)
+            elif request.on_token is not None:
+                request.on_token(request)
 
     def abort(self, request: Request) -> None:
         """The client went away: the request leaves the engine and frees its blocks."""
@@ -253,7 +254,7 @@ class Engine:
         request.finish_reason = reason
         if reason == "length":
             self.counters.finished += 1
-        if request.listener is not None:
-            request.listener(request)
+        if request.on_finish is not None:
+            request.on_finish(request)
         if self._on_finished is not None:
             self._on_finished(request)
