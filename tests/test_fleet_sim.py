@@ -17,7 +17,7 @@ from serve_app.demo.vllm_sim.engine import Engine, Request
 from serve_app.demo.vllm_sim.kv_cache import chain_hashes
 from serve_app.demo.vllm_sim.profiles import H100_LLAMA_8B, Profile
 from serve_app.demo.vllm_sim.publisher import KVEventsConfig, ZmqPublisher
-from serve_app.demo.vllm_sim.server import Options, SimServer
+from serve_app.demo.vllm_sim.server import Fleet, Options, SimServer
 from serve_app.demo.vllm_sim.tokens import SimpleTokenizer
 from serve_app.demo.vllm_sim.wire import DECODER, ENCODER, BlockRemoved, BlockStored, EventBatch
 
@@ -221,9 +221,12 @@ def test_the_batch_is_vllms_wire_shape() -> None:
 
 async def test_the_http_surface_reports_cached_tokens_and_vllms_metric_names() -> None:
     port = free_port()
-    options = Options(model="sim", profile=SMALL, time_scale=50.0, prompt_tokens_details=True)
-    server = SimServer(options, SimpleTokenizer())
+    fleet = Fleet(time_scale=50.0)
+    server = SimServer(
+        Options(model="sim", profile=SMALL, prompt_tokens_details=True), SimpleTokenizer(), fleet
+    )
     await server.start("127.0.0.1", port)
+    fleet.start()
     url = f"http://127.0.0.1:{port}"
     words = " ".join(f"w{i}" for i in range(12))
     body = {"model": "sim", "messages": [{"role": "user", "content": words}], "max_tokens": 3}
@@ -242,6 +245,7 @@ async def test_the_http_surface_reports_cached_tokens_and_vllms_metric_names() -
             async with http.get(f"{url}/metrics") as resp:
                 page = await resp.text()
     finally:
+        await fleet.stop()
         await server.stop()
     # "user: w0 .. w11" then "assistant:": 14 tokens, 3 full blocks of 4, all cached next time.
     assert [u["prompt_tokens"] for u in usages] == [14, 14]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from serve_app.demo.vllm_sim.profiles import PROFILES
 from serve_app.demo.vllm_sim.publisher import KVEventsConfig
-from serve_app.demo.vllm_sim.server import Options, SimServer
+from serve_app.demo.vllm_sim.server import Fleet, Options, SimServer
 from serve_app.demo.vllm_sim.tokens import load
 
 
@@ -56,7 +56,6 @@ def options(args: argparse.Namespace) -> Options:
     return Options(
         model=args.served_model_name,
         profile=profile,
-        time_scale=args.time_scale,
         prompt_tokens_details=args.enable_prompt_tokens_details,
         default_max_tokens=args.default_max_tokens,
         kv_events=events,
@@ -66,15 +65,18 @@ def options(args: argparse.Namespace) -> Options:
 async def serve(args: argparse.Namespace) -> None:
     tokenizer = load(args.tokenizer)
     config = options(args)
-    servers = [SimServer(config, tokenizer, i) for i in range(args.servers)]
+    fleet = Fleet(args.time_scale)
+    servers = [SimServer(config, tokenizer, fleet) for _ in range(args.servers)]
     for i, server in enumerate(servers):
         await server.start(args.host, args.port + i)
+    fleet.start()
     print(f"vllm_sim: {args.servers} servers on {args.host}:{args.port}+", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+    await fleet.stop()
     for server in servers:
         await server.stop()
 

@@ -1,15 +1,20 @@
-"""One simulated vLLM server: the engine on a clock, its HTTP surface and its KV events.
+"""Simulated vLLM servers on one clock: each its engine, HTTP surface and KV events.
 
-The clock runs `time_scale` times faster than the wall's. The step loop sleeps until the step in
-flight ends (or a request arrives), then runs every step due by now; how late it woke against
-the simulated clock is its lag (`GET /sim/stats`): a loop that falls behind delivers tokens late
-and timestamps arrivals late, so its figures are not the profile's.
+The fleet's clock runs `time_scale` times faster than the wall's. One step loop serves every
+server of the process: it sleeps until the first step in flight ends (at least `tick_s` of wall
+time, so a busy fleet costs one wake-up per tick, not one per step), then runs every step due
+by now on each server. Steps are computed at their exact simulated times whatever the loop's
+delay; what a late loop distorts is when tokens reach clients and when arrivals are stamped.
+So its lag, how late its timer fired (in simulated seconds, `GET /sim/stats`), says whether the
+figures are the profile's: a loop that falls behind is a host too slow for the fleet x load.
 
 Served as vLLM serves them: `POST /v1/chat/completions` and `/v1/completions` (unary and SSE,
 usage with `prompt_tokens_details.cached_tokens` under `--enable-prompt-tokens-details`),
 `GET /v1/models`, `/health`, `/ping`, `/version`, and `/metrics` under vLLM's names and labels.
-Not vLLM's: `GET /sim/stats` (each finished request's timings on the simulated clock, the loop's
-lag; `?reset=1` starts afresh) for the fleet benchmark.
+Not vLLM's, for the fleet benchmark: `GET /sim/stats` (each finished request's timings on the
+simulated clock, the loop's lag; `?reset=1` drops them) and `POST /sim/reset` (`{"time_scale":
+k}`: every server of the process starts afresh, empty caches and a new clock; refused with 409
+while any request is in flight).
 """
 
 from __future__ import annotations
@@ -51,7 +56,6 @@ class Options(BaseModel):
 
     model: str
     profile: Profile
-    time_scale: float = Field(1.0, gt=0)
     prompt_tokens_details: bool = False
     default_max_tokens: int = 16  # no EOS here: a request without max_tokens stops at this
     kv_events: KVEventsConfig = KVEventsConfig()
@@ -80,24 +84,76 @@ def _error(status: int, type_: str, message: str, param: str | None = None) -> w
     return web.json_response(body, status=status, dumps=lambda o: orjson.dumps(o).decode())
 
 
+class Fleet:
+    """The servers of one process, their clock and their step loop."""
+
+    def __init__(self, time_scale: float = 1.0, tick_s: float = 0.001) -> None:
+        self.servers: list[SimServer] = []
+        self.tick_s = tick_s
+        self.lag = array("d")
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.restart(time_scale)
+
+    def restart(self, time_scale: float) -> None:
+        self.scale = time_scale
+        self._t0 = time.monotonic()
+        self.lag = array("d")
+        for server in self.servers:
+            server.reset()
+
+    def now(self) -> float:
+        """The simulated clock, in seconds since the fleet (re)started."""
+        return (time.monotonic() - self._t0) * self.scale
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def idle(self) -> bool:
+        return all(not s.engine.running and not s.engine.waiting for s in self.servers)
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._step_loop())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _step_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            now = self.now()
+            due = None
+            for server in self.servers:
+                server.engine.advance(now)
+                end = server.engine.next_event()
+                if end is not None and (due is None or end < due):
+                    due = end
+            self._wake.clear()
+            timer = None
+            if due is not None:
+                delay = max(self.tick_s, (due - now) / self.scale)
+                timer = loop.call_later(delay, self._fired, time.monotonic() + delay)
+            await self._wake.wait()
+            if timer is not None:
+                timer.cancel()
+
+    def _fired(self, planned: float) -> None:
+        self.lag.append(max(0.0, time.monotonic() - planned) * self.scale)
+        self._wake.set()
+
+
 class SimServer:
-    def __init__(self, options: Options, tokenizer: Tokenizer, index: int = 0) -> None:
+    def __init__(self, options: Options, tokenizer: Tokenizer, fleet: Fleet) -> None:
         self.options = options
         self._tokenizer = tokenizer
-        self._index = index
-        self._scale = options.time_scale
-        self._t0 = time.monotonic()
-        self._wake = asyncio.Event()
-        self._due = 0.0  # the end of the last step whose timer fired
+        self._fleet = fleet
+        self._index = len(fleet.servers)
+        fleet.servers.append(self)
         self._publisher: ZmqPublisher | None = None
-        self.engine = Engine(
-            options.profile,
-            events=options.kv_events.enabled,
-            on_events=self._publish,
-            on_finished=self._finished,
-        )
-        self._records: list[dict[str, Any]] = []
-        self._lag = array("d")
+        self.reset()
         self._labels = {"model_name": options.model, "engine": "0"}
         self._registry = CollectorRegistry(auto_describe=True)
         self._registry.register(self)
@@ -121,11 +177,16 @@ class SimServer:
             **hist,
         ).labels(**self._labels)
         self._runner: web.AppRunner | None = None
-        self._loop_task: asyncio.Task[None] | None = None
 
-    def now(self) -> float:
-        """The simulated clock, in seconds since the server started."""
-        return (time.monotonic() - self._t0) * self._scale
+    def reset(self) -> None:
+        """An empty engine (cache, queues, counters) and no records."""
+        self.engine = Engine(
+            self.options.profile,
+            events=self.options.kv_events.enabled,
+            on_events=self._publish,
+            on_finished=self._finished,
+        )
+        self._records: list[dict[str, Any]] = []
 
     async def start(self, host: str, port: int) -> None:
         if self.options.kv_events.enabled:
@@ -136,44 +197,19 @@ class SimServer:
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/sim/stats", self._stats)
+        app.router.add_post("/sim/reset", self._reset)
         for path in ("/health", "/ping"):
             app.router.add_get(path, _ok)
         app.router.add_get("/version", _version)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         await web.TCPSite(self._runner, host, port).start()
-        self._loop_task = asyncio.get_running_loop().create_task(self._step_loop())
 
     async def stop(self) -> None:
-        if self._loop_task is not None:
-            self._loop_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._loop_task
         if self._runner is not None:
             await self._runner.cleanup()
         if self._publisher is not None:
             await self._publisher.close()
-
-    async def _step_loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            # A timer may fire a little early (the loop's clock resolution): the step is due.
-            self.engine.advance(max(self.now(), self._due))
-            due = self.engine.next_event()
-            self._wake.clear()
-            timer = None
-            if due is not None:
-                delay = max(0.0, (due - self.now()) / self._scale)
-                timer = loop.call_later(delay, self._step_due, due)
-            await self._wake.wait()
-            if timer is not None:
-                timer.cancel()
-
-    def _step_due(self, due: float) -> None:
-        """The step in flight ends: how late the loop got here, on the simulated clock."""
-        self._lag.append(max(0.0, self.now() - due))
-        self._due = due
-        self._wake.set()
 
     def _publish(self, events: list[Event]) -> None:
         if self._publisher is not None:
@@ -202,9 +238,9 @@ class SimServer:
         seed = hash(tuple(prompt[-8:])) % vocab
         plan = [(seed + 7919 * i) % vocab for i in range(max_tokens)]
         request = Request(uuid.uuid4().hex, prompt, plan)
-        self.engine.advance(self.now())
+        self.engine.advance(self._fleet.now())
         self.engine.add(request)
-        self._wake.set()
+        self._fleet.wake()
         return request
 
     async def _chat(self, http: web.Request) -> web.StreamResponse:
@@ -247,7 +283,7 @@ class SimServer:
             answer.update(choices=[choice], usage=self._usage(request))
             return web.Response(body=orjson.dumps(answer), content_type="application/json")
         finally:
-            self.engine.advance(self.now())
+            self.engine.advance(self._fleet.now())
             self.engine.abort(request)  # the client went away; a no-op once it finished
 
     async def _stream(
@@ -407,9 +443,11 @@ class SimServer:
         return web.Response(body=generate_latest(self._registry), content_type="text/plain")
 
     async def _stats(self, http: web.Request) -> web.Response:
-        lag = sorted(self._lag)
+        lag = sorted(self._fleet.lag)
         stats = {
-            "now": self.now(),
+            "now": self._fleet.now(),
+            "time_scale": self._fleet.scale,
+            "tick_s": self._fleet.tick_s,
             "steps": self.engine.counters.steps,
             "lag_s": {
                 "wakeups": len(lag),
@@ -421,8 +459,21 @@ class SimServer:
         }
         if http.query.get("reset"):
             self._records = []
-            self._lag = array("d")
         return web.Response(body=orjson.dumps(stats), content_type="application/json")
+
+    async def _reset(self, http: web.Request) -> web.Response:
+        try:
+            body = _Reset.model_validate_json(await http.read() or b"{}")
+        except ValidationError as e:
+            return _error(400, "BadRequestError", str(e))
+        if not self._fleet.idle():
+            return _error(409, "Conflict", "requests are in flight")
+        self._fleet.restart(body.time_scale or self._fleet.scale)
+        return web.json_response({"time_scale": self._fleet.scale})
+
+
+class _Reset(BaseModel):
+    time_scale: float | None = Field(None, gt=0)
 
 
 async def _ok(_: web.Request) -> web.Response:
