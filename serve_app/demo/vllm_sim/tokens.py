@@ -52,12 +52,23 @@ def _word_id(word: str) -> int:
     return zlib.crc32(word.encode()) % SIMPLE_VOCAB
 
 
+@lru_cache(maxsize=4096)
+def _encode_cached(text: str) -> tuple[int, ...]:
+    return tuple(_word_id(w) for w in text.split())
+
+
 class SimpleTokenizer:
     vocab_size = SIMPLE_VOCAB
 
     def chat_prompt(self, messages: list[dict[str, Any]]) -> list[int]:
-        text = "".join(f"{m['role']}: {m['content']}\n" for m in _messages(messages))
-        return self.encode(text + "assistant: ")
+        """Words never span a line, so each message is tokenized alone (and a repeated one,
+        such as a shared document or tool prompt, once)."""
+        out: list[int] = []
+        for m in _messages(messages):
+            out.append(_word_id(f"{m['role']}:"))
+            out.extend(_encode_cached(m["content"]))
+        out.append(_word_id("assistant:"))
+        return out
 
     def encode(self, text: str) -> list[int]:
         return [_word_id(w) for w in text.split()]
