@@ -165,7 +165,9 @@ class Engine:
         if needed > self.cache.num_free - idle_hits:
             return None
         self.cache.touch(hit)
-        request.blocks = [*hit, *self.cache.allocate(needed)]  # type: ignore[misc]
+        new = self.cache.allocate(needed)
+        assert new is not None  # counted above
+        request.blocks = [*hit, *new]
         request.num_computed = computed
         self.counters.prefix_queries += len(request.all_token_ids)
         self.counters.prefix_hits += computed

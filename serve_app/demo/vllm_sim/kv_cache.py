@@ -100,12 +100,14 @@ class KVCache:
         return out
 
     def _evict(self, block: Block) -> None:
-        holders = self._cached[block.hash]  # type: ignore[index]
+        h = block.hash
+        assert h is not None
+        holders = self._cached[h]
         del holders[block.block_id]
         if not holders:
-            del self._cached[block.hash]  # type: ignore[arg-type]
+            del self._cached[h]
         if self._events_on:
-            self._events.append(BlockRemoved(block_hashes=[block.hash], medium=MEDIUM_GPU))  # type: ignore[list-item]
+            self._events.append(BlockRemoved(block_hashes=[h], medium=MEDIUM_GPU))
         block.hash = None
 
     def cache(
