@@ -380,6 +380,22 @@ async def run_phase(
     }
 
 
+async def warm_up(url: str, model: str, requests: int = 64) -> None:
+    """Short requests through a freshly started router, 8 at a time, not measured (the first
+    ones after a deploy meet replicas still starting and connections not yet open). Its own
+    model name where the router keeps state per model; the fleet is reset before each phase."""
+    body = {"model": model, "messages": [{"role": "user", "content": "warm up"}], "max_tokens": 2}
+    async with aiohttp.ClientSession() as http:
+
+        async def one(i: int) -> None:
+            headers = {"x-session-id": f"warm-up-{i}"}
+            async with http.post(f"{url}/v1/chat/completions", json=body, headers=headers) as r:
+                assert r.status == 200, await r.text()
+
+        for start in range(0, requests, 8):
+            await asyncio.gather(*(one(i) for i in range(start, start + 8)))
+
+
 def _mark(result: dict, max_lag_s: float) -> dict:
     result["valid"] = result["lag_p99_ms"] <= max_lag_s * 1000 and not result["failed"]
     return result
@@ -433,7 +449,8 @@ def _serve_router_phases(
 ) -> None:
     name = "weighted_random" if strategy == "random" else strategy
     models = [f"{p.name}-{strategy}" for p in all_phases]
-    lr.deploy(_serve_config(urls, models, name), "bench-fleet")
+    lr.deploy(_serve_config(urls, [*models, f"warm-up-{strategy}"], name), "bench-fleet")
+    asyncio.run(warm_up(lr.url, f"warm-up-{strategy}"))
     for phase in all_phases:
         before = _ray_cpu_s(sim)
         result = asyncio.run(run_phase(phase, lr.url, f"{phase.name}-{strategy}", urls, sim))
@@ -483,6 +500,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--probe", default="16,32", help="fleet sizes to probe ('' none)")
     parser.add_argument("--max-lag-s", type=float, default=0.1, help="simulated seconds")
     parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--charts", default=str(DOCS), help="their folder ('' for none)")
     parser.add_argument("--table", action="store_true", help="print the table of --output")
     args = parser.parse_args(argv)
     if args.table:
@@ -493,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {"cpus": os.cpu_count()},
         "servers": args.servers,
         "profile": "h100-llama-3.1-8b",
-        "settings": {k: v for k, v in vars(args).items() if k != "output"},
+        "settings": {k: v for k, v in vars(args).items() if k not in ("output", "charts", "table")},
         "probe": {},
         "workloads": {},
     }
@@ -525,6 +543,7 @@ def main(argv: list[str] | None = None) -> int:
             for phase in all_phases:
                 label = f"vllm-router {policy}"
                 with started(Router(label, vllm_router_command(policy)), urls) as running:
+                    asyncio.run(warm_up(running.url, SERVED))
                     before = tree_cpu_s(running.process)
                     result = asyncio.run(run_phase(phase, running.url, SERVED, urls, sim))
                     used = cpu_used_s(before, tree_cpu_s(running.process))
@@ -536,7 +555,8 @@ def main(argv: list[str] | None = None) -> int:
         r["valid"] for w in report["workloads"].values() for r in w["routers"].values()
     )
     args.output.write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
-    draw(report, DOCS)
+    if args.charts:
+        draw(report, Path(args.charts))
     print(table(report))
     print(f"bench-fleet: {report['wall_s']} s, valid: {report['valid']}")
     return 0

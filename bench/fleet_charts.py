@@ -1,5 +1,6 @@
 """The charts of `make bench-fleet` (bench/fleet.json) into docs/: TTFT p99 against load per
-router, the prefix-cache hit rate and the spread of requests over the servers."""
+router, the prefix-cache hit rate and the spread of requests over the servers. A phase whose
+simulator fell behind its clock is left out (a gap in its line, no bar)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,11 @@ def _routers(report: dict) -> list[str]:
     return sorted({r for w in report["workloads"].values() for r in w["routers"]})
 
 
+def _value(report: dict, phase: str, router: str, key: str) -> float | None:
+    result = report["workloads"][phase]["routers"].get(router, {})
+    return result.get(key) if result.get("valid") else None
+
+
 def _series(report: dict, prefix: str) -> list[tuple[float, str]]:
     """The load steps of a workload family, as (load, phase name) in load order."""
     steps = []
@@ -31,10 +37,7 @@ def ttft_chart(report: dict, out: Path) -> None:
     for ax, (prefix, label) in zip(axes, LOAD_SERIES.items(), strict=True):
         steps = _series(report, prefix)
         for router in _routers(report):
-            points = [
-                (load, report["workloads"][name]["routers"].get(router, {}).get("ttft_p99_ms"))
-                for load, name in steps
-            ]
+            points = [(load, _value(report, name, router, "ttft_p99_ms")) for load, name in steps]
             points = [(x, y / 1000) for x, y in points if y is not None]
             if points:
                 ax.plot(*zip(*points, strict=True), marker="o", label=router)
