@@ -182,10 +182,11 @@ async def test_events_are_numbered_and_a_gap_is_replayed_over_zmq() -> None:
         replayed = []
         while True:
             assert await dealer.poll(10_000), "no replay answer"
-            _, seq, payload = await dealer.recv_multipart()
+            _, topic, seq, payload = await dealer.recv_multipart()
             if seq == (-1).to_bytes(8, "big", signed=True):
-                assert payload == b""
+                assert (topic, payload) == (b"", b"")
                 break
+            assert topic == b"kv"
             replayed.append((int.from_bytes(seq, "big"), DECODER.decode(payload)))
         assert [s for s, _ in replayed] == list(range(len(replayed)))
         assert len(replayed) >= first_seen + 1

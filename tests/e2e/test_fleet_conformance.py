@@ -49,10 +49,12 @@ REQUESTS = [
 
 
 class Subscriber:
-    """A SUB socket bound on loopback (the server connects to it, as vLLM does)."""
+    """A SUB socket bound on loopback (the server connects to it, as vLLM does), and the
+    server's replay socket (which it binds)."""
 
     def __init__(self) -> None:
         self.port = free_port()
+        self.replay_port = free_port()
         self.socket = zmq.asyncio.Context.instance().socket(zmq.SUB)
         self.socket.setsockopt(zmq.SUBSCRIBE, b"kv")
         self.socket.bind(f"tcp://127.0.0.1:{self.port}")
@@ -65,6 +67,7 @@ class Subscriber:
                 "enable_kv_cache_events": True,
                 "publisher": "zmq",
                 "endpoint": f"tcp://127.0.0.1:{self.port}",
+                "replay_endpoint": f"tcp://127.0.0.1:{self.replay_port}",
                 "topic": "kv",
             }
         )
@@ -76,8 +79,28 @@ class Subscriber:
             self.seqs.append(int.from_bytes(seq, "big"))
             self.events.extend(DECODER.decode(payload).events)
 
+    async def replay(self) -> tuple[list[int], list[Any]]:
+        """Every batch the server still holds, from sequence number 0."""
+        dealer = zmq.asyncio.Context.instance().socket(zmq.DEALER)
+        dealer.connect(f"tcp://127.0.0.1:{self.replay_port}")
+        seqs: list[int] = []
+        events: list[Any] = []
+        try:
+            await dealer.send_multipart((b"", (0).to_bytes(8, "big")))
+            while True:
+                assert await dealer.poll(10_000), "no replay answer"
+                _, topic, seq, payload = await dealer.recv_multipart()
+                if seq == (-1).to_bytes(8, "big", signed=True):
+                    assert (topic, payload) == (b"", b"")
+                    return seqs, events
+                assert topic == b"kv"
+                seqs.append(int.from_bytes(seq, "big"))
+                events.extend(DECODER.decode(payload).events)
+        finally:
+            dealer.close(linger=0)
 
-async def _run(url: str, events: Subscriber) -> tuple[list[dict], str]:
+
+async def _run(url: str, events: Subscriber) -> tuple[list[dict], str, list[int], list[Any]]:
     usages = []
     async with aiohttp.ClientSession() as http:
         for messages in REQUESTS:
@@ -89,7 +112,7 @@ async def _run(url: str, events: Subscriber) -> tuple[list[dict], str]:
             await events.drain()
         async with http.get(f"{url}/metrics") as resp:
             page = await resp.text()
-    return usages, page
+    return usages, page, *await events.replay()
 
 
 def _shape(events: list[Any]) -> list[tuple]:
@@ -145,8 +168,9 @@ async def test_the_simulator_accounts_tokens_blocks_and_metrics_as_vllm_does() -
         await sim.start("127.0.0.1", sim_port)
         fleet.start()
         await asyncio.to_thread(server.wait_ready)
-        real_usage, real_page = await _run(server.url, real_events)
-        sim_usage, sim_page = await _run(f"http://127.0.0.1:{sim_port}", sim_events)
+        real_usage, real_page, real_seqs, real_replayed = await _run(server.url, real_events)
+        sim_url = f"http://127.0.0.1:{sim_port}"
+        sim_usage, sim_page, sim_seqs, sim_replayed = await _run(sim_url, sim_events)
     finally:
         server.stop()
         await fleet.stop()
@@ -157,9 +181,11 @@ async def test_the_simulator_accounts_tokens_blocks_and_metrics_as_vllm_does() -
     cached = [u["prompt_tokens_details"]["cached_tokens"] for u in real_usage]
     assert [u["prompt_tokens_details"]["cached_tokens"] for u in sim_usage] == cached
     assert any(cached), "no request hit the cache"
-    assert real_events.seqs == list(range(len(real_events.seqs)))
-    assert sim_events.seqs == list(range(len(sim_events.seqs)))
-    real, simulated = _shape(real_events.events), _shape(sim_events.events)
+    for live in (real_events.seqs, sim_events.seqs):  # numbered in order, none lost once joined
+        assert live == list(range(live[0], live[0] + len(live)))
+    assert real_seqs == list(range(len(real_seqs)))
+    assert sim_seqs == list(range(len(sim_seqs)))
+    real, simulated = _shape(real_replayed), _shape(sim_replayed)
     assert any(e[0] == "removed" for e in real), "nothing was evicted"
     assert simulated == real
     real_labels, sim_labels = _labels(real_page), _labels(sim_page)

@@ -2,9 +2,10 @@
 
 PUB frames `(topic, seq as 8-byte big-endian, msgpack EventBatch)`; the last `buffer_steps`
 batches kept for a ROUTER replay socket: a request `(identity, b"", start seq)` is answered by
-every buffered batch from that number on, then `(-1, b"")`. As in vLLM, an endpoint with `*`,
-`::` or `ipc://` is bound and any other connected to (the subscriber binds, e.g. on
-127.0.0.1). No thread: many simulated servers share one loop.
+every buffered batch from that number on in the same three frames as the PUB's, then
+`(b"", -1, b"")` (vLLM 0.32's replay; earlier releases left the topic out). As in vLLM, an
+endpoint with `*`, `::` or `ipc://` is bound and any other connected to (the subscriber binds,
+e.g. on 127.0.0.1). No thread: many simulated servers share one loop.
 """
 
 from __future__ import annotations
@@ -94,10 +95,11 @@ class ZmqPublisher:
             first = int.from_bytes(start, "big")
             for seq, payload in list(self._buffer):
                 if seq >= first:
+                    seq_bytes = seq.to_bytes(8, "big")
                     await self._replay.send_multipart(
-                        (client, b"", seq.to_bytes(8, "big"), payload)
+                        (client, b"", self._topic, seq_bytes, payload)
                     )
-            await self._replay.send_multipart((client, b"", END_SEQ, b""))
+            await self._replay.send_multipart((client, b"", b"", END_SEQ, b""))
 
     async def close(self) -> None:
         if self._replay_task is not None:
