@@ -12,7 +12,6 @@ import zmq
 import zmq.asyncio
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.local_ray import free_port
 from serve_app.demo.vllm_sim.engine import Engine, Request
 from serve_app.demo.vllm_sim.kv_cache import chain_hashes
 from serve_app.demo.vllm_sim.profiles import H100_LLAMA_8B, Profile
@@ -20,6 +19,7 @@ from serve_app.demo.vllm_sim.publisher import KVEventsConfig, ZmqPublisher
 from serve_app.demo.vllm_sim.server import Fleet, Options, SimServer
 from serve_app.demo.vllm_sim.tokens import SimpleTokenizer
 from serve_app.demo.vllm_sim.wire import DECODER, ENCODER, BlockRemoved, BlockStored, EventBatch
+from tests.conftest import free_port
 
 SMALL = Profile(
     name="small",
