@@ -147,7 +147,7 @@ async def test_the_simulator_accounts_tokens_blocks_and_metrics_as_vllm_does() -
     server = VllmServer(
         "fleet-conformance",
         free_port(),
-        core=0,
+        core="nobind",  # a third server beside the session's two, each pinned to a core
         extra=[
             *["--block-size", "32", "--num-gpu-blocks-override", str(BLOCKS)],
             *["--enable-prompt-tokens-details", "--kv-events-config", real_events.config()],
