@@ -18,7 +18,14 @@ from serve_app.demo.vllm_sim.profiles import H100_LLAMA_8B, Profile
 from serve_app.demo.vllm_sim.publisher import KVEventsConfig, ZmqPublisher
 from serve_app.demo.vllm_sim.server import Fleet, Options, SimServer
 from serve_app.demo.vllm_sim.tokens import SimpleTokenizer
-from serve_app.demo.vllm_sim.wire import DECODER, ENCODER, BlockRemoved, BlockStored, EventBatch
+from serve_app.demo.vllm_sim.wire import (
+    DECODER,
+    ENCODER,
+    AllBlocksCleared,
+    BlockRemoved,
+    BlockStored,
+    EventBatch,
+)
 from tests.conftest import free_port
 
 SMALL = Profile(
@@ -147,6 +154,25 @@ def test_step_time_grows_with_the_kv_read_of_decoding_sequences() -> None:
     assert long > 2 * short
 
 
+async def _replay(port: int) -> list[tuple[int, EventBatch]]:
+    """Every batch a publisher's replay socket holds, from sequence number 0."""
+    dealer = zmq.asyncio.Context.instance().socket(zmq.DEALER)
+    dealer.connect(f"tcp://127.0.0.1:{port}")
+    replayed = []
+    try:
+        await dealer.send_multipart((b"", (0).to_bytes(8, "big")))
+        while True:
+            assert await dealer.poll(10_000), "no replay answer"
+            _, topic, seq, payload = await dealer.recv_multipart()
+            if seq == (-1).to_bytes(8, "big", signed=True):
+                assert (topic, payload) == (b"", b"")
+                return replayed
+            assert topic == b"kv"
+            replayed.append((int.from_bytes(seq, "big"), DECODER.decode(payload)))
+    finally:
+        dealer.close(linger=0)
+
+
 async def test_events_are_numbered_and_a_gap_is_replayed_over_zmq() -> None:
     port, replay_port = free_port(), free_port()
     ctx = zmq.asyncio.Context.instance()
@@ -176,22 +202,10 @@ async def test_events_are_numbered_and_a_gap_is_replayed_over_zmq() -> None:
                 received.append((int.from_bytes(seq, "big"), DECODER.decode(payload)))
         first_seen = received[0][0]
         assert first_seen <= n - 1
-        dealer = ctx.socket(zmq.DEALER)
-        dealer.connect(f"tcp://127.0.0.1:{replay_port}")
-        await dealer.send_multipart((b"", (0).to_bytes(8, "big")))
-        replayed = []
-        while True:
-            assert await dealer.poll(10_000), "no replay answer"
-            _, topic, seq, payload = await dealer.recv_multipart()
-            if seq == (-1).to_bytes(8, "big", signed=True):
-                assert (topic, payload) == (b"", b"")
-                break
-            assert topic == b"kv"
-            replayed.append((int.from_bytes(seq, "big"), DECODER.decode(payload)))
+        replayed = await _replay(replay_port)
         assert [s for s, _ in replayed] == list(range(len(replayed)))
         assert len(replayed) >= first_seen + 1
         assert replayed[first_seen][1] == received[0][1]
-        dealer.close(linger=0)
     finally:
         await publisher.close()
         sub.close(linger=0)
@@ -271,3 +285,24 @@ async def test_the_http_surface_reports_cached_tokens_and_vllms_metric_names() -
     ):
         assert labels.get(name) == {"engine", "model_name"}, name
     assert 'vllm:prefix_cache_hits_total{engine="0",model_name="sim"} 24.0' in page
+
+
+async def test_a_reset_fleet_tells_subscribers_its_caches_are_empty() -> None:
+    replay_port = free_port()
+    config = KVEventsConfig(
+        enable_kv_cache_events=True,
+        endpoint=f"tcp://127.0.0.1:{free_port()}",
+        replay_endpoint=f"tcp://127.0.0.1:{replay_port}",
+        topic="kv",
+    )
+    fleet = Fleet()
+    server = SimServer(
+        Options(model="sim", profile=SMALL, kv_events=config), SimpleTokenizer(), fleet
+    )
+    await server.start("127.0.0.1", free_port())
+    try:
+        fleet.restart(2.0)
+        replayed = await _replay(replay_port)
+    finally:
+        await server.stop()
+    assert [(seq, batch.events) for seq, batch in replayed] == [(0, [AllBlocksCleared()])]

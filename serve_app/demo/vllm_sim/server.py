@@ -38,7 +38,7 @@ from serve_app.demo.vllm_sim.engine import Engine, Request
 from serve_app.demo.vllm_sim.profiles import Profile
 from serve_app.demo.vllm_sim.publisher import KVEventsConfig, ZmqPublisher
 from serve_app.demo.vllm_sim.tokens import Tokenizer
-from serve_app.demo.vllm_sim.wire import Event
+from serve_app.demo.vllm_sim.wire import AllBlocksCleared, Event
 
 # vLLM's buckets (vllm/v1/metrics/buckets.py).
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0)
@@ -179,7 +179,9 @@ class SimServer:
         self._runner: web.AppRunner | None = None
 
     def reset(self) -> None:
-        """An empty engine (cache, queues, counters) and no records."""
+        """An empty engine (cache, queues, counters) and no records; subscribers are told the
+        cache was emptied, as vLLM's prefix-cache reset tells them."""
+        self._publish([AllBlocksCleared()])
         self.engine = Engine(
             self.options.profile,
             events=self.options.kv_events.enabled,
