@@ -380,17 +380,24 @@ async def run_phase(
     }
 
 
-async def warm_up(url: str, model: str, requests: int = 64) -> None:
+async def warm_up(url: str, model: str, requests: int = 64, timeout_s: float = 60.0) -> None:
     """Short requests through a freshly started router, 8 at a time, not measured (the first
-    ones after a deploy meet replicas still starting and connections not yet open). Its own
-    model name where the router keeps state per model; the fleet is reset before each phase."""
+    ones after a deploy meet replicas still starting, some still on the previous config: a
+    404 for the new model is asked again until `timeout_s`). Its own model name where the
+    router keeps state per model; the fleet is reset before each phase."""
     body = {"model": model, "messages": [{"role": "user", "content": "warm up"}], "max_tokens": 2}
+    deadline = time.monotonic() + timeout_s
     async with aiohttp.ClientSession() as http:
 
         async def one(i: int) -> None:
             headers = {"x-session-id": f"warm-up-{i}"}
-            async with http.post(f"{url}/v1/chat/completions", json=body, headers=headers) as r:
-                assert r.status == 200, await r.text()
+            while True:
+                async with http.post(f"{url}/v1/chat/completions", json=body, headers=headers) as r:
+                    if r.status == 200:
+                        return
+                    text = await r.text()
+                assert r.status == 404 and time.monotonic() < deadline, text
+                await asyncio.sleep(0.1)
 
         for start in range(0, requests, 8):
             await asyncio.gather(*(one(i) for i in range(start, start + 8)))
