@@ -33,21 +33,24 @@ def _series(report: dict, prefix: str) -> list[tuple[float, str]]:
 
 
 def ttft_chart(report: dict, out: Path) -> None:
-    fig, axes = plt.subplots(1, len(LOAD_SERIES), figsize=(11, 4.2))
+    fig, axes = plt.subplots(1, len(LOAD_SERIES), figsize=(11, 4.6))
+    colors = plt.get_cmap("tab10")
+    routers = _routers(report)
     for ax, (prefix, label) in zip(axes, LOAD_SERIES.items(), strict=True):
         steps = _series(report, prefix)
-        for router in _routers(report):
+        for i, router in enumerate(routers):  # one color per router in both panels
             points = [(load, _value(report, name, router, "ttft_p99_ms")) for load, name in steps]
             points = [(x, y / 1000) for x, y in points if y is not None]
             if points:
-                ax.plot(*zip(*points, strict=True), marker="o", label=router)
+                ax.plot(*zip(*points, strict=True), marker="o", color=colors(i), label=router)
         ax.set_xlabel(label)
         ax.set_ylabel("TTFT p99 (s, simulated clock)")
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
+    handles = [plt.Line2D([], [], color=colors(i), marker="o") for i in range(len(routers))]
+    fig.legend(handles, routers, loc="lower center", ncol=4, fontsize=8)
     fig.suptitle(f"TTFT p99 against load, {report['servers']} simulated H100s")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     fig.savefig(out, dpi=110)
     plt.close(fig)
 
