@@ -2,9 +2,9 @@
 charts into docs/.
 
 The fleet: `--servers` simulated vLLM servers (serve_app/demo/vllm_sim, the H100 / Llama-3.1-8B
-profile) in one process, their clock `--time-scale` times the wall's, chosen per phase so each
-phase sends about `--wall-rate` requests per wall second for `--phase-s` seconds. Before each
-phase the fleet starts afresh (empty caches, a new clock), so no phase finds another's prompts.
+profile) in one process, their clock faster (or slower) than the wall's by a time scale chosen
+per phase so each phase sends about `--wall-rate` requests per wall second. Before each phase
+the fleet starts afresh (empty caches, a new clock), so no phase finds another's prompts.
 
 Routers, one at a time: serve-router under each strategy (a model name of its own per phase, so
 no phase inherits another's affinity state), `weighted_random` with equal weights as the random
@@ -18,7 +18,8 @@ path; `x-session-id` names the conversation):
   so equal ids are equal prefixes; outputs of the trace's `output_length`; the conversation is
   the first two block ids.
 - `agents`: sessions of an agent (a shared tool prompt, then turns that each add a tool result
-  and the model's answer to the history), started at random, each turn after the last answer.
+  and the model's answer to the history), started at random, each turn after the last answer;
+  as many sessions as `--phase-s` wall seconds at `--wall-rate` hold.
 - `zipf-<rate>`: a chat over many documents, picked Zipf-skewed, with a new question each, at
   Poisson rates stepping past the fleet's knee.
 
