@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install run test test-tools chaos e2e job-demo ci lint wheel bench bench-affinity bench-stream bench-peers openapi clean
+.PHONY: install run test test-tools chaos e2e job-demo ci lint wheel bench bench-affinity bench-stream bench-peers bench-fleet openapi clean
 
 install: $(STAMP)
 
@@ -93,6 +93,11 @@ bench-affinity: install
 # demo upstreams and load generators -> bench/peers.json and a table (~10 min).
 bench-peers: install
 	$(BIN)/python -m bench.peers $(BENCH_ARGS)
+
+# Routers in front of 16 simulated H100 vLLM servers (serve_app/demo/vllm_sim): the Mooncake
+# trace, agent sessions, a Zipf load ramp -> bench/fleet.json and docs/fleet-*.png (~18 min).
+bench-fleet: install
+	$(BIN)/python -m bench.fleet $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .venv-vllm .venv-peers .e2e .pytest_cache .ruff_cache *.egg-info build dist

@@ -1,0 +1,574 @@
+"""`make bench-fleet`: routers in front of a simulated GPU fleet; writes bench/fleet.json and
+charts into docs/.
+
+The fleet: `--servers` simulated vLLM servers (serve_app/demo/vllm_sim, the H100 / Llama-3.1-8B
+profile) in one process, their clock faster (or slower) than the wall's by a time scale chosen
+per phase so each phase sends about `--wall-rate` requests per wall second. Before each phase
+the fleet starts afresh (empty caches, a new clock), so no phase finds another's prompts.
+
+Routers, one at a time: serve-router under each strategy (a model name of its own per phase, so
+no phase inherits another's affinity state), `weighted_random` with equal weights as the random
+baseline, and vLLM's Rust router (`vllm-router`, .venv-peers/vllm-router as for
+`make bench-peers`; restarted per phase) under each policy.
+
+Workloads (unary chat requests, the prompt as chat text, so templates and tokenizers are on the
+path; `x-session-id` names the conversation):
+- `mooncake-<r>x`: the first `--trace-requests` of Mooncake's conversation trace
+  (bench/traces/), at r times its rate; each 512-token block's text is made from its hash id,
+  so equal ids are equal prefixes; outputs of the trace's `output_length`; the conversation is
+  the first two block ids.
+- `agents`: sessions of an agent (a shared tool prompt, then turns that each add a tool result
+  and the model's answer to the history), started at random, each turn after the last answer;
+  as many sessions as `--phase-s` wall seconds at `--wall-rate` hold.
+- `zipf-<rate>`: a chat over many documents, picked Zipf-skewed, with a new question each, at
+  Poisson rates stepping past the fleet's knee.
+
+Per phase: TTFT p50/p90/p99, ITL p99 and end-to-end p99 on the simulated clock as the servers
+measured them (arrival at the server to the token), input tokens per simulated second, the
+prefix-cache hit rate from the servers' counters, requests per server (max/mean), the router's
+CPU seconds per 1000 requests, and the step loop's lag: a phase whose lag p99 passes
+`--max-lag-s` (simulated) is marked `valid: false` and its figures are not to be reported.
+Before the routers, `--probe` fleet sizes take the 4x Mooncake load per 16 servers straight
+from the client (no router): the largest that keeps its clock is the host's limit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import random
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import aiohttp
+import orjson
+import psutil
+
+from bench.fleet_charts import draw
+from bench.local_ray import LocalRouter, local_router, wait_http
+from bench.peers import (
+    Router,
+    cpu_used_s,
+    install_peer,
+    peer_version,
+    started,
+    tree_cpu_s,
+    vllm_router_command,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = Path(__file__).with_name("fleet.json")
+TRACE = Path(__file__).with_name("traces") / "mooncake_conversation_trace.jsonl"
+DOCS = ROOT / "docs"
+SERVED = "sim-llama"
+STRATEGIES = "round_robin,least_loaded,prefix_affinity,session_affinity,random"
+PEER_POLICIES = "round_robin,cache_aware,consistent_hash"
+VOCAB = 32_000  # the simulator's simple tokenizer: `t<id>` is token <id>
+_COUNTER = re.compile(r"^(vllm:prefix_cache_(?:hits|queries)_total)\{[^}]*\} (\S+)$", re.M)
+
+
+@dataclass
+class Call:
+    """One request of a workload, at `at` simulated seconds from the phase's start."""
+
+    at: float
+    messages: list[dict[str, str]]
+    max_tokens: int
+    session: str
+
+
+# A workload: sends its calls through `send` (which answers the reply's text), on the clock.
+Send = Callable[[Call], Awaitable[str | None]]
+
+
+@dataclass
+class Phase:
+    name: str
+    time_scale: float
+    run: Callable[[Send, Callable[[float], Awaitable[None]]], Awaitable[None]]
+    meta: dict[str, object] = field(default_factory=dict)
+
+
+@lru_cache(maxsize=50_000)
+def _block_text(block_id: int) -> str:
+    """512 tokens of the simple tokenizer, a function of the block's id alone."""
+    return " ".join(f"t{(block_id * 2654435761 + j * 40503) % VOCAB}" for j in range(512))
+
+
+def _words(prefix: str, n: int) -> str:
+    """`n` tokens no other text has (hashed by the simple tokenizer)."""
+    return " ".join(f"{prefix}w{j}" for j in range(n))
+
+
+def _open_loop(calls: list[Call]) -> Callable[[Send, Callable], Awaitable[None]]:
+    async def run(send: Send, until: Callable[[float], Awaitable[None]]) -> None:
+        async def one(call: Call) -> None:
+            await until(call.at)
+            await send(call)
+
+        await asyncio.gather(*(one(c) for c in calls))
+
+    return run
+
+
+def mooncake(rate: float, requests: int, wall_rate: float) -> Phase:
+    rows = [orjson.loads(line) for line in TRACE.read_bytes().splitlines()[:requests]]
+    calls = []
+    for row in rows:
+        ids = row["hash_ids"]
+        blocks = [_block_text(b) for b in ids]
+        tail = row["input_length"] - 512 * (len(ids) - 1)
+        if 0 < tail < 512:
+            blocks[-1] = " ".join(blocks[-1].split()[:tail])
+        calls.append(
+            Call(
+                at=row["timestamp"] / 1000 / rate,
+                messages=[{"role": "user", "content": " ".join(blocks)}],
+                max_tokens=max(1, row["output_length"]),
+                session="-".join(map(str, ids[:2])),
+            )
+        )
+    span = calls[-1].at
+    scale = max(1.0, span / (requests / wall_rate))
+    meta = {
+        "trace_requests": requests,
+        "rate_x": rate,
+        "trace_span_s": round(span, 1),
+        "reusable_share": _reusable(rows),
+    }
+    return Phase(f"mooncake-{rate:g}x", scale, _open_loop(calls), meta)
+
+
+def _reusable(rows: list[dict]) -> float:
+    """The share of the window's 512-token blocks that lead with ids seen before: the hit rate
+    of one unbounded cache, the ceiling for any routing."""
+    seen: set[int] = set()
+    reused = total = 0
+    for row in rows:
+        ids = row["hash_ids"]
+        lead = next((i for i, b in enumerate(ids) if b not in seen), len(ids))
+        reused += lead
+        total += len(ids)
+        seen.update(ids)
+    return round(reused / total, 4)
+
+
+def zipf(rate: float, sim_s: float, wall_rate: float, seed: int = 11) -> Phase:
+    """Poisson arrivals at `rate` per simulated second for `sim_s`, over 200 documents of
+    4,000-16,000 tokens ranked Zipf(1.1), each call a new question (50-150 tokens) on one,
+    answers of 100-300 tokens."""
+    rng = random.Random(seed)
+    docs = [_words(f"d{d}", rng.randint(4000, 16_000)) for d in range(200)]
+    weights = [1 / (rank + 1) ** 1.1 for rank in range(len(docs))]
+    calls, at, i = [], rng.expovariate(rate), 0
+    while at < sim_s:
+        d = rng.choices(range(len(docs)), weights)[0]
+        messages = [
+            {"role": "system", "content": docs[d]},
+            {"role": "user", "content": _words(f"q{i}", rng.randint(50, 150))},
+        ]
+        calls.append(Call(at, messages, rng.randint(100, 300), f"doc{d}"))
+        at += rng.expovariate(rate)
+        i += 1
+    # The simulated clock runs at wall_rate / rate: below 1 (slower than the wall's) when the
+    # fleet takes more than the host can send.
+    meta = {"rate_per_s": rate, "sim_s": sim_s}
+    return Phase(f"zipf-{rate:g}", wall_rate / rate, _open_loop(calls), meta)
+
+
+def agents(phase_s: float, wall_rate: float, seed: int = 12) -> Phase:
+    """Sessions of 6 turns: a 3,000-token tool prompt shared by all, each turn a tool result of
+    200-600 tokens and an answer of 50-200, a think time of 2 s (mean, exponential) between."""
+    rng = random.Random(seed)
+    turns, think_s = 6, 2.0
+    tools = _words("tools", 3000)
+    sessions = max(1, int(wall_rate * phase_s / turns))
+    scale = 4.0
+    starts = sorted(rng.uniform(0, phase_s * scale * 0.4) for _ in range(sessions))
+    plans = [
+        [
+            (rng.randint(200, 600), rng.randint(50, 200), rng.expovariate(1 / think_s))
+            for _ in range(turns)
+        ]
+        for _ in range(sessions)
+    ]
+
+    async def run(send: Send, until: Callable[[float], Awaitable[None]]) -> None:
+        async def session(s: int) -> None:
+            await until(starts[s])
+            history = [{"role": "system", "content": tools}]
+            for t, (result, answer, think) in enumerate(plans[s]):
+                history.append({"role": "user", "content": _words(f"s{s}t{t}", result)})
+                reply = await send(Call(0.0, list(history), answer, f"agent{s}"))
+                if reply is None:
+                    return
+                history.append({"role": "assistant", "content": reply})
+                await asyncio.sleep(think / scale)
+
+        await asyncio.gather(*(session(s) for s in range(sessions)))
+
+    meta = {"sessions": sessions, "turns": turns, "tool_prompt_tokens": 3000}
+    return Phase("agents", scale, run, meta)
+
+
+def phases(args: argparse.Namespace) -> list[Phase]:
+    out = [mooncake(r, args.trace_requests, args.wall_rate) for r in (1.0, 2.0, 4.0)]
+    out.append(agents(args.phase_s, args.wall_rate))
+    rates = [float(r) for r in args.zipf_rates.split(",")]
+    out += [zipf(r, args.zipf_sim_s, args.wall_rate) for r in rates]
+    wanted = set(args.workloads.split(",")) if args.workloads else None
+    return [p for p in out if wanted is None or p.name.split("-")[0] in wanted]
+
+
+# -- the fleet
+
+
+def free_ports(n: int) -> int:
+    """The first of `n` consecutive free loopback ports."""
+    for base in range(20_000, 60_000, 97):
+        try:
+            with contextlib.ExitStack() as stack:
+                for port in range(base, base + n):
+                    s = stack.enter_context(socket.socket())
+                    s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+    raise RuntimeError(f"no {n} consecutive free ports")
+
+
+@contextlib.contextmanager
+def fleet(servers: int) -> Iterator[tuple[list[str], subprocess.Popen[bytes]]]:
+    base = free_ports(servers)
+    command = [
+        sys.executable,
+        *["-m", "serve_app.demo.vllm_sim", "--servers", str(servers), "--port", str(base)],
+        *["--served-model-name", SERVED, "--enable-prompt-tokens-details"],
+    ]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+    urls = [f"http://127.0.0.1:{base + i}" for i in range(servers)]
+    try:
+        for url in urls:
+            wait_http(f"{url}/v1/models", 30, process)
+        yield urls, process
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def _cpu_s(process: subprocess.Popen[bytes]) -> float:
+    times = psutil.Process(process.pid).cpu_times()
+    return times.user + times.system
+
+
+def _ray_cpu_s(sim: subprocess.Popen[bytes]) -> dict[tuple[int, float], float]:
+    """CPU seconds so far of this process's descendants but the simulator: the local Ray that
+    serve-router runs on (its proxy, replicas and actors, and Ray's own processes)."""
+    out: dict[tuple[int, float], float] = {}
+    for member in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if member.pid != sim.pid:
+                times = member.cpu_times()
+                out[(member.pid, member.create_time())] = times.user + times.system
+    return out
+
+
+def _quantile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    values = sorted(values)
+    return values[min(len(values) - 1, int(len(values) * q))]
+
+
+def _ms(value: float | None) -> float | None:
+    return None if value is None else round(value * 1000, 1)
+
+
+async def run_phase(
+    phase: Phase,
+    target: str,
+    model: str,
+    urls: list[str],
+    sim: subprocess.Popen[bytes],
+) -> dict:
+    """`target`: where to send (a router's URL; "" spreads over the servers at random)."""
+    timeout = aiohttp.ClientTimeout(total=900)
+    connector = aiohttp.TCPConnector(limit=0)
+    failed: list[str] = []
+    rng = random.Random(5)
+    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as http:
+        async with http.post(f"{urls[0]}/sim/reset", json={"time_scale": phase.time_scale}) as r:
+            assert r.status == 200, await r.text()
+        began = time.monotonic()
+        sim_cpu = _cpu_s(sim)
+
+        async def until(at: float) -> None:
+            await asyncio.sleep(max(0.0, began + at / phase.time_scale - time.monotonic()))
+
+        async def send(call: Call) -> str | None:
+            body = {
+                "model": model,
+                "messages": call.messages,
+                "max_tokens": call.max_tokens,
+                "temperature": 0,
+            }
+            url = target or rng.choice(urls)
+            try:
+                async with http.post(
+                    f"{url}/v1/chat/completions", json=body, headers={"x-session-id": call.session}
+                ) as resp:
+                    if resp.status != 200:
+                        failed.append(f"{resp.status} {(await resp.read())[:200]!r}")
+                        return None
+                    answer = orjson.loads(await resp.read())
+            except aiohttp.ClientError as exc:
+                failed.append(repr(exc))
+                return None
+            return answer["choices"][0]["message"]["content"]
+
+        await phase.run(send, until)
+        wall = time.monotonic() - began
+        sim_cpu = _cpu_s(sim) - sim_cpu
+        stats, counters = (
+            [],
+            {"vllm:prefix_cache_hits_total": 0.0, "vllm:prefix_cache_queries_total": 0.0},
+        )
+        for url in urls:
+            async with http.get(f"{url}/sim/stats", params={"reset": "1"}) as r:
+                stats.append(orjson.loads(await r.read()))
+            async with http.get(f"{url}/metrics") as r:
+                for name, value in _COUNTER.findall(await r.text()):
+                    counters[name] += float(value)
+    records = [rec for s in stats for rec in s["requests"]]
+    per_server = [len(s["requests"]) for s in stats]
+    lag = stats[0]["lag_s"]
+    sim_span = stats[0]["now"]
+    queries = counters["vllm:prefix_cache_queries_total"]
+    return {
+        "requests": len(records),
+        "failed": len(failed),
+        "failures": failed[:5],
+        "ttft_p50_ms": _ms(_quantile([r["ttft"] for r in records], 0.5)),
+        "ttft_p90_ms": _ms(_quantile([r["ttft"] for r in records], 0.9)),
+        "ttft_p99_ms": _ms(_quantile([r["ttft"] for r in records], 0.99)),
+        "itl_p99_ms": _ms(_quantile([g for r in records for g in r["itl"]], 0.99)),
+        "e2e_p99_ms": _ms(_quantile([r["e2e"] for r in records], 0.99)),
+        "input_tokens_per_s": round(sum(r["prompt_tokens"] for r in records) / sim_span),
+        "hit_rate": round(counters["vllm:prefix_cache_hits_total"] / queries, 4)
+        if queries
+        else None,
+        "preemptions": sum(r["preemptions"] for r in records),
+        "per_server_max_over_mean": round(max(per_server) / statistics.mean(per_server), 2)
+        if records
+        else None,
+        "per_server": per_server,
+        "time_scale": round(phase.time_scale, 3),
+        "sim_s": round(sim_span, 1),
+        "wall_s": round(wall, 1),
+        "simulator_cpu_s": round(sim_cpu, 1),
+        "lag_p99_ms": _ms(lag["p99"]),
+        "lag_max_ms": _ms(lag["max"]),
+    }
+
+
+async def warm_up(url: str, model: str, requests: int = 64, timeout_s: float = 60.0) -> None:
+    """Short requests through a freshly started router, 8 at a time, not measured (the first
+    ones after a deploy meet replicas still starting, some still on the previous config: a
+    404 for the new model is asked again until `timeout_s`). Its own model name where the
+    router keeps state per model; the fleet is reset before each phase."""
+    body = {"model": model, "messages": [{"role": "user", "content": "warm up"}], "max_tokens": 2}
+    deadline = time.monotonic() + timeout_s
+    async with aiohttp.ClientSession() as http:
+
+        async def one(i: int) -> None:
+            headers = {"x-session-id": f"warm-up-{i}"}
+            while True:
+                async with http.post(f"{url}/v1/chat/completions", json=body, headers=headers) as r:
+                    if r.status == 200:
+                        return
+                    text = await r.text()
+                assert r.status == 404 and time.monotonic() < deadline, text
+                await asyncio.sleep(0.1)
+
+        for start in range(0, requests, 8):
+            await asyncio.gather(*(one(i) for i in range(start, start + 8)))
+
+
+def _mark(result: dict, max_lag_s: float) -> dict:
+    result["valid"] = result["lag_p99_ms"] <= max_lag_s * 1000 and not result["failed"]
+    return result
+
+
+# -- the routers
+
+
+def _serve_config(urls: list[str], models: list[str], strategy: str) -> dict:
+    def providers(model: str) -> list[dict]:
+        return [
+            {
+                "id": f"{model}-sim-{i}",
+                "api_host": url,
+                "api_type": "vllm",
+                "model_path": SERVED,
+                # The router estimates tokens from characters; the synthetic words (`t<id>`) are
+                # longer than English ones, so the profile's 131,072 would turn some away.
+                "input_size": 262_144,
+            }
+            for i, url in enumerate(urls)
+        ]
+
+    return {
+        "vllm_models": {m: {"providers": providers(m)} for m in models},
+        "active_models": {"vllm_models": models},
+        "routing": {
+            "vllm_models": {
+                "strategy": strategy,
+                "health_check_interval_s": 1.0,
+                "request_timeout_s": 900,
+            }
+        },
+    }
+
+
+def _print(label: str, result: dict) -> None:
+    keys = ("ttft_p50_ms", "ttft_p99_ms", "hit_rate", "per_server_max_over_mean", "lag_p99_ms")
+    shown = {k: result.get(k) for k in ("requests", "failed", *keys, "valid")}
+    print(f"{label}: {orjson.dumps(shown).decode()}", flush=True)
+
+
+def _serve_router_phases(
+    report: dict,
+    lr: LocalRouter,
+    strategy: str,
+    all_phases: list[Phase],
+    urls: list[str],
+    sim: subprocess.Popen[bytes],
+    args: argparse.Namespace,
+) -> None:
+    name = "weighted_random" if strategy == "random" else strategy
+    models = [f"{p.name}-{strategy}" for p in all_phases]
+    lr.deploy(_serve_config(urls, [*models, f"warm-up-{strategy}"], name), "bench-fleet")
+    asyncio.run(warm_up(lr.url, f"warm-up-{strategy}"))
+    for phase in all_phases:
+        before = _ray_cpu_s(sim)
+        result = asyncio.run(run_phase(phase, lr.url, f"{phase.name}-{strategy}", urls, sim))
+        used = cpu_used_s(before, _ray_cpu_s(sim))
+        _record(report, phase, f"serve-router {strategy}", result, used, args.max_lag_s)
+
+
+def _record(
+    report: dict, phase: Phase, label: str, result: dict, cpu_s: float, max_lag_s: float
+) -> None:
+    result["router_cpu_s_per_1k"] = round(cpu_s / max(1, result["requests"]) * 1000, 2)
+    report["workloads"].setdefault(phase.name, {"meta": phase.meta, "routers": {}})
+    report["workloads"][phase.name]["routers"][label] = _mark(result, max_lag_s)
+    _print(f"{phase.name} {label}", result)
+
+
+def table(report: dict) -> str:
+    """The figures as a Markdown table (docs/performance.md), a row per workload and router."""
+    head = (
+        "| workload | router | TTFT p50 / p90 / p99 ms | ITL p99 ms | e2e p99 s | input tok/s "
+        "| hit rate | max/mean per server | router CPU s/1k | lag p99 ms |"
+    )
+    rows = [head, "|" + "---|" * 10]
+    for name, workload in report["workloads"].items():
+        for i, (router, r) in enumerate(workload["routers"].items()):
+            ttft = " / ".join(f"{r[k]:,.0f}" for k in ("ttft_p50_ms", "ttft_p90_ms", "ttft_p99_ms"))
+            lag = f"{r['lag_p99_ms']:,.0f}" + ("" if r["valid"] else " (fell behind)")
+            rows.append(
+                f"| {name if i == 0 else ''} | {router} | {ttft} | {r['itl_p99_ms']:,.0f} "
+                f"| {r['e2e_p99_ms'] / 1000:,.1f} | {r['input_tokens_per_s']:,} | {r['hit_rate']} "
+                f"| {r['per_server_max_over_mean']} | {r['router_cpu_s_per_1k']} | {lag} |"
+            )
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--servers", type=int, default=16)
+    parser.add_argument("--strategies", default=STRATEGIES)
+    parser.add_argument("--peers", default=PEER_POLICIES, help="vllm-router policies ('' none)")
+    parser.add_argument("--workloads", default="", help="mooncake,agents,zipf (default: all)")
+    parser.add_argument("--phase-s", type=float, default=10.0, help="wall seconds per phase")
+    parser.add_argument("--wall-rate", type=float, default=30.0, help="requests per wall s")
+    parser.add_argument("--trace-requests", type=int, default=240)
+    parser.add_argument("--zipf-rates", default="16,32,64", help="requests per simulated s")
+    parser.add_argument("--zipf-sim-s", type=float, default=8.0, help="simulated s per step")
+    parser.add_argument("--probe", default="16,32", help="fleet sizes to probe ('' none)")
+    parser.add_argument("--max-lag-s", type=float, default=0.1, help="simulated seconds")
+    parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--charts", default=str(DOCS), help="their folder ('' for none)")
+    parser.add_argument("--table", action="store_true", help="print the table of --output")
+    args = parser.parse_args(argv)
+    if args.table:
+        print(table(orjson.loads(args.output.read_bytes())))
+        return 0
+    began = time.monotonic()
+    report: dict = {
+        "machine": {"cpus": os.cpu_count()},
+        "servers": args.servers,
+        "profile": "h100-llama-3.1-8b",
+        "settings": {k: v for k, v in vars(args).items() if k not in ("output", "charts", "table")},
+        "probe": {},
+        "workloads": {},
+    }
+    all_phases = phases(args)
+    for n in [int(n) for n in args.probe.split(",") if n]:
+        with fleet(n) as (urls, sim):
+            # The 4x load per 16 servers, on the 4x phase's clock: n/16 times its wall rate.
+            probe = mooncake(4.0 * n / 16, args.trace_requests * n // 16, args.wall_rate)
+            probe.time_scale = mooncake(4.0, args.trace_requests, args.wall_rate).time_scale
+            result = _mark(asyncio.run(run_phase(probe, "", SERVED, urls, sim)), args.max_lag_s)
+            report["probe"][str(n)] = result
+            _print(f"probe {n} servers", result)
+    policies = [p for p in args.peers.split(",") if p]
+    if policies and (problem := install_peer("vllm-router")) is not None:
+        print(f"bench-fleet: vllm-router not installed: {problem}")
+        policies = []
+    report["vllm_router"] = peer_version("vllm-router") if policies else None
+    strategies = [s for s in args.strategies.split(",") if s]
+    with fleet(args.servers) as (urls, sim):
+        # The simulated GPUs' clock comes first: what starts from now on (Ray and the routers)
+        # and the load generator in this process run 5 steps nicer, so CPU contention delays
+        # arrivals rather than the steps.
+        os.nice(5)
+        if strategies:
+            with local_router("bench-fleet") as lr:
+                for strategy in strategies:
+                    _serve_router_phases(report, lr, strategy, all_phases, urls, sim, args)
+        for policy in policies:
+            for phase in all_phases:
+                label = f"vllm-router {policy}"
+                with started(Router(label, vllm_router_command(policy)), urls) as running:
+                    asyncio.run(warm_up(running.url, SERVED))
+                    before = tree_cpu_s(running.process)
+                    result = asyncio.run(run_phase(phase, running.url, SERVED, urls, sim))
+                    used = cpu_used_s(before, tree_cpu_s(running.process))
+                _record(report, phase, label, result, used, args.max_lag_s)
+    kept_up = [int(n) for n, r in report["probe"].items() if r["valid"]]
+    report["largest_fleet_kept_up"] = max(kept_up, default=None)
+    report["wall_s"] = round(time.monotonic() - began)
+    report["valid"] = all(
+        r["valid"] for w in report["workloads"].values() for r in w["routers"].values()
+    )
+    args.output.write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
+    if args.charts:
+        draw(report, Path(args.charts))
+    print(table(report))
+    print(f"bench-fleet: {report['wall_s']} s, valid: {report['valid']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,308 @@
+"""The vLLM simulator's pure parts (serve_app/demo/vllm_sim): block accounting, the KV event
+stream (over real ZMQ on loopback) and the time model, on the simulated clock."""
+
+from __future__ import annotations
+
+import time
+
+import aiohttp
+import msgspec
+import orjson
+import zmq
+import zmq.asyncio
+from prometheus_client.parser import text_string_to_metric_families
+
+from serve_app.demo.vllm_sim.engine import Engine, Request
+from serve_app.demo.vllm_sim.kv_cache import chain_hashes
+from serve_app.demo.vllm_sim.profiles import H100_LLAMA_8B, Profile
+from serve_app.demo.vllm_sim.publisher import KVEventsConfig, ZmqPublisher
+from serve_app.demo.vllm_sim.server import Fleet, Options, SimServer
+from serve_app.demo.vllm_sim.tokens import SimpleTokenizer
+from serve_app.demo.vllm_sim.wire import (
+    DECODER,
+    ENCODER,
+    AllBlocksCleared,
+    BlockRemoved,
+    BlockStored,
+    EventBatch,
+)
+from tests.conftest import free_port
+
+SMALL = Profile(
+    name="small",
+    block_size=4,
+    num_gpu_blocks=9,  # 8 usable
+    max_num_seqs=8,
+    max_num_batched_tokens=64,
+    max_model_len=64,
+    step_overhead_s=0.01,
+    prefill_token_s=0.001,
+    attention_pair_s=0.0,
+    decode_seq_s=0.001,
+    kv_read_token_s=0.0,
+)
+
+
+def _request(name: str, prompt: list[int], out: int = 1) -> Request:
+    return Request(name, prompt, [900 + i for i in range(out)])
+
+
+def _run(engine: Engine, *requests: Request) -> None:
+    """Adds the requests now and runs the engine until they all end."""
+    for r in requests:
+        engine.add(r)
+    while any(r.finished_at is None for r in requests):
+        end = engine.next_event()
+        engine.advance(end if end is not None else engine.clock)
+
+
+def _events(engine: Engine) -> list:
+    return engine.cache.take_events()
+
+
+def test_prefix_hit_is_the_cached_full_blocks_less_the_last_token() -> None:
+    engine = Engine(SMALL)
+    a = _request("a", list(range(10)))  # 2 full blocks + 2 tokens
+    _run(engine, a)
+    assert a.num_cached_tokens == 0
+    b = _request("b", [*range(8), 50, 51, 52])
+    c = _request("c", list(range(10)))
+    d = _request("d", list(range(8)))  # its whole prompt cached: the last block is recomputed
+    _run(engine, b)
+    _run(engine, c)
+    _run(engine, d)
+    assert (b.num_cached_tokens, c.num_cached_tokens, d.num_cached_tokens) == (8, 8, 4)
+    counters = engine.counters
+    assert counters.prefix_queries == 10 + 11 + 10 + 8
+    assert counters.prefix_hits == 8 + 8 + 4
+
+
+def test_block_stored_events_chain_parents_and_carry_the_tokens() -> None:
+    engine = Engine(SMALL)
+    prompt = list(range(10))
+    a = _request("a", prompt, out=3)  # 10 + 2 computed output tokens: a third full block
+    _run(engine, a)
+    stored = [e for e in _events(engine) if isinstance(e, BlockStored)]
+    hashes = chain_hashes([*prompt, 900, 901], 4, [])
+    assert [e.block_hashes for e in stored] == [hashes[:2], hashes[2:3]]
+    assert [e.parent_block_hash for e in stored] == [None, hashes[1]]
+    assert stored[0].token_ids == list(range(8))
+    assert stored[1].token_ids == [8, 9, 900, 901]
+    assert {e.block_size for e in stored} == {4}
+
+
+def test_eviction_takes_uncached_blocks_first_then_least_recently_freed_last_block_first() -> None:
+    engine = Engine(SMALL)
+    a = _request("a", list(range(9)))  # 3 blocks, 2 cached
+    b = _request("b", list(range(100, 109)))  # 3 blocks, 2 cached
+    _run(engine, a)
+    _run(engine, b)
+    _events(engine)
+    a_hashes = chain_hashes(list(range(9)), 4, [])
+    b_hashes = chain_hashes(list(range(100, 109)), 4, [])
+    # 8 usable blocks: the unused and uncached ones go first, then a's (tail first), then b's.
+    c = _request("c", list(range(200, 223)))  # 6 blocks
+    _run(engine, c)
+    removed = [e.block_hashes[0] for e in _events(engine) if isinstance(e, BlockRemoved)]
+    assert removed == [a_hashes[1], a_hashes[0]]
+    assert engine.cache.cached_prefix(b_hashes) != []
+    assert engine.cache.cached_prefix(a_hashes) == []
+
+
+def test_a_full_cache_preempts_the_latest_request_which_then_recomputes() -> None:
+    engine = Engine(SMALL)
+    first = _request("first", list(range(10)), out=12)  # grows to 6 blocks
+    second = _request("second", list(range(300, 310)), out=12)
+    _run(engine, first, second)
+    assert engine.counters.preemptions >= 1
+    assert second.num_preemptions >= 1 and first.num_preemptions == 0
+    assert first.num_output == second.num_output == 12
+    assert engine.cache.num_free == 8  # every block back in the free queue
+
+
+def test_ttft_grows_with_uncached_prompt_tokens_and_a_cached_prompt_answers_faster() -> None:
+    def ttft(engine: Engine, prompt: list[int]) -> float:
+        r = _request(f"r{len(prompt)}-{engine.counters.steps}", prompt)
+        _run(engine, r)
+        return r.token_times[0] - r.arrival
+
+    short, long = list(range(1000)), list(range(20_000))
+    engine = Engine(H100_LLAMA_8B)
+    cold_short, cold_long = ttft(engine, short), ttft(engine, long)
+    warm_long = ttft(engine, long)
+    assert cold_long > 10 * cold_short
+    assert warm_long < cold_long / 10
+    # Chunked prefill: 20,000 tokens take ceil(20,000 / 8,192) = 3 steps.
+    assert engine.counters.steps >= 3
+
+
+def test_a_busy_engine_answers_later() -> None:
+    def ttft_behind(others: int) -> float:
+        engine = Engine(H100_LLAMA_8B)
+        for i in range(others):
+            engine.add(_request(f"o{i}", list(range(i * 10_000, i * 10_000 + 6000))))
+        probe = _request("probe", list(range(-500, 0)))
+        _run(engine, probe)
+        return probe.token_times[0] - probe.arrival
+
+    assert ttft_behind(8) > 4 * ttft_behind(0)
+
+
+def test_step_time_grows_with_the_kv_read_of_decoding_sequences() -> None:
+    short = H100_LLAMA_8B.step_seconds(0, 0, 32, 32 * 1000)
+    long = H100_LLAMA_8B.step_seconds(0, 0, 32, 32 * 30_000)
+    assert long > 2 * short
+
+
+async def _replay(port: int) -> list[tuple[int, EventBatch]]:
+    """Every batch a publisher's replay socket holds, from sequence number 0."""
+    dealer = zmq.asyncio.Context.instance().socket(zmq.DEALER)
+    dealer.connect(f"tcp://127.0.0.1:{port}")
+    replayed = []
+    try:
+        await dealer.send_multipart((b"", (0).to_bytes(8, "big")))
+        while True:
+            assert await dealer.poll(10_000), "no replay answer"
+            _, topic, seq, payload = await dealer.recv_multipart()
+            if seq == (-1).to_bytes(8, "big", signed=True):
+                assert (topic, payload) == (b"", b"")
+                return replayed
+            assert topic == b"kv"
+            replayed.append((int.from_bytes(seq, "big"), DECODER.decode(payload)))
+    finally:
+        dealer.close(linger=0)
+
+
+async def test_events_are_numbered_and_a_gap_is_replayed_over_zmq() -> None:
+    port, replay_port = free_port(), free_port()
+    ctx = zmq.asyncio.Context.instance()
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.SUBSCRIBE, b"kv")
+    sub.bind(f"tcp://127.0.0.1:{port}")  # the engine connects, as vLLM does without `*`
+    config = KVEventsConfig(
+        enable_kv_cache_events=True,
+        endpoint=f"tcp://127.0.0.1:{port}",
+        replay_endpoint=f"tcp://127.0.0.1:{replay_port}",
+        topic="kv",
+    )
+    publisher = ZmqPublisher(config)
+    engine = Engine(SMALL, on_events=publisher.publish)
+    try:
+        # Until the connection is up, batches are lost: that gap is what replay is for.
+        deadline = time.monotonic() + 10
+        n = 0
+        received: list[tuple[int, object]] = []
+        while not received:
+            assert time.monotonic() < deadline, "no KV event batch arrived"
+            _run(engine, _request(f"r{n}", list(range(n * 100, n * 100 + 9))))
+            n += 1
+            if await sub.poll(50):
+                topic, seq, payload = await sub.recv_multipart()
+                assert topic == b"kv"
+                received.append((int.from_bytes(seq, "big"), DECODER.decode(payload)))
+        first_seen = received[0][0]
+        assert first_seen <= n - 1
+        replayed = await _replay(replay_port)
+        assert [s for s, _ in replayed] == list(range(len(replayed)))
+        assert len(replayed) >= first_seen + 1
+        assert replayed[first_seen][1] == received[0][1]
+    finally:
+        await publisher.close()
+        sub.close(linger=0)
+
+
+def test_the_batch_is_vllms_wire_shape() -> None:
+    """An array `[ts, events, rank]`; events are maps tagged `type`, defaults left out."""
+    engine = Engine(SMALL)
+    _run(engine, _request("a", list(range(9))))
+    raw = msgspec.msgpack.decode(
+        ENCODER.encode(EventBatch(ts=1.0, events=_events(engine), data_parallel_rank=0))
+    )
+    assert raw[0] == 1.0 and raw[2] == 0
+    stored = raw[1][0]
+    assert stored["type"] == "BlockStored"
+    assert set(stored) == {
+        "type",
+        "block_hashes",
+        "parent_block_hash",
+        "token_ids",
+        "block_size",
+        "lora_id",
+        "medium",
+        "lora_name",
+        "group_idx",
+    }
+
+
+async def test_the_http_surface_reports_cached_tokens_and_vllms_metric_names() -> None:
+    port = free_port()
+    fleet = Fleet(time_scale=50.0)
+    server = SimServer(
+        Options(model="sim", profile=SMALL, prompt_tokens_details=True), SimpleTokenizer(), fleet
+    )
+    await server.start("127.0.0.1", port)
+    fleet.start()
+    url = f"http://127.0.0.1:{port}"
+    words = " ".join(f"w{i}" for i in range(12))
+    body = {"model": "sim", "messages": [{"role": "user", "content": words}], "max_tokens": 3}
+    try:
+        async with aiohttp.ClientSession() as http:
+            usages = []
+            for _ in range(2):
+                async with http.post(f"{url}/v1/chat/completions", json=body) as resp:
+                    assert resp.status == 200
+                    usages.append((await resp.json())["usage"])
+            stream = {**body, "stream": True, "stream_options": {"include_usage": True}}
+            async with http.post(f"{url}/v1/chat/completions", json=stream) as resp:
+                lines = [line async for line in resp.content if line.startswith(b"data: ")]
+            async with http.post(f"{url}/v1/chat/completions", json={**body, "model": "x"}) as r:
+                assert r.status == 404
+            async with http.get(f"{url}/metrics") as resp:
+                page = await resp.text()
+    finally:
+        await fleet.stop()
+        await server.stop()
+    # "user: w0 .. w11" then "assistant:": 14 tokens, 3 full blocks of 4, all cached next time.
+    assert [u["prompt_tokens"] for u in usages] == [14, 14]
+    assert [u["prompt_tokens_details"]["cached_tokens"] for u in usages] == [0, 12]
+    assert lines[-1] == b"data: [DONE]\n"
+    assert orjson.loads(lines[-2][6:])["usage"]["completion_tokens"] == 3
+    assert len(lines) == 1 + 3 + 1 + 1  # role, 3 tokens, usage, [DONE]
+    labels = {
+        sample.name: set(sample.labels) - {"le", "finished_reason"}
+        for family in text_string_to_metric_families(page)
+        for sample in family.samples
+    }
+    for name in (
+        "vllm:num_requests_running",
+        "vllm:num_requests_waiting",
+        "vllm:kv_cache_usage_perc",
+        "vllm:prefix_cache_queries_total",
+        "vllm:prefix_cache_hits_total",
+        "vllm:request_success_total",
+        "vllm:time_to_first_token_seconds_bucket",
+        "vllm:inter_token_latency_seconds_bucket",
+    ):
+        assert labels.get(name) == {"engine", "model_name"}, name
+    assert 'vllm:prefix_cache_hits_total{engine="0",model_name="sim"} 24.0' in page
+
+
+async def test_a_reset_fleet_tells_subscribers_its_caches_are_empty() -> None:
+    replay_port = free_port()
+    config = KVEventsConfig(
+        enable_kv_cache_events=True,
+        endpoint=f"tcp://127.0.0.1:{free_port()}",
+        replay_endpoint=f"tcp://127.0.0.1:{replay_port}",
+        topic="kv",
+    )
+    fleet = Fleet()
+    server = SimServer(
+        Options(model="sim", profile=SMALL, kv_events=config), SimpleTokenizer(), fleet
+    )
+    await server.start("127.0.0.1", free_port())
+    try:
+        fleet.restart(2.0)
+        replayed = await _replay(replay_port)
+    finally:
+        await server.stop()
+    assert [(seq, batch.events) for seq, batch in replayed] == [(0, [AllBlocksCleared()])]
