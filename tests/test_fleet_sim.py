@@ -17,15 +17,15 @@ from serve_app.demo.vllm_sim.kv_cache import chain_hashes
 from serve_app.demo.vllm_sim.profiles import H100_LLAMA_8B, Profile
 from serve_app.demo.vllm_sim.publisher import KVEventsConfig, ZmqPublisher
 from serve_app.demo.vllm_sim.server import Fleet, Options, SimServer
-from serve_app.demo.vllm_sim.tokens import SimpleTokenizer
-from serve_app.demo.vllm_sim.wire import (
-    DECODER,
+from serve_app.routing.kv.events import (
     ENCODER,
     AllBlocksCleared,
     BlockRemoved,
     BlockStored,
     EventBatch,
+    decode_batch,
 )
+from serve_app.routing.kv.tokens import SimpleTokenizer
 from tests.conftest import free_port
 
 SMALL = Profile(
@@ -168,7 +168,7 @@ async def _replay(port: int) -> list[tuple[int, EventBatch]]:
                 assert (topic, payload) == (b"", b"")
                 return replayed
             assert topic == b"kv"
-            replayed.append((int.from_bytes(seq, "big"), DECODER.decode(payload)))
+            replayed.append((int.from_bytes(seq, "big"), decode_batch(payload)))
     finally:
         dealer.close(linger=0)
 
@@ -199,7 +199,7 @@ async def test_events_are_numbered_and_a_gap_is_replayed_over_zmq() -> None:
             if await sub.poll(50):
                 topic, seq, payload = await sub.recv_multipart()
                 assert topic == b"kv"
-                received.append((int.from_bytes(seq, "big"), DECODER.decode(payload)))
+                received.append((int.from_bytes(seq, "big"), decode_batch(payload)))
         first_seen = received[0][0]
         assert first_seen <= n - 1
         replayed = await _replay(replay_port)

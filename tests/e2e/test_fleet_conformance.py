@@ -21,8 +21,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from serve_app.demo.vllm_sim.profiles import TINY_CPU
 from serve_app.demo.vllm_sim.publisher import KVEventsConfig
 from serve_app.demo.vllm_sim.server import Fleet, Options, SimServer
-from serve_app.demo.vllm_sim.tokens import HfTokenizer
-from serve_app.demo.vllm_sim.wire import DECODER, BlockRemoved, BlockStored
+from serve_app.routing.kv.events import BlockRemoved, BlockStored, decode_batch
+from serve_app.routing.kv.tokens import HfTokenizer
 from tests.conftest import free_port
 from tests.e2e.vllm_server import MAX_MODEL_LEN, MODEL_DIR, SERVED_MODEL, VllmServer
 
@@ -77,7 +77,7 @@ class Subscriber:
         while await self.socket.poll(quiet_ms):
             _, seq, payload = await self.socket.recv_multipart()
             self.seqs.append(int.from_bytes(seq, "big"))
-            self.events.extend(DECODER.decode(payload).events)
+            self.events.extend(decode_batch(payload).events)
 
     async def replay(self) -> tuple[list[int], list[Any]]:
         """Every batch the server still holds, from sequence number 0."""
@@ -95,7 +95,7 @@ class Subscriber:
                     return seqs, events
                 assert topic == b"kv"
                 seqs.append(int.from_bytes(seq, "big"))
-                events.extend(DECODER.decode(payload).events)
+                events.extend(decode_batch(payload).events)
         finally:
             dealer.close(linger=0)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from serve_app.demo.vllm_sim.profiles import PROFILES
 from serve_app.demo.vllm_sim.publisher import KVEventsConfig
 from serve_app.demo.vllm_sim.server import Fleet, Options, SimServer
-from serve_app.demo.vllm_sim.tokens import load
+from serve_app.routing.kv.tokens import load
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:

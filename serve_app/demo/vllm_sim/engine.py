@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from serve_app.demo.vllm_sim.kv_cache import Block, KVCache, chain_hashes
 from serve_app.demo.vllm_sim.profiles import Profile
-from serve_app.demo.vllm_sim.wire import Event
+from serve_app.routing.kv.events import Event
 
 
 @dataclass(eq=False)

@@ -16,7 +16,7 @@ from array import array
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 
-from serve_app.demo.vllm_sim.wire import MEDIUM_GPU, BlockRemoved, BlockStored, Event
+from serve_app.routing.kv.events import MEDIUM_GPU, BlockRemoved, BlockStored, Event
 
 
 def block_hash(parent: int | None, token_ids: Sequence[int]) -> int:

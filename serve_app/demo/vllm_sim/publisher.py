@@ -19,9 +19,7 @@ import zmq
 import zmq.asyncio
 from pydantic import BaseModel, ConfigDict
 
-from serve_app.demo.vllm_sim.wire import ENCODER, Event, EventBatch
-
-END_SEQ = (-1).to_bytes(8, "big", signed=True)
+from serve_app.routing.kv.events import ENCODER, END_SEQ, Event, EventBatch, encode_seq
 
 
 class KVEventsConfig(BaseModel):
@@ -83,7 +81,7 @@ class ZmqPublisher:
         self._seq += 1
         self._buffer.append((seq, payload))
         with contextlib.suppress(zmq.Again):
-            self._pub.send_multipart((self._topic, seq.to_bytes(8, "big"), payload), zmq.NOBLOCK)
+            self._pub.send_multipart((self._topic, encode_seq(seq), payload), zmq.NOBLOCK)
 
     async def _serve_replay(self) -> None:
         assert self._replay is not None
@@ -95,11 +93,10 @@ class ZmqPublisher:
             first = int.from_bytes(start, "big")
             for seq, payload in list(self._buffer):
                 if seq >= first:
-                    seq_bytes = seq.to_bytes(8, "big")
                     await self._replay.send_multipart(
-                        (client, b"", self._topic, seq_bytes, payload)
+                        (client, b"", self._topic, encode_seq(seq), payload)
                     )
-            await self._replay.send_multipart((client, b"", b"", END_SEQ, b""))
+            await self._replay.send_multipart((client, b"", b"", encode_seq(END_SEQ), b""))
 
     async def close(self) -> None:
         if self._replay_task is not None:

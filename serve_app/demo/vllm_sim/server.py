@@ -37,8 +37,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from serve_app.demo.vllm_sim.engine import Engine, Request
 from serve_app.demo.vllm_sim.profiles import Profile
 from serve_app.demo.vllm_sim.publisher import KVEventsConfig, ZmqPublisher
-from serve_app.demo.vllm_sim.tokens import Tokenizer
-from serve_app.demo.vllm_sim.wire import AllBlocksCleared, Event
+from serve_app.routing.kv.events import AllBlocksCleared, Event
+from serve_app.routing.kv.tokens import Tokenizer
 
 # vLLM's buckets (vllm/v1/metrics/buckets.py).
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0)
