@@ -1,0 +1,128 @@
+"""Prompts as the server sees them (serve_app/routing/kv/tokens): the keys the router computes
+for a request are the keys the index builds from the simulated vLLM's events for it (the engine
+run in-process), with the e2e tiny model's tokenizer and chat template when `make e2e` made it,
+and always with one trained here the same way (byte-level BPE, `tokenizers` only)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from jinja2.exceptions import TemplateError
+
+from serve_app.demo.vllm_sim.engine import Engine, Request
+from serve_app.demo.vllm_sim.profiles import TINY_CPU
+from serve_app.routing.kv.index import BlockIndex
+from serve_app.routing.kv.tokens import (
+    HfTokenizer,
+    SimpleTokenizer,
+    prompt_keys,
+    prompt_tokens,
+    tokenizer_for,
+)
+from tests.conftest import ROOT
+
+E2E_MODEL = ROOT / ".e2e" / "model" / "base"
+PROFILE = TINY_CPU.model_copy(update={"block_size": 16})
+SENTENCES = [f"The quick brown fox jumps over the lazy dog {i}." for i in range(500)]
+DOC = " ".join(SENTENCES[:40])
+TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant: {% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tokenizer folder like the e2e tiny model's (tests/e2e/tiny_model.py)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    folder = tmp_path_factory.mktemp("tokenizer")
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=1024,
+        special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tokenizer.train_from_iterator(SENTENCES, trainer)
+    tokenizer.save(str(folder / "tokenizer.json"))
+    specials = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}
+    (folder / "tokenizer_config.json").write_text(json.dumps(specials))
+    (folder / "chat_template.jinja").write_text(TEMPLATE)
+    return folder
+
+
+@pytest.fixture(params=["trained", "e2e"])
+def model(request: pytest.FixtureRequest) -> Path:
+    if request.param == "trained":
+        return request.getfixturevalue("trained")
+    if not E2E_MODEL.is_dir():
+        pytest.skip("no e2e tiny model (make e2e makes it)")
+    return E2E_MODEL
+
+
+def _serve(engine: Engine, prompt: list[int]) -> None:
+    """One request through the simulated engine, to its end."""
+    request = Request(f"r{len(prompt)}", prompt, [5, 6])
+    engine.add(request)
+    while request.finished_at is None:
+        end = engine.next_event()
+        engine.advance(end if end is not None else engine.clock)
+
+
+def test_the_routers_keys_are_those_the_index_builds_from_the_engines_events(model: Path) -> None:
+    """The simulator tokenizes as vLLM does (held to it by make e2e); its events fill the index;
+    the router's keys for the same request body match every full prompt block."""
+    tokenizer = tokenizer_for(str(model))
+    engine, index = Engine(PROFILE), BlockIndex()
+    first = {"messages": [{"role": "system", "content": DOC}, {"role": "user", "content": "Hi"}]}
+    second = {"messages": [*first["messages"][:1], {"role": "user", "content": "Other"}]}
+    served = tokenizer.chat_prompt(first["messages"])  # what the server computes
+    _serve(engine, served)
+    index.apply("sim", engine.cache.take_events())
+    keys = prompt_keys(prompt_tokens(tokenizer, first), PROFILE.block_size)
+    assert len(keys) == len(served) // PROFILE.block_size > 20
+    assert index.match(keys) == {"sim": len(keys)}
+    other = prompt_keys(prompt_tokens(tokenizer, second), PROFILE.block_size)
+    shared = next(i for i, (a, b) in enumerate(zip(keys, other, strict=False)) if a != b)
+    assert 0 < shared < len(keys)
+    assert index.match(other) == {"sim": shared}
+
+
+def test_the_template_is_rendered_as_transformers_and_vllm_do(
+    trained: Path, tmp_path: Path
+) -> None:
+    (tmp_path / "tokenizer.json").write_bytes((trained / "tokenizer.json").read_bytes())
+    config = json.loads((trained / "tokenizer_config.json").read_text())
+    template = (
+        "{% for m in messages %}{% if m['role'] == 'bad' %}{{ raise_exception('no') }}{% endif %}"
+        "{{ bos_token }}{{ m['content'] }}|{% endfor %}{{ tools | tojson }}"
+    )
+    config["chat_template"] = [{"name": "default", "template": template}]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    tokenizer = HfTokenizer(tmp_path)
+    parts = [{"type": "text", "text": "a"}, {"type": "image_url"}, {"type": "text", "text": "b"}]
+    assert tokenizer.render([{"role": "user", "content": parts}], [{"n": "é"}]) == (
+        '<s>a\nb|[{"n": "é"}]'
+    )
+    with pytest.raises(TemplateError):
+        tokenizer.render([{"role": "bad", "content": ""}])
+    (tmp_path / "chat_template.jinja").write_text("{{ messages[0]['content'] }}!")
+    assert HfTokenizer(tmp_path).render([{"role": "user", "content": "x"}]) == "x!"
+
+
+def test_a_models_tokenizer_is_loaded_once(trained: Path) -> None:
+    assert tokenizer_for(str(trained)) is tokenizer_for(str(trained))
+
+
+def test_completion_prompts_as_text_or_ids_and_keys_leave_a_partial_block_out() -> None:
+    simple = SimpleTokenizer()
+    assert prompt_tokens(simple, {"prompt": "t5 t6 t7"}) == [5, 6, 7]
+    assert prompt_tokens(simple, {"prompt": [9, 8]}) == [9, 8]
+    assert prompt_tokens(simple, {"input": "x"}) == []
+    assert len(prompt_keys(list(range(47)), 16)) == 2
+    assert prompt_keys(list(range(32)), 16)[:1] == prompt_keys(list(range(16)), 16)
+    assert prompt_keys(list(range(16)), 16, lora="a") != prompt_keys(list(range(16)), 16)
