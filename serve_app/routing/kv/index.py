@@ -14,16 +14,17 @@ parents are then unknown too), blocks of a KV-cache group other than the first (
 and blocks whose parent the index does not know (evicted here, or its event was lost).
 
 Layout. Per medium (GPU, CPU offload, ...), key -> bitmask of the providers holding it; per
-provider, (medium, engine hash) -> [key, copies] in the order last stored. An engine can hold
+provider and medium, engine hash -> [key, copies] in the order last stored. An engine can hold
 two copies of one block (two requests filled it in the same step), each stored and removed
 with its own event, hence the copies. A match walks the prompt's keys once for every provider
 at once, ANDing masks, and stops when no provider holds the next block.
 
-Bound. At most `max_entries` holdings (a provider holding a block on a medium) in all; past it
-the provider with the most holdings loses its least recently stored one first, so a runaway
-publisher (a large offload tier) pays before the others. Engines evict their own least
-recently used blocks first, so what goes is mostly what they dropped already; a holding dropped
-from a chain's middle only shortens that provider's matches (the index errs toward a miss).
+Bound. At most `max_entries` holdings (a provider holding a block on a medium; about 270 bytes
+each) in all; past it the provider and medium with the most holdings loses its least recently
+stored one first, so a runaway publisher (a large offload tier) pays before the others. Engines
+evict their own least recently used blocks first, so what goes is mostly what they dropped
+already; a holding dropped from a chain's middle only shortens that provider's matches (the
+index errs toward a miss).
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ from serve_app.routing.kv.events import (
     Event,
 )
 
-DEFAULT_MAX_ENTRIES = 2_000_000  # 16 engines of 25,000 blocks (an H100 with an 8B model) x 5
+# 40 engines of 25,000 blocks (an H100 with an 8B model); about 270 MB.
+DEFAULT_MAX_ENTRIES = 1_000_000
 
 
 def root_key(lora: str | None) -> int:
@@ -54,7 +56,7 @@ def root_key(lora: str | None) -> int:
 def chain_keys(token_ids: Sequence[int], block_size: int, parent: int) -> list[int]:
     """The keys of the full blocks of `token_ids` after a block keyed `parent` (or a root_key);
     a partial last block is left out, as the engine caches only full blocks."""
-    data = memoryview(array("I", token_ids).tobytes())
+    data = array("I", token_ids).tobytes()  # sliced bytes hash faster than memoryviews
     step = block_size * 4
     out = []
     for end in range(step, len(data) + 1, step):
@@ -69,10 +71,10 @@ class BlockIndex:
     def __init__(self, max_entries: int = DEFAULT_MAX_ENTRIES) -> None:
         self.max_entries = max_entries
         self._held: dict[str, dict[int, int]] = {}  # medium -> key -> provider bits
-        self._holdings: dict[str, OrderedDict[tuple[str, EngineHash], list[int]]] = {}
+        # (provider, medium) -> engine hash -> [key, copies], least recently stored first
+        self._holdings: dict[tuple[str, str], OrderedDict[EngineHash, list[int]]] = {}
         self._bits: dict[str, int] = {}
         self._names: list[str] = []  # bit position -> provider ("" when free)
-        self._counts: Counter[tuple[str, str]] = Counter()  # (provider, medium) -> holdings
         self.total = 0
         self.skipped: Counter[str] = Counter()  # blocks not indexed, per provider
         self.evicted: Counter[str] = Counter()  # holdings dropped for the bound, per provider
@@ -98,95 +100,86 @@ class BlockIndex:
             bit = self._bits[provider] = 1 << free
         return bit
 
+    def _parent(self, provider: str, medium: str, event: BlockStored) -> int | None:
+        """The key the first stored block chains from; None when the parent is unknown."""
+        if event.parent_block_hash is None:
+            return root_key(event.lora_name)
+        for where in {medium, MEDIUM_GPU}:  # an offloaded block's parent may be on the GPU
+            found = self._holdings.get((provider, where), {}).get(event.parent_block_hash)
+            if found is not None:
+                return found[0]
+        return None
+
     def _store(self, provider: str, event: BlockStored) -> None:
         medium = event.medium or MEDIUM_GPU
         hashes = event.block_hashes
-        if event.group_idx or len(event.token_ids) != event.block_size * len(hashes):
+        parent = None
+        if not event.group_idx and len(event.token_ids) == event.block_size * len(hashes):
+            parent = self._parent(provider, medium, event)
+        if parent is None:
             self.skipped[provider] += len(hashes)
             return
-        holdings = self._holdings.setdefault(provider, OrderedDict())
-        if event.parent_block_hash is None:
-            parent = root_key(event.lora_name)
-        else:
-            found = holdings.get((medium, event.parent_block_hash)) or holdings.get(
-                (MEDIUM_GPU, event.parent_block_hash)
-            )
-            if found is None:
-                self.skipped[provider] += len(hashes)
-                return
-            parent = found[0]
         count = _hashable_blocks(event)
         self.skipped[provider] += len(hashes) - count
         keys = chain_keys(event.token_ids[: count * event.block_size], event.block_size, parent)
+        holdings = self._holdings.setdefault((provider, medium), OrderedDict())
         held = self._held.setdefault(medium, {})
         bit = self._bit(provider)
-        added = 0
+        before = len(holdings)
         for engine_hash, key in zip(hashes, keys, strict=False):
-            slot = (medium, engine_hash)
-            entry = holdings.get(slot)
+            entry = holdings.get(engine_hash)
             if entry is not None:
                 entry[1] += 1
-                holdings.move_to_end(slot)
+                holdings.move_to_end(engine_hash)
                 continue
-            holdings[slot] = [key, 1]
+            holdings[engine_hash] = [key, 1]
             held[key] = held.get(key, 0) | bit
-            added += 1
-        self._counts[provider, medium] += added
-        self.total += added
+        self.total += len(holdings) - before
         if self.total > self.max_entries:
             self._trim()
 
     def _remove(self, provider: str, event: BlockRemoved) -> None:
-        holdings = self._holdings.get(provider)
+        medium = event.medium or MEDIUM_GPU
+        holdings = self._holdings.get((provider, medium))
         if not holdings or event.group_idx:
             return
-        medium = event.medium or MEDIUM_GPU
         for engine_hash in event.block_hashes:
-            slot = (medium, engine_hash)
-            entry = holdings.get(slot)
+            entry = holdings.get(engine_hash)
             if entry is None:  # never indexed, or dropped for the bound
                 continue
             entry[1] -= 1
             if entry[1] == 0:
-                del holdings[slot]
-                self._unhold(provider, medium, entry[0])
+                del holdings[engine_hash]
+                self._unhold(medium, entry[0], ~self._bits[provider])
+                self.total -= 1
 
-    def _unhold(self, provider: str, medium: str, key: int) -> None:
+    def _unhold(self, medium: str, key: int, keep: int) -> None:
         held = self._held[medium]
-        rest = held[key] & ~self._bits[provider]
+        rest = held[key] & keep
         if rest:
             held[key] = rest
         else:
             del held[key]
-        self._counts[provider, medium] -= 1
-        self.total -= 1
 
     def _trim(self) -> None:
         while self.total > self.max_entries:
-            provider = max(self._holdings, key=lambda p: len(self._holdings[p]))
-            (medium, _), (key, _) = self._holdings[provider].popitem(last=False)
-            self._unhold(provider, medium, key)
+            (provider, medium), holdings = max(self._holdings.items(), key=lambda i: len(i[1]))
+            _, (key, _) = holdings.popitem(last=False)
+            self._unhold(medium, key, ~self._bits[provider])
+            self.total -= 1
             self.evicted[provider] += 1
 
     def drop(self, provider: str) -> None:
         """Forgets everything a provider holds (it restarted, cleared its cache, its stream
         stopped or its circuit opened)."""
-        holdings = self._holdings.pop(provider, None)
         bit = self._bits.pop(provider, None)
         if bit is None:
             return
-        if holdings:
-            keep = ~bit
-            for (medium, _), (key, _) in holdings.items():
-                held = self._held[medium]
-                rest = held[key] & keep
-                if rest:
-                    held[key] = rest
-                else:
-                    del held[key]
+        for where in [w for w in self._holdings if w[0] == provider]:
+            holdings = self._holdings.pop(where)
+            for key, _ in holdings.values():
+                self._unhold(where[1], key, ~bit)
             self.total -= len(holdings)
-        for medium in {m for p, m in self._counts if p == provider}:
-            del self._counts[provider, medium]
         self._names[bit.bit_length() - 1] = ""
 
     def match(self, keys: Sequence[int], medium: str = MEDIUM_GPU) -> dict[str, int]:
@@ -219,8 +212,9 @@ class BlockIndex:
     def counts(self) -> dict[str, dict[str, int]]:
         """Holdings per provider and medium (for metrics)."""
         out: dict[str, dict[str, int]] = {}
-        for (provider, medium), n in self._counts.items():
-            out.setdefault(provider, {})[medium] = n
+        for (provider, medium), holdings in self._holdings.items():
+            if holdings:
+                out.setdefault(provider, {})[medium] = len(holdings)
         return out
 
 
