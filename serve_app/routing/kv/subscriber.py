@@ -11,11 +11,13 @@ bytes big-endian)` and reads `(b"", topic, seq, payload)` frames (releases befor
 topic out) up to the end marker, seq -1.
 
 Sequence numbers. Batches are numbered from 0 per engine process. A batch past the next expected
-number means lost batches: they are replayed. A number already seen with a different payload
-means a new engine process: its provider's blocks are dropped and its stream is replayed from 0.
-A hole nothing can fill (replay off, its buffer rolled past it, no answer) after blocks were
-indexed drops the provider's blocks too (a lost removal would leave blocks it no longer holds);
-a hole before anything was indexed only leaves blocks unknown. An engine publishes only when its
+number means lost batches: they are replayed, the replay asked from the last batch applied. A
+number already seen with a different payload, or a replay that does not start with the last batch
+applied, means a new engine process: the provider's blocks are dropped and its stream is
+replayed from 0 (as when the replay buffer rolled past that batch). A hole nothing can fill (no
+replay socket, or no answer) after blocks were indexed drops the provider's blocks too (a lost
+removal would leave blocks it no longer holds); a hole before anything was indexed only leaves
+blocks unknown. An engine publishes only when its
 cache changes, so silence is not death: after `silence_s` without a batch the replay socket is
 asked from the last batch seen, which brings any batch the stream lost at its end and tells a
 live engine (the same last batch) from a restarted one (another) or a gone one (no answer
@@ -146,22 +148,51 @@ class Subscriber:
         if self.next_seq is not None and seq < self.next_seq:
             if self._recent.get(seq) == xxh3_64_intdigest(payload):
                 return  # already applied (a replay overtook the stream)
-            self.stats.restarts += 1
-            self.forget()
-        expected = 0 if self.next_seq is None else self.next_seq
-        if seq > expected:
+            self._restarted()
+        if seq > (self.next_seq or 0):
             self.stats.gaps += 1
-            await self._catch_up(expected, seq)
+            await self._catch_up(upto=seq)
         self._apply_next(seq, payload)
 
-    async def _catch_up(self, start: int, upto: int) -> None:
-        """Applies the replayed batches from `start` up to `upto` (exclusive)."""
-        for seq, payload in await self._replay(start) or ():
-            if seq >= upto:
+    async def _probe(self) -> None:
+        """The stream is quiet: whatever it lost at its end, or the provider's blocks dropped
+        when the replay socket does not answer."""
+        if not await self._catch_up() and self.next_seq is not None:
+            self.stats.silences += 1
+            self.forget()
+
+    async def _catch_up(self, upto: int | None = None) -> bool:
+        """Applies the replayed batches after the last one applied, up to `upto` (exclusive;
+        None: all). The replay is asked from the last batch applied (from 0 before any): when
+        it does not start with that batch, the engine restarted and is replayed from 0. False
+        when there is no replay socket or it does not answer."""
+        if self.endpoints.replay_endpoint is None:
+            return False
+        last = self.next_seq - 1 if self.next_seq else None
+        batches = await self._replay(last or 0)
+        if batches is not None and last is not None and not self._continues(last, batches):
+            self._restarted()
+            batches = await self._replay(0)
+        if batches is None:
+            return False
+        for seq, payload in batches:
+            if upto is not None and seq >= upto:
                 break
             if self.next_seq is None or seq >= self.next_seq:
                 self.stats.replayed += 1
                 self._apply_next(seq, payload)
+        return True
+
+    def _continues(self, last: int, batches: list[tuple[int, bytes]]) -> bool:
+        return (
+            bool(batches)
+            and batches[0][0] == last
+            and (self._recent.get(last) == xxh3_64_intdigest(batches[0][1]))
+        )
+
+    def _restarted(self) -> None:
+        self.stats.restarts += 1
+        self.forget()
 
     def _apply_next(self, seq: int, payload: bytes) -> None:
         if self.next_seq is not None and seq != self.next_seq:
@@ -179,30 +210,6 @@ class Subscriber:
             return
         self.stats.batches += 1
         self.index.apply(self.provider, batch.events)
-
-    async def _probe(self) -> None:
-        """Asks the replay from the last batch seen (from 0 before any): see the module doc."""
-        if self.endpoints.replay_endpoint is None:
-            return
-        last = self.next_seq - 1 if self.next_seq else 0
-        batches = await self._replay(last)
-        if batches is None:
-            if self.next_seq is not None:
-                self.stats.silences += 1
-                self.forget()
-            return
-        if self.next_seq and (
-            not batches
-            or batches[0][0] != last
-            or self._recent.get(last) != xxh3_64_intdigest(batches[0][1])
-        ):
-            self.stats.restarts += 1
-            self.forget()
-            batches = await self._replay(0) or []
-        for seq, payload in batches:
-            if self.next_seq is None or seq >= self.next_seq:
-                self.stats.replayed += 1
-                self._apply_next(seq, payload)
 
     async def _replay(self, start: int) -> list[tuple[int, bytes]] | None:
         """The replay socket's batches from `start` on; None when it does not answer in time."""
