@@ -200,6 +200,28 @@ async def test_a_silent_engine_is_dropped_and_picked_up_again_when_it_is_back(se
     await _until(lambda: _held(index) == 1, "the engine back")
 
 
+async def test_an_unexpected_error_drops_the_providers_blocks_and_the_stream_goes_on(
+    setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine, subscriber, index = setup
+    monkeypatch.setattr("serve_app.routing.kv.subscriber.ERROR_PAUSE_S", 0.0)
+    await _connected(engine, subscriber)
+    engine.publish(_store(0))
+    await _until(lambda: _held(index) == 1, "one block held")
+    apply = index.apply
+
+    def broken(provider: str, events: list[Event]) -> None:
+        index.apply = apply  # type: ignore[method-assign]
+        raise RuntimeError("a bug")
+
+    index.apply = broken  # type: ignore[method-assign]
+    engine.publish(_store(1, parent=1000))
+    await _until(lambda: subscriber.stats.errors == 1, "the error caught")
+    assert index.total == 0
+    engine.publish()  # the next batch: the stream is replayed from 0, the failed batch with it
+    await _until(lambda: _held(index) == 2, "the stream going on")
+
+
 def test_the_router_binds_what_vllm_connects_to_and_connects_to_what_it_binds() -> None:
     assert not engine_binds("tcp://10.0.0.5:5557")  # vLLM connects: the router binds it
     assert engine_binds("tcp://*:5557") and engine_binds("ipc:///tmp/kv")

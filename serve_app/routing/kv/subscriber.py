@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -43,6 +44,8 @@ from serve_app.routing.kv.events import END_SEQ, decode_batch, decode_seq, encod
 from serve_app.routing.kv.index import BlockIndex
 
 _RECENT = 256  # payload digests kept to tell a repeated batch from a restarted engine's
+ERROR_PAUSE_S = 1.0  # after an unexpected error, so a lasting one does not spin the loop
+log = logging.getLogger("ray.serve")
 
 
 class KvEventsEndpoints(BaseModel):
@@ -74,6 +77,7 @@ class SubscriberStats:
     restarts: int = 0
     silences: int = 0  # probes unanswered: blocks dropped
     decode_errors: int = 0
+    errors: int = 0  # unexpected: the provider's blocks dropped
 
 
 class Subscriber:
@@ -137,12 +141,18 @@ class Subscriber:
         assert self._sub is not None
         await self._probe()  # an engine up before us: learn what it already holds
         while True:
-            if not await self._sub.poll(int(self.silence_s * 1000)):
-                await self._probe()
-                continue
-            frames = await self._sub.recv_multipart()
-            if len(frames) == 3:
-                await self._on_batch(decode_seq(frames[1]), frames[2])
+            try:
+                if not await self._sub.poll(int(self.silence_s * 1000)):
+                    await self._probe()
+                    continue
+                frames = await self._sub.recv_multipart()
+                if len(frames) == 3:
+                    await self._on_batch(decode_seq(frames[1]), frames[2])
+            except Exception:  # the stream goes on; what it had applied may be wrong
+                log.exception("KV events of provider %s: dropping its blocks", self.provider)
+                self.stats.errors += 1
+                self.forget()
+                await asyncio.sleep(ERROR_PAUSE_S)
 
     async def _on_batch(self, seq: int, payload: bytes) -> None:
         if self.next_seq is not None and seq < self.next_seq:
