@@ -30,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -222,22 +221,20 @@ class Subscriber:
         self.index.apply(self.provider, batch.events)
 
     async def _replay(self, start: int) -> list[tuple[int, bytes]] | None:
-        """The replay socket's batches from `start` on; None when it does not answer in time."""
+        """The replay socket's batches from `start` on; None when it stays silent for
+        `replay_timeout_s` before its end marker (a long replay may take longer in all)."""
         assert self.endpoints.replay_endpoint is not None
         dealer = self._ctx.socket(zmq.DEALER)
         dealer.connect(reachable(self.endpoints.replay_endpoint, self.host))
         out: list[tuple[int, bytes]] = []
-        deadline = time.monotonic() + self.replay_timeout_s
         try:
             await dealer.send_multipart((b"", encode_seq(start)))
-            while True:
-                left = deadline - time.monotonic()
-                if left <= 0 or not await dealer.poll(max(1, int(left * 1000))):
-                    return None
+            while await dealer.poll(int(self.replay_timeout_s * 1000)):
                 frames = await dealer.recv_multipart()
                 seq = decode_seq(frames[-2])
                 if seq == END_SEQ:
                     return out
                 out.append((seq, frames[-1]))
+            return None
         finally:
             dealer.close(linger=0)
