@@ -11,7 +11,7 @@ import pytest
 
 from serve_app.core.config import parse_config
 from serve_app.core.schemas import Endpoint, RequestMeta
-from serve_app.flow.queue import FairQueue, Waiter
+from serve_app.flow.queue import FairQueue, Waiter, priority_label
 from serve_app.pickers import queues
 from serve_app.pickers.handler import ModelHandler
 from serve_app.pickers.picker import Picker
@@ -77,6 +77,19 @@ def test_a_full_queue_sheds_the_lowest_priority_newest_first() -> None:
     same = _w("same", 1)
     assert queue.push(same) == [same] and len(queue) == 3
     assert _drain(queue) == ["top", "high", "mid"]
+
+
+def test_priority_labels_are_seven_ranges() -> None:
+    labels = {priority_label(p) for p in range(-1000, 1001)}
+    assert labels == {"0", "1..9", "10..99", "100..1000", "-9..-1", "-99..-10", "-1000..-100"}
+    assert [priority_label(p) for p in (9, 10, 99, 100, -1, -10)] == [
+        "1..9",
+        "10..99",
+        "10..99",
+        "100..1000",
+        "-9..-1",
+        "-99..-10",
+    ]
 
 
 def test_the_byte_bound_and_removal() -> None:
