@@ -158,6 +158,30 @@ def test_one_key_filling_the_store_evicts_its_own_never_another_within_its_share
     assert store.get("resp_b00", None) is not None and store.get("resp_c0", None) is not None
 
 
+def test_a_background_answer_past_its_keys_share_ends_failed_not_running(tmp_path: Path) -> None:
+    clock = Clock()
+    one = _record("resp_q0", clock.now, owner="quiet").size()
+    store = ResponseStore(tmp_path / "r.db", ttl_s=1e9, max_bytes=4 * one, clock=clock)
+    assert store.put(_record("resp_q0", clock.now, owner="quiet"))
+    queued = _record("resp_bg", clock.now, owner="loud", background=True, expires=clock.now + 9)
+    queued = queued.model_copy(update={"response": {**queued.response, "status": "queued"}})
+    assert store.put(queued)
+    answer = {
+        **queued.response,
+        "status": "completed",
+        "output": [_message("assistant", "x" * 4 * one)],
+    }
+    ended = store.end(queued.model_copy(update={"response": answer, "expires": None}))
+    assert ended.status == "failed" and ended.response["output"] == []
+    assert ended.response["error"]["code"] == "server_error"
+    kept = store.get("resp_bg", "loud")
+    assert kept is not None and kept.status == "failed"
+    assert store.get("resp_q0", "quiet") is not None  # the other key's, within its share
+    small = {**queued.response, "status": "completed"}
+    fits = _record("resp_bg2", clock.now, owner="loud").model_copy(update={"response": small})
+    assert store.end(fits) == fits and store.get("resp_bg2", "loud") == fits
+
+
 def test_a_stored_response_is_never_replaced_by_another_keys(tmp_path: Path) -> None:
     store = ResponseStore(tmp_path / "r.db", ttl_s=1e9, max_bytes=1 << 20, clock=Clock())
     assert store.put(_record("resp_x", 1.0, owner="k1", text="mine"))

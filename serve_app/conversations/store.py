@@ -50,6 +50,10 @@ WHERE NOT EXISTS (SELECT 1 FROM owners) GROUP BY owner
 # How long a writer waits for another process's write to end.
 BUSY_TIMEOUT_MS = 5000
 
+NO_ROOM = {
+    "code": "server_error",
+    "message": "the answer did not fit this key's share of the responses store",
+}
 LOST = {
     "code": "server_error",
     "message": "the router lost this background response (the replica running it stopped); "
@@ -125,6 +129,16 @@ class ResponseStore:
         except _NoRoom:
             return False
         return True
+
+    def end(self, record: StoredResponse) -> StoredResponse:
+        """Stores a background response as it ended, as stored: failed when there is no room
+        for its answer in its owner's share (it is not left to read as running)."""
+        if self.put(record):
+            return record
+        failed = finished(record, "failed", error=NO_ROOM)
+        failed.response["output"] = []
+        self.put(failed)
+        return failed
 
     def get(self, response_id: str, owner: str | None) -> StoredResponse | None:
         """The response, if it is stored, not expired and `owner`'s; a background response
