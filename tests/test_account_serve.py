@@ -44,7 +44,7 @@ def pool(serve_url: str, upstream_factory) -> Pool:
     fb, tight = upstream_factory("fb"), upstream_factory("tight")
     acct.knobs.chunks = cut.knobs.chunks = 40
     acct.knobs.latency_s = 0.5  # answers in flight together
-    cut.knobs.chunk_delay_s = 0.05
+    cut.knobs.chunk_delay_s = 0.1  # 4 s a stream: a late look at the client costs little
     dead = f"http://127.0.0.1:{free_port()}"
     config = {
         TYPE: {
