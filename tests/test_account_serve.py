@@ -148,6 +148,16 @@ async def test_a_stream_cut_by_its_client_is_charged_what_it_relayed(pool: Pool,
     half = usage["completion"] - 40
     assert 14 <= half <= 30, usage  # about 20: what went out before the client left
     assert usage["estimated_requests"] == 1
+    # Cut by its deadline (2 s of a 4 s stream): charged what went out before it, too.
+    async with http.post(
+        f"{pool.url}/v1/chat/completions",
+        json=body,
+        headers=_auth(made) | {"x-request-timeout": "2"},
+    ) as resp:
+        assert resp.status == 200 and b"deadline_exceeded" in await resp.read()
+    await until(lambda: charged(3), "the stream cut by its deadline's usage")
+    late = (await _usage(http, pool.url, made, "m/cut"))["completion"] - 40 - half
+    assert 8 <= late <= 30, late
 
 
 async def test_background_responses_past_their_bounds_are_429(pool: Pool, http) -> None:
