@@ -17,6 +17,7 @@ from multidict import CIMultiDict
 
 from serve_app.demo.upstream import FakeUpstream
 from tests.conftest import ADMIN, deploy, free_port, provider, samples, until
+from tests.test_flow_serve import _true
 from tests.test_keys import _in_one_minute
 
 pytestmark = pytest.mark.serve
@@ -186,12 +187,11 @@ async def test_background_responses_past_their_bounds_are_429(pool: Pool, http) 
         async with http.get(url, headers=_auth(keys[0])) as resp:
             return (await resp.json())["status"] == "completed"
 
+    async def room() -> bool:
+        return (await background(keys[0]))[0] == 200
+
     await until(ended, "the first background response to end")
-    await until(lambda: _served(background(keys[0])), "room for the key's next background response")
-
-
-async def _served(call) -> bool:  # type: ignore[no-untyped-def]
-    return (await call)[0] == 200
+    await until(room, "room for the key's next background response")
 
 
 async def test_priority_labels_are_a_few_ranges_however_many_priorities(pool: Pool, http) -> None:
@@ -217,28 +217,20 @@ async def test_priority_labels_are_a_few_ranges_however_many_priorities(pool: Po
     pool.tight.release()
     assert set(await asyncio.gather(holder, *waiting)) == {200}
 
-    async def labels() -> set[str]:
-        async with http.get(f"{pool.url}/metrics", headers=ADMIN) as resp:
-            page = await resp.text()
-        seen = samples(page, "llm_router_queue_wait_seconds_count")
-        return {
-            re.search(r'priority="([^"]*)"', key)[1]  # type: ignore[index]
-            for key in seen
-            if 'model="m/tight"' in key
-        }
+    labels: set[str] = set()
 
     async def counted() -> bool:
+        """Every wait is in /metrics (`labels`: their priority labels)."""
         async with http.get(f"{pool.url}/metrics", headers=ADMIN) as resp:
             page = await resp.text()
         seen = samples(page, "llm_router_queue_wait_seconds_count")
-        return sum(v for k, v in seen.items() if 'model="m/tight"' in k) >= len(waiting)
+        tight = {k: v for k, v in seen.items() if 'model="m/tight"' in k}
+        labels.clear()
+        labels.update(re.findall(r'priority="([^"]*)"', "".join(tight)))
+        return sum(tight.values()) >= len(waiting)
 
     await until(counted, "the waits in /metrics")
-    assert await labels() == {"1..9", "10..99", "100..1000", "-9..-1", "-99..-10", "-1000..-100"}
-
-
-async def _true(value: bool) -> bool:
-    return value
+    assert labels == {"1..9", "10..99", "100..1000", "-9..-1", "-99..-10", "-1000..-100"}
 
 
 async def test_a_fallback_model_serves_only_keys_allowed_to_use_it(pool: Pool, http) -> None:
