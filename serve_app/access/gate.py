@@ -147,7 +147,8 @@ PRIORITY_HEADER = "x-priority"
 
 def flow_terms(admission: Admission | None, headers: Mapping[str, str]) -> dict[str, object]:
     """What flow control orders a request by (RequestMeta's priority, tenant, weight): its key's
-    priority (or `x-priority`, for a key allowed to set it), the key's id and weight; nothing
+    priority (or `x-priority`, for a key allowed to set it, at most its ceiling: a client
+    cannot raise itself over the others' heads), the key's id and weight; nothing
     without a key (the routing's default_priority then)."""
     if admission is None:
         return {}
