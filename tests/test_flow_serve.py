@@ -159,7 +159,9 @@ async def test_a_higher_priority_overtakes_the_backlog(pool: Pool) -> None:
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as http:
         low = Client(http, pool.url, await _key(http, pool.url))
         high = Client(http, pool.url, await _key(http, pool.url, priority=5))
-        chosen = Client(http, pool.url, await _key(http, pool.url, set_priority=True))
+        chosen = Client(
+            http, pool.url, await _key(http, pool.url, set_priority=True, max_priority=5)
+        )
         stop = asyncio.Event()
         flood = asyncio.ensure_future(low.flood(stop, 64))
         await until(lambda: _true(len(low.queued) > 64), "the backlog")

@@ -352,6 +352,9 @@ class ResponsesConfig(BaseModel):
 
     store_ttl_s: float = Field(default=30 * 86400.0, gt=0)  # OpenAI keeps them 30 days
     max_bytes: int = Field(default=1 << 30, ge=1)
+    # Background responses running at once on one ingress replica, in all and of one key.
+    max_background: int = Field(default=64, ge=1)
+    max_background_per_key: int = Field(default=8, ge=1)
 
 
 class RouterConfig(BaseModel):

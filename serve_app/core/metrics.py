@@ -75,13 +75,14 @@ SPECS: dict[str, Spec] = {
     ),
     "llm_router_queue_length": Spec(
         "gauge",
-        "Requests waiting for a full model's providers (flow control), by model and priority",
+        "Requests waiting for a full model's providers (flow control), by model and priority "
+        "range (0, 1..9, 10..99, 100..1000 and the same below 0)",
         ("model", "priority"),
     ),
     "llm_router_queue_wait_seconds": Spec(
         "histogram",
-        "Time requests waited in a model's queue, by model, priority and outcome (dispatched, "
-        "timeout, shed, left: its client went, error: it could go nowhere)",
+        "Time requests waited in a model's queue, by model, priority range and outcome "
+        "(dispatched, timeout, shed, left: its client went, error: it could go nowhere)",
         ("model", "priority", "outcome"),
     ),
     "llm_router_circuit_state": Spec(

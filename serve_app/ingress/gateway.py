@@ -22,6 +22,7 @@ from fastapi.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from serve_app.access.gate import Admission, Gate, flow_terms
+from serve_app.access.reserve import requested_output
 from serve_app.api.http import read_body, request_id
 from serve_app.cluster.registry.manifest import Manifest, unplaced_adapters
 from serve_app.conversations.service import Conversations, Turn
@@ -107,6 +108,11 @@ def _with_model(body: bytes, model: str) -> bytes:
     doc = orjson.loads(body)
     doc["model"] = model
     return orjson.dumps(doc)
+
+
+def _allowed(admission: Admission | None) -> Callable[[str], bool]:
+    """Which models a request may be served by: its key's (any without keys)."""
+    return (lambda _: True) if admission is None else admission.record.allows
 
 
 def router_error(status: int, message: str) -> RouterError:
@@ -277,7 +283,10 @@ class Gateway:
             if model_type not in self._pickers:
                 raise _not_deployed(model_type)
             admission = await self.gate.admit(
-                request.headers, (requested, meta.model), meta.prompt_tokens
+                request.headers,
+                (requested, meta.model),
+                meta.prompt_tokens,
+                lambda: requested_output(endpoint, body),
             )
             if admission is not None and meta.stream and endpoint in _USAGE_CHUNK:
                 body, strip = _with_usage(body)
@@ -291,7 +300,9 @@ class Gateway:
                     return await self._background(turn, model_type, meta, admission, started)
         except RouterError as err:  # a key admitted here is charged nothing for it
             return self._answered(model, endpoint, started, error_answer(err), admission)
-        routed = await self._route(model_type, body, meta, turn.keeper if turn else None)
+        routed = await self._route(
+            model_type, body, meta, turn.keeper if turn else None, _allowed(admission)
+        )
         if isinstance(routed, Streamed):
             try:
                 if turn is not None:
@@ -339,7 +350,9 @@ class Gateway:
 
         async def run() -> Unary:
             try:
-                answer = await self._route(model_type, turn.body, meta, turn.keeper)
+                answer = await self._route(
+                    model_type, turn.body, meta, turn.keeper, _allowed(admission)
+                )
             except asyncio.CancelledError:  # cancelled or deleted: nothing was used
                 if admission is not None:
                     self._settle(admission, meta.model, None, 499, 0)
@@ -353,10 +366,15 @@ class Gateway:
         return Response(queued, media_type="application/json")
 
     async def _route(
-        self, model_type: str, body: bytes, meta: RequestMeta, keeper: Keeper | None
+        self,
+        model_type: str,
+        body: bytes,
+        meta: RequestMeta,
+        keeper: Keeper | None,
+        allowed: Callable[[str], bool],
     ) -> Unary | Streamed:
         """The request planned and relayed by its deadline, its model's fallback taken when it
-        cannot be served."""
+        cannot be served (and its key may use the fallback)."""
         rid = meta.request_id
         deadline = Deadline.within(min(self._timeouts[model_type], meta.timeout_s or float("inf")))
         # A backstop only: the relay ends the request at its deadline and answers 504 itself;
@@ -367,7 +385,12 @@ class Gateway:
                 served = [meta.model]
                 while isinstance(routed, Unary) and routed.head.headers.pop(UNSERVABLE_HEADER, ""):
                     fallback = self._fallbacks.get(served[-1])
-                    if fallback is None or fallback in served or fallback not in self.type_of:
+                    if (
+                        fallback is None
+                        or fallback in served
+                        or fallback not in self.type_of
+                        or not allowed(fallback)
+                    ):
                         break
                     served.append(fallback)
                     log.warning(
@@ -443,7 +466,7 @@ class Gateway:
             if head.status == 200:
                 with contextlib.suppress(orjson.JSONDecodeError):
                     counts = counts_of(endpoint.dialect, orjson.loads(out))
-            self._settle(admission, model, counts, head.status, len(out))
+            self._settle(admission, model, counts, head.status, len(out) // 4)
             head.headers.update(admission.headers)
         if head.status >= 400:
             out = error_in_dialect(endpoint.dialect, head.status, out)
@@ -468,8 +491,9 @@ class Gateway:
         def ended() -> None:
             streamed.end()
             self._count(model, endpoint, head, started, first)
-            if admission is not None and meter is not None:
-                self._settle(admission, model, meter.counts, head.status, 0)
+            if admission is not None and meter is not None:  # cut short: what it relayed
+                counts = meter.counts if meter.final else None
+                self._settle(admission, model, counts, head.status, meter.relayed)
 
         return _Relayed(
             streamed.body if meter is None else _metered(streamed.body, meter),
@@ -484,16 +508,17 @@ class Gateway:
         )
 
     def _settle(
-        self, admission: Admission, model: str, counts: Counts | None, status: int, size: int
+        self, admission: Admission, model: str, counts: Counts | None, status: int, output: int
     ) -> None:
         """The key's usage: the upstream's counts; a failed request used nothing; an answer
-        without counts is estimated (its prompt estimate, and its body's size for the rest)."""
+        without counts (or a stream cut before its last ones) is estimated: its prompt
+        estimate, and `output` (the body's size / 4, a stream's relayed text) for the rest."""
         if counts is not None:
             self.gate.settle(admission, model, *counts, estimated=False)
         elif status >= 400:
             self.gate.settle(admission, model, 0, 0, estimated=False)
         else:
-            self.gate.settle(admission, model, admission.estimate, size // 4, estimated=True)
+            self.gate.settle(admission, model, admission.estimate, output, estimated=True)
 
     def _openai_models(self, models: list[ModelInfo]) -> list[dict[str, Any]]:
         """`/v1/models` entries: adapters name their `parent`, roles their `root`."""
