@@ -25,6 +25,7 @@ from serve_app.demo.vllm_sim.tokens import HfTokenizer
 from serve_app.demo.vllm_sim.wire import DECODER, BlockRemoved, BlockStored
 from tests.conftest import free_port
 from tests.e2e.vllm_server import MAX_MODEL_LEN, MODEL_DIR, SERVED_MODEL, VllmServer
+from tests.kv_events import replay
 
 pytestmark = pytest.mark.e2e
 BLOCKS = 16  # 15 usable blocks of 32 tokens: a few long prompts evict the oldest
@@ -81,23 +82,8 @@ class Subscriber:
 
     async def replay(self) -> tuple[list[int], list[Any]]:
         """Every batch the server still holds, from sequence number 0."""
-        dealer = zmq.asyncio.Context.instance().socket(zmq.DEALER)
-        dealer.connect(f"tcp://127.0.0.1:{self.replay_port}")
-        seqs: list[int] = []
-        events: list[Any] = []
-        try:
-            await dealer.send_multipart((b"", (0).to_bytes(8, "big")))
-            while True:
-                assert await dealer.poll(10_000), "no replay answer"
-                _, topic, seq, payload = await dealer.recv_multipart()
-                if seq == (-1).to_bytes(8, "big", signed=True):
-                    assert (topic, payload) == (b"", b"")
-                    return seqs, events
-                assert topic == b"kv"
-                seqs.append(int.from_bytes(seq, "big"))
-                events.extend(DECODER.decode(payload).events)
-        finally:
-            dealer.close(linger=0)
+        batches = await replay(self.replay_port)
+        return [seq for seq, _ in batches], [e for _, batch in batches for e in batch.events]
 
 
 async def _run(url: str, events: Subscriber) -> tuple[list[dict], str, list[int], list[Any]]:
