@@ -9,10 +9,13 @@ the fleet starts afresh (empty caches, a new clock), so no phase finds another's
 Routers, one at a time: serve-router under each strategy (a model name of its own per phase, so
 no phase inherits another's affinity state), `weighted_random` with equal weights as the random
 baseline, and vLLM's Rust router (`vllm-router`, .venv-peers/vllm-router as for
-`make bench-peers`; restarted per phase) under each policy.
+`make bench-peers`; restarted per phase) under each policy, `kv_aware` fed by the servers' KV
+events.
 
-Workloads (unary chat requests, the prompt as chat text, so templates and tokenizers are on the
-path; `x-session-id` names the conversation):
+Workloads (unary chat requests, the prompt as chat text that the servers render with the e2e
+tiny model's chat template and tokenize with its tokenizer, `--tokenizer simple` for the
+simulator's own; the text made of words that are one token each, bench/fleet_text.py;
+`x-session-id` names the conversation):
 - `mooncake-<r>x`: the first `--trace-requests` of Mooncake's conversation trace
   (bench/traces/), at r times its rate; each 512-token block's text is made from its hash id,
   so equal ids are equal prefixes; outputs of the trace's `output_length`; the conversation is
@@ -28,8 +31,9 @@ measured them (arrival at the server to the token), input tokens per simulated s
 prefix-cache hit rate from the servers' counters, requests per server (max/mean), the router's
 CPU seconds per 1000 requests, and the step loop's lag: a phase whose lag p99 passes
 `--max-lag-s` (simulated) is marked `valid: false` and its figures are not to be reported.
-Before the routers, `--probe` fleet sizes take the 4x Mooncake load per 16 servers straight
-from the client (no router): the largest that keeps its clock is the host's limit.
+Before the routers, the tokenizer's cost per Mooncake request, then `--probe` fleet sizes take
+the 4x Mooncake load per 16 servers straight from the client (no router), up to the first that
+falls behind: the largest that keeps its clock is the host's limit.
 """
 
 from __future__ import annotations
@@ -75,7 +79,7 @@ TRACE = Path(__file__).with_name("traces") / "mooncake_conversation_trace.jsonl"
 DOCS = ROOT / "docs"
 SERVED = "sim-llama"
 STRATEGIES = "round_robin,least_loaded,prefix_affinity,session_affinity,random"
-PEER_POLICIES = "round_robin,cache_aware,consistent_hash"
+PEER_POLICIES = "round_robin,cache_aware,consistent_hash,kv_aware"
 # The e2e tiny model's tokenizer and chat template, made by tests/e2e/tiny_model.py when missing.
 TOKENIZER = ROOT / ".e2e" / "tokenizer"
 _COUNTER = re.compile(r"^(vllm:prefix_cache_(?:hits|queries)_total)\{[^}]*\} (\S+)$", re.M)
