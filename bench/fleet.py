@@ -273,7 +273,7 @@ class SimFleet:
 @contextlib.contextmanager
 def fleet(servers: int, tokenizer: Path | None, kv_events: bool = False) -> Iterator[SimFleet]:
     """`servers` simulated servers in one process on loopback, tokenizing with the folder's
-    tokenizer (None: the simple one), publishing KV events if asked."""
+    tokenizer (None: the simple one), publishing KV events and serving `/render` if asked."""
     base = free_ports(3 * servers if kv_events else servers)
     command = [
         sys.executable,
@@ -287,7 +287,8 @@ def fleet(servers: int, tokenizer: Path | None, kv_events: bool = False) -> Iter
         pub, replay = base + servers, base + 2 * servers
         config = {"enable_kv_cache_events": True, "publisher": "zmq", "topic": "kv"}
         config |= {"endpoint": f"tcp://*:{pub}", "replay_endpoint": f"tcp://*:{replay}"}
-        command += ["--kv-events-config", orjson.dumps(config).decode()]
+        # kv_aware asks the servers for each prompt's token ids: vLLM's /render routes.
+        command += ["--kv-events-config", orjson.dumps(config).decode(), "--enable-scale-out"]
         at = "tcp://127.0.0.1"
         endpoints = [(f"{at}:{pub + i}", f"{at}:{replay + i}") for i in range(servers)]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL)

@@ -222,9 +222,8 @@ def test_the_batch_is_vllms_wire_shape() -> None:
 async def test_the_http_surface_reports_cached_tokens_and_vllms_metric_names() -> None:
     port = free_port()
     fleet = Fleet(time_scale=50.0)
-    server = SimServer(
-        Options(model="sim", profile=SMALL, prompt_tokens_details=True), SimpleTokenizer(), fleet
-    )
+    options = Options(model="sim", profile=SMALL, prompt_tokens_details=True, scale_out=True)
+    server = SimServer(options, SimpleTokenizer(), fleet)
     await server.start("127.0.0.1", port)
     fleet.start()
     url = f"http://127.0.0.1:{port}"
@@ -333,3 +332,19 @@ def test_trace_blocks_are_512_tiny_model_tokens_and_shared_blocks_shared_tokens(
     shared = head + 2 * BLOCK_TOKENS
     assert one[:shared] == other[:shared]
     assert one[shared : shared + BLOCK_TOKENS] != other[shared : shared + BLOCK_TOKENS]
+
+
+async def test_render_is_refused_without_scale_out_as_vllm_refuses_it() -> None:
+    port = free_port()
+    fleet = Fleet()
+    server = SimServer(Options(model="sim", profile=SMALL), SimpleTokenizer(), fleet)
+    await server.start("127.0.0.1", port)
+    body = {"model": "sim", "messages": [{"role": "user", "content": "w"}]}
+    try:
+        async with aiohttp.ClientSession() as http:
+            url = f"http://127.0.0.1:{port}/v1/chat/completions/render"
+            async with http.post(url, json=body) as resp:
+                status, error = resp.status, (await resp.json())["error"]
+    finally:
+        await server.stop()
+    assert (status, error["type"], error["code"]) == (403, "PermissionDeniedError", 403)

@@ -10,8 +10,8 @@ figures are the profile's: a loop that falls behind is a host too slow for the f
 
 Served as vLLM serves them: `POST /v1/chat/completions` and `/v1/completions` (unary and SSE,
 usage with `prompt_tokens_details.cached_tokens` under `--enable-prompt-tokens-details`), their
-`/render` (the prompt's token ids), `GET /v1/models`, `/health`, `/ping`, `/version`, and
-`/metrics` under vLLM's names and labels.
+`/render` (the prompt's token ids, with `--enable-scale-out`), `GET /v1/models`, `/health`,
+`/ping`, `/version`, and `/metrics` under vLLM's names and labels.
 Not vLLM's, for the fleet benchmark: `GET /sim/stats` (each finished request's timings on the
 simulated clock, the loop's lag; `?reset=1` drops them) and `POST /sim/reset` (`{"time_scale":
 k}`: every server of the process starts afresh, empty caches and a new clock; refused with 409
@@ -60,6 +60,7 @@ class Options(BaseModel):
     profile: Profile
     prompt_tokens_details: bool = False
     default_max_tokens: int = 16  # no EOS here: a request without max_tokens stops at this
+    scale_out: bool = False  # vLLM's --enable-scale-out: the `/render` routes answer (else 403)
     kv_events: KVEventsConfig = KVEventsConfig()
 
 
@@ -81,6 +82,9 @@ class CompletionBody(_Body):
     prompt: str
 
 
+SCALE_OUT_DISABLED = (
+    "Scale-out endpoints are disabled. Restart vllm serve with --enable-scale-out to enable them."
+)
 # The fields of vLLM's render answer (GenerateRequest) that a text prompt leaves empty.
 RENDER_NONE_FIELDS = (
     "token_offsets",
@@ -280,7 +284,10 @@ class SimServer:
     async def _render(self, http: web.Request, chat: bool) -> web.Response:
         """vLLM's `/v1/chat/completions/render` and `/v1/completions/render`: the prompt's token
         ids as the engine would get them (a `GenerateRequest`), nothing run; vllm-router's
-        `kv_aware` asks for them to look its prefix up in the KV events' index."""
+        `kv_aware` asks for them to look its prefix up in the KV events' index. Refused, as
+        vLLM 0.32 refuses it, unless the server runs with `--enable-scale-out`."""
+        if not self.options.scale_out:
+            return _error(403, "PermissionDeniedError", SCALE_OUT_DISABLED)
         if isinstance(parsed := await self._prompt(http, chat), web.Response):
             return parsed
         body, prompt, max_tokens = parsed
