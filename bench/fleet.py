@@ -9,10 +9,13 @@ the fleet starts afresh (empty caches, a new clock), so no phase finds another's
 Routers, one at a time: serve-router under each strategy (a model name of its own per phase, so
 no phase inherits another's affinity state), `weighted_random` with equal weights as the random
 baseline, and vLLM's Rust router (`vllm-router`, .venv-peers/vllm-router as for
-`make bench-peers`; restarted per phase) under each policy.
+`make bench-peers`; restarted per phase) under each policy, `kv_aware` fed by the servers' KV
+events.
 
-Workloads (unary chat requests, the prompt as chat text, so templates and tokenizers are on the
-path; `x-session-id` names the conversation):
+Workloads (unary chat requests, the prompt as chat text that the servers render with the e2e
+tiny model's chat template and tokenize with its tokenizer, `--tokenizer simple` for the
+simulator's own; the text made of words that are one token each, bench/fleet_text.py;
+`x-session-id` names the conversation):
 - `mooncake-<r>x`: the first `--trace-requests` of Mooncake's conversation trace
   (bench/traces/), at r times its rate; each 512-token block's text is made from its hash id,
   so equal ids are equal prefixes; outputs of the trace's `output_length`; the conversation is
@@ -28,8 +31,9 @@ measured them (arrival at the server to the token), input tokens per simulated s
 prefix-cache hit rate from the servers' counters, requests per server (max/mean), the router's
 CPU seconds per 1000 requests, and the step loop's lag: a phase whose lag p99 passes
 `--max-lag-s` (simulated) is marked `valid: false` and its figures are not to be reported.
-Before the routers, `--probe` fleet sizes take the 4x Mooncake load per 16 servers straight
-from the client (no router): the largest that keeps its clock is the host's limit.
+Before the routers, the tokenizer's cost per Mooncake request, then `--probe` fleet sizes take
+the 4x Mooncake load per 16 servers straight from the client (no router), up to the first that
+falls behind: the largest that keeps its clock is the host's limit.
 """
 
 from __future__ import annotations
@@ -47,7 +51,6 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 
 import aiohttp
@@ -55,6 +58,7 @@ import orjson
 import psutil
 
 from bench.fleet_charts import draw
+from bench.fleet_text import Texts
 from bench.local_ray import LocalRouter, local_router, wait_http
 from bench.peers import (
     Router,
@@ -65,6 +69,9 @@ from bench.peers import (
     tree_cpu_s,
     vllm_router_command,
 )
+from serve_app.demo.vllm_sim.profiles import H100_LLAMA_8B
+from serve_app.demo.vllm_sim.tokens import load as load_tokenizer
+from tests.e2e.tiny_model import write_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).with_name("fleet.json")
@@ -72,8 +79,9 @@ TRACE = Path(__file__).with_name("traces") / "mooncake_conversation_trace.jsonl"
 DOCS = ROOT / "docs"
 SERVED = "sim-llama"
 STRATEGIES = "round_robin,least_loaded,prefix_affinity,session_affinity,random"
-PEER_POLICIES = "round_robin,cache_aware,consistent_hash"
-VOCAB = 32_000  # the simulator's simple tokenizer: `t<id>` is token <id>
+PEER_POLICIES = "round_robin,cache_aware,consistent_hash,kv_aware"
+# The e2e tiny model's tokenizer and chat template, made by tests/e2e/tiny_model.py when missing.
+TOKENIZER = ROOT / ".e2e" / "tokenizer"
 _COUNTER = re.compile(r"^(vllm:prefix_cache_(?:hits|queries)_total)\{[^}]*\} (\S+)$", re.M)
 
 
@@ -99,17 +107,6 @@ class Phase:
     meta: dict[str, object] = field(default_factory=dict)
 
 
-@lru_cache(maxsize=50_000)
-def _block_text(block_id: int) -> str:
-    """512 tokens of the simple tokenizer, a function of the block's id alone."""
-    return " ".join(f"t{(block_id * 2654435761 + j * 40503) % VOCAB}" for j in range(512))
-
-
-def _words(prefix: str, n: int) -> str:
-    """`n` tokens no other text has (hashed by the simple tokenizer)."""
-    return " ".join(f"{prefix}w{j}" for j in range(n))
-
-
 def _open_loop(calls: list[Call]) -> Callable[[Send, Callable], Awaitable[None]]:
     async def run(send: Send, until: Callable[[float], Awaitable[None]]) -> None:
         async def one(call: Call) -> None:
@@ -121,19 +118,20 @@ def _open_loop(calls: list[Call]) -> Callable[[Send, Callable], Awaitable[None]]
     return run
 
 
-def mooncake(rate: float, requests: int, wall_rate: float) -> Phase:
-    rows = [orjson.loads(line) for line in TRACE.read_bytes().splitlines()[:requests]]
+def _trace(requests: int) -> list[dict]:
+    return [orjson.loads(line) for line in TRACE.read_bytes().splitlines()[:requests]]
+
+
+def mooncake(texts: Texts, rate: float, requests: int, wall_rate: float) -> Phase:
+    rows = _trace(requests)
     calls = []
     for row in rows:
         ids = row["hash_ids"]
-        blocks = [_block_text(b) for b in ids]
-        tail = row["input_length"] - 512 * (len(ids) - 1)
-        if 0 < tail < 512:
-            blocks[-1] = " ".join(blocks[-1].split()[:tail])
+        prompt = texts.trace_prompt(ids, row["input_length"])
         calls.append(
             Call(
                 at=row["timestamp"] / 1000 / rate,
-                messages=[{"role": "user", "content": " ".join(blocks)}],
+                messages=[{"role": "user", "content": prompt}],
                 max_tokens=max(1, row["output_length"]),
                 session="-".join(map(str, ids[:2])),
             )
@@ -163,19 +161,19 @@ def _reusable(rows: list[dict]) -> float:
     return round(reused / total, 4)
 
 
-def zipf(rate: float, sim_s: float, wall_rate: float, seed: int = 11) -> Phase:
+def zipf(texts: Texts, rate: float, sim_s: float, wall_rate: float, seed: int = 11) -> Phase:
     """Poisson arrivals at `rate` per simulated second for `sim_s`, over 200 documents of
     4,000-16,000 tokens ranked Zipf(1.1), each call a new question (50-150 tokens) on one,
     answers of 100-300 tokens."""
     rng = random.Random(seed)
-    docs = [_words(f"d{d}", rng.randint(4000, 16_000)) for d in range(200)]
+    docs = [texts.words(f"doc{d}", rng.randint(4000, 16_000)) for d in range(200)]
     weights = [1 / (rank + 1) ** 1.1 for rank in range(len(docs))]
     calls, at, i = [], rng.expovariate(rate), 0
     while at < sim_s:
         d = rng.choices(range(len(docs)), weights)[0]
         messages = [
             {"role": "system", "content": docs[d]},
-            {"role": "user", "content": _words(f"q{i}", rng.randint(50, 150))},
+            {"role": "user", "content": texts.words(f"question{i}", rng.randint(50, 150))},
         ]
         calls.append(Call(at, messages, rng.randint(100, 300), f"doc{d}"))
         at += rng.expovariate(rate)
@@ -186,12 +184,12 @@ def zipf(rate: float, sim_s: float, wall_rate: float, seed: int = 11) -> Phase:
     return Phase(f"zipf-{rate:g}", wall_rate / rate, _open_loop(calls), meta)
 
 
-def agents(phase_s: float, wall_rate: float, seed: int = 12) -> Phase:
+def agents(texts: Texts, phase_s: float, wall_rate: float, seed: int = 12) -> Phase:
     """Sessions of 6 turns: a 3,000-token tool prompt shared by all, each turn a tool result of
     200-600 tokens and an answer of 50-200, a think time of 2 s (mean, exponential) between."""
     rng = random.Random(seed)
     turns, think_s = 6, 2.0
-    tools = _words("tools", 3000)
+    tools = texts.words("tools", 3000)
     sessions = max(1, int(wall_rate * phase_s / turns))
     scale = 4.0
     starts = sorted(rng.uniform(0, phase_s * scale * 0.4) for _ in range(sessions))
@@ -208,7 +206,7 @@ def agents(phase_s: float, wall_rate: float, seed: int = 12) -> Phase:
             await until(starts[s])
             history = [{"role": "system", "content": tools}]
             for t, (result, answer, think) in enumerate(plans[s]):
-                history.append({"role": "user", "content": _words(f"s{s}t{t}", result)})
+                history.append({"role": "user", "content": texts.words(f"s{s}t{t}", result)})
                 reply = await send(Call(0.0, list(history), answer, f"agent{s}"))
                 if reply is None:
                     return
@@ -221,11 +219,28 @@ def agents(phase_s: float, wall_rate: float, seed: int = 12) -> Phase:
     return Phase("agents", scale, run, meta)
 
 
-def phases(args: argparse.Namespace) -> list[Phase]:
-    out = [mooncake(r, args.trace_requests, args.wall_rate) for r in (1.0, 2.0, 4.0)]
-    out.append(agents(args.phase_s, args.wall_rate))
+def tokenizer_cost(folder: Path | None, texts: Texts, requests: int) -> dict[str, object]:
+    """What each server spends rendering and tokenizing one Mooncake request (the window's
+    first `requests`), here in this process: the simulator's share of a request's CPU that the
+    tokenizer takes (vllm-router's `kv_aware` asks for it once more, through `/render`, which
+    the server's cache of recent prompts answers)."""
+    tokenizer = load_tokenizer(folder)
+    prompts = [texts.trace_prompt(r["hash_ids"], r["input_length"]) for r in _trace(requests)]
+    began = time.perf_counter()
+    tokens = sum(len(tokenizer.chat_prompt([{"role": "user", "content": p}])) for p in prompts)
+    spent = time.perf_counter() - began
+    return {
+        "tokenizer": "simple" if folder is None else str(folder),
+        "ms_per_request": round(spent / len(prompts) * 1000, 2),
+        "tokens_per_request": round(tokens / len(prompts)),
+    }
+
+
+def phases(args: argparse.Namespace, texts: Texts) -> list[Phase]:
+    out = [mooncake(texts, r, args.trace_requests, args.wall_rate) for r in (1.0, 2.0, 4.0)]
+    out.append(agents(texts, args.phase_s, args.wall_rate))
     rates = [float(r) for r in args.zipf_rates.split(",")]
-    out += [zipf(r, args.zipf_sim_s, args.wall_rate) for r in rates]
+    out += [zipf(texts, r, args.zipf_sim_s, args.wall_rate) for r in rates]
     wanted = set(args.workloads.split(",")) if args.workloads else None
     return [p for p in out if wanted is None or p.name.split("-")[0] in wanted]
 
@@ -247,23 +262,53 @@ def free_ports(n: int) -> int:
     raise RuntimeError(f"no {n} consecutive free ports")
 
 
+@dataclass
+class SimFleet:
+    urls: list[str]
+    process: subprocess.Popen[bytes]
+    # Per server: the KV events' PUB and replay endpoints (none unless asked for).
+    kv_events: list[tuple[str, str]] = field(default_factory=list)
+
+
 @contextlib.contextmanager
-def fleet(servers: int) -> Iterator[tuple[list[str], subprocess.Popen[bytes]]]:
-    base = free_ports(servers)
+def fleet(servers: int, tokenizer: Path | None, kv_events: bool = False) -> Iterator[SimFleet]:
+    """`servers` simulated servers in one process on loopback, tokenizing with the folder's
+    tokenizer (None: the simple one), publishing KV events and serving `/render` if asked."""
+    base = free_ports(3 * servers if kv_events else servers)
     command = [
         sys.executable,
         *["-m", "serve_app.demo.vllm_sim", "--servers", str(servers), "--port", str(base)],
         *["--served-model-name", SERVED, "--enable-prompt-tokens-details"],
+        *(["--tokenizer", str(tokenizer)] if tokenizer is not None else []),
     ]
+    endpoints: list[tuple[str, str]] = []
+    if kv_events:
+        # `*` as vLLM takes it (bind), which the simulator narrows to its own 127.0.0.1.
+        pub, replay = base + servers, base + 2 * servers
+        config = {"enable_kv_cache_events": True, "publisher": "zmq", "topic": "kv"}
+        config |= {"endpoint": f"tcp://*:{pub}", "replay_endpoint": f"tcp://*:{replay}"}
+        # kv_aware asks the servers for each prompt's token ids: vLLM's /render routes.
+        command += ["--kv-events-config", orjson.dumps(config).decode(), "--enable-scale-out"]
+        at = "tcp://127.0.0.1"
+        endpoints = [(f"{at}:{pub + i}", f"{at}:{replay + i}") for i in range(servers)]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
     urls = [f"http://127.0.0.1:{base + i}" for i in range(servers)]
     try:
         for url in urls:
             wait_http(f"{url}/v1/models", 30, process)
-        yield urls, process
+        yield SimFleet(urls, process, endpoints)
     finally:
         process.terminate()
         process.wait(10)
+
+
+def kv_aware_args(sim: SimFleet) -> list[str]:
+    """vllm-router's static KV event sources for `kv_aware`: each server's PUB and replay
+    endpoints, the model they serve and their block size."""
+    out = ["--kv-event-model", SERVED, "--kv-event-block-size", str(H100_LLAMA_8B.block_size)]
+    for url, (pub, replay) in zip(sim.urls, sim.kv_events, strict=True):
+        out += ["--kv-event-source", f"{url}={pub}", "--kv-event-replay-source", f"{url}={replay}"]
+    return out
 
 
 def _cpu_s(process: subprocess.Popen[bytes]) -> float:
@@ -420,8 +465,8 @@ def _serve_config(urls: list[str], models: list[str], strategy: str) -> dict:
                 "api_host": url,
                 "api_type": "vllm",
                 "model_path": SERVED,
-                # The router estimates tokens from characters; the synthetic words (`t<id>`) are
-                # longer than English ones, so the profile's 131,072 would turn some away.
+                # The router estimates tokens from characters; the benchmark's one-token words
+                # are longer than English tokens, so the profile's 131,072 would turn some away.
                 "input_size": 262_144,
             }
             for i, url in enumerate(urls)
@@ -451,19 +496,36 @@ def _serve_router_phases(
     lr: LocalRouter,
     strategy: str,
     all_phases: list[Phase],
-    urls: list[str],
-    sim: subprocess.Popen[bytes],
+    sim: SimFleet,
     args: argparse.Namespace,
 ) -> None:
     name = "weighted_random" if strategy == "random" else strategy
     models = [f"{p.name}-{strategy}" for p in all_phases]
-    lr.deploy(_serve_config(urls, [*models, f"warm-up-{strategy}"], name), "bench-fleet")
+    lr.deploy(_serve_config(sim.urls, [*models, f"warm-up-{strategy}"], name), "bench-fleet")
     asyncio.run(warm_up(lr.url, f"warm-up-{strategy}"))
     for phase in all_phases:
-        before = _ray_cpu_s(sim)
-        result = asyncio.run(run_phase(phase, lr.url, f"{phase.name}-{strategy}", urls, sim))
-        used = cpu_used_s(before, _ray_cpu_s(sim))
+        before = _ray_cpu_s(sim.process)
+        model = f"{phase.name}-{strategy}"
+        result = asyncio.run(run_phase(phase, lr.url, model, sim.urls, sim.process))
+        used = cpu_used_s(before, _ray_cpu_s(sim.process))
         _record(report, phase, f"serve-router {strategy}", result, used, args.max_lag_s)
+
+
+def _vllm_router_phases(
+    report: dict, policy: str, all_phases: list[Phase], sim: SimFleet, args: argparse.Namespace
+) -> None:
+    """Each phase on a freshly started vllm-router (nothing learnt in one phase is used in
+    the next); `kv_aware` subscribed to the servers' KV events, no model hub."""
+    label = f"vllm-router {policy}"
+    extra = kv_aware_args(sim) if policy == "kv_aware" else []
+    router = Router(label, vllm_router_command(policy, extra), env={"HF_HUB_OFFLINE": "1"})
+    for phase in all_phases:
+        with started(router, sim.urls) as running:
+            asyncio.run(warm_up(running.url, SERVED))
+            before = tree_cpu_s(running.process)
+            result = asyncio.run(run_phase(phase, running.url, SERVED, sim.urls, sim.process))
+            used = cpu_used_s(before, tree_cpu_s(running.process))
+        _record(report, phase, label, result, used, args.max_lag_s)
 
 
 def _record(
@@ -505,7 +567,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trace-requests", type=int, default=240)
     parser.add_argument("--zipf-rates", default="16,32,64", help="requests per simulated s")
     parser.add_argument("--zipf-sim-s", type=float, default=8.0, help="simulated s per step")
-    parser.add_argument("--probe", default="16,32", help="fleet sizes to probe ('' none)")
+    parser.add_argument(
+        "--probe",
+        default="16,32,48,64,96,128",
+        help="fleet sizes to probe, up to the first that falls behind ('' none)",
+    )
+    parser.add_argument(
+        "--tokenizer",
+        default=str(TOKENIZER),
+        help="a HF tokenizer folder (default: the e2e tiny model's, made if missing) or "
+        "'simple' (the simulator's one token per word)",
+    )
     parser.add_argument("--max-lag-s", type=float, default=0.1, help="simulated seconds")
     parser.add_argument("--output", type=Path, default=RESULTS)
     parser.add_argument("--charts", default=str(DOCS), help="their folder ('' for none)")
@@ -523,22 +595,30 @@ def main(argv: list[str] | None = None) -> int:
         "probe": {},
         "workloads": {},
     }
-    all_phases = phases(args)
+    tokenizer = None if args.tokenizer == "simple" else Path(args.tokenizer)
+    if tokenizer == TOKENIZER and not (TOKENIZER / "tokenizer.json").exists():
+        write_tokenizer(TOKENIZER)
+    texts = Texts.for_tokenizer(tokenizer)
+    report["tokenizer"] = tokenizer_cost(tokenizer, texts, 60)
+    print(f"bench-fleet: tokenizer {orjson.dumps(report['tokenizer']).decode()}", flush=True)
+    all_phases = phases(args, texts)
     for n in [int(n) for n in args.probe.split(",") if n]:
-        with fleet(n) as (urls, sim):
+        with fleet(n, tokenizer) as sim:
             # The 4x load per 16 servers, on the 4x phase's clock: n/16 times its wall rate.
-            probe = mooncake(4.0 * n / 16, args.trace_requests * n // 16, args.wall_rate)
-            probe.time_scale = mooncake(4.0, args.trace_requests, args.wall_rate).time_scale
-            result = _mark(asyncio.run(run_phase(probe, "", SERVED, urls, sim)), args.max_lag_s)
-            report["probe"][str(n)] = result
-            _print(f"probe {n} servers", result)
+            probe = mooncake(texts, 4.0 * n / 16, args.trace_requests * n // 16, args.wall_rate)
+            probe.time_scale = mooncake(texts, 4.0, args.trace_requests, args.wall_rate).time_scale
+            result = asyncio.run(run_phase(probe, "", SERVED, sim.urls, sim.process))
+        report["probe"][str(n)] = _mark(result, args.max_lag_s)
+        _print(f"probe {n} servers", result)
+        if not result["valid"]:
+            break  # a larger fleet on this host falls behind as well
     policies = [p for p in args.peers.split(",") if p]
     if policies and (problem := install_peer("vllm-router")) is not None:
         print(f"bench-fleet: vllm-router not installed: {problem}")
         policies = []
     report["vllm_router"] = peer_version("vllm-router") if policies else None
     strategies = [s for s in args.strategies.split(",") if s]
-    with fleet(args.servers) as (urls, sim):
+    with fleet(args.servers, tokenizer, kv_events="kv_aware" in policies) as sim:
         # The simulated GPUs' clock comes first: what starts from now on (Ray and the routers)
         # and the load generator in this process run 5 steps nicer, so CPU contention delays
         # arrivals rather than the steps.
@@ -546,16 +626,9 @@ def main(argv: list[str] | None = None) -> int:
         if strategies:
             with local_router("bench-fleet") as lr:
                 for strategy in strategies:
-                    _serve_router_phases(report, lr, strategy, all_phases, urls, sim, args)
+                    _serve_router_phases(report, lr, strategy, all_phases, sim, args)
         for policy in policies:
-            for phase in all_phases:
-                label = f"vllm-router {policy}"
-                with started(Router(label, vllm_router_command(policy)), urls) as running:
-                    asyncio.run(warm_up(running.url, SERVED))
-                    before = tree_cpu_s(running.process)
-                    result = asyncio.run(run_phase(phase, running.url, SERVED, urls, sim))
-                    used = cpu_used_s(before, tree_cpu_s(running.process))
-                _record(report, phase, label, result, used, args.max_lag_s)
+            _vllm_router_phases(report, policy, all_phases, sim, args)
     kept_up = [int(n) for n, r in report["probe"].items() if r["valid"]]
     report["largest_fleet_kept_up"] = max(kept_up, default=None)
     report["wall_s"] = round(time.monotonic() - began)

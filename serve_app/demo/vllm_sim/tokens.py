@@ -87,18 +87,27 @@ class HfTokenizer:
 
         self._fast = Fast.from_file(str(folder / "tokenizer.json"))
         config = json.loads((folder / "tokenizer_config.json").read_text())
+        # Recent transformers save the template beside the config rather than in it.
+        beside = folder / "chat_template.jinja"
+        template = beside.read_text() if beside.exists() else config.get("chat_template")
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        self._template = env.from_string(config.get("chat_template") or SIMPLE_TEMPLATE)
+        self._template = env.from_string(template or SIMPLE_TEMPLATE)
         self._specials = {
             k: config.get(k) for k in ("bos_token", "eos_token", "unk_token", "pad_token")
         }
         self.vocab_size = self._fast.get_vocab_size()
+        # The prompts of the last requests by their text: a router that renders through the
+        # server (vllm-router's kv_aware) sends each prompt twice, to render and to answer.
+        self._encode_chat = lru_cache(maxsize=256)(self._encode_text)
+
+    def _encode_text(self, text: str) -> tuple[int, ...]:
+        return tuple(self._fast.encode(text, add_special_tokens=False).ids)
 
     def chat_prompt(self, messages: list[dict[str, Any]]) -> list[int]:
         text = self._template.render(
             messages=_messages(messages), add_generation_prompt=True, **self._specials
         )
-        return self._fast.encode(text, add_special_tokens=False).ids
+        return list(self._encode_chat(text))
 
     def encode(self, text: str) -> list[int]:
         return self._fast.encode(text).ids
