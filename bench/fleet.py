@@ -285,7 +285,9 @@ def fleet(servers: int, tokenizer: Path | None, kv_events: bool = False) -> Iter
     if kv_events:
         # `*` as vLLM takes it (bind), which the simulator narrows to its own 127.0.0.1.
         pub, replay = base + servers, base + 2 * servers
-        config = {"enable_kv_cache_events": True, "publisher": "zmq", "topic": "kv"}
+        # Topic "" (vLLM's default): vllm-router 0.1.17 subscribes its static sources to "" and
+        # drops every frame of another topic unseen (it has no topic flag).
+        config = {"enable_kv_cache_events": True, "publisher": "zmq", "topic": ""}
         config |= {"endpoint": f"tcp://*:{pub}", "replay_endpoint": f"tcp://*:{replay}"}
         # kv_aware asks the servers for each prompt's token ids: vLLM's /render routes.
         command += ["--kv-events-config", orjson.dumps(config).decode(), "--enable-scale-out"]
