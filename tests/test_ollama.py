@@ -192,6 +192,5 @@ def test_ollama_error_body_becomes_openai_error() -> None:
     meta = RequestMeta(Endpoint.CHAT, "m", False, 1, False, "r")
     ex = OllamaExchange(provider, meta, b'{"model":"m","messages":[]}')
     assert ex.url == "http://h:1/api/chat"
-    body, ctype = ex.unary(404, b'{"error":"model \\"m\\" not found"}', "application/json")
+    body = ex.unary(404, b'{"error":"model \\"m\\" not found"}')
     assert orjson.loads(body)["error"]["message"] == 'model "m" not found'
-    assert ctype == "application/json"
