@@ -254,9 +254,7 @@ def test_ollama_embed_and_legacy_embeddings_answers() -> None:
     doc = orjson.loads(ex.unary(200, orjson.dumps(answer)))
     assert doc["embeddings"] == [[0.1, 0.2], [0.3, 0.4]] and doc["prompt_eval_count"] == 4
     legacy = _exchange(Endpoint.OLLAMA_EMBEDDINGS, {"model": "m", "prompt": "a"})
-    assert orjson.loads(legacy.unary(200, orjson.dumps(answer))) == {
-        "embedding": [0.1, 0.2]
-    }
+    assert orjson.loads(legacy.unary(200, orjson.dumps(answer))) == {"embedding": [0.1, 0.2]}
 
 
 def test_ollama_streams_default_to_on() -> None:
@@ -451,9 +449,7 @@ def test_count_tokens_asks_the_provider_for_one_token_and_reads_the_prompt_usage
         Endpoint.COUNT_TOKENS, {"model": "m", "messages": [{"role": "user", "content": "q"}]}
     )
     assert orjson.loads(ex.body)["max_tokens"] == 1
-    assert orjson.loads(ex.unary(200, orjson.dumps(CHAT_ANSWER))) == {
-        "input_tokens": 11
-    }
+    assert orjson.loads(ex.unary(200, orjson.dumps(CHAT_ANSWER))) == {"input_tokens": 11}
 
 
 # --- errors --------------------------------------------------------------------------------------

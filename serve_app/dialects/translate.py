@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from typing import Any
 
 import orjson
@@ -29,24 +27,16 @@ def translation(endpoint: Endpoint, doc: dict[str, Any], stream: bool) -> Transl
     Validation at the ingress types the fields the router acts on; the rest is read here, so a
     value of the wrong shape deep in a request (a block's text that is a number) is a 400 too.
     """
-    with client_input(endpoint.dialect):
+    try:
         if endpoint.dialect == "ollama":
             return ollama.OllamaTranslation(endpoint, doc, stream)
         if endpoint.dialect == "responses":
             return ResponsesTranslation(doc, stream)
         return anthropic.MessagesTranslation(endpoint, doc, stream)
-
-
-@contextlib.contextmanager
-def client_input(dialect: Dialect) -> Iterator[None]:
-    """A client request whose fields a translation cannot read (a value of the wrong shape) is
-    a 400 naming what went wrong, never a 5xx with a traceback."""
-    try:
-        yield
     except (AttributeError, KeyError, TypeError, ValueError) as exc:
         raise RouterError(
             400,
-            f"malformed {dialect} request: {type(exc).__name__}: {str(exc)[:200]}",
+            f"malformed {endpoint.dialect} request: {type(exc).__name__}: {str(exc)[:200]}",
             code="invalid_value",
         ) from None
 

@@ -8,7 +8,7 @@ import orjson
 
 from serve_app.core.config import ProviderConfig
 from serve_app.core.schemas import Endpoint, RequestMeta
-from serve_app.dialects.translate import client_input, translation
+from serve_app.dialects.translate import translation
 from serve_app.upstreams.base import Exchange, api_root
 from serve_app.upstreams.ollama import OllamaExchange, OllamaNativeExchange, ollama_root
 from serve_app.upstreams.openai import OpenAIExchange
@@ -26,16 +26,15 @@ _NATIVE = {
 
 def prepare(provider: ProviderConfig, meta: RequestMeta, body: bytes) -> Exchange:
     """The request as `provider` takes it (RouterError 400 when its format cannot express it)."""
-    with client_input(meta.endpoint.dialect):
-        if meta.endpoint in _NATIVE[provider.api_type]:
-            return _BY_TYPE[provider.api_type](provider, meta, body)
-        if provider.api_type == "ollama" and meta.endpoint.dialect == "ollama":
-            return OllamaNativeExchange(provider, meta, body)
-        t = translation(meta.endpoint, orjson.loads(body), meta.stream)
-        inner = _BY_TYPE[provider.api_type](
-            provider, meta._replace(endpoint=t.endpoint), orjson.dumps(t.body)
-        )
-        return TranslatedExchange(inner, t)
+    if meta.endpoint in _NATIVE[provider.api_type]:
+        return _BY_TYPE[provider.api_type](provider, meta, body)
+    if provider.api_type == "ollama" and meta.endpoint.dialect == "ollama":
+        return OllamaNativeExchange(provider, meta, body)
+    t = translation(meta.endpoint, orjson.loads(body), meta.stream)
+    inner = _BY_TYPE[provider.api_type](
+        provider, meta._replace(endpoint=t.endpoint), orjson.dumps(t.body)
+    )
+    return TranslatedExchange(inner, t)
 
 
 def signal_url(provider: ProviderConfig) -> str | None:

@@ -330,8 +330,10 @@ class OllamaExchange:
         prefix = {Endpoint.CHAT: "chatcmpl-", Endpoint.COMPLETIONS: "cmpl-"}.get(meta.endpoint, "")
         self.id = prefix + uuid.uuid4().hex
         self.created = int(time.time())
-        options = req.get("stream_options")
-        self.include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
+        options = req.get("stream_options") or {}
+        if not isinstance(options, dict):
+            raise _unsupported("stream_options is an object", "stream_options")
+        self.include_usage = bool(options.get("include_usage"))
 
     def unary(self, status: int, body: bytes) -> bytes:
         try:
