@@ -316,6 +316,13 @@ def test_responses_refuse_hosted_tools_and_leave_out_earlier_reasoning() -> None
     assert info.value.status == 400
 
 
+def test_responses_text_format_of_an_unknown_type_is_a_400() -> None:
+    doc = {"model": "m", "input": "x", "text": {"format": {"type": "json"}}}
+    with pytest.raises(RouterError) as info:
+        translation(Endpoint.RESPONSES, doc, False)
+    assert (info.value.status, info.value.param) == (400, "text.format")
+
+
 def test_responses_answers_unary_and_streamed() -> None:
     ex = _exchange(Endpoint.RESPONSES, {"model": "m", "input": "q", "max_output_tokens": 2})
     doc = orjson.loads(ex.unary(200, orjson.dumps(CHAT_ANSWER)))
