@@ -38,6 +38,8 @@ from serve_app.dialects.base import now_iso
 Drop = Literal["before_headers", "mid_stream"]
 # The tokens a chat template adds around a prompt: a one-word prompt counts 5.
 PROMPT_OVERHEAD = 4
+# A request's parsed body, for the knobs that depend on it.
+_BODY = web.RequestKey("body", dict)
 _NOT_INFERENCE = frozenset({"/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/api/pull"})
 
 
@@ -270,7 +272,7 @@ class FakeUpstream:
     async def _record(self, request: web.Request) -> dict[str, Any]:
         raw = await request.read()
         body = orjson.loads(raw) if raw else {}
-        request["body"] = body
+        request[_BODY] = body
         self.calls += 1
         if self.record:
             self.requests.append(Recorded(request.path, dict(request.headers), body))
@@ -311,7 +313,7 @@ class FakeUpstream:
                 status=k.fail_status,
                 headers=headers,
             )
-        if k.huge == "body" and not request["body"].get("stream", ollama):
+        if k.huge == "body" and not request[_BODY].get("stream", ollama):
             return await self._huge(request)
         return None
 
@@ -353,7 +355,11 @@ class FakeUpstream:
                     return resp
                 if k.huge == "line" and i == k.bad_at:
                     ndjson = content_type == "application/x-ndjson"
-                    await self._write_huge(resp, b'{"response": "' if ndjson else b'data: {"x": "')
+                    head = b'{"response": "' if ndjson else b'data: {"x": "'
+                    try:
+                        await self._write_huge(resp, head)
+                    except ConnectionError:
+                        self.disconnects += 1  # the caller hung up before the end
                     return resp
                 if packer is not None:
                     line = packer.compress(line) + packer.flush(zlib.Z_SYNC_FLUSH)
