@@ -62,6 +62,9 @@ def test_sse_line_ends_in_crlf_are_read_even_when_cut_between_cr_and_lf() -> Non
     crlf = OPENAI.replace(b"\n", b"\r\n")
     for size in range(1, len(crlf) + 1):
         assert _frames("openai", crlf, size) == OPENAI, size
+    lone = b": a lone \r stays\n\n" + OPENAI  # a comment: any bytes but a line end
+    for size in range(1, len(lone) + 1):
+        assert _frames("openai", lone, size) == lone, size
 
 
 @pytest.mark.parametrize(
