@@ -202,8 +202,8 @@ async def test_a_1_gib_unary_answer_is_a_502_and_the_replica_stays_small(
             failed, hung_up = await _failed(http, pool, pid, "answer too large"), up.disconnects
             with _peak_rss(ingress) as rss:
                 status, _, body = await _ask(http, pool, dialect, model, False)
-            _a_502(dialect, status, body)
             assert rss[1] - rss[0] < RSS_SLACK, (dialect, declared, rss)
+            _a_502(dialect, status, body)
             await _reported(http, pool, pid, "answer too large", failed)
             await _hung_up(up, hung_up)
     pool.oa.knobs = pool.ol.knobs = Knobs()
@@ -228,14 +228,15 @@ async def test_an_endless_stream_line_is_a_502_or_an_error_event_and_the_replica
     up.knobs = Knobs(huge="line", huge_bytes=GIB, bad_at=0)
     with _peak_rss(ingress) as rss:
         status, _, body = await _ask(http, pool, dialect, model, True)
-    _a_502(dialect, status, body)
     assert rss[1] - rss[0] < RSS_SLACK, rss
+    _a_502(dialect, status, body)
     # Endless after two events: the stream under way ends with the dialect's error event.
     up.knobs = Knobs(huge="line", huge_bytes=GIB, bad_at=2)
     hung_up = up.disconnects
     with _peak_rss(ingress) as rss:
-        _ends_with_error(dialect, await _begun(http, pool, dialect, model))
+        body = await _begun(http, pool, dialect, model)
     assert rss[1] - rss[0] < RSS_SLACK, rss
+    _ends_with_error(dialect, body)
     await _hung_up(up, hung_up)
     up.knobs = Knobs()
 
