@@ -2,11 +2,13 @@
 Ollama line) is a 502 in the client's dialect, the upstream call ends and the ingress replica's
 memory stays small; gzip that was not asked for is decoded; answers carry the router's content
 type and nosniff; a malformed or cut stream ends with the dialect's error event; a request an
-Ollama provider cannot be sent is a 400."""
+Ollama provider cannot be sent is a 400. Keys are required, so every stream also goes through
+the meter that counts a key's tokens (and, for OpenAI, takes out the usage chunk it asked for)."""
 
 from __future__ import annotations
 
 import threading
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -38,6 +40,7 @@ class Pool:
     oa: FakeUpstream  # api_type openai: m/oa
     ol: FakeUpstream  # api_type ollama: m/ol
     vl: FakeUpstream  # api_type vllm (Responses and Messages natively): m/vl
+    key: dict[str, str]  # a client key's header
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +53,7 @@ def pool(serve_url: str, upstream_factory) -> Iterator[Pool]:
             "m/vl": {"providers": [provider("bvl", vl.url, "vllm")]},
         },
         "active_models": {TYPE: ["m/oa", "m/ol", "m/vl"]},
+        "auth": {"require_keys": True},
         "routing": {
             TYPE: {
                 "unhealthy_cooldown_s": 0.0,
@@ -60,7 +64,14 @@ def pool(serve_url: str, upstream_factory) -> Iterator[Pool]:
         },
     }
     deploy(serve_url, config)
-    pool = Pool(serve_url, oa, ol, vl)
+    made = urllib.request.Request(
+        f"{serve_url}/api/v1/keys",
+        data=orjson.dumps({"name": "bounds"}),
+        headers={**ADMIN, "content-type": "application/json"},
+    )
+    with urllib.request.urlopen(made, timeout=10) as resp:
+        key = orjson.loads(resp.read())["key"]
+    pool = Pool(serve_url, oa, ol, vl, {"authorization": f"Bearer {key}"})
     yield pool
     for up in (oa, ol, vl):
         up.knobs = Knobs()
@@ -96,7 +107,7 @@ async def _ask(
     http: aiohttp.ClientSession, pool: Pool, dialect: Dialect, model: str, stream: bool
 ) -> tuple[int, aiohttp.typedefs.LooseHeaders, bytes]:
     url = pool.url + PATHS[dialect]
-    async with http.post(url, json=_body(dialect, model, stream)) as resp:
+    async with http.post(url, json=_body(dialect, model, stream), headers=pool.key) as resp:
         return resp.status, resp.headers, await resp.read()
 
 
@@ -168,7 +179,8 @@ async def _begun(http: aiohttp.ClientSession, pool: Pool, dialect: Dialect, mode
     head is here), so that what comes next comes after the first byte: its whole body."""
     up = _upstream(pool, model)
     up.knobs.hold_mid_stream = True
-    async with http.post(pool.url + PATHS[dialect], json=_body(dialect, model, True)) as resp:
+    body = _body(dialect, model, True)
+    async with http.post(pool.url + PATHS[dialect], json=body, headers=pool.key) as resp:
         assert resp.status == 200
         up.release()
         return await resp.read()
@@ -306,11 +318,11 @@ async def test_what_an_ollama_provider_cannot_be_sent_is_a_400_in_the_clients_di
         {"messages": [{"role": "user", "content": [image]}]},
     ):
         doc = {"model": "m/ol", "messages": [{"role": "user", "content": "hi"}]} | body
-        async with http.post(f"{pool.url}/v1/chat/completions", json=doc) as resp:
+        async with http.post(f"{pool.url}/v1/chat/completions", json=doc, headers=pool.key) as resp:
             assert resp.status == 400, await resp.text()
             assert (await resp.json())["error"]["code"] == "unsupported_content"
     # A Responses client's text.format of an unknown type, to an Ollama provider.
     doc = {"model": "m/ol", "input": "hi", "text": {"format": {"type": "json"}}}
-    async with http.post(f"{pool.url}/v1/responses", json=doc) as resp:
+    async with http.post(f"{pool.url}/v1/responses", json=doc, headers=pool.key) as resp:
         assert resp.status == 400, await resp.text()
     assert pool.ol.calls == before  # none of them reached the upstream
