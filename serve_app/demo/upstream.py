@@ -180,21 +180,21 @@ class FakeUpstream:
         if self.knobs.huge_declared:
             resp.content_length = self.knobs.huge_bytes
         await resp.prepare(request)
-        try:
-            await self._write_huge(resp, b'{"id": "')
-        except ConnectionError:
-            self.disconnects += 1  # the caller hung up before the end
+        await self._write_huge(resp, b'{"id": "')
         return resp
 
     async def _write_huge(self, resp: web.StreamResponse, head: bytes) -> None:
-        """`head`, then letters up to `huge_bytes` in all, no newline (ConnectionError when the
-        caller hangs up first)."""
+        """`head`, then letters up to `huge_bytes` in all, no newline; until the caller hangs
+        up (a disconnect)."""
         piece = b"a" * 65536
         sent = len(head)
-        await resp.write(head)
-        while sent < self.knobs.huge_bytes:
-            await resp.write(piece[: self.knobs.huge_bytes - sent])
-            sent += len(piece)
+        try:
+            await resp.write(head)
+            while sent < self.knobs.huge_bytes:
+                await resp.write(piece[: self.knobs.huge_bytes - sent])
+                sent += len(piece)
+        except ConnectionError:
+            self.disconnects += 1
 
     async def _held(self, request: web.Request) -> bool:
         """Until release() (True) or the caller hangs up (False): aiohttp does not cancel a
@@ -355,11 +355,7 @@ class FakeUpstream:
                     return resp
                 if k.huge == "line" and i == k.bad_at:
                     ndjson = content_type == "application/x-ndjson"
-                    head = b'{"response": "' if ndjson else b'data: {"x": "'
-                    try:
-                        await self._write_huge(resp, head)
-                    except ConnectionError:
-                        self.disconnects += 1  # the caller hung up before the end
+                    await self._write_huge(resp, b'{"response": "' if ndjson else b'data: {"x": "')
                     return resp
                 if packer is not None:
                     line = packer.compress(line) + packer.flush(zlib.Z_SYNC_FLUSH)
