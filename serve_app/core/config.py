@@ -313,6 +313,10 @@ class RoutingConfig(BaseModel):
     max_load: float | None = Field(default=None, gt=0)
     # The priority of requests without a client key (keys have their own, default 0).
     default_priority: int = Field(default=0, ge=-1000, le=1000)
+    # What an upstream may send (docs/dialects.md#upstream-bounds): a unary answer, whole, and
+    # one event of a stream (an SSE event, an Ollama line); past them the client gets a 502.
+    max_answer_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    max_event_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
 
     @model_validator(mode="after")
     def _replicas(self) -> RoutingConfig:

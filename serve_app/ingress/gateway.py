@@ -15,7 +15,6 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, NamedTuple
 
-import aiohttp
 import orjson
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
@@ -39,7 +38,7 @@ from serve_app.core.schemas import (
 from serve_app.dialects.translate import error_in_dialect
 from serve_app.dialects.usage import Counts, StreamMeter, counts_of
 from serve_app.ingress.picking import PickerLink
-from serve_app.ingress.relay import Deadline, Keeper, Relay, Route, Streamed, client_timeout
+from serve_app.ingress.relay import Deadline, Keeper, Limits, Relay, Route, Streamed, call_limits
 from serve_app.pickers.handler import ApiModelConfig
 from serve_app.pickers.plan import (
     ATTEMPTS_HEADER,
@@ -60,9 +59,11 @@ HOP_SLACK_S = 5.0
 # OpenAI streams whose usage chunk the router asks for when it counts a key's tokens.
 _USAGE_CHUNK = frozenset({Endpoint.CHAT, Endpoint.COMPLETIONS})
 # For a model the manifest dropped while its request was under way.
-DEFAULT_CLIENT_TIMEOUT = client_timeout(RoutingConfig())
+DEFAULT_LIMITS = call_limits(RoutingConfig())
 # Names the model that served a request its own model could not (fallback_model).
 FALLBACK_HEADER = "x-router-fallback-model"
+# On every answer: its content type is the router's (JSON, SSE, NDJSON), not to be guessed.
+NOSNIFF = {"x-content-type-options": "nosniff"}
 
 
 async def _metered(body: AsyncIterator[bytes], meter: StreamMeter) -> AsyncIterator[bytes]:
@@ -161,7 +162,7 @@ class Gateway:
         self._default_strategy = default_strategy
         self.model_types = frozenset(pickers)
         self._routing: dict[str, RoutingConfig] = {}
-        self._client_timeouts: dict[str, aiohttp.ClientTimeout] = {}  # by model
+        self._limits: dict[str, Limits] = {}  # by model
         self._prefix_chars: dict[str, int] = {}  # prefix_affinity models: their block size
         self._slot_models: frozenset[str] = frozenset()  # first_available* models
         self._max_body_bytes = max_body_bytes
@@ -206,7 +207,7 @@ class Gateway:
         self._keepers = frozenset(p.id for ps in everyone.values() for p in ps if p.responses_store)
         self._input_sizes = {name: max(p.input_size for p in ps) for name, ps in everyone.items()}
         self._routing = {name: group.routing for group in groups for name in group.models}
-        self._client_timeouts = {name: client_timeout(r) for name, r in self._routing.items()}
+        self._limits = {name: call_limits(r) for name, r in self._routing.items()}
         strategies = {n: r.strategy or self._default_strategy for n, r in self._routing.items()}
         self._prefix_chars = {
             name: self._routing[name].prefix_block_chars
@@ -431,8 +432,8 @@ class Gateway:
         plan = await link.plan(meta, prefix, meta.model in self._slot_models)
         if plan.queued:  # every provider is full: it waits in the picker's queue
             plan = await link.wait(plan)
-        timeout = self._client_timeouts.get(meta.model) or DEFAULT_CLIENT_TIMEOUT
-        route = Route(plan, link, timeout, keeper)
+        limits = self._limits.get(meta.model) or DEFAULT_LIMITS
+        route = Route(plan, link, limits, keeper)
         return await self._relay.call(route, body, meta, deadline)
 
     def _count(
@@ -471,7 +472,10 @@ class Gateway:
         if head.status >= 400:
             out = error_in_dialect(endpoint.dialect, head.status, out)
         return Response(
-            out, status_code=head.status, media_type=head.content_type, headers=head.headers
+            out,
+            status_code=head.status,
+            media_type=head.content_type,
+            headers={**head.headers, **NOSNIFF},
         )
 
     def _streamed(
@@ -503,6 +507,7 @@ class Gateway:
             headers={
                 **head.headers,
                 **(admission.headers if admission else {}),
+                **NOSNIFF,
                 "cache-control": "no-cache",
             },
         )
