@@ -162,11 +162,11 @@ def as_a_user(tmp_path: Path) -> dict[str, str]:
     return env
 
 
-@pytest.fixture
-def runs(tmp_path: Path) -> Iterator[Callable[..., Run]]:
+@contextlib.contextmanager
+def run_starter(folder: Path) -> Iterator[Callable[..., Run]]:
     """Starts runs with their own ports and registry; kills whatever a failed test left."""
     env = {
-        **as_a_user(tmp_path),
+        **as_a_user(folder),
         "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
         "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
     }
@@ -186,6 +186,12 @@ def runs(tmp_path: Path) -> Iterator[Callable[..., Run]]:
         run.log.close()
         if run.terminal >= 0:
             os.close(run.terminal)
+
+
+@pytest.fixture
+def runs(tmp_path: Path) -> Iterator[Callable[..., Run]]:
+    with run_starter(tmp_path) as start:
+        yield start
 
 
 def test_ctrl_c_restart_kill_and_loopback(runs: Callable[[list[str]], Run]) -> None:
