@@ -15,6 +15,7 @@ import socket
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from email.message import Message
 
 import pytest
 
@@ -141,16 +142,16 @@ def test_a_stream_silent_past_the_client_timeout_goes_on(
     assert rest.rstrip().endswith(b"data: [DONE]"), rest[-300:]
 
 
-def _admin(port: int, token: str, forwarded_for: str) -> tuple[int, dict, dict[str, str]]:
+def _admin(port: int, token: str, forwarded_for: str) -> tuple[int, dict, Message]:
     req = urllib.request.Request(
         f"http://127.0.0.1:{port}/api/v1/keys",
         headers={"authorization": f"Bearer {token}", "x-forwarded-for": forwarded_for},
     )
     try:
         with urllib.request.urlopen(req, timeout=30) as resp:
-            return resp.status, json.load(resp), dict(resp.headers)
+            return resp.status, json.load(resp), resp.headers
     except urllib.error.HTTPError as err:
-        return err.code, json.load(err), dict(err.headers)
+        return err.code, json.load(err), err.headers
 
 
 def test_wrong_admin_tokens_are_throttled_per_address_whatever_it_claims(router: int) -> None:
@@ -159,7 +160,7 @@ def test_wrong_admin_tokens_are_throttled_per_address_whatever_it_claims(router:
         status, doc, _ = _admin(router, "wrong-" + "x" * 40, f"10.0.0.{i}")
         assert (status, doc["error"]["code"]) == (403, "invalid_admin_token")
     status, doc, headers = _admin(router, ADMIN_TOKEN, "10.0.0.99")
-    assert (status, doc["error"]["code"]) == (429, "admin_throttled"), doc
-    assert 1 <= int(headers["Retry-After"]) <= 60
+    assert (status, doc.get("error", {}).get("code")) == (429, "admin_throttled"), doc
+    assert 1 <= int(headers.get("retry-after", "0")) <= 60
     assert ADMIN_TOKEN not in json.dumps(doc)
     assert chat(router) == 200  # inference is not held back
