@@ -5,7 +5,7 @@ client` is not cut, and wrong admin tokens from one address are throttled whatev
 `X-Forwarded-For` it sends.
 
 HAProxy's client timeout is 2 s here and the request deadline 4 s: a client that sends a byte
-every 0.5 s is never idle for 2 s, so only the request deadline can drop it.
+about every second is never idle for 2 s, so only the request deadline can drop it.
 """
 
 from __future__ import annotations
@@ -56,8 +56,8 @@ def router(tmp_path_factory: pytest.TempPathFactory, upstream: FakeUpstream) -> 
 
 
 class Trickler:
-    """A client that sends `sent` at once, then `trickled` a byte at a time (one every 0.5 s or
-    so), until the server closes the connection."""
+    """A client that sends `sent` at once, then `trickled` a byte per step (each step waits up to
+    0.5 s for an answer), until the server closes the connection."""
 
     def __init__(self, port: int, sent: bytes, trickled: bytes) -> None:
         self.sock = socket.create_connection(("127.0.0.1", port))
