@@ -56,7 +56,6 @@ def test_the_http_frontend_gets_a_request_deadline_and_the_client_address() -> N
     section = rest.split("backend default_backend")[0]
     assert section.splitlines() == [
         "    timeout http-request 7s",  # Serve's own value replaced: one deadline
-        "    option http-buffer-request",  # the body too, up to a buffer
         "    option forwardfor",
         "    bind 127.0.0.1:8000",
     ]

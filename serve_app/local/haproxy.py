@@ -3,7 +3,7 @@ and a deadline on reading each request.
 
 Ray Serve's HAProxy config binds the stats page (8404) and the Prometheus exporter (9101) on
 every interface, whatever `http_options.host` says, and offers no setting for it; nor for
-`timeout http-request`, so a client that sends its headers (or body) a byte at a time holds a
+`timeout http-request`, so a client that sends its headers a byte at a time holds a
 connection for as long as `timeout client` allows. Serve starts whatever
 `RAY_SERVE_HAPROXY_BINARY_PATH` names with `-f <config>`, so this wrapper rewrites the generated
 file (the same path: Serve finds its workers by it) and then becomes the real binary.
@@ -24,8 +24,10 @@ DEFAULT_ADMIN_HOST = "127.0.0.1"
 ADMIN_SECTIONS = frozenset({"frontend prometheus", "listen stats"})
 _SECTION = re.compile(r"^(global|defaults|frontend|backend|listen)\b")
 _BIND = re.compile(r"^(\s*bind\s+)(\S*):(\d+)(.*)$")
-# The whole request (headers, and the body up to a buffer: `http-buffer-request`) must arrive
-# within this many seconds, else 408 and the connection is closed.
+# A request's headers must arrive within this many seconds, else 408 and the connection is
+# closed. (Not its body: HAProxy would hold a body it buffers to the same deadline, and answer
+# 408 after it where the ingress refuses a declared oversized body at once, with 413; the
+# ingress bounds reading the body itself.)
 REQUEST_TIMEOUT_ENV = "SERVE_ROUTER_HAPROXY_REQUEST_TIMEOUT_S"
 DEFAULT_REQUEST_TIMEOUT_S = 10
 
@@ -50,11 +52,10 @@ HTTP_FRONTEND = "frontend http_frontend"
 
 
 def request_guards(timeout_s: int) -> list[str]:
-    """The lines this wrapper adds to HTTP_FRONTEND: the request deadline, and the client's
+    """The lines this wrapper adds to HTTP_FRONTEND: the headers' deadline, and the client's
     address in `X-Forwarded-For` (appended last; the admin API throttles failures by it)."""
     return [
         f"    timeout http-request {timeout_s}s\n",
-        "    option http-buffer-request\n",
         "    option forwardfor\n",
     ]
 
