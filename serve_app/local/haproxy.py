@@ -1,5 +1,5 @@
 """`serve-router-haproxy`: Serve's HAProxy, with its stats and Prometheus frontends on one address
-and a deadline on reading each request.
+and a deadline on reading each request's headers.
 
 Ray Serve's HAProxy config binds the stats page (8404) and the Prometheus exporter (9101) on
 every interface, whatever `http_options.host` says, and offers no setting for it; nor for
