@@ -17,6 +17,7 @@ from ray.serve.config import RequestRouterConfig
 from ray.serve.exceptions import RayServeException
 from ray.serve.schema import LoggingConfig
 
+from serve_app.api.auth import admin_token
 from serve_app.cluster.registry.actor import Published, RegistryRef
 from serve_app.core.config import (
     Autoscaling,
@@ -102,6 +103,7 @@ def check_settings(args: AppArgs, document: tuple[object, str] | None = None) ->
     raw, source = document or read_raw(args.models_config)
     config = parse_config(raw, source)
     strategy = default_strategy(args.balance_strategy)
+    admin_token()  # a guessable admin token stops the start (api/auth.py)
     profiles = read_profiles(args.profiles_config)
     active = active_profile_name()
     if profiles is not None:

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 apply_fast_serve_env(single_node=True)  # before ray.serve is imported anywhere in this process
 # Ray workers inherit the driver's environment when ray.init starts the node; the replicas and
 # the registry read the admin token and resolve `${ENV}` api tokens there.
-ADMIN_TOKEN = "test-admin-token"
+ADMIN_TOKEN = "test-admin-token-4f6c1d2e9a8b7c30"  # 32+ characters, as the router requires
 TOKEN_ENV, TOKEN_VALUE = "SERVE_ROUTER_TEST_TOKEN", "sekrit-token-123"
 os.environ["LLM_ROUTER_ADMIN_TOKEN"] = ADMIN_TOKEN
 os.environ[TOKEN_ENV] = TOKEN_VALUE

@@ -7,7 +7,6 @@ The surfaces reach this replica's state through `serve_app.api.http.replica()`.
 """
 
 import asyncio
-import os
 import socket
 
 import aiohttp
@@ -23,7 +22,7 @@ from serve_app.access.gate import Gate
 from serve_app.access.limiter import limiter_handle
 from serve_app.api import admin, anthropic, console, keys, ollama, openai, ops, responses
 from serve_app.api.admin import Admin, AdminSettings
-from serve_app.api.auth import ADMIN_TOKEN_ENV
+from serve_app.api.auth import admin_token
 from serve_app.api.http import install_error_handlers
 from serve_app.cluster.follow import Follower
 from serve_app.cluster.monitor import monitor_handle
@@ -90,6 +89,7 @@ class Ingress:
         settings: IngressSettings,
     ) -> None:
         keep_replica_grpc_on_loopback()  # before Serve opens this replica's gRPC server
+        token = admin_token()  # a guessable one stops the replica here, with its reason
         self._id = f"ingress:{serve.get_replica_context().replica_id.unique_id}"
         self._registry = registry
         self._monitor_handle: ActorHandle | None = None
@@ -114,7 +114,6 @@ class Ingress:
             conversations,
         )
         self._follower = Follower(registry.handle, self._id, Manifest(), self._apply)
-        token = os.environ.get(ADMIN_TOKEN_ENV)
         self.admin = Admin(self._follower, registry, self.gateway, settings, token)
         await self._follower.start()
         self._reporter.start()
