@@ -44,6 +44,8 @@ REGISTRY = RegistryRef(
     path=os.path.join(tempfile.mkdtemp(prefix="router-registry-"), "registry.json"),
 )
 ADMIN = {"authorization": f"Bearer {ADMIN_TOKEN}"}
+# What a body sent as bytes needs (the router refuses a POST body of another type).
+JSON_TYPE = {"content-type": "application/json"}
 # Deployments get no roles unless a test names its own profiles (configs/llm_models.json has the
 # demo's, which would pull models on the test upstreams).
 NO_PROFILES = os.path.join(os.path.dirname(REGISTRY.path), "no-profiles.json")

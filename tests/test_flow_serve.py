@@ -201,7 +201,7 @@ async def test_a_full_model_times_out_lets_leavers_go_and_sheds(pool: Pool, http
 
     async def left() -> Counter[str]:
         """The tight model's waits that ended with its client gone, by how they were seen."""
-        async with http.get(f"{pool.url}/metrics") as resp:
+        async with http.get(f"{pool.url}/metrics", headers=ADMIN) as resp:
             page = await resp.text()
         out: Counter[str] = Counter()
         for key, value in samples(page, "llm_router_queue_wait_seconds_count").items():

@@ -264,7 +264,7 @@ async def test_usage_counts_the_upstreams_tokens_and_streams_keep_their_shape(
     await until(counted, "usage reported to the limiter")
 
     async def exported() -> bool:
-        async with http.get(f"{url}/metrics") as resp:
+        async with http.get(f"{url}/metrics", headers=ADMIN) as resp:
             text = await resp.text()
         labels = f'key_name="{made["name"]}",kind="prompt",model="m/a"'
         return f"llm_router_tokens_total{{{labels}}} {float(expected['prompt'])}" in text

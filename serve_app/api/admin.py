@@ -64,7 +64,7 @@ async def validated_body(
 ) -> Body:
     """An admin request's JSON body as `model` (`empty` stands for a missing body); 400 with
     the first problem otherwise."""
-    body = await read_body(request, ADMIN_MAX_BODY_BYTES)
+    body = await read_body(request, ADMIN_MAX_BODY_BYTES, replica().gateway.body.timeout_s)
     if not body and empty is not None:
         body = empty
     try:

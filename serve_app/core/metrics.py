@@ -30,6 +30,7 @@ class Spec(NamedTuple):
 
 
 IN_FLIGHT_METRIC = "llm_router_provider_in_flight"  # set by the pickers, read by the monitor
+BODIES_METRIC = "llm_router_request_bodies_parsed"  # counted by the ingress
 
 SPECS: dict[str, Spec] = {
     "llm_router_requests": Spec(
@@ -43,6 +44,12 @@ SPECS: dict[str, Spec] = {
     ),
     "llm_router_time_to_first_token_seconds": Spec(
         "histogram", "Time to the first body byte (streams: first event after the head)", ("model",)
+    ),
+    BODIES_METRIC: Spec(
+        "counter",
+        "Inference request bodies read and parsed by the ingress, by API dialect (a request "
+        "refused on its headers, such as one without a valid key, has none)",
+        ("api",),
     ),
     "llm_router_failovers": Spec("counter", "Attempts beyond the first, by model", ("model",)),
     "llm_router_tokens": Spec(

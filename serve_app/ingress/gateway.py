@@ -27,9 +27,11 @@ from serve_app.cluster.registry.manifest import Manifest, unplaced_adapters
 from serve_app.conversations.service import Conversations, Turn
 from serve_app.core.config import SLOT_STRATEGIES, RouterConfig, RoutingConfig, StrategyName
 from serve_app.core.errors import RouterError, adapter_unavailable, model_not_found
+from serve_app.core.metrics import BODIES_METRIC
 from serve_app.core.schemas import (
     SESSION_HEADER,
     TIMEOUT_HEADER,
+    BodyLimits,
     Endpoint,
     RequestMeta,
     parse_timeout,
@@ -131,6 +133,15 @@ def _not_deployed(model_type: str) -> RouterError:
     )
 
 
+class BodyRules(NamedTuple):
+    """What an inference request's body may be: its bytes, how long it may take to arrive,
+    what it may hold."""
+
+    max_bytes: int
+    timeout_s: float
+    limits: BodyLimits
+
+
 class ModelInfo(NamedTuple):
     """A model clients can name: a configured model, an adapter (`parent`: its base model) or a
     role of the active profile (`root`: the model serving it)."""
@@ -148,7 +159,7 @@ class Gateway:
         self,
         pickers: dict[str, PickerLink],
         relay: Relay,
-        max_body_bytes: int,
+        body: BodyRules,
         gate: Gate,
         default_strategy: StrategyName,
         conversations: Conversations,
@@ -165,7 +176,7 @@ class Gateway:
         self._limits: dict[str, Limits] = {}  # by model
         self._prefix_chars: dict[str, int] = {}  # prefix_affinity models: their block size
         self._slot_models: frozenset[str] = frozenset()  # first_available* models
-        self._max_body_bytes = max_body_bytes
+        self.body = body
         self.type_of: dict[str, str] = {}
         self._unplaced: frozenset[str] = frozenset()  # adapters loaded on no server now
         self._fallbacks: dict[str, str] = {}
@@ -256,8 +267,12 @@ class Gateway:
         strip = False
         turn: Turn | None = None
         try:
-            body = await read_body(request, self._max_body_bytes)
-            meta = validate_request(endpoint, body, rid)
+            # The key first, from the headers alone: without a valid one nothing is read or
+            # parsed, and the answer is the same whatever model the body would name.
+            self.gate.owner(request.headers)
+            body = await read_body(request, self.body.max_bytes, self.body.timeout_s)
+            self.tally.inc(BODIES_METRIC, (dialect,))
+            meta = validate_request(endpoint, body, rid, self.body.limits)
             requested = meta.model
             key = meta.model.lower()
             if meta.model not in self.type_of and key in self.role_models:
@@ -270,7 +285,7 @@ class Gateway:
                     )
                 else:
                     body = _with_model(body, served)
-                meta = validate_request(endpoint, body, rid)
+                meta = validate_request(endpoint, body, rid, self.body.limits)
             meta = meta._replace(
                 timeout_s=parse_timeout(request.headers.get(TIMEOUT_HEADER)),
                 session=request.headers.get(SESSION_HEADER) or meta.session,
@@ -324,7 +339,8 @@ class Gateway:
         keeps the earlier turns first; 400 when the conversation outgrew the model."""
         if turn.previous is None:
             return meta
-        tokens = validate_request(meta.endpoint, turn.body, meta.request_id).prompt_tokens
+        expanded = validate_request(meta.endpoint, turn.body, meta.request_id, self.body.limits)
+        tokens = expanded.prompt_tokens
         largest = self._input_sizes.get(meta.model, 0)
         if tokens > largest:
             raise RouterError(

@@ -32,8 +32,9 @@ from serve_app.conversations.actor import responses_handle
 from serve_app.conversations.service import Conversations
 from serve_app.core.config import StrategyName
 from serve_app.core.metrics import Tally
+from serve_app.core.schemas import BodyLimits
 from serve_app.core.serve_env import REPLICA_CPUS
-from serve_app.ingress.gateway import Gateway, router_error
+from serve_app.ingress.gateway import BodyRules, Gateway, router_error
 from serve_app.ingress.lean import LeanRoutes
 from serve_app.ingress.outcomes import Reporter
 from serve_app.ingress.picking import PickerLink
@@ -42,6 +43,7 @@ from serve_app.local.loopback import keep_replica_grpc_on_loopback
 from serve_app.pickers.plan import Report
 
 DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
+DEFAULT_BODY_TIMEOUT_S = 60.0
 METRICS_PUSH_S = 1.0
 
 api = FastAPI(
@@ -60,6 +62,10 @@ install_error_handlers(api)
 
 class IngressSettings(AdminSettings):
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S
+    body_limits: BodyLimits = BodyLimits()
+    # The Host names requests must carry (any port); None: any (core/door.py).
+    allowed_hosts: tuple[str, ...] | None = None
     watch_config: bool = False
     # For model types whose routing names no strategy (the pickers' default too).
     default_strategy: StrategyName = "balanced"
@@ -108,7 +114,7 @@ class Ingress:
         self.gateway = Gateway(
             links,
             relay,
-            settings.max_body_bytes,
+            BodyRules(settings.max_body_bytes, settings.body_timeout_s, settings.body_limits),
             self.gate,
             settings.default_strategy,
             conversations,
@@ -120,11 +126,12 @@ class Ingress:
         loop = asyncio.get_running_loop()
         self._pusher = loop.create_task(self._push_metrics())
         self._watcher = loop.create_task(self.admin.watch()) if settings.watch_config else None
+        self._allowed_hosts = settings.allowed_hosts
 
     def __serve_build_asgi_app__(self) -> ASGIApp:
         """Serve's hook, after __init__: the inference routes on the lean path, the rest on
         FastAPI (api/lean.py)."""
-        return LeanRoutes(api, self.gateway)
+        return LeanRoutes(api, self.gateway, self._allowed_hosts)
 
     def _apply(self, manifest: Manifest) -> None:
         config = effective_config(manifest)
