@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 import uuid
@@ -30,6 +32,7 @@ os.environ["LLM_ROUTER_ADMIN_TOKEN"] = ADMIN_TOKEN
 os.environ[TOKEN_ENV] = TOKEN_VALUE
 
 import aiohttp  # noqa: E402
+import psutil  # noqa: E402
 import ray  # noqa: E402
 from ray import serve  # noqa: E402
 from ray._common.utils import get_default_ray_temp_dir  # noqa: E402
@@ -241,6 +244,45 @@ def samples(text: str, name: str) -> dict[str, float]:
             key, value = line.rsplit(" ", 1)
             out[key] = float(value)
     return out
+
+
+def replica_processes() -> dict[str, psutil.Process]:
+    """The router app's Serve replicas (this session's Ray runs under this test process), by
+    their process title (`ServeReplica:<app>:<deployment>` and the replica's id)."""
+    found = {}
+    for proc in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            title = " ".join(proc.cmdline())
+            if f"ServeReplica:{APP_NAME}:" in title:
+                found[title] = proc
+    return found
+
+
+def ingress_process() -> psutil.Process:
+    """The one ingress replica's process."""
+    found = [p for title, p in replica_processes().items() if f"{APP_NAME}:Ingress" in title]
+    assert len(found) == 1, found
+    return found[0]
+
+
+@contextlib.contextmanager
+def peak_rss(proc: psutil.Process) -> Iterator[list[int]]:
+    """Samples the process's RSS on a thread while the block runs: [before, peak] at the end."""
+    before = proc.memory_info().rss
+    out = [before, before]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.005):
+            out[1] = max(out[1], proc.memory_info().rss)
+
+    watcher = threading.Thread(target=sample, daemon=True)
+    watcher.start()
+    try:
+        yield out
+    finally:
+        done.set()
+        watcher.join()
 
 
 def provider(pid: str, url: str, api_type: str = "openai", **extra: object) -> dict:

@@ -7,22 +7,18 @@ the meter that counts a key's tokens (and, for OpenAI, takes out the usage chunk
 
 from __future__ import annotations
 
-import threading
 import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 import orjson
-import psutil
 import pytest
 
-from serve_app.app import APP_NAME
 from serve_app.core.schemas import Dialect
 from serve_app.demo.upstream import FakeUpstream, Knobs
-from tests.conftest import ADMIN, deploy, provider, samples, until
+from tests.conftest import ADMIN, deploy, ingress_process, peak_rss, provider, samples, until
 
 pytestmark = pytest.mark.serve
 
@@ -140,40 +136,6 @@ def _ends_with_error(dialect: Dialect, body: bytes) -> None:
         assert events[-1].startswith(b"event: error\n"), body[-300:]
 
 
-def _ingress() -> psutil.Process:
-    """The ingress replica's process (this session's Ray runs under this test process)."""
-    title = f"ServeReplica:{APP_NAME}:Ingress"
-    found = []
-    for proc in psutil.Process().children(recursive=True):
-        try:
-            if title in " ".join(proc.cmdline()):
-                found.append(proc)
-        except psutil.Error:
-            continue
-    assert len(found) == 1, found
-    return found[0]
-
-
-@contextmanager
-def _peak_rss(proc: psutil.Process) -> Iterator[list[int]]:
-    """Samples the process's RSS on a thread while the block runs: [before, peak] at the end."""
-    before = proc.memory_info().rss
-    out = [before, before]
-    done = threading.Event()
-
-    def sample() -> None:
-        while not done.wait(0.005):
-            out[1] = max(out[1], proc.memory_info().rss)
-
-    watcher = threading.Thread(target=sample, daemon=True)
-    watcher.start()
-    try:
-        yield out
-    finally:
-        done.set()
-        watcher.join()
-
-
 async def _begun(http: aiohttp.ClientSession, pool: Pool, dialect: Dialect, model: str) -> bytes:
     """A stream whose upstream holds after its first event until the answer has begun (its
     head is here), so that what comes next comes after the first byte: its whole body."""
@@ -205,14 +167,14 @@ async def _reported(
 async def test_a_1_gib_unary_answer_is_a_502_and_the_replica_stays_small(
     pool: Pool, http: aiohttp.ClientSession
 ) -> None:
-    ingress = _ingress()
+    ingress = ingress_process()
     for dialect, model in (("openai", "m/oa"), ("anthropic", "m/oa"), ("ollama", "m/ol")):
         up = _upstream(pool, model)
         for declared in (False, True):
             up.knobs = Knobs(huge="body", huge_bytes=GIB, huge_declared=declared)
             pid = {"m/oa": "boa", "m/ol": "bol"}[model]
             failed, hung_up = await _failed(http, pool, pid, "answer too large"), up.disconnects
-            with _peak_rss(ingress) as rss:
+            with peak_rss(ingress) as rss:
                 status, _, body = await _ask(http, pool, dialect, model, False)
             assert rss[1] - rss[0] < RSS_SLACK, (dialect, declared, rss)
             _a_502(dialect, status, body)
@@ -235,17 +197,17 @@ async def test_an_endless_stream_line_is_a_502_or_an_error_event_and_the_replica
     pool: Pool, http: aiohttp.ClientSession, dialect: Dialect, model: str
 ) -> None:
     up = _upstream(pool, model)
-    ingress = _ingress()
+    ingress = ingress_process()
     # Endless from the first event: nothing has gone to the client, so a 502.
     up.knobs = Knobs(huge="line", huge_bytes=GIB, bad_at=0)
-    with _peak_rss(ingress) as rss:
+    with peak_rss(ingress) as rss:
         status, _, body = await _ask(http, pool, dialect, model, True)
     assert rss[1] - rss[0] < RSS_SLACK, rss
     _a_502(dialect, status, body)
     # Endless after two events: the stream under way ends with the dialect's error event.
     up.knobs = Knobs(huge="line", huge_bytes=GIB, bad_at=2)
     hung_up = up.disconnects
-    with _peak_rss(ingress) as rss:
+    with peak_rss(ingress) as rss:
         body = await _begun(http, pool, dialect, model)
     assert rss[1] - rss[0] < RSS_SLACK, rss
     _ends_with_error(dialect, body)
