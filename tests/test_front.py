@@ -194,6 +194,10 @@ async def test_a_host_that_is_not_loopback_is_refused(url: str, key: str, http) 
             assert status == 200, (dialect, host)
     async with http.get(f"{url}/v1/models", headers=auth | {"host": "evil.example"}) as resp:
         assert resp.status == 421
+        assert resp.headers["x-content-type-options"] == "nosniff"
+    async with http.get(f"{url}/v1/models", headers=auth) as resp:  # FastAPI's own routes too
+        assert resp.status == 200
+        assert resp.headers["x-content-type-options"] == "nosniff"
 
 
 async def test_a_trickled_body_is_cut(url: str, key: str) -> None:

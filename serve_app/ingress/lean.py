@@ -9,17 +9,30 @@ inference routes for the OpenAPI document.
 
 Every HTTP request first passes the door (core/door.py): its Host, when the router answers only
 some names, and a JSON Content-Type on a request with a body; refused in the path's dialect
-before any route runs.
+before any route runs. Every answer not relayed by the gateway (which adds it itself) gets
+`X-Content-Type-Options: nosniff`, so no browser takes a JSON answer or a console file for
+another type.
 """
 
 from starlette.datastructures import Headers
 from starlette.requests import Request
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serve_app.api.http import RELAYED, dialect_of, error_response, unexpected_error
 from serve_app.core.door import content_type_refusal, host_refusal
 from serve_app.core.errors import RouterError
-from serve_app.ingress.gateway import Gateway
+from serve_app.ingress.gateway import NOSNIFF, Gateway
+
+_NOSNIFF = [(k.encode(), v.encode()) for k, v in NOSNIFF.items()]
+
+
+def _nosniff(send: Send) -> Send:
+    async def sending(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message["headers"] = [*message.get("headers", ()), *_NOSNIFF]
+        await send(message)
+
+    return sending
 
 
 def _refusal(scope: Scope, allowed_hosts: tuple[str, ...] | None) -> RouterError | None:
@@ -47,7 +60,7 @@ class LeanRoutes:
             refusal = _refusal(scope, self._allowed_hosts)
             if refusal is not None:
                 dialect = dialect_of(path) if endpoint is None else endpoint.dialect
-                await error_response(refusal, dialect)(scope, receive, send)
+                await error_response(refusal, dialect)(scope, receive, _nosniff(send))
                 return
             if endpoint is not None:
                 request = Request(scope, receive)
@@ -55,6 +68,8 @@ class LeanRoutes:
                     response = await self._gateway.relay(endpoint, request)
                 except Exception:
                     response = unexpected_error(request.url.path)
+                    send = _nosniff(send)
                 await response(scope, receive, send)
                 return
+            send = _nosniff(send)
         await self._app(scope, receive, send)
