@@ -85,7 +85,13 @@ def target(serve_url: str, upstream_factory) -> Target:
             }
         },
     }
-    deploy(serve_url, config, allowed_hosts=LOOPBACK_HOSTS, body_timeout_s=3.0)
+    deploy(
+        serve_url,
+        config,
+        max_body_bytes=16 * 1024 * 1024,
+        allowed_hosts=LOOPBACK_HOSTS,
+        body_timeout_s=3.0,
+    )
 
     async def make_key() -> str:
         async with (
@@ -112,7 +118,9 @@ async def _post(
     data, doc = (body, None) if isinstance(body, bytes) else (None, body)
     async with http.post(url, data=data, json=doc, headers=headers) as resp:
         text = await resp.read()
-    ended = "error-event" if resp.status == 200 and b'"error"' in text[-400:] else "answer"
+    streamed = resp.content_type == "text/event-stream"
+    last = text.strip().rsplit(b"\n\n", 1)[-1]
+    ended = "error-event" if streamed and last.startswith(b'data: {"error"') else "answer"
     return resp.status, ended
 
 
@@ -245,7 +253,8 @@ UPSTREAM: list[tuple[Attack, set[Outcome]]] = [
     (_upstream("hl/line", True), {(502, "answer"), (200, "error-event")}),
     (_upstream("hl/gzip", False), {(200, "answer")}),
     (_upstream("hl/gzip", True), {(200, "answer")}),
-    (_upstream("hl/junk", True), {(200, "error-event")}),
+    # A garbage event read together with the first good one fails the answer before its head.
+    (_upstream("hl/junk", True), {(200, "error-event"), (502, "answer")}),
     (_upstream("hl/cut", True), {(200, "error-event")}),
 ]
 
