@@ -571,7 +571,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--zipf-sim-s", type=float, default=8.0, help="simulated s per step")
     parser.add_argument(
         "--probe",
-        default="16,32,48,64,96,128",
+        default="16,32",
         help="fleet sizes to probe, up to the first that falls behind ('' none)",
     )
     parser.add_argument(
