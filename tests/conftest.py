@@ -285,6 +285,15 @@ def peak_rss(proc: psutil.Process) -> Iterator[list[int]]:
         watcher.join()
 
 
+async def new_key(http: aiohttp.ClientSession, url: str, **fields: object) -> dict:
+    """A client key made through the admin API (its answer: `key`, `id` and the fields)."""
+    body = {"name": f"k-{time.monotonic_ns()}", **fields}
+    async with http.post(f"{url}/api/v1/keys", json=body, headers=ADMIN) as resp:
+        doc = await resp.json()
+        assert resp.status == 201, doc
+        return doc
+
+
 def provider(pid: str, url: str, api_type: str = "openai", **extra: object) -> dict:
     return {
         "id": pid,

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import time
 from dataclasses import dataclass
 
 import aiohttp
@@ -16,7 +15,7 @@ import pytest
 from multidict import CIMultiDict
 
 from serve_app.demo.upstream import FakeUpstream
-from tests.conftest import ADMIN, deploy, free_port, provider, samples, until
+from tests.conftest import ADMIN, deploy, free_port, new_key, provider, samples, until
 from tests.test_flow_serve import _true
 from tests.test_keys import _in_one_minute
 
@@ -65,14 +64,6 @@ def pool(serve_url: str, upstream_factory) -> Pool:
     return Pool(serve_url, acct, cut, bg, fb, tight)
 
 
-async def _key(http: aiohttp.ClientSession, url: str, **limits: object) -> dict:
-    body = {"name": f"a-{time.monotonic_ns()}", **limits}
-    async with http.post(f"{url}/api/v1/keys", json=body, headers=ADMIN) as resp:
-        doc = await resp.json()
-        assert resp.status == 201, doc
-        return doc
-
-
 def _auth(made: dict) -> dict[str, str]:
     return {"authorization": f"Bearer {made['key']}"}
 
@@ -83,7 +74,7 @@ async def _usage(http: aiohttp.ClientSession, url: str, made: dict, model: str) 
 
 
 async def test_requests_in_flight_together_cannot_overrun_a_tpm_limit(pool: Pool, http) -> None:
-    made = await _key(http, pool.url, tpm_limit=300)
+    made = await new_key(http, pool.url, tpm_limit=300)
     body = {"model": "m/a", "max_tokens": 40, "messages": [{"role": "user", "content": SHORT}]}
 
     async def chat() -> tuple[int, dict, CIMultiDict[str]]:
@@ -113,7 +104,7 @@ async def test_requests_in_flight_together_cannot_overrun_a_tpm_limit(pool: Pool
 
 
 async def test_a_stream_cut_by_its_client_is_charged_what_it_relayed(pool: Pool, http) -> None:
-    made = await _key(http, pool.url)
+    made = await new_key(http, pool.url)
     body = {"model": "m/cut", "stream": True, "messages": [{"role": "user", "content": LONG}]}
 
     async def stream(keep: int) -> int:
@@ -163,7 +154,7 @@ async def test_a_stream_cut_by_its_client_is_charged_what_it_relayed(pool: Pool,
 
 async def test_background_responses_past_their_bounds_are_429(pool: Pool, http) -> None:
     pool.bg.knobs.hold = True  # every background run stays running
-    keys = [await _key(http, pool.url) for _ in range(3)]
+    keys = [await new_key(http, pool.url) for _ in range(3)]
 
     async def background(made: dict) -> tuple[int, dict, CIMultiDict[str]]:
         body = {"model": "m/bg", "input": "later", "background": True}
@@ -195,7 +186,7 @@ async def test_background_responses_past_their_bounds_are_429(pool: Pool, http) 
 
 
 async def test_priority_labels_are_a_few_ranges_however_many_priorities(pool: Pool, http) -> None:
-    made = await _key(http, pool.url, set_priority=True, max_priority=1000)
+    made = await new_key(http, pool.url, set_priority=True, max_priority=1000)
     pool.tight.knobs.hold = True  # the one slot stays taken: the rest wait in the queue
 
     async def chat(priority: int) -> int:
@@ -236,12 +227,12 @@ async def test_priority_labels_are_a_few_ranges_however_many_priorities(pool: Po
 async def test_a_fallback_model_serves_only_keys_allowed_to_use_it(pool: Pool, http) -> None:
     body = {"model": "m/dead", "messages": [{"role": "user", "content": "q"}]}
     before = pool.fb.count("/v1/chat/completions")
-    narrow = await _key(http, pool.url, models=["m/dead"])
+    narrow = await new_key(http, pool.url, models=["m/dead"])
     async with http.post(f"{pool.url}/v1/chat/completions", json=body, headers=_auth(narrow)) as r:
         doc = await r.json()
         assert r.status == 503 and "x-router-fallback-model" not in r.headers, doc
     assert pool.fb.count("/v1/chat/completions") == before
-    wide = await _key(http, pool.url, models=["m/dead", "m/fb"])
+    wide = await new_key(http, pool.url, models=["m/dead", "m/fb"])
     async with http.post(f"{pool.url}/v1/chat/completions", json=body, headers=_auth(wide)) as r:
         assert r.status == 200 and r.headers["x-router-fallback-model"] == "m/fb"
     assert pool.fb.count("/v1/chat/completions") == before + 1

@@ -16,7 +16,7 @@ import pytest
 
 from serve_app.core.door import LOOPBACK_HOSTS
 from serve_app.core.schemas import BodyLimits
-from tests.conftest import ADMIN, JSON_TYPE, deploy, provider, samples
+from tests.conftest import ADMIN, JSON_TYPE, deploy, new_key, provider, samples
 
 pytestmark = pytest.mark.serve
 
@@ -56,12 +56,8 @@ def url(serve_url: str, upstream_factory) -> str:
 @pytest.fixture(scope="module")
 def key(url: str) -> str:
     async def make() -> str:
-        async with (
-            aiohttp.ClientSession() as http,
-            http.post(f"{url}/api/v1/keys", json={"name": "front"}, headers=ADMIN) as resp,
-        ):
-            assert resp.status == 201
-            return (await resp.json())["key"]
+        async with aiohttp.ClientSession() as http:
+            return (await new_key(http, url, name="front"))["key"]
 
     return asyncio.run(make())
 

@@ -25,10 +25,10 @@ import pytest
 from serve_app.core.door import LOOPBACK_HOSTS
 from serve_app.demo.upstream import Knobs
 from tests.conftest import (
-    ADMIN,
     JSON_TYPE,
     deploy,
     ingress_process,
+    new_key,
     peak_rss,
     provider,
     replica_processes,
@@ -94,12 +94,8 @@ def target(serve_url: str, upstream_factory) -> Target:
     )
 
     async def make_key() -> str:
-        async with (
-            aiohttp.ClientSession() as http,
-            http.post(f"{serve_url}/api/v1/keys", json={"name": "hl"}, headers=ADMIN) as resp,
-        ):
-            assert resp.status == 201
-            return (await resp.json())["key"]
+        async with aiohttp.ClientSession() as http:
+            return (await new_key(http, serve_url, name="hl"))["key"]
 
     return Target(serve_url, {"authorization": f"Bearer {asyncio.run(make_key())}"})
 
