@@ -3,7 +3,9 @@ stream (over real ZMQ on loopback) and the time model, on the simulated clock.""
 
 from __future__ import annotations
 
+import random
 import time
+from itertools import pairwise
 from pathlib import Path
 
 import aiohttp
@@ -19,7 +21,7 @@ from serve_app.demo.vllm_sim.kv_cache import chain_hashes
 from serve_app.demo.vllm_sim.profiles import H100_LLAMA_8B, Profile
 from serve_app.demo.vllm_sim.publisher import KVEventsConfig, ZmqPublisher, on_host
 from serve_app.demo.vllm_sim.server import Fleet, Options, SimServer
-from serve_app.demo.vllm_sim.tokens import HfTokenizer, SimpleTokenizer
+from serve_app.demo.vllm_sim.tokens import HfTokenizer, SimpleTokenizer, cuts_before_words, pieces
 from serve_app.demo.vllm_sim.wire import (
     DECODER,
     ENCODER,
@@ -332,6 +334,38 @@ def test_trace_blocks_are_512_tiny_model_tokens_and_shared_blocks_shared_tokens(
     shared = head + 2 * BLOCK_TOKENS
     assert one[:shared] == other[:shared]
     assert one[shared : shared + BLOCK_TOKENS] != other[shared : shared + BLOCK_TOKENS]
+
+
+async def test_prompts_tokenized_by_cached_pieces_get_the_ids_of_the_whole_text(
+    tmp_path: Path,
+) -> None:
+    """The tiny model's tokenizer takes the piece-by-piece path, and the ids are the whole
+    text's for prose with punctuation, digits, runs of spaces and newlines, non-ASCII letters
+    and contractions, whether its pieces were cached or not; the pieces are cut where a piece
+    can start a word only."""
+    write_tokenizer(tmp_path)
+    from tokenizers import Tokenizer as Fast
+
+    fast = Fast.from_file(str(tmp_path / "tokenizer.json"))
+    assert cuts_before_words(orjson.loads((tmp_path / "tokenizer.json").read_bytes()))
+    rng = random.Random(3)
+    words = ["fox", "it's", "42", "x9", "  ", "\n", "\n\n", "déjà", "a.b", "(q)", "—", "Ünï", "7%"]
+    texts = [" ".join(rng.choices(words, k=n)) for n in (5, 900, 3000, 3000)]
+    texts.append(texts[2] + " tail words")  # leads with a seen text: its pieces come cached
+    tokenizer = HfTokenizer(tmp_path)
+    for i, text in enumerate(texts):
+        whole = fast.encode(f"user: {text}\nassistant: ", add_special_tokens=False).ids
+        messages = [{"role": "user", "content": text}]
+        ids = (
+            tokenizer.chat_prompt(messages)
+            if i % 2
+            else await tokenizer.chat_prompt_async(messages)
+        )
+        assert ids == whole
+        cut = list(pieces(text, 64))
+        assert "".join(cut) == text
+        assert all(p[0] == " " and p[1].isalpha() and not q[-1].isspace() for q, p in pairwise(cut))
+    assert len(list(pieces(texts[2]))) > 1
 
 
 async def test_render_is_refused_without_scale_out_as_vllm_refuses_it() -> None:

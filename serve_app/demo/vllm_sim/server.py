@@ -7,6 +7,10 @@ by now on each server. Steps are computed at their exact simulated times whateve
 delay; what a late loop distorts is when tokens reach clients and when arrivals are stamped.
 So its lag, how late its timer fired (in simulated seconds, `GET /sim/stats`), says whether the
 figures are the profile's: a loop that falls behind is a host too slow for the fleet x load.
+A request arrives at the engine once rendered and tokenized (what is long, off the loop: see
+tokens.py); the wall time that takes is simulated time too, so each record keeps its intake
+(receipt to the engine, simulated): a large one means arrivals came later than sent, the other
+way a host can be too slow.
 
 Served as vLLM serves them: `POST /v1/chat/completions` and `/v1/completions` (unary and SSE,
 usage with `prompt_tokens_details.cached_tokens` under `--enable-prompt-tokens-details`), their
@@ -243,9 +247,11 @@ class SimServer:
 
     async def _prompt(
         self, http: web.Request, chat: bool
-    ) -> tuple[_Body, list[int], int] | web.Response:
-        """The request's body, its prompt rendered and tokenized, and its max_tokens; or the
-        error vLLM answers (a bad body, another model, past the context length)."""
+    ) -> tuple[_Body, list[int], int, float] | web.Response:
+        """The request's body, its prompt rendered and tokenized, its max_tokens and when it
+        came (simulated); or the error vLLM answers (a bad body, another model, past the
+        context length)."""
+        received = self._fleet.now()
         try:
             body = (ChatBody if chat else CompletionBody).model_validate_json(await http.read())
         except ValidationError as e:
@@ -254,7 +260,7 @@ class SimServer:
             message = f"The model `{body.model}` does not exist."
             return _error(404, "NotFoundError", message, "model")
         if isinstance(body, ChatBody):
-            prompt = self._tokenizer.chat_prompt(body.messages)
+            prompt = await self._tokenizer.chat_prompt_async(body.messages)
         else:
             prompt = self._tokenizer.encode(body.prompt)
         max_tokens = body.max_completion_tokens or body.max_tokens
@@ -269,7 +275,7 @@ class SimServer:
                 f"({len(prompt)} in the messages, {max_tokens} in the completion).",
                 "max_tokens",
             )
-        return body, prompt, max_tokens
+        return body, prompt, max_tokens, received
 
     def _submit(self, prompt: list[int], max_tokens: int) -> Request:
         vocab = self._tokenizer.vocab_size
@@ -290,7 +296,7 @@ class SimServer:
             return _error(403, "PermissionDeniedError", SCALE_OUT_DISABLED)
         if isinstance(parsed := await self._prompt(http, chat), web.Response):
             return parsed
-        body, prompt, max_tokens = parsed
+        body, prompt, max_tokens, _ = parsed
         sampling = {"stop": [], "stop_token_ids": [], "max_tokens": max_tokens, "bad_words": []}
         sampling["skip_reading_prefix_cache"] = False
         rendered: dict[str, Any] = dict.fromkeys(RENDER_NONE_FIELDS)
@@ -301,8 +307,9 @@ class SimServer:
     async def _answer(self, http: web.Request, chat: bool) -> web.StreamResponse:
         if isinstance(parsed := await self._prompt(http, chat), web.Response):
             return parsed
-        body, prompt, max_tokens = parsed
+        body, prompt, max_tokens, received = parsed
         request = self._submit(prompt, max_tokens)
+        request.intake = self._fleet.now() - received
         head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{request.request_id}", "model": body.model}
         head["created"] = int(time.time())
         try:
@@ -388,6 +395,7 @@ class SimServer:
             self._itl.observe(gap)
         self._records.append(
             {
+                "intake": round(request.intake, 6),
                 "ttft": round(ttft, 6),
                 "e2e": round(e2e, 6),
                 "itl_max": round(max(gaps, default=0.0), 6),
