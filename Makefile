@@ -95,7 +95,7 @@ bench-peers: install
 	$(BIN)/python -m bench.peers $(BENCH_ARGS)
 
 # Routers in front of 16 simulated H100 vLLM servers (serve_app/demo/vllm_sim): the Mooncake
-# trace, agent sessions, a Zipf load ramp -> bench/fleet.json and docs/fleet-*.png (~18 min).
+# trace, agent sessions, a Zipf load ramp -> bench/fleet.json and docs/fleet-*.png (~20 min).
 bench-fleet: install
 	$(BIN)/python -m bench.fleet $(BENCH_ARGS)
 

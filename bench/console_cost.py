@@ -24,7 +24,7 @@ from bench import loadgen
 from bench.browser import launch
 from bench.local_ray import demo_upstream, local_router, replica_cpu_s
 
-TOKEN = "console-cost-admin-token"
+TOKEN = "console-cost-admin-token-3b8e1f0a"
 MODEL = "bench/echo"
 POLL_S = 2.0  # the Overview's poll (serve_app/console/static/app.js, POLL_MS.overview)
 RESULTS = Path(__file__).with_name("console_cost.json")

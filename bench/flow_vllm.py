@@ -23,7 +23,7 @@ from tests.e2e.harness import install, make_model
 from tests.e2e.vllm_server import SERVED_MODEL, VllmServer, stop_leftovers
 
 RESULTS = Path(__file__).with_name("flow.json")
-ADMIN_TOKEN = "bench-flow-admin"
+ADMIN_TOKEN = "bench-flow-admin-token-9d4c2b7e1a"
 MODEL = "bench/tiny"
 
 

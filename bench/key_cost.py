@@ -23,6 +23,9 @@ CONFIG = {
     "active_models": {"t": [MODEL]},
     "auth": {"require_keys": True},
 }
+REQUEST = orjson.dumps(
+    {"model": MODEL, "max_tokens": 16, "messages": [{"role": "user", "content": "hello there"}]}
+)
 ANSWER = orjson.dumps(
     {
         "id": "c",
@@ -37,8 +40,10 @@ async def _measure(registry: object, n: int) -> dict:
     from serve_app.access.gate import Gate
     from serve_app.access.keys import KeyLimits
     from serve_app.access.limiter import limiter_handle
+    from serve_app.access.reserve import requested_output
     from serve_app.cluster.registry.manifest import effective_config
     from serve_app.core.metrics import Tally
+    from serve_app.core.schemas import Endpoint
     from serve_app.dialects.usage import counts_of
 
     handle = registry.handle()  # type: ignore[attr-defined]
@@ -51,7 +56,9 @@ async def _measure(registry: object, n: int) -> dict:
     headers = {"authorization": f"Bearer {made['key']}"}
 
     async def one() -> None:
-        admission = await gate.admit(headers, (MODEL,), 12)
+        admission = await gate.admit(
+            headers, (MODEL,), 12, lambda: requested_output(Endpoint.CHAT, REQUEST)
+        )
         assert admission is not None
         counts = counts_of("openai", orjson.loads(ANSWER))
         assert counts is not None

@@ -26,7 +26,7 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import date
@@ -115,7 +115,11 @@ def _litellm(workers: int) -> Callable[[list[str], int, Path], list[str]]:
     return command
 
 
-def vllm_router_command(policy: str) -> Callable[[list[str], int, Path], list[str]]:
+def vllm_router_command(
+    policy: str, extra: Sequence[str] = ()
+) -> Callable[[list[str], int, Path], list[str]]:
+    """Its command line under `policy`, with the policy's own `extra` flags."""
+
     def command(upstreams: list[str], port: int, scratch: Path) -> list[str]:
         binary = PEERS_VENVS / "vllm-router" / "bin" / "vllm-router"
         # Its Prometheus exporter listens on every interface unless told otherwise.
@@ -125,6 +129,7 @@ def vllm_router_command(policy: str) -> Callable[[list[str], int, Path], list[st
             *["--worker-urls", *upstreams, "--policy", policy],
             *["--host", "127.0.0.1", "--port", str(port), *metrics],
             *["--log-level", "warning", "--log-dir", str(scratch)],
+            *extra,
         ]
 
     return command

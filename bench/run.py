@@ -24,7 +24,7 @@ from bench import loadgen
 from bench.local_ray import demo_upstream, local_router, replica_cpu_s
 
 MODEL = "bench/echo"
-BENCH_ADMIN_TOKEN = "bench-admin-token"
+BENCH_ADMIN_TOKEN = "bench-admin-token-7a1f3e9d2c4b6a80"
 RESULTS = Path(__file__).with_name("results.json")
 
 

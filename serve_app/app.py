@@ -17,6 +17,7 @@ from ray.serve.config import RequestRouterConfig
 from ray.serve.exceptions import RayServeException
 from ray.serve.schema import LoggingConfig
 
+from serve_app.api.auth import admin_token
 from serve_app.cluster.registry.actor import Published, RegistryRef
 from serve_app.core.config import (
     Autoscaling,
@@ -31,7 +32,13 @@ from serve_app.core.config import (
     read_raw,
     replicas_options,
 )
-from serve_app.ingress.replica import DEFAULT_MAX_BODY_BYTES, Ingress, IngressSettings
+from serve_app.core.schemas import BodyLimits
+from serve_app.ingress.replica import (
+    DEFAULT_BODY_TIMEOUT_S,
+    DEFAULT_MAX_BODY_BYTES,
+    Ingress,
+    IngressSettings,
+)
 from serve_app.pickers.owner import PlanOwnerRouter
 from serve_app.pickers.replica import ModelTypeRouter
 from serve_app.provision.profiles import (
@@ -59,6 +66,12 @@ class AppArgs(BaseModel):
     # configs/llm_models.json (default: $LLM_MODELS_CONFIG, else that path if it exists).
     profiles_config: str | None = None
     max_body_bytes: int = Field(default=DEFAULT_MAX_BODY_BYTES, gt=0)
+    # How long a request's body may take to arrive (408 past it), and what it may hold.
+    body_timeout_s: float = Field(default=DEFAULT_BODY_TIMEOUT_S, gt=0)
+    body_limits: BodyLimits = BodyLimits()
+    # The Host names (any port) requests must carry: `serve-router run` on loopback sets the
+    # loopback names (DNS rebinding); None: any.
+    allowed_hosts: tuple[str, ...] | None = None
     ingress_replicas: int = Field(default=1, ge=1)
     # Serve's autoscaling of the ingress instead of ingress_replicas.
     ingress_autoscaling: Autoscaling | None = None
@@ -102,6 +115,7 @@ def check_settings(args: AppArgs, document: tuple[object, str] | None = None) ->
     raw, source = document or read_raw(args.models_config)
     config = parse_config(raw, source)
     strategy = default_strategy(args.balance_strategy)
+    admin_token()  # a guessable admin token stops the start (api/auth.py)
     profiles = read_profiles(args.profiles_config)
     active = active_profile_name()
     if profiles is not None:
@@ -140,6 +154,9 @@ def router_app(args: AppArgs, document: tuple[object, str] | None = None) -> App
     }
     settings = IngressSettings(
         max_body_bytes=args.max_body_bytes,
+        body_timeout_s=args.body_timeout_s,
+        body_limits=args.body_limits,
+        allowed_hosts=args.allowed_hosts,
         config_path=str(config_path(args.models_config).resolve()),
         profiles_path=None if profiles is None else str(profiles_path(profiles[1]).resolve()),
         active_profile=checked.active_profile,

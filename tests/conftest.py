@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 import uuid
@@ -24,12 +26,13 @@ ROOT = Path(__file__).resolve().parent.parent
 apply_fast_serve_env(single_node=True)  # before ray.serve is imported anywhere in this process
 # Ray workers inherit the driver's environment when ray.init starts the node; the replicas and
 # the registry read the admin token and resolve `${ENV}` api tokens there.
-ADMIN_TOKEN = "test-admin-token"
+ADMIN_TOKEN = "test-admin-token-4f6c1d2e9a8b7c30"  # 32+ characters, as the router requires
 TOKEN_ENV, TOKEN_VALUE = "SERVE_ROUTER_TEST_TOKEN", "sekrit-token-123"
 os.environ["LLM_ROUTER_ADMIN_TOKEN"] = ADMIN_TOKEN
 os.environ[TOKEN_ENV] = TOKEN_VALUE
 
 import aiohttp  # noqa: E402
+import psutil  # noqa: E402
 import ray  # noqa: E402
 from ray import serve  # noqa: E402
 from ray._common.utils import get_default_ray_temp_dir  # noqa: E402
@@ -44,6 +47,8 @@ REGISTRY = RegistryRef(
     path=os.path.join(tempfile.mkdtemp(prefix="router-registry-"), "registry.json"),
 )
 ADMIN = {"authorization": f"Bearer {ADMIN_TOKEN}"}
+# What a body sent as bytes needs (the router refuses a POST body of another type).
+JSON_TYPE = {"content-type": "application/json"}
 # Deployments get no roles unless a test names its own profiles (configs/llm_models.json has the
 # demo's, which would pull models on the test upstreams).
 NO_PROFILES = os.path.join(os.path.dirname(REGISTRY.path), "no-profiles.json")
@@ -239,6 +244,54 @@ def samples(text: str, name: str) -> dict[str, float]:
             key, value = line.rsplit(" ", 1)
             out[key] = float(value)
     return out
+
+
+def replica_processes() -> dict[str, psutil.Process]:
+    """The router app's Serve replicas (this session's Ray runs under this test process), by
+    their process title (`ServeReplica:<app>:<deployment>` and the replica's id)."""
+    found = {}
+    for proc in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            title = " ".join(proc.cmdline())
+            if f"ServeReplica:{APP_NAME}:" in title:
+                found[title] = proc
+    return found
+
+
+def ingress_process() -> psutil.Process:
+    """The one ingress replica's process."""
+    found = [p for title, p in replica_processes().items() if f"{APP_NAME}:Ingress" in title]
+    assert len(found) == 1, found
+    return found[0]
+
+
+@contextlib.contextmanager
+def peak_rss(proc: psutil.Process) -> Iterator[list[int]]:
+    """Samples the process's RSS on a thread while the block runs: [before, peak] at the end."""
+    before = proc.memory_info().rss
+    out = [before, before]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.005):
+            out[1] = max(out[1], proc.memory_info().rss)
+
+    watcher = threading.Thread(target=sample, daemon=True)
+    watcher.start()
+    try:
+        yield out
+    finally:
+        done.set()
+        watcher.join()
+
+
+async def new_key(http: aiohttp.ClientSession, url: str, **fields: object) -> dict:
+    """A client key made through the admin API (its answer: `key`, `id` and the fields)."""
+    body = {"name": f"k-{time.monotonic_ns()}", **fields}
+    async with http.post(f"{url}/api/v1/keys", json=body, headers=ADMIN) as resp:
+        doc = await resp.json()
+        assert resp.status == 201, doc
+        return doc
 
 
 def provider(pid: str, url: str, api_type: str = "openai", **extra: object) -> dict:

@@ -19,7 +19,7 @@ from serve_app.core.metrics import Tally
 from serve_app.core.schemas import Endpoint, validate_request
 from serve_app.demo.upstream import FakeUpstream
 from serve_app.ingress.outcomes import Reporter
-from serve_app.ingress.relay import Deadline, Relay, Route, client_timeout
+from serve_app.ingress.relay import Deadline, Relay, Route, call_limits
 from serve_app.pickers.handler import ModelHandler
 from serve_app.pickers.picker import Picker
 from serve_app.pickers.plan import Plan
@@ -392,7 +392,7 @@ async def test_a_version_every_server_lost_answers_503_from_a_router_not_yet_tol
     async with aiohttp.ClientSession() as session:
         relay = Relay(session, Reporter("i", nowhere), Tally())
         deadline = Deadline.within(routing.request_timeout_s)
-        route = Route(plan, InProcess(), client_timeout(routing))
+        route = Route(plan, InProcess(), call_limits(routing))
         answer = await relay.call(route, body, meta, deadline)
     assert answer.head.status == 503 and answer.head.headers["retry-after"] == "2"
     assert orjson.loads(answer.body)["error"]["code"] == "adapter_unavailable"

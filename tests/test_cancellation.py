@@ -12,7 +12,7 @@ import orjson
 import pytest
 
 from serve_app.demo.upstream import FakeUpstream, Knobs
-from tests.conftest import deploy, provider, samples, until
+from tests.conftest import ADMIN, deploy, provider, samples, until
 
 TYPE = "cancel_models"
 MODEL = "m/cancel"
@@ -42,7 +42,7 @@ def pool(serve_url: str, upstream_factory) -> tuple[str, FakeUpstream]:
 
 
 async def _in_flight(http: aiohttp.ClientSession, url: str) -> float:
-    async with http.get(f"{url}/metrics") as resp:
+    async with http.get(f"{url}/metrics", headers=ADMIN) as resp:
         gauges = samples(await resp.text(), "llm_router_provider_in_flight")
     return gauges.get('llm_router_provider_in_flight{provider="cancel"}', -1.0)
 

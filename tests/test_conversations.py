@@ -132,6 +132,79 @@ def test_processes_sharing_the_file_share_its_bound(tmp_path: Path) -> None:
     assert replica.delete("resp_2", "k1") and actor.get("resp_2", None) is None
 
 
+def test_one_key_filling_the_store_evicts_its_own_never_another_within_its_share(
+    tmp_path: Path,
+) -> None:
+    clock = Clock()
+    one = _record("resp_f00", clock.now, owner="flood").size()
+    store = ResponseStore(tmp_path / "r.db", ttl_s=1e9, max_bytes=6 * one, clock=clock)
+    for n in range(2):
+        clock.now += 1
+        assert store.put(_record(f"resp_b{n}0", clock.now, owner="quiet"))
+    for n in range(20):  # a flood from one key, all newer than the quiet key's two
+        clock.now += 1
+        assert store.put(_record(f"resp_f{n:02}", clock.now, owner="flood"))
+    assert store.get("resp_b00", None) is not None and store.get("resp_b10", None) is not None
+    kept = [n for n in range(20) if store.get(f"resp_f{n:02}", None) is not None]
+    assert kept == [16, 17, 18, 19] and store.total_bytes <= store.max_bytes
+    # A newcomer's share is made from those over theirs: the flood's oldest go.
+    clock.now += 1
+    assert store.put(_record("resp_c0", clock.now, owner="new"))
+    assert store.get("resp_f16", None) is None and store.get("resp_b00", None) is not None
+    # Nothing of another's within its share goes for one response that cannot fit its own.
+    clock.now += 1
+    big = _record("resp_big", clock.now, owner="new", text="x" * (3 * one))
+    assert not store.put(big) and store.get("resp_big", None) is None
+    assert store.get("resp_b00", None) is not None and store.get("resp_c0", None) is not None
+
+
+def test_a_background_answer_past_its_keys_share_ends_failed_not_running(tmp_path: Path) -> None:
+    clock = Clock()
+    one = _record("resp_q0", clock.now, owner="quiet").size()
+    store = ResponseStore(tmp_path / "r.db", ttl_s=1e9, max_bytes=4 * one, clock=clock)
+    assert store.put(_record("resp_q0", clock.now, owner="quiet"))
+    queued = _record("resp_bg", clock.now, owner="loud", background=True, expires=clock.now + 9)
+    queued = queued.model_copy(update={"response": {**queued.response, "status": "queued"}})
+    assert store.put(queued)
+    answer = {
+        **queued.response,
+        "status": "completed",
+        "output": [_message("assistant", "x" * 4 * one)],
+    }
+    ended = store.end(queued.model_copy(update={"response": answer, "expires": None}))
+    assert ended.status == "failed" and ended.response["output"] == []
+    assert ended.response["error"]["code"] == "server_error"
+    kept = store.get("resp_bg", "loud")
+    assert kept is not None and kept.status == "failed"
+    assert store.get("resp_q0", "quiet") is not None  # the other key's, within its share
+    small = {**queued.response, "status": "completed"}
+    fits = _record("resp_bg2", clock.now, owner="loud").model_copy(update={"response": small})
+    assert store.end(fits) == fits and store.get("resp_bg2", "loud") == fits
+
+
+def test_a_stored_response_is_never_replaced_by_another_keys(tmp_path: Path) -> None:
+    store = ResponseStore(tmp_path / "r.db", ttl_s=1e9, max_bytes=1 << 20, clock=Clock())
+    assert store.put(_record("resp_x", 1.0, owner="k1", text="mine"))
+    assert not store.put(_record("resp_x", 2.0, owner="k2", text="theirs"))
+    kept = store.get("resp_x", "k1")
+    assert kept is not None and kept.response["output"][0]["content"][0]["text"] == "mine"
+    assert store.get("resp_x", "k2") is None
+    assert store.put(_record("resp_x", 3.0, owner="k1", text="mine again"))  # its own: replaced
+
+
+def test_the_store_file_is_readable_by_its_owner_only(tmp_path: Path) -> None:
+    path = tmp_path / "state" / "r.db"
+    store = ResponseStore(path, ttl_s=1e9, max_bytes=1 << 20)
+    store.put(_record("resp_x", 1.0))
+    files = [path, path.with_name("r.db-wal"), path.with_name("r.db-shm")]
+    assert all(f.exists() for f in files)
+    assert [oct(f.stat().st_mode & 0o777) for f in files] == [oct(0o600)] * 3
+    store.close()
+    path.chmod(0o644)  # a file made before: made private when opened again
+    ResponseStore(path, ttl_s=1e9, max_bytes=1 << 20).close()
+    assert path.stat().st_mode & 0o777 == 0o600
+
+
 def test_a_background_response_whose_runner_is_gone_reads_as_failed(tmp_path: Path) -> None:
     clock = Clock()
     store = ResponseStore(tmp_path / "r.db", ttl_s=1e9, max_bytes=1 << 20, clock=clock)

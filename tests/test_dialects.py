@@ -151,7 +151,7 @@ def test_an_ollama_provider_gets_other_dialects_through_the_internal_form() -> N
         "prompt_eval_count": 3,
         "eval_count": 1,
     }
-    out, _ = ex.unary(200, orjson.dumps(ollama_answer), "application/json")
+    out = ex.unary(200, orjson.dumps(ollama_answer))
     doc = orjson.loads(out)
     assert doc["content"] == [{"type": "text", "text": "yo"}]
     assert doc["usage"] == {"input_tokens": 3, "output_tokens": 1}
@@ -215,9 +215,7 @@ def test_ollama_chat_answers_unary_and_streamed() -> None:
     ex = _exchange(
         Endpoint.OLLAMA_CHAT, {"model": "m", "messages": [{"role": "user", "content": "q"}]}
     )
-    out, ctype = ex.unary(200, orjson.dumps(CHAT_ANSWER), "application/json")
-    doc = orjson.loads(out)
-    assert ctype == "application/json"
+    doc = orjson.loads(ex.unary(200, orjson.dumps(CHAT_ANSWER)))
     assert doc["message"] == {
         "role": "assistant",
         "content": "Hi there",
@@ -241,7 +239,7 @@ def test_ollama_chat_answers_unary_and_streamed() -> None:
         USAGE["prompt_tokens"],
         USAGE["completion_tokens"],
     )
-    plain = orjson.loads(ex.unary(200, orjson.dumps(VLLM_CHAT), "application/json")[0])
+    plain = orjson.loads(ex.unary(200, orjson.dumps(VLLM_CHAT)))
     assert plain["message"] == {"role": "assistant", "content": TEXT}  # reasoning null: none
     assert plain["done_reason"] == "length" and plain["eval_count"] == USAGE["completion_tokens"]
 
@@ -253,12 +251,10 @@ def test_ollama_embed_and_legacy_embeddings_answers() -> None:
     }
     ex = _exchange(Endpoint.OLLAMA_EMBED, {"model": "m", "input": ["a", "b"]})
     assert orjson.loads(ex.body)["input"] == ["a", "b"]
-    doc = orjson.loads(ex.unary(200, orjson.dumps(answer), "application/json")[0])
+    doc = orjson.loads(ex.unary(200, orjson.dumps(answer)))
     assert doc["embeddings"] == [[0.1, 0.2], [0.3, 0.4]] and doc["prompt_eval_count"] == 4
     legacy = _exchange(Endpoint.OLLAMA_EMBEDDINGS, {"model": "m", "prompt": "a"})
-    assert orjson.loads(legacy.unary(200, orjson.dumps(answer), "application/json")[0]) == {
-        "embedding": [0.1, 0.2]
-    }
+    assert orjson.loads(legacy.unary(200, orjson.dumps(answer))) == {"embedding": [0.1, 0.2]}
 
 
 def test_ollama_streams_default_to_on() -> None:
@@ -320,9 +316,16 @@ def test_responses_refuse_hosted_tools_and_leave_out_earlier_reasoning() -> None
     assert info.value.status == 400
 
 
+def test_responses_text_format_of_an_unknown_type_is_a_400() -> None:
+    doc = {"model": "m", "input": "x", "text": {"format": {"type": "json"}}}
+    with pytest.raises(RouterError) as info:
+        translation(Endpoint.RESPONSES, doc, False)
+    assert (info.value.status, info.value.param) == (400, "text.format")
+
+
 def test_responses_answers_unary_and_streamed() -> None:
     ex = _exchange(Endpoint.RESPONSES, {"model": "m", "input": "q", "max_output_tokens": 2})
-    doc = orjson.loads(ex.unary(200, orjson.dumps(CHAT_ANSWER), "application/json")[0])
+    doc = orjson.loads(ex.unary(200, orjson.dumps(CHAT_ANSWER)))
     assert doc["object"] == "response" and doc["status"] == "completed" and doc["model"] == "m"
     assert [o["type"] for o in doc["output"]] == ["message", "function_call"]
     assert doc["output"][0]["content"][0]["text"] == "Hi there"
@@ -418,7 +421,7 @@ def test_anthropic_messages_in_the_internal_form() -> None:
 def test_anthropic_answers_unary_and_streamed() -> None:
     msg = {"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "q"}]}
     ex = _exchange(Endpoint.MESSAGES, msg)
-    doc = orjson.loads(ex.unary(200, orjson.dumps(CHAT_ANSWER), "application/json")[0])
+    doc = orjson.loads(ex.unary(200, orjson.dumps(CHAT_ANSWER)))
     assert doc["type"] == "message" and doc["stop_reason"] == "tool_use"
     assert doc["content"] == [
         {"type": "text", "text": "Hi there"},
@@ -453,9 +456,7 @@ def test_count_tokens_asks_the_provider_for_one_token_and_reads_the_prompt_usage
         Endpoint.COUNT_TOKENS, {"model": "m", "messages": [{"role": "user", "content": "q"}]}
     )
     assert orjson.loads(ex.body)["max_tokens"] == 1
-    assert orjson.loads(ex.unary(200, orjson.dumps(CHAT_ANSWER), "application/json")[0]) == {
-        "input_tokens": 11
-    }
+    assert orjson.loads(ex.unary(200, orjson.dumps(CHAT_ANSWER))) == {"input_tokens": 11}
 
 
 # --- errors --------------------------------------------------------------------------------------
@@ -531,7 +532,7 @@ def test_malformed_requests_and_answers_are_4xx_and_502_not_500() -> None:
     assert info.value.status == 400 and "malformed anthropic request" in info.value.message
     ex = _exchange(Endpoint.OLLAMA_CHAT, {"model": "m", "messages": [{"role": "user"}]})
     with pytest.raises(RouterError) as info:
-        ex.unary(200, b'{"choices": 3}', "application/json")
+        ex.unary(200, b'{"choices": 3}')
     assert (info.value.status, info.value.code) == (502, "bad_upstream_response")
 
 

@@ -14,7 +14,7 @@ import orjson
 import pytest
 
 from serve_app.demo.upstream import FakeUpstream
-from tests.conftest import deploy, provider, until
+from tests.conftest import ADMIN, JSON_TYPE, deploy, provider, until
 
 pytestmark = pytest.mark.serve
 
@@ -126,7 +126,7 @@ async def test_ollama_errors_are_ollamas_shape(pool: Pool, http: aiohttp.ClientS
         ("/api/show", b'{"model": "nope"}', 404),
         ("/api/nothing", b"{}", 404),
     ):
-        async with http.post(pool.url + path, data=body) as resp:
+        async with http.post(pool.url + path, data=body, headers=JSON_TYPE) as resp:
             doc = await resp.json()
             assert resp.status == status and isinstance(doc["error"], str) and len(doc) == 1
 
@@ -263,7 +263,7 @@ async def test_every_dialect_fails_over_and_names_the_provider(
         assert lines[-1]["done"] is True
 
     async def labelled() -> bool:
-        async with http.get(pool.url + "/metrics") as resp:
+        async with http.get(pool.url + "/metrics", headers=ADMIN) as resp:
             text = await resp.text()
         return all(f'api="{d}"' in text for d in ("ollama", "responses", "anthropic"))
 

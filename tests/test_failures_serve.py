@@ -137,7 +137,7 @@ async def _waiting(http: aiohttp.ClientSession, url: str, model: str) -> int:
 
 async def _metric(http: aiohttp.ClientSession, pool: Pool, name: str, *providers: str) -> float:
     """A metric's total over `providers` (of this pool), or its unlabelled total."""
-    async with http.get(f"{pool.url}/metrics") as resp:
+    async with http.get(f"{pool.url}/metrics", headers=ADMIN) as resp:
         found = samples(await resp.text(), name)
     names = [f'provider="{pool.ups[p].name}"' for p in providers]
     return sum(v for k, v in found.items() if any(n in k for n in names) or "{" not in k)

@@ -3,7 +3,10 @@ stream (over real ZMQ on loopback) and the time model, on the simulated clock.""
 
 from __future__ import annotations
 
+import random
 import time
+from itertools import pairwise
+from pathlib import Path
 
 import aiohttp
 import msgspec
@@ -12,10 +15,11 @@ import zmq
 import zmq.asyncio
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench.fleet_text import BLOCK_TOKENS, Texts
 from serve_app.demo.vllm_sim.engine import Engine, Request
 from serve_app.demo.vllm_sim.kv_cache import chain_hashes
 from serve_app.demo.vllm_sim.profiles import H100_LLAMA_8B, Profile
-from serve_app.demo.vllm_sim.publisher import KVEventsConfig, ZmqPublisher
+from serve_app.demo.vllm_sim.publisher import KVEventsConfig, ZmqPublisher, on_host
 from serve_app.demo.vllm_sim.server import Fleet, Options, SimServer
 from serve_app.routing.kv.events import (
     ENCODER,
@@ -25,8 +29,10 @@ from serve_app.routing.kv.events import (
     EventBatch,
     decode_batch,
 )
-from serve_app.routing.kv.tokens import SimpleTokenizer
+from serve_app.routing.kv.tokens import HfTokenizer, SimpleTokenizer, cuts_before_words, pieces
 from tests.conftest import free_port
+from tests.e2e.tiny_model import write_tokenizer
+from tests.kv_events import replay
 
 SMALL = Profile(
     name="small",
@@ -154,25 +160,6 @@ def test_step_time_grows_with_the_kv_read_of_decoding_sequences() -> None:
     assert long > 2 * short
 
 
-async def _replay(port: int) -> list[tuple[int, EventBatch]]:
-    """Every batch a publisher's replay socket holds, from sequence number 0."""
-    dealer = zmq.asyncio.Context.instance().socket(zmq.DEALER)
-    dealer.connect(f"tcp://127.0.0.1:{port}")
-    replayed = []
-    try:
-        await dealer.send_multipart((b"", (0).to_bytes(8, "big")))
-        while True:
-            assert await dealer.poll(10_000), "no replay answer"
-            _, topic, seq, payload = await dealer.recv_multipart()
-            if seq == (-1).to_bytes(8, "big", signed=True):
-                assert (topic, payload) == (b"", b"")
-                return replayed
-            assert topic == b"kv"
-            replayed.append((int.from_bytes(seq, "big"), decode_batch(payload)))
-    finally:
-        dealer.close(linger=0)
-
-
 async def test_events_are_numbered_and_a_gap_is_replayed_over_zmq() -> None:
     port, replay_port = free_port(), free_port()
     ctx = zmq.asyncio.Context.instance()
@@ -202,7 +189,7 @@ async def test_events_are_numbered_and_a_gap_is_replayed_over_zmq() -> None:
                 received.append((int.from_bytes(seq, "big"), decode_batch(payload)))
         first_seen = received[0][0]
         assert first_seen <= n - 1
-        replayed = await _replay(replay_port)
+        replayed = await replay(replay_port)
         assert [s for s, _ in replayed] == list(range(len(replayed)))
         assert len(replayed) >= first_seen + 1
         assert replayed[first_seen][1] == received[0][1]
@@ -237,9 +224,8 @@ def test_the_batch_is_vllms_wire_shape() -> None:
 async def test_the_http_surface_reports_cached_tokens_and_vllms_metric_names() -> None:
     port = free_port()
     fleet = Fleet(time_scale=50.0)
-    server = SimServer(
-        Options(model="sim", profile=SMALL, prompt_tokens_details=True), SimpleTokenizer(), fleet
-    )
+    options = Options(model="sim", profile=SMALL, prompt_tokens_details=True, scale_out=True)
+    server = SimServer(options, SimpleTokenizer(), fleet)
     await server.start("127.0.0.1", port)
     fleet.start()
     url = f"http://127.0.0.1:{port}"
@@ -257,6 +243,8 @@ async def test_the_http_surface_reports_cached_tokens_and_vllms_metric_names() -
                 lines = [line async for line in resp.content if line.startswith(b"data: ")]
             async with http.post(f"{url}/v1/chat/completions", json={**body, "model": "x"}) as r:
                 assert r.status == 404
+            async with http.post(f"{url}/v1/chat/completions/render", json=body) as resp:
+                rendered = await resp.json()
             async with http.get(f"{url}/metrics") as resp:
                 page = await resp.text()
     finally:
@@ -264,6 +252,8 @@ async def test_the_http_surface_reports_cached_tokens_and_vllms_metric_names() -
         await server.stop()
     # "user: w0 .. w11" then "assistant:": 14 tokens, 3 full blocks of 4, all cached next time.
     assert [u["prompt_tokens"] for u in usages] == [14, 14]
+    assert rendered["token_ids"] == SimpleTokenizer().chat_prompt(body["messages"])
+    assert rendered["sampling_params"]["max_tokens"] == 3 and rendered["features"] is None
     assert [u["prompt_tokens_details"]["cached_tokens"] for u in usages] == [0, 12]
     assert lines[-1] == b"data: [DONE]\n"
     assert orjson.loads(lines[-2][6:])["usage"]["completion_tokens"] == 3
@@ -302,7 +292,93 @@ async def test_a_reset_fleet_tells_subscribers_its_caches_are_empty() -> None:
     await server.start("127.0.0.1", free_port())
     try:
         fleet.restart(2.0)
-        replayed = await _replay(replay_port)
+        replayed = await replay(replay_port)
     finally:
         await server.stop()
     assert [(seq, batch.events) for seq, batch in replayed] == [(0, [AllBlocksCleared()])]
+
+
+def test_a_star_endpoint_is_bound_on_the_servers_host_only() -> None:
+    assert on_host("tcp://*:5557", "127.0.0.1") == "tcp://127.0.0.1:5557"
+    assert on_host("tcp://10.0.0.1:5557", "127.0.0.1") == "tcp://10.0.0.1:5557"
+
+
+def test_the_chat_template_beside_the_tokenizer_config_is_the_one_rendered(tmp_path: Path) -> None:
+    write_tokenizer(tmp_path)
+    (tmp_path / "chat_template.jinja").write_text(
+        "{% for m in messages %}[{{ m.content }}]{% endfor %}"
+    )
+    tokenizer = HfTokenizer(tmp_path)
+    ids = tokenizer.chat_prompt([{"role": "user", "content": "fox"}])
+    assert "".join(map(tokenizer.decode_one, ids)) == "[fox]"
+
+
+def test_trace_blocks_are_512_tiny_model_tokens_and_shared_blocks_shared_tokens(
+    tmp_path: Path,
+) -> None:
+    """The benchmark's text under the e2e tiny model's tokenizer and chat template: a block is
+    512 tokens, and two prompts that lead with the same k block ids lead with the same
+    template prefix and k x 512 tokens."""
+    write_tokenizer(tmp_path)
+    tokenizer, texts = HfTokenizer(tmp_path), Texts.for_tokenizer(tmp_path)
+    assert len(tokenizer.encode(" " + texts.block(7))) == BLOCK_TOKENS
+
+    def prompt(ids: list[int], length: int) -> list[int]:
+        return tokenizer.chat_prompt([{"role": "user", "content": texts.trace_prompt(ids, length)}])
+
+    # "user: <content>\nassistant: ": the content's first word starts a token of its own.
+    head, tail = len(tokenizer.encode("user:")), len(tokenizer.encode("\nassistant: "))
+    one, other = prompt([1, 2, 3], 3 * 512), prompt([1, 2, 9, 4], 3 * 512 + 100)
+    assert len(one) == head + 3 * BLOCK_TOKENS + tail
+    assert len(other) == head + 3 * BLOCK_TOKENS + 100 + tail  # the last block cut to 100
+    shared = head + 2 * BLOCK_TOKENS
+    assert one[:shared] == other[:shared]
+    assert one[shared : shared + BLOCK_TOKENS] != other[shared : shared + BLOCK_TOKENS]
+
+
+async def test_prompts_tokenized_by_cached_pieces_get_the_ids_of_the_whole_text(
+    tmp_path: Path,
+) -> None:
+    """The tiny model's tokenizer takes the piece-by-piece path, and the ids are the whole
+    text's for prose with punctuation, digits, runs of spaces and newlines, non-ASCII letters
+    and contractions, whether its pieces were cached or not; the pieces are cut where a piece
+    can start a word only."""
+    write_tokenizer(tmp_path)
+    from tokenizers import Tokenizer as Fast
+
+    fast = Fast.from_file(str(tmp_path / "tokenizer.json"))
+    assert cuts_before_words(orjson.loads((tmp_path / "tokenizer.json").read_bytes()))
+    rng = random.Random(3)
+    words = ["fox", "it's", "42", "x9", "  ", "\n", "\n\n", "déjà", "a.b", "(q)", "—", "Ünï", "7%"]
+    texts = [" ".join(rng.choices(words, k=n)) for n in (5, 900, 3000, 3000)]
+    texts.append(texts[2] + " tail words")  # leads with a seen text: its pieces come cached
+    tokenizer = HfTokenizer(tmp_path)
+    for i, text in enumerate(texts):
+        whole = fast.encode(f"user: {text}\nassistant: ", add_special_tokens=False).ids
+        messages = [{"role": "user", "content": text}]
+        ids = (
+            tokenizer.chat_prompt(messages)
+            if i % 2
+            else await tokenizer.chat_prompt_async(messages)
+        )
+        assert ids == whole
+        cut = list(pieces(text, 64))
+        assert "".join(cut) == text
+        assert all(p[0] == " " and p[1].isalpha() and not q[-1].isspace() for q, p in pairwise(cut))
+    assert len(list(pieces(texts[2]))) > 1
+
+
+async def test_render_is_refused_without_scale_out_as_vllm_refuses_it() -> None:
+    port = free_port()
+    fleet = Fleet()
+    server = SimServer(Options(model="sim", profile=SMALL), SimpleTokenizer(), fleet)
+    await server.start("127.0.0.1", port)
+    body = {"model": "sim", "messages": [{"role": "user", "content": "w"}]}
+    try:
+        async with aiohttp.ClientSession() as http:
+            url = f"http://127.0.0.1:{port}/v1/chat/completions/render"
+            async with http.post(url, json=body) as resp:
+                status, error = resp.status, (await resp.json())["error"]
+    finally:
+        await server.stop()
+    assert (status, error["type"], error["code"]) == (403, "PermissionDeniedError", 403)

@@ -11,7 +11,7 @@ import pytest
 
 from serve_app.core.config import parse_config
 from serve_app.core.schemas import Endpoint, RequestMeta
-from serve_app.flow.queue import FairQueue, Waiter
+from serve_app.flow.queue import FairQueue, Waiter, priority_label
 from serve_app.pickers import queues
 from serve_app.pickers.handler import ModelHandler
 from serve_app.pickers.picker import Picker
@@ -77,6 +77,19 @@ def test_a_full_queue_sheds_the_lowest_priority_newest_first() -> None:
     same = _w("same", 1)
     assert queue.push(same) == [same] and len(queue) == 3
     assert _drain(queue) == ["top", "high", "mid"]
+
+
+def test_priority_labels_are_seven_ranges() -> None:
+    labels = {priority_label(p) for p in range(-1000, 1001)}
+    assert labels == {"0", "1..9", "10..99", "100..1000", "-9..-1", "-99..-10", "-1000..-100"}
+    assert [priority_label(p) for p in (9, 10, 99, 100, -1, -10)] == [
+        "1..9",
+        "10..99",
+        "10..99",
+        "100..1000",
+        "-9..-1",
+        "-99..-10",
+    ]
 
 
 def test_the_byte_bound_and_removal() -> None:
@@ -154,11 +167,11 @@ async def test_a_wait_times_out_and_a_leaving_client_leaves_the_queue() -> None:
     queued = await picker.plan(META, ())
     wait = asyncio.ensure_future(picker.wait(queued.plan_id))
     await asyncio.sleep(0)
-    assert picker.queues.lengths() == {("m", 0): 1}
+    assert picker.queues.lengths() == {("m", "0"): 1}
     wait.cancel()
     with pytest.raises(asyncio.CancelledError):
         await wait
-    assert picker.queues.lengths() == {("m", 0): 0}
+    assert picker.queues.lengths() == {("m", "0"): 0}
     _done(picker, first.plan_id)  # nobody waits: nothing is booked
     assert picker.handler.states["a"].in_flight == 0 and picker.plans == {}
 
@@ -169,9 +182,9 @@ async def test_the_ingress_report_takes_out_a_request_whose_wait_never_arrived()
     picker = _picker()
     first = await picker.plan(META, ())
     queued = await picker.plan(META, ())
-    assert picker.queues.lengths() == {("m", 0): 1}
+    assert picker.queues.lengths() == {("m", "0"): 1}
     _done(picker, queued.plan_id)
-    assert picker.queues.lengths() == {("m", 0): 0}
+    assert picker.queues.lengths() == {("m", "0"): 0}
     late = await picker.wait(queued.plan_id)  # the wait call, arriving after all
     assert late.error is not None and late.error.head.status == 503
     assert _outcomes(picker) == {"left"}
@@ -195,7 +208,7 @@ async def test_a_ticket_whose_wait_never_comes_leaves_the_queue(
     asked = await picker.plan(META, ())
     wait = asyncio.ensure_future(picker.wait(asked.plan_id))
     assert forgotten.queued
-    await until(lambda: _true(picker.queues.lengths() == {("m", 0): 1}), "the forgotten gone")
+    await until(lambda: _true(picker.queues.lengths() == {("m", "0"): 1}), "the forgotten gone")
     assert not wait.done()  # the one waited on stays
     assert _outcomes(picker) == {"unclaimed"}  # told apart from a client seen to leave
     wait.cancel()

@@ -159,7 +159,9 @@ async def test_a_higher_priority_overtakes_the_backlog(pool: Pool) -> None:
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as http:
         low = Client(http, pool.url, await _key(http, pool.url))
         high = Client(http, pool.url, await _key(http, pool.url, priority=5))
-        chosen = Client(http, pool.url, await _key(http, pool.url, set_priority=True))
+        chosen = Client(
+            http, pool.url, await _key(http, pool.url, set_priority=True, max_priority=5)
+        )
         stop = asyncio.Event()
         flood = asyncio.ensure_future(low.flood(stop, 64))
         await until(lambda: _true(len(low.queued) > 64), "the backlog")
@@ -199,7 +201,7 @@ async def test_a_full_model_times_out_lets_leavers_go_and_sheds(pool: Pool, http
 
     async def left() -> Counter[str]:
         """The tight model's waits that ended with its client gone, by how they were seen."""
-        async with http.get(f"{pool.url}/metrics") as resp:
+        async with http.get(f"{pool.url}/metrics", headers=ADMIN) as resp:
             page = await resp.text()
         out: Counter[str] = Counter()
         for key, value in samples(page, "llm_router_queue_wait_seconds_count").items():

@@ -14,7 +14,7 @@ import pytest
 import ray
 
 from serve_app.demo.upstream import FakeUpstream, Knobs
-from tests.conftest import deploy, provider, samples, until
+from tests.conftest import ADMIN, deploy, provider, samples, until
 
 pytestmark = pytest.mark.serve
 
@@ -181,7 +181,8 @@ async def test_metrics_cover_requests_providers_latency_and_circuits(pool: Pool,
     pool.h2.knobs = Knobs()
     ttft_count = 'llm_router_time_to_first_token_seconds_count{model="m/h"}'
     failover_count = 'llm_router_failovers_total{model="m/h"}'
-    async with http.get(f"{pool.url}/metrics") as resp:  # earlier tests' requests count too
+    # Earlier tests' requests count too.
+    async with http.get(f"{pool.url}/metrics", headers=ADMIN) as resp:
         earlier = await resp.text()
     ttft_before = samples(earlier, "llm_router_time_to_first_token_seconds_count")
     failovers_before = samples(earlier, "llm_router_failovers_total")
@@ -192,7 +193,7 @@ async def test_metrics_cover_requests_providers_latency_and_circuits(pool: Pool,
     assert (status, headers["x-router-provider"]) == (200, "h2")
 
     async def scraped() -> str:
-        async with http.get(f"{pool.url}/metrics") as resp:
+        async with http.get(f"{pool.url}/metrics", headers=ADMIN) as resp:
             assert resp.status == 200
             assert resp.headers["content-type"].startswith("text/plain")
             return await resp.text()

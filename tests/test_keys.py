@@ -13,7 +13,7 @@ import ray
 from multidict import CIMultiDict
 
 from serve_app.access.limiter import limiter_handle, usage_path
-from tests.conftest import ADMIN, REGISTRY, deploy, provider, until
+from tests.conftest import ADMIN, REGISTRY, deploy, new_key, provider, until
 
 pytestmark = pytest.mark.serve
 
@@ -35,14 +35,6 @@ def url(serve_url: str, upstream_factory) -> str:
     }
     deploy(serve_url, config, ingress_replicas=2)
     return serve_url
-
-
-async def _make(http: aiohttp.ClientSession, url: str, **limits: object) -> dict:
-    body = {"name": f"k-{time.monotonic_ns()}", **limits}
-    async with http.post(f"{url}/api/v1/keys", json=body, headers=ADMIN) as resp:
-        doc = await resp.json()
-        assert resp.status == 201, doc
-        return doc
 
 
 async def _chat(
@@ -71,7 +63,7 @@ async def test_requests_need_a_known_key_allowed_the_model(url: str, http) -> No
         headers={"authorization": "Bearer " + "x" * 8192},
     ) as resp:
         assert 400 <= resp.status < 500
-    made = await _make(http, url, models=["m/a"])
+    made = await new_key(http, url, models=["m/a"])
     assert made["key"].startswith("sk-sr-") and made["models"] == ["m/a"]
     assert (await _chat(http, url, made["key"]))[0] == 200
     status, doc, _ = await _chat(http, url, made["key"], "m/b")
@@ -83,13 +75,13 @@ async def test_requests_need_a_known_key_allowed_the_model(url: str, http) -> No
     async with http.post(f"{url}/v1/messages", json=msg) as resp:
         doc = await resp.json()
         assert resp.status == 401 and doc["error"]["type"] == "authentication_error"
-    expired = await _make(http, url, expires_at=time.time() - 1)
+    expired = await new_key(http, url, expires_at=time.time() - 1)
     status, doc, _ = await _chat(http, url, expired["key"])
     assert (status, doc["error"]["code"]) == (401, "expired_api_key")
 
 
 async def test_the_admin_api_never_shows_a_key_again(url: str, http) -> None:
-    made = await _make(http, url, rpm_limit=5)
+    made = await new_key(http, url, rpm_limit=5)
     async with http.get(f"{url}/api/v1/keys", headers=ADMIN) as resp:
         text = await resp.text()
     assert made["id"] in text and made["key"] not in text and made["key"][-43:] not in text
@@ -118,7 +110,7 @@ async def test_model_lists_need_a_key_and_show_only_its_models(url: str, http) -
             assert resp.status == 401, path
     async with http.post(f"{url}/api/show", json={"model": "m/a"}) as resp:
         assert resp.status == 401 and isinstance((await resp.json())["error"], str)  # Ollama's
-    made = await _make(http, url, models=["m/a"])
+    made = await new_key(http, url, models=["m/a"])
     key = {"authorization": f"Bearer {made['key']}"}
     async with http.get(f"{url}/v1/models", headers=key) as resp:
         doc = await resp.json()
@@ -137,7 +129,7 @@ async def test_model_lists_need_a_key_and_show_only_its_models(url: str, http) -
 
 
 async def test_a_revoked_key_is_refused_by_every_replica_at_once(url: str, http) -> None:
-    made = await _make(http, url)
+    made = await new_key(http, url)
     assert {
         s for s, _, _ in await asyncio.gather(*(_chat(http, url, made["key"]) for _ in range(10)))
     } == {200}
@@ -157,7 +149,7 @@ async def _in_one_minute(seconds_needed: float) -> None:
 
 async def test_requests_per_minute_are_exact_across_replicas(url: str, http) -> None:
     for _ in range(2):  # a run that crosses the limiter's minute says nothing: once more
-        made = await _make(http, url, rpm_limit=60)
+        made = await new_key(http, url, rpm_limit=60)
         await _in_one_minute(20)
         minute = int(time.time() // 60)
         results: list[tuple[int, dict, CIMultiDict[str]]] = []
@@ -190,7 +182,7 @@ async def test_requests_per_minute_are_exact_across_replicas(url: str, http) -> 
 
 async def test_tokens_per_minute_hold_within_one_request(url: str, http) -> None:
     for _ in range(2):  # a run that crosses the limiter's minute says nothing: once more
-        made = await _make(http, url, tpm_limit=200)
+        made = await new_key(http, url, tpm_limit=200)
         await _in_one_minute(30)
         minute = int(time.time() // 60)
         used: list[int] = []
@@ -216,7 +208,7 @@ async def test_tokens_per_minute_hold_within_one_request(url: str, http) -> None
 async def test_a_spent_budget_is_insufficient_quota(url: str, http) -> None:
     """One request after another (each answer settled before the next is sent): the budget
     holds within one request, whichever ingress replica each lands on."""
-    made = await _make(http, url, token_budget=30, budget_period="1d")
+    made = await new_key(http, url, token_budget=30, budget_period="1d")
     used: list[int] = []
     for _ in range(10):
         status, doc, headers = await _chat(http, url, made["key"])
@@ -234,7 +226,7 @@ async def test_a_spent_budget_is_insufficient_quota(url: str, http) -> None:
 async def test_usage_counts_the_upstreams_tokens_and_streams_keep_their_shape(
     url: str, http
 ) -> None:
-    made = await _make(http, url)
+    made = await new_key(http, url)
     expected = {"prompt": 0, "completion": 0}
     for _ in range(3):
         status, doc, _ = await _chat(http, url, made["key"])
@@ -264,7 +256,7 @@ async def test_usage_counts_the_upstreams_tokens_and_streams_keep_their_shape(
     await until(counted, "usage reported to the limiter")
 
     async def exported() -> bool:
-        async with http.get(f"{url}/metrics") as resp:
+        async with http.get(f"{url}/metrics", headers=ADMIN) as resp:
             text = await resp.text()
         labels = f'key_name="{made["name"]}",kind="prompt",model="m/a"'
         return f"llm_router_tokens_total{{{labels}}} {float(expected['prompt'])}" in text
@@ -273,7 +265,7 @@ async def test_usage_counts_the_upstreams_tokens_and_streams_keep_their_shape(
 
 
 async def test_keys_and_usage_survive_a_registry_and_limiter_kill(url: str, http) -> None:
-    made = await _make(http, url, token_budget=10_000)
+    made = await new_key(http, url, token_budget=10_000)
     assert (await _chat(http, url, made["key"]))[0] == 200
 
     async def recorded() -> bool:

@@ -162,11 +162,11 @@ def as_a_user(tmp_path: Path) -> dict[str, str]:
     return env
 
 
-@pytest.fixture
-def runs(tmp_path: Path) -> Iterator[Callable[..., Run]]:
+@contextlib.contextmanager
+def run_starter(folder: Path) -> Iterator[Callable[..., Run]]:
     """Starts runs with their own ports and registry; kills whatever a failed test left."""
     env = {
-        **as_a_user(tmp_path),
+        **as_a_user(folder),
         "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
         "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
     }
@@ -186,6 +186,12 @@ def runs(tmp_path: Path) -> Iterator[Callable[..., Run]]:
         run.log.close()
         if run.terminal >= 0:
             os.close(run.terminal)
+
+
+@pytest.fixture
+def runs(tmp_path: Path) -> Iterator[Callable[..., Run]]:
+    with run_starter(tmp_path) as start:
+        yield start
 
 
 def test_ctrl_c_restart_kill_and_loopback(runs: Callable[[list[str]], Run]) -> None:
@@ -313,6 +319,10 @@ def _write(folder: Path, name: str, text: str) -> str:
     return str(folder / name)
 
 
+SHORT_TOKEN = "guessable-token"
+SHORT_TOKEN_LINE = (
+    "invalid setting LLM_ROUTER_ADMIN_TOKEN: $: 15 characters, at least 32 are needed"
+)
 BAD_API_TYPE = """{"m": {"x": {"providers": [{"id": "p", "api_host": "http://127.0.0.1:1",
   "api_token": "", "api_type": "grpc", "input_size": 10, "model_path": ""}]}},
   "active_models": {"m": ["x"]}}"""
@@ -329,6 +339,8 @@ BAD_API_TYPE = """{"m": {"x": {"providers": [{"id": "p", "api_host": "http://127
         ("strategy_unknown", ["LLM_ROUTER_BALANCE_STRATEGY: $: unknown strategy 'fastest'"]),
         ("serve_run_strategy", ["LLM_ROUTER_BALANCE_STRATEGY: $: unknown strategy 'fastest'"]),
         ("serve_run_arg", ["args of the Serve application llm-router: $.bogus: Extra"]),
+        ("admin_token_short", [SHORT_TOKEN_LINE]),
+        ("serve_run_admin_token", [SHORT_TOKEN_LINE]),
     ],
 )
 def test_a_bad_setting_at_start_is_one_line_and_status_2(
@@ -349,12 +361,17 @@ def test_a_bad_setting_at_start_is_one_line_and_status_2(
         env["LLM_MODELS_PROFILE"] = "nope"
     elif "strategy" in case:
         env["LLM_ROUTER_BALANCE_STRATEGY"] = "fastest"
+    elif "admin_token" in case:
+        env["LLM_ROUTER_ADMIN_TOKEN"] = SHORT_TOKEN
     command = [*RUN, "--no-demo", "--port", str(free_port()), *files]
     if case == "serve_run_strategy":
         command = serve_run
     elif case == "serve_run_arg":
         command = [*serve_run, "bogus=1"]
+    elif case == "serve_run_admin_token":
+        command = serve_run
     status, lines = _start_fails(command, env)
+    assert not any(SHORT_TOKEN in line for line in lines), lines  # never shown
     assert status == 2, lines
     ours = [line for line in lines if line.startswith("serve-router: ")]
     assert len(ours) == 1, lines

@@ -9,7 +9,7 @@ import psutil
 import pytest
 
 from serve_app.core.config import ConfigError
-from serve_app.local.haproxy import bind_admin_frontends, config_file
+from serve_app.local.haproxy import bind_admin_frontends, config_file, guard_requests
 from serve_app.local.ports import leftover, needed_ports
 
 # The shape of Serve's generated config (ray 2.60 haproxy_templates.py), trimmed.
@@ -44,6 +44,24 @@ def test_admin_frontends_move_to_the_given_address_and_nothing_else() -> None:
 def test_a_config_without_admin_frontends_is_left_alone() -> None:
     plain = "frontend http_frontend\n    bind *:8000\n"
     assert bind_admin_frontends(plain, "127.0.0.1") == (plain, 0)
+
+
+def test_the_http_frontend_gets_a_request_deadline_and_the_client_address() -> None:
+    serves = SERVE_CONFIG.replace(
+        "    bind 127.0.0.1:8000\n", "    bind 127.0.0.1:8000\n    timeout http-request 99s\n"
+    )
+    text, found = guard_requests(serves, 7)
+    assert found
+    rest = text.partition("frontend http_frontend\n")[2]
+    section = rest.split("backend default_backend")[0]
+    assert section.splitlines() == [
+        "    timeout http-request 7s",  # Serve's own value replaced: one deadline
+        "    option forwardfor",
+        "    bind 127.0.0.1:8000",
+    ]
+    assert text.count("timeout http-request") == 1  # in no other section
+    assert guard_requests(text, 7) == (text, True)  # a reload: the same file
+    assert guard_requests("listen stats\n  bind *:8404\n", 7)[1] is False
 
 
 def test_haproxy_config_file_from_its_command_line() -> None:

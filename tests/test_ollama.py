@@ -7,13 +7,26 @@ import pytest
 
 from serve_app.core.config import ProviderConfig
 from serve_app.core.errors import RouterError
-from serve_app.core.schemas import Endpoint, RequestMeta
+from serve_app.core.schemas import Endpoint, RequestMeta, validate_request
+from serve_app.upstreams import prepare
 from serve_app.upstreams.ollama import (
     OllamaExchange,
     StreamTranslator,
     from_ollama_response,
     to_ollama_request,
 )
+
+
+def _part(part: dict) -> dict:
+    return {"role": "user", "content": [part]}
+
+
+def _calls(calls: object) -> dict:
+    return {"role": "assistant", "content": None, "tool_calls": calls}
+
+
+def _fn(arguments: object) -> dict:
+    return {"id": "c", "type": "function", "function": {"name": "f", "arguments": arguments}}
 
 
 def test_chat_request_translation() -> None:
@@ -87,12 +100,38 @@ def test_json_schema_format_and_no_keep_alive() -> None:
         ),
         (Endpoint.COMPLETIONS, {"prompt": ["a", "b"]}),
         (Endpoint.EMBEDDINGS, {"input": [1, 2, 3]}),
+        # What a client may send that Ollama's API cannot say: each a 400, not an exception.
+        (Endpoint.COMPLETIONS, {"prompt": "p", "response_format": "json"}),
+        (Endpoint.COMPLETIONS, {"prompt": "p", "response_format": {"type": "json"}}),
+        (Endpoint.COMPLETIONS, {"prompt": "p", "response_format": {"type": "json_schema"}}),
+        (
+            Endpoint.COMPLETIONS,
+            {"prompt": "p", "response_format": {"type": "json_schema", "json_schema": "s"}},
+        ),
+        (Endpoint.CHAT, {"messages": [_part({"type": "image_url", "image_url": "data:,"})]}),
+        (Endpoint.CHAT, {"messages": [_part({"type": "image_url", "image_url": {"u": 1}})]}),
+        (Endpoint.CHAT, {"messages": [_part({"type": "input_audio", "input_audio": {}})]}),
+        (Endpoint.CHAT, {"messages": [_calls("f")]}),
+        (Endpoint.CHAT, {"messages": [_calls(["f"])]}),
+        (Endpoint.CHAT, {"messages": [_calls([{"function": "f"}])]}),
+        (Endpoint.CHAT, {"messages": [_calls([_fn("{not json")])]}),
+        (Endpoint.CHAT, {"messages": [_calls([_fn("[1, 2]")])]}),
+        (Endpoint.CHAT, {"messages": [_calls([_fn(7)])]}),
     ],
 )
 def test_what_ollama_cannot_take_is_a_400(endpoint: Endpoint, req: dict) -> None:
     with pytest.raises(RouterError) as info:
         to_ollama_request(endpoint, {"model": "m", **req}, "m", False, None)
     assert info.value.status == 400
+
+
+def test_stream_options_that_are_not_an_object_are_a_400() -> None:
+    ollama = ProviderConfig(id="o", api_host="http://h:1", api_type="ollama", input_size=99)
+    doc = {"model": "m", "messages": [{"role": "user", "content": "x"}], "stream_options": "y"}
+    body = orjson.dumps(doc)
+    with pytest.raises(RouterError) as info:
+        prepare(ollama, validate_request(Endpoint.CHAT, body, "r"), body)
+    assert (info.value.status, info.value.param) == (400, "stream_options")
 
 
 def test_chat_response_translation_with_tool_calls() -> None:
@@ -192,6 +231,5 @@ def test_ollama_error_body_becomes_openai_error() -> None:
     meta = RequestMeta(Endpoint.CHAT, "m", False, 1, False, "r")
     ex = OllamaExchange(provider, meta, b'{"model":"m","messages":[]}')
     assert ex.url == "http://h:1/api/chat"
-    body, ctype = ex.unary(404, b'{"error":"model \\"m\\" not found"}', "application/json")
+    body = ex.unary(404, b'{"error":"model \\"m\\" not found"}')
     assert orjson.loads(body)["error"]["message"] == 'model "m" not found'
-    assert ctype == "application/json"

@@ -416,7 +416,7 @@ def _router_exchange(name: str) -> Exchange:
 def router_unary(name: str, upstream: dict[str, Any]) -> dict[str, Any]:
     exchange = _router_exchange(name)
     time.sleep(PAUSE_S)
-    out, _ = exchange.unary(200, orjson.dumps(upstream), "application/json")
+    out = exchange.unary(200, orjson.dumps(upstream))
     return orjson.loads(out)
 
 

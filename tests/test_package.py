@@ -24,7 +24,7 @@ from tests.conftest import ROOT, SECRETS, free_port, wait_for
 from tests.test_local_run import STOP_WITHIN_S, Run, alive, as_a_user
 from tests.test_local_run import runs as runs  # the fixture: runs as a terminal starts them
 
-ADMIN = "package-test-admin-token"
+ADMIN = "package-test-admin-token-5e2d9c1a"
 SECRETS.append(ADMIN)  # its run's logs are checked at the session's end too
 INSTALL_S = 840
 # The first test's setup installs the wheel with its dependencies (pytest-timeout's 300 s

@@ -128,7 +128,7 @@ def pool(serve_url: str, upstream_factory) -> Iterator[dict[str, FakeUpstream]]:
 
 async def _metrics(http: aiohttp.ClientSession, url: str, name: str) -> float:
     """A metric's total over this pool's providers (or unlabelled)."""
-    async with http.get(f"{url}/metrics") as resp:
+    async with http.get(f"{url}/metrics", headers=ADMIN) as resp:
         found = samples(await resp.text(), name)
     return sum(v for k, v in found.items() if "{" not in k or 'provider="pk' in k)
 

@@ -21,7 +21,7 @@ import pytest
 
 from serve_app.core.metrics import SPECS
 from serve_app.demo.upstream import FakeUpstream, Knobs
-from tests.conftest import ADMIN, ROOT, deploy, free_port, provider, until, wait_for
+from tests.conftest import ADMIN, ADMIN_TOKEN, ROOT, deploy, free_port, provider, until, wait_for
 
 pytestmark = pytest.mark.serve
 
@@ -123,7 +123,9 @@ def scraped(serve_url: str, upstream_factory, tmp_path_factory) -> Iterator[Scra
     (folder / "prometheus.yml").write_text(
         "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
         "scrape_configs:\n"
-        f"  - {{job_name: serve-router, static_configs: [{{targets: ['{router_target}']}}]}}\n"
+        # /metrics is the admin token's (it names every model, provider and key).
+        f"  - {{job_name: serve-router, authorization: {{credentials: '{ADMIN_TOKEN}'}},\n"
+        f"     static_configs: [{{targets: ['{router_target}']}}]}}\n"
         f"  - {{job_name: vllm, static_configs: [{{targets: ['{vllm_target}']}}]}}\n"
     )
     proc = subprocess.Popen(

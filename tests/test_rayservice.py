@@ -1,7 +1,9 @@
 """deployments/rayservice.yaml against what KubeRay requires of a RayService (no package on the
 registry ships its CRD schema, so the fields its `ray.io/v1` schema marks required are checked
-here), its serve config against Ray Serve's own schema and this app's arguments, and its pod
-templates against the Kubernetes API schema (kubernetes-validate)."""
+here), its serve config against Ray Serve's own schema and this app's arguments, its pod
+templates and NetworkPolicy against the Kubernetes API schema (kubernetes-validate), and its
+doors: Ray's token authentication, the dashboard open to the operator only, HAProxy's admin
+frontends on loopback, the admin token on the head only."""
 
 from __future__ import annotations
 
@@ -10,20 +12,37 @@ from pathlib import Path
 
 import kubernetes_validate
 import pytest
+import tomllib
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
+from serve_app.api.auth import ADMIN_TOKEN_ENV
 from serve_app.app import AppArgs
+from serve_app.core.serve_env import FAST_SERVE_ENV, HAPROXY_BINARY_ENV, REPLICA_CPUS
+from serve_app.local.haproxy import ADMIN_HOST_ENV
 
 ROOT = Path(__file__).resolve().parent.parent
-DOC = yaml.safe_load((ROOT / "deployments" / "rayservice.yaml").read_text())
-CLUSTER = DOC["spec"]["rayClusterConfig"]
-GROUPS = [CLUSTER["headGroupSpec"], *CLUSTER["workerGroupSpecs"]]
-FAST_PATH = {
-    "RAY_SERVE_ENABLE_HA_PROXY": "1",
-    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
-    "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1",
+DOCS = {
+    d["kind"]: d for d in yaml.safe_load_all((ROOT / "deployments" / "rayservice.yaml").read_text())
 }
+DOC = DOCS["RayService"]
+POLICY = DOCS["NetworkPolicy"]
+CLUSTER = DOC["spec"]["rayClusterConfig"]
+HEAD = CLUSTER["headGroupSpec"]
+GROUPS = [HEAD, *CLUSTER["workerGroupSpecs"]]
+SCRIPTS = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+HAPROXY_WRAPPER = "serve-router-haproxy"
+DASHBOARD_PORT = 8265
+HEAD_RESOURCE = "node:__internal_head__"  # Ray's own, on the head node only
+
+
+def _env(group: dict) -> list[dict[str, dict]]:
+    """Each container's environment, by name."""
+    return [{e["name"]: e for e in c["env"]} for c in group["template"]["spec"]["containers"]]
+
+
+def _serve_config() -> ServeDeploySchema:
+    return ServeDeploySchema.model_validate(yaml.safe_load(DOC["spec"]["serveConfigV2"]))
 
 
 def test_it_has_what_the_rayservice_crd_requires() -> None:
@@ -62,12 +81,62 @@ def test_the_serve_config_is_valid_for_serve_and_for_this_app() -> None:
 
 
 @pytest.mark.parametrize("group", GROUPS, ids=lambda g: g.get("groupName", "head"))
-def test_every_node_starts_ray_with_the_fast_path_and_the_admin_token(group: dict) -> None:
-    for container in group["template"]["spec"]["containers"]:
-        env = {e["name"]: e for e in container["env"]}
-        assert {k: env[k].get("value") for k in FAST_PATH} == FAST_PATH
-        assert env["LLM_ROUTER_ADMIN_TOKEN"]["valueFrom"]["secretKeyRef"]["key"]
-        assert "value" not in env["LLM_ROUTER_ADMIN_TOKEN"]  # never inline
+def test_every_node_starts_ray_with_the_fast_path_and_haproxy_admin_on_loopback(
+    group: dict,
+) -> None:
+    assert HAPROXY_WRAPPER in SCRIPTS  # the console script the images install
+    for env in _env(group):
+        assert {k: env[k].get("value") for k in FAST_SERVE_ENV} == FAST_SERVE_ENV
+        assert Path(env[HAPROXY_BINARY_ENV]["value"]).name == HAPROXY_WRAPPER
+        assert env.get(ADMIN_HOST_ENV, {}).get("value", "127.0.0.1") == "127.0.0.1"
+
+
+def test_only_the_head_has_the_admin_token_and_the_ingress_runs_there() -> None:
+    for env in _env(HEAD):
+        assert env[ADMIN_TOKEN_ENV]["valueFrom"]["secretKeyRef"]["key"]
+        assert "value" not in env[ADMIN_TOKEN_ENV]  # never inline
+    for group in CLUSTER["workerGroupSpecs"]:
+        assert all(ADMIN_TOKEN_ENV not in env for env in _env(group)), group["groupName"]
+    # The ingress replicas serve the admin API: they run where the token is.
+    (app,) = _serve_config().applications
+    (ingress,) = [d for d in app.deployments if d.name == "Ingress"]
+    options = ingress.ray_actor_options
+    assert options.resources[HEAD_RESOURCE] > 0
+    assert options.num_cpus == REPLICA_CPUS  # the override keeps the code's own reservation
+
+
+def test_ray_token_authentication_is_on_with_the_operators_secret() -> None:
+    assert CLUSTER["authOptions"]["mode"] == "token"
+    for group in GROUPS:
+        for env in _env(group):
+            assert env.get("RAY_AUTH_MODE", {}).get("value", "token") == "token"
+            assert "value" not in env.get("RAY_AUTH_TOKEN", {})  # never inline
+
+
+def test_the_network_policy_opens_the_router_port_to_all_and_the_dashboard_to_the_operator() -> (
+    None
+):
+    kubernetes_validate.validate(POLICY, "1.33", strict=True)
+    spec = POLICY["spec"]
+    assert "Ingress" in spec["policyTypes"]
+    selected = spec["podSelector"]["matchLabels"]
+    for group in GROUPS:  # every pod of the cluster is under it
+        assert selected.items() <= group["template"]["metadata"]["labels"].items()
+    serve_port = _serve_config().http_options.port
+    for rule in spec["ingress"]:
+        ports = {p["port"] for p in rule.get("ports", [])}
+        if "from" not in rule:  # anyone: the router's port only
+            assert ports == {serve_port}, rule
+            continue
+        assert all("ipBlock" not in peer for peer in rule["from"]), rule
+        if DASHBOARD_PORT in ports:  # the job API runs code: the operator only
+            (peer,) = rule["from"]
+            labels = peer["podSelector"]["matchLabels"]
+            assert labels == {"app.kubernetes.io/component": "kuberay-operator"}, rule
+        else:  # everything else: the cluster's own pods
+            assert not ports and [p["podSelector"]["matchLabels"] for p in rule["from"]] == [
+                selected
+            ], rule
 
 
 def test_gpu_workers_carry_the_custom_resources_of_ray_cluster_yaml() -> None:

@@ -181,7 +181,7 @@ async def test_a_request_that_leaves_while_waiting_gives_its_slot_back(pool: Poo
     assert (await first)[0] == 200
 
     async def given_back() -> bool:
-        async with http.get(f"{pool.url}/metrics") as resp:
+        async with http.get(f"{pool.url}/metrics", headers=ADMIN) as resp:
             text = await resp.text()
         return 'llm_router_slot_takes_total{path="abandoned"} 1.0' in text
 

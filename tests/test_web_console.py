@@ -134,6 +134,8 @@ def _chat(url: str, key: str, model: str = "c/echo") -> int:
 def _call(
     url: str, method: str, path: str, body: bytes | None = None, **headers: str
 ) -> http.client.HTTPResponse | urllib.error.HTTPError:
+    if body is not None:
+        headers = {"content-type": "application/json", **headers}
     request = urllib.request.Request(url + path, data=body, method=method, headers=headers)
     try:
         return urllib.request.urlopen(request, timeout=20)

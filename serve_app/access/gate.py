@@ -19,6 +19,7 @@ from ray.actor import ActorHandle
 from serve_app.access.keys import KeyRecord, parse_key, verify
 from serve_app.access.ledger import LEASE_S, Grant, Refusal, Used
 from serve_app.access.limiter import Usage
+from serve_app.access.reserve import reservation
 from serve_app.cluster.registry.manifest import Manifest
 from serve_app.core.config import REQUIRE_KEYS_ENV, RouterConfig
 from serve_app.core.errors import RouterError
@@ -146,7 +147,8 @@ PRIORITY_HEADER = "x-priority"
 
 def flow_terms(admission: Admission | None, headers: Mapping[str, str]) -> dict[str, object]:
     """What flow control orders a request by (RequestMeta's priority, tenant, weight): its key's
-    priority (or `x-priority`, for a key allowed to set it), the key's id and weight; nothing
+    priority (or `x-priority`, for a key allowed to set it, at most its ceiling: a client
+    cannot raise itself over the others' heads), the key's id and weight; nothing
     without a key (the routing's default_priority then)."""
     if admission is None:
         return {}
@@ -164,15 +166,17 @@ def flow_terms(admission: Admission | None, headers: Mapping[str, str]) -> dict[
                 f"{PRIORITY_HEADER} must be an integer from -1000 to 1000",
                 param=PRIORITY_HEADER,
             )
+        priority = min(priority, record.priority_ceiling)
     return {"priority": priority, "tenant": record.id, "weight": record.weight}
 
 
 class Admission(NamedTuple):
     record: KeyRecord
     window: int  # the limiter's minute the request was counted in
-    estimate: int  # tokens counted up front
+    estimate: int  # the prompt's estimate
     headers: dict[str, str]
     lease: int = 0  # the serial of the lease it was counted in
+    reserved: int = 0  # tokens counted up front: the estimate and what it may generate
 
 
 class Gate:
@@ -249,16 +253,25 @@ class Gate:
         return record
 
     async def admit(
-        self, headers: Mapping[str, str], models: tuple[str, ...], tokens: int
+        self,
+        headers: Mapping[str, str],
+        models: tuple[str, ...],
+        prompt: int,
+        output: Callable[[], int | None],
     ) -> Admission | None:
         """None when keys are not required; else the key's admission for a request naming
         `models` (as sent, and the model serving it: a key may list either), or RouterError
-        (401, 403, 429; 503 if the limiter cannot be reached)."""
+        (401, 403, 429; 503 if the limiter cannot be reached). `prompt`: its prompt estimate;
+        `output()`: the most it may generate (reserve.py), read only for a key that limits
+        tokens."""
         if not self.required:
             return None
         record = self._record(headers, models, time.time())
         if record.rpm_limit is None and record.tpm_limit is None and record.token_budget is None:
-            return Admission(record, 0, tokens, {})
+            return Admission(record, 0, prompt, {}, 0, prompt)
+        tokens = prompt
+        if record.tpm_limit is not None or record.token_budget is not None:
+            tokens = reservation(prompt, output(), record.default_max_tokens)
         allowance = self._allowances.setdefault(record.id, _Allowance())
         if not allowance.spend(tokens, time.monotonic()):
             async with allowance.lock:
@@ -274,7 +287,7 @@ class Gate:
         grant = allowance.grant
         assert grant is not None
         headers = _headers(record, grant, allowance.requests or 0, allowance.tokens or 0)
-        return Admission(record, grant.window, tokens, headers, allowance.serial)
+        return Admission(record, grant.window, prompt, headers, allowance.serial, tokens)
 
     def _limiter(self) -> ActorHandle:
         if self._handle is None:
@@ -305,11 +318,11 @@ class Gate:
     def settle(
         self, admission: Admission, model: str, prompt: int, completion: int, estimated: bool
     ) -> None:
-        """What the answer really used: counted, and its difference from the estimate charged
-        to the lease it was counted in if this replica still holds it (it goes back with the
-        lease), else reported to the limiter as a correction."""
+        """What the answer really used: counted, and its difference from what was reserved
+        charged to the lease it was counted in if this replica still holds it (it goes back with
+        the lease), else reported to the limiter as a correction."""
         record = admission.record
-        correction = prompt + completion - admission.estimate
+        correction = prompt + completion - admission.reserved
         allowance = self._allowances.get(record.id)
         if (
             allowance is not None

@@ -33,11 +33,21 @@ class KeyLimits(BaseModel):
     token_budget: int | None = Field(default=None, ge=1, le=10**15)
     budget_period: BudgetPeriod | None = None
     expires_at: float | None = Field(default=None, gt=0)
+    # Counted at admission, with the prompt, for a request that names no max_tokens (against
+    # tpm_limit and token_budget until its real usage settles it); None: nothing more.
+    default_max_tokens: int | None = Field(default=None, ge=1, le=10_000_000)
     # Flow control: the key's requests wait by priority (higher first), then by fair share
-    # between keys (`weight`); `set_priority`: its clients may send `x-priority` instead.
+    # between keys (`weight`); `set_priority`: its clients may send `x-priority` instead, at
+    # most `max_priority` (None: the key's own priority).
     priority: int = Field(default=0, ge=-1000, le=1000)
     weight: float = Field(default=1.0, gt=0, le=1000)
     set_priority: bool = False
+    max_priority: int | None = Field(default=None, ge=-1000, le=1000)
+
+    @property
+    def priority_ceiling(self) -> int:
+        """The highest priority the key's clients may ask for with `x-priority`."""
+        return self.priority if self.max_priority is None else self.max_priority
 
 
 class KeyRecord(KeyLimits):

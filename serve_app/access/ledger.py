@@ -5,9 +5,10 @@ Exact across replicas: a grant never takes a key past its limits, so whatever re
 adds up to at most the limit. A holder stops using a lease after LEASE_S and returns it with
 what it used; the rest is free again. A lease never returned (its replica died) counts as used
 in full once GRACE_S has passed: never over the limit. Leases are small when little is left,
-so little sits unused in one replica while another is refused. Tokens are granted on the prompt
-estimate and corrected from the upstream's usage after the answer, so a key may pass its token
-limit by at most what its requests in flight under-estimated.
+so little sits unused in one replica while another is refused. Tokens are granted on what a
+request may use (its prompt estimate and its max_tokens: reserve.py) and corrected from the
+upstream's usage after the answer, so a key may pass its token limit only by what its requests
+in flight use beyond that.
 """
 
 from __future__ import annotations
@@ -113,7 +114,7 @@ class Ledger:
         books.budget += used.budget - lease.budget
 
     def take(self, record: KeyRecord, holder: str, tokens: int, used: Used, now: float) -> Grant:
-        """A lease for one request of `tokens` (the prompt estimate) and, room permitting, more;
+        """A lease for one request of `tokens` (what it may use) and, room permitting, more;
         it replaces `holder`'s lease for the key, of which it `used` so much. A refusal when
         even one request does not fit."""
         books = self._books_of(record, now)

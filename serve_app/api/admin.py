@@ -13,7 +13,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from serve_app.api.auth import admin_refusal
+from serve_app.api.auth import AdminThrottle, admin_refusal, client_address
 from serve_app.api.http import log, read_body, replica
 from serve_app.api.openapi import json_body
 from serve_app.cluster.broker import broker_handle
@@ -64,7 +64,7 @@ async def validated_body(
 ) -> Body:
     """An admin request's JSON body as `model` (`empty` stands for a missing body); 400 with
     the first problem otherwise."""
-    body = await read_body(request, ADMIN_MAX_BODY_BYTES)
+    body = await read_body(request, ADMIN_MAX_BODY_BYTES, replica().gateway.body.timeout_s)
     if not body and empty is not None:
         body = empty
     try:
@@ -97,6 +97,7 @@ class Admin:
         self.gateway = gateway
         self.settings = settings
         self._token = token
+        self._throttle = AdminThrottle()
         self.manager: LLMModelManager | None = None
 
     def apply(self, config: RouterConfig) -> None:
@@ -106,10 +107,23 @@ class Admin:
             self.manager.update(self.gateway.roles, config)
 
     def check(self, request: Request) -> None:
-        """RouterError unless the request carries the admin token ($LLM_ROUTER_ADMIN_TOKEN)."""
-        err = admin_refusal(request.headers.get("authorization"), self._token)
-        if err is not None:
-            raise err
+        """RouterError unless the request carries the admin token ($LLM_ROUTER_ADMIN_TOKEN);
+        429 while its address (or everyone) has failed too often (api/auth.py)."""
+        peer = request.client.host if request.client else None
+        client = client_address(request.headers.getlist("x-forwarded-for"), peer)
+        err = self._throttle.refusal(client) or admin_refusal(
+            request.headers.get("authorization"), self._token
+        )
+        if err is None:
+            return
+        if err.code == "invalid_admin_token":
+            self._throttle.failed(client)
+            if (locked := self._throttle.refusal(client)) is not None:
+                log.warning(
+                    "admin attempts throttled",
+                    extra={"client": client, "retry_after_s": locked.headers["retry-after"]},
+                )
+        raise err
 
     def holds_token(self, request: Request) -> bool:
         """Whether the request carries the admin token (it may read every key's data)."""

@@ -4,6 +4,7 @@ No `from __future__ import annotations` in the surface modules: FastAPI reads th
 signatures at run time and must see real `Request` annotations.
 """
 
+import asyncio
 import logging
 import uuid
 from typing import Any
@@ -52,17 +53,30 @@ def dialect_of(path: str) -> Dialect:
     return "openai"
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The body, refused with 413 as soon as it is known to pass `limit` bytes."""
+async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+    """The body, refused with 413 as soon as it is known to pass `limit` bytes, and with 408
+    (the connection closed) when it has not all come within `timeout_s`: a client trickling
+    its body holds a connection and a replica's memory no longer than that."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise RouterError(413, f"request body over {limit} bytes", code="request_too_large")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise RouterError(413, f"request body over {limit} bytes", code="request_too_large")
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise RouterError(
+                        413, f"request body over {limit} bytes", code="request_too_large"
+                    )
+                chunks.append(chunk)
+    except TimeoutError:
+        raise RouterError(
+            408,
+            f"the request body did not arrive within {timeout_s:g} s",
+            code="request_timeout",
+            headers={"connection": "close"},
+        ) from None
     return b"".join(chunks)
 
 

@@ -76,7 +76,8 @@ async def show(request: Request) -> Response:
     gateway = replica().gateway
     visible = _visible(request)
     try:
-        req = ShowRequest.model_validate_json(await read_body(request, SHOW_MAX_BODY_BYTES))
+        body = await read_body(request, SHOW_MAX_BODY_BYTES, gateway.body.timeout_s)
+        req = ShowRequest.model_validate_json(body)
     except ValidationError as exc:
         raise RouterError(400, f"invalid request: {exc.errors()[0]['msg']}") from None
     info = gateway.find(req.model)

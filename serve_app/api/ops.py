@@ -1,7 +1,7 @@
 """For operators and load balancers: liveness (`/healthz`, llm-router's `/ping`) and Prometheus
-`/metrics` for the whole app."""
+`/metrics` for the whole app (the admin token's: it names every model, provider and key)."""
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse, Response
 
 from serve_app.api.http import replica
@@ -21,6 +21,8 @@ async def ping() -> PlainTextResponse:
 
 
 @router.get("/metrics")
-async def metrics() -> Response:
+async def metrics(request: Request) -> Response:
     """Prometheus text for the whole app (every replica's totals, provider health)."""
-    return await replica().metrics()
+    served = replica()
+    served.admin.check(request)
+    return await served.metrics()

@@ -98,6 +98,18 @@ def add_keys_arguments(parser: argparse.ArgumentParser) -> None:
     create.add_argument(
         "--set-priority", action="store_true", help="its clients may send x-priority"
     )
+    create.add_argument(
+        "--max-priority",
+        type=int,
+        metavar="N",
+        help="the highest x-priority it may send (its priority)",
+    )
+    create.add_argument(
+        "--default-max-tokens",
+        type=int,
+        metavar="TOKENS",
+        help="counted against --tpm and --budget for a request naming no max_tokens",
+    )
     listed = commands.add_parser("list", help="every key with its limits")
     show = commands.add_parser("show", help="one key, with its usage per model")
     revoke = commands.add_parser("revoke", help="refuse a key from now on")
@@ -121,7 +133,7 @@ def run_keys(args: argparse.Namespace) -> int:
 
 def _create(admin: AdminClient, args: argparse.Namespace) -> str:
     body: dict[str, Any] = {"name": args.name}
-    for field in (*LIMITS, "models", "priority", "weight"):
+    for field in (*LIMITS, "models", "priority", "weight", "max_priority", "default_max_tokens"):
         if getattr(args, field) is not None:
             body[field] = getattr(args, field)
     if args.set_priority:

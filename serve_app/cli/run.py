@@ -28,6 +28,7 @@ import psutil
 from serve_app.cli.files import add_document_arguments, documents
 from serve_app.cli.output import say
 from serve_app.core.config import ConfigError
+from serve_app.core.door import LOOPBACK_HOSTS, is_loopback
 from serve_app.core.serve_env import apply_fast_serve_env
 from serve_app.local.ports import busy_port, needed_ports, port_free, sweep_leftovers
 from serve_app.local.terminal import detached_child, own_ctrl_c
@@ -142,10 +143,13 @@ def app_args(args: argparse.Namespace) -> AppArgs:
     from serve_app.app import AppArgs
 
     found = documents(args.config, args.profiles)
+    host = getattr(args, "host", None)
     return AppArgs(
         models_config=found.config,
         profiles_config=found.profiles,
         watch_config=getattr(args, "watch", False),
+        # On loopback only, a page whose DNS name was rebound to 127.0.0.1 is refused.
+        allowed_hosts=LOOPBACK_HOSTS if host is not None and is_loopback(host) else None,
     )
 
 

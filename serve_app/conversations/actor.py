@@ -90,10 +90,10 @@ class ResponsesActor(ManifestCompanion):
         stored = self._store.get(ended.id, None)
         if stored is None or stored.status not in RUNNING:
             return _json(stored)
-        self._store.put(ended)
+        ended = self._store.end(ended)
         if ended.status not in RUNNING:
             self._wake(ended.id)
-        return record
+        return _json(ended)
 
     async def delete(self, response_id: str, owner: str | None) -> bool:
         """Deletes a response; a running background one's runner is woken and stops."""

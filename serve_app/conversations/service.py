@@ -23,6 +23,7 @@ import logging
 import sqlite3
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
@@ -89,6 +90,18 @@ def _unsupported(message: str, param: str) -> RouterError:
     return RouterError(400, message, param=param, code="unsupported_parameter")
 
 
+def _room(running: int, bound: int, whose: str) -> None:
+    """429 when `running` background responses already reach `bound`."""
+    if running >= bound:
+        raise RouterError(
+            429,
+            f"{whose} already runs {bound} background responses; retry once one has ended",
+            type="rate_limit_error",
+            code="too_many_background_responses",
+            headers={"retry-after": "1"},
+        )
+
+
 def store_unavailable() -> RouterError:
     return RouterError(
         503,
@@ -106,6 +119,7 @@ class Conversations:
         costs no actor call); else every call goes through the actor."""
         self._link = ActorLink(connect, holder, "responses store")
         self._running: set[asyncio.Task[None]] = set()
+        self._running_of: Counter[str] = Counter()  # owner -> its background runs here
         self._limits = ResponsesConfig()
         self._local: ResponseStore | None = None
         self._located = not local  # whether the store's place is known
@@ -273,7 +287,10 @@ class Conversations:
         keeps: Callable[[str], bool],
     ) -> bytes:
         """Stores the turn as queued and runs it here (`run`: the upstream call); the queued
-        Response object's JSON, answered at once."""
+        Response object's JSON, answered at once. 429 past the replica's or the key's bound on
+        running background responses."""
+        _room(len(self._running), self._limits.max_background, "this router replica")
+        _room(self._running_of[turn.owner], self._limits.max_background_per_key, "this key")
         response_id = f"resp_{uuid.uuid4().hex}"
         echo = echo_of(turn.doc)
         record = StoredResponse(
@@ -291,8 +308,15 @@ class Conversations:
             raise RouterError(400, "the request is larger than the responses store", param="input")
         task = asyncio.get_running_loop().create_task(self._run(record, run, keeps, timeout_s))
         self._running.add(task)
-        task.add_done_callback(self._running.discard)
+        self._running_of[turn.owner] += 1
+        task.add_done_callback(lambda done: self._ran(done, turn.owner))
         return orjson.dumps(record.response)
+
+    def _ran(self, task: asyncio.Task[None], owner: str) -> None:
+        self._running.discard(task)
+        self._running_of[owner] -= 1
+        if self._running_of[owner] <= 0:
+            del self._running_of[owner]
 
     async def _run(
         self,

@@ -1,6 +1,9 @@
 """The responses store: SQLite from the standard library (WAL), one row per response, bounded by
-age and total size (oldest evicted first). A key sees only its own responses; `owner=None`
-(the admin token) sees all.
+age and total size. The size is shared fairly between owners (client keys): past the bound,
+the oldest responses of the owners over their share (the bound over the owners stored) go
+first, so one key's writes evict its own, never another's within its share. A key sees only
+its own responses, and a stored response is never replaced by another owner's; `owner=None`
+(the admin token) sees all. The file is created readable by its owner only (0600).
 
 Several processes may hold one file at once: the store actor, and the ingress replicas on its
 node, which read and write it directly rather than through the actor (SQLite serialises the
@@ -10,6 +13,7 @@ HTTP.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import time
 from collections.abc import Callable
@@ -33,10 +37,23 @@ CREATE TABLE IF NOT EXISTS totals (
     count INTEGER NOT NULL
 );
 INSERT OR IGNORE INTO totals VALUES (1, 0, 0);
+CREATE TABLE IF NOT EXISTS owners (
+    owner TEXT PRIMARY KEY,
+    bytes INTEGER NOT NULL
+);
+"""
+# A file written before the owners' totals were kept: made from its rows, once.
+_OWNERS_FROM_ROWS = """
+INSERT INTO owners SELECT owner, SUM(size) FROM responses
+WHERE NOT EXISTS (SELECT 1 FROM owners) GROUP BY owner
 """
 # How long a writer waits for another process's write to end.
 BUSY_TIMEOUT_MS = 5000
 
+NO_ROOM = {
+    "code": "server_error",
+    "message": "the answer did not fit this key's share of the responses store",
+}
 LOST = {
     "code": "server_error",
     "message": "the router lost this background response (the replica running it stopped); "
@@ -58,6 +75,7 @@ class ResponseStore:
         owner's `checkpoint()`, so that a request never pays for one (they are most of a
         write's cost otherwise)."""
         Path(path).parent.mkdir(parents=True, exist_ok=True)
+        _private(Path(path))
         self._db = sqlite3.connect(
             str(path), isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1e3
         )
@@ -66,6 +84,8 @@ class ResponseStore:
         if not owner:
             self._db.execute("PRAGMA wal_autocheckpoint=0")
         self._db.executescript(_SCHEMA)
+        with self._write():
+            self._db.execute(_OWNERS_FROM_ROWS)
         self._clock = clock
         self.ttl_s, self.max_bytes = ttl_s, max_bytes
 
@@ -82,26 +102,43 @@ class ResponseStore:
         return int(self._db.execute("SELECT count FROM totals").fetchone()[0])
 
     def put(self, record: StoredResponse) -> bool:
-        """Stores (or replaces) a response; False when it alone is over `max_bytes`."""
+        """Stores (or replaces) a response; False when it alone is over `max_bytes`, when its
+        id is another owner's, or when it does not fit its owner's share of a full store."""
         blob = record.model_dump_json().encode()
         if len(blob) > self.max_bytes:
             return False
-        with self._write():
-            old = self._db.execute(
-                "SELECT size FROM responses WHERE id = ?", (record.id,)
-            ).fetchone()
-            self._db.execute(
-                "INSERT OR REPLACE INTO responses VALUES (?, ?, ?, ?, ?)",
-                (record.id, record.owner, record.created, len(blob), blob),
-            )
-            grown = len(blob) - (old[0] if old else 0)
-            row = self._db.execute(
-                "UPDATE totals SET bytes = bytes + ?, count = count + ? RETURNING bytes",
-                (grown, 0 if old else 1),
-            ).fetchone()
-            if row[0] > self.max_bytes:
-                self._evict_oldest(row[0] - self.max_bytes, keep=record.id)
+        try:
+            with self._write():
+                old = self._db.execute(
+                    "SELECT owner, size FROM responses WHERE id = ?", (record.id,)
+                ).fetchone()
+                if old is not None and old[0] != record.owner:
+                    return False
+                self._db.execute(
+                    "INSERT OR REPLACE INTO responses VALUES (?, ?, ?, ?, ?)",
+                    (record.id, record.owner, record.created, len(blob), blob),
+                )
+                grown = len(blob) - (old[1] if old else 0)
+                self._owned(record.owner, grown)
+                row = self._db.execute(
+                    "UPDATE totals SET bytes = bytes + ?, count = count + ? RETURNING bytes",
+                    (grown, 0 if old else 1),
+                ).fetchone()
+                if row[0] > self.max_bytes:
+                    self._evict_fairly(row[0] - self.max_bytes, keep=record.id)
+        except _NoRoom:
+            return False
         return True
+
+    def end(self, record: StoredResponse) -> StoredResponse:
+        """Stores a background response as it ended, as stored: failed when there is no room
+        for its answer in its owner's share (it is not left to read as running)."""
+        if self.put(record):
+            return record
+        failed = finished(record, "failed", error=NO_ROOM)
+        failed.response["output"] = []
+        self.put(failed)
+        return failed
 
     def get(self, response_id: str, owner: str | None) -> StoredResponse | None:
         """The response, if it is stored, not expired and `owner`'s; a background response
@@ -134,7 +171,9 @@ class ResponseStore:
             self._db.execute(
                 "UPDATE responses SET record = ?, size = ? WHERE id = ?", (blob, len(blob), lost.id)
             )
-            self._db.execute("UPDATE totals SET bytes = bytes + ?", (len(blob) - len(row[0]),))
+            grown = len(blob) - len(row[0])
+            self._db.execute("UPDATE totals SET bytes = bytes + ?", (grown,))
+            self._owned(lost.owner, grown)
         return lost
 
     def delete(self, response_id: str, owner: str | None) -> bool:
@@ -149,42 +188,79 @@ class ResponseStore:
         with self._write():
             removed = self._remove("created < ?", (self._clock() - self.ttl_s,))
             excess = self.total_bytes - self.max_bytes
-            return removed + (self._evict_oldest(excess) if excess > 0 else 0)
+            return removed + (self._evict_fairly(excess) if excess > 0 else 0)
 
     def checkpoint(self) -> None:
         """Copies the write-ahead log into the file, without waiting for readers or writers."""
         self._db.execute("PRAGMA wal_checkpoint(PASSIVE)")
 
-    def _evict_oldest(self, excess: int, keep: str = "") -> int:
-        """Drops the oldest responses (never `keep`, the one just written) until `excess`
-        bytes are gone."""
+    def _evict_fairly(self, excess: int, keep: str = "") -> int:
+        """Drops the oldest responses of the owners over their share of `max_bytes` (never
+        `keep`, the one just written) until `excess` bytes are gone; _NoRoom if they cannot
+        be without taking another owner's within its share."""
+        owned = dict(self._db.execute("SELECT owner, bytes FROM owners"))
+        share = self.max_bytes // max(1, len(owned))
+        over = [o for o, size in owned.items() if size > share]
         oldest: list[str] = []
-        for response_id, size in self._db.execute(
-            "SELECT id, size FROM responses WHERE id != ? ORDER BY created", (keep,)
+        marks = ",".join("?" * len(over))
+        for response_id, owner, size in self._db.execute(
+            f"SELECT id, owner, size FROM responses WHERE owner IN ({marks}) AND id != ? "
+            "ORDER BY created",
+            (*over, keep),
         ):
+            if owned[owner] <= share:
+                continue
             oldest.append(response_id)
+            owned[owner] -= size
             excess -= size
             if excess <= 0:
                 break
+        if excess > 0:
+            raise _NoRoom
         return sum(self._remove("id = ?", (i,)) for i in oldest)
+
+    def _owned(self, owner: str, grown: int) -> None:
+        """An owner's bytes grew (or shrank); an owner with none left is no longer counted."""
+        self._db.execute(
+            "INSERT INTO owners VALUES (?, ?) "
+            "ON CONFLICT (owner) DO UPDATE SET bytes = bytes + excluded.bytes",
+            (owner, grown),
+        )
+        self._db.execute("DELETE FROM owners WHERE owner = ? AND bytes <= 0", (owner,))
 
     def _remove(self, where: str, args: tuple[Any, ...]) -> int:
         """Deletes rows and takes their sizes off the totals (no scan of the table)."""
-        sizes = [
-            row[0]
-            for row in self._db.execute(f"DELETE FROM responses WHERE {where} RETURNING size", args)
-        ]
-        if sizes:
+        rows = list(
+            self._db.execute(f"DELETE FROM responses WHERE {where} RETURNING owner, size", args)
+        )
+        if rows:
             self._db.execute(
-                "UPDATE totals SET bytes = bytes - ?, count = count - ?", (sum(sizes), len(sizes))
+                "UPDATE totals SET bytes = bytes - ?, count = count - ?",
+                (sum(size for _, size in rows), len(rows)),
             )
-        return len(sizes)
+            for owner, size in rows:
+                self._owned(owner, -size)
+        return len(rows)
 
     def _write(self) -> _Transaction:
         return _Transaction(self._db)
 
     def close(self) -> None:
         self._db.close()
+
+
+class _NoRoom(Exception):
+    """A write that would take another owner's share: rolled back."""
+
+
+def _private(path: Path) -> None:
+    """The database file (and SQLite's -wal and -shm beside it, which take its mode) readable
+    by its owner only: it holds every key's conversations."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
 
 
 class _Transaction:

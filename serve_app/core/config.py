@@ -313,6 +313,10 @@ class RoutingConfig(BaseModel):
     max_load: float | None = Field(default=None, gt=0)
     # The priority of requests without a client key (keys have their own, default 0).
     default_priority: int = Field(default=0, ge=-1000, le=1000)
+    # What an upstream may send (docs/dialects.md#upstream-bounds): a unary answer, whole, and
+    # one event of a stream (an SSE event, an Ollama line); past them the client gets a 502.
+    max_answer_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    max_event_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
 
     @model_validator(mode="after")
     def _replicas(self) -> RoutingConfig:
@@ -352,6 +356,9 @@ class ResponsesConfig(BaseModel):
 
     store_ttl_s: float = Field(default=30 * 86400.0, gt=0)  # OpenAI keeps them 30 days
     max_bytes: int = Field(default=1 << 30, ge=1)
+    # Background responses running at once on one ingress replica, in all and of one key.
+    max_background: int = Field(default=64, ge=1)
+    max_background_per_key: int = Field(default=8, ge=1)
 
 
 class RouterConfig(BaseModel):

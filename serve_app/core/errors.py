@@ -49,9 +49,13 @@ def key_not_found(key_id: str) -> RouterError:
     return RouterError(404, f"no client key {quoted(key_id)}", code="key_not_found", param="id")
 
 
-def bad_upstream_response(message: str) -> RouterError:
-    """An upstream answer the router cannot read or translate."""
-    return RouterError(502, message, type="api_error", code="bad_upstream_response")
+class BadUpstream(RouterError):
+    """An upstream answer the router cannot read, translate, or hold (past a size bound): a 502,
+    and a failure of the provider that sent it. `reason` names it in outcomes and metrics."""
+
+    def __init__(self, message: str, reason: str = "bad answer") -> None:
+        super().__init__(502, message, type="api_error", code="bad_upstream_response")
+        self.reason = reason
 
 
 def adapter_unavailable(name: str) -> RouterError:

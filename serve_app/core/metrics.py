@@ -30,6 +30,7 @@ class Spec(NamedTuple):
 
 
 IN_FLIGHT_METRIC = "llm_router_provider_in_flight"  # set by the pickers, read by the monitor
+BODIES_METRIC = "llm_router_request_bodies_parsed"  # counted by the ingress
 
 SPECS: dict[str, Spec] = {
     "llm_router_requests": Spec(
@@ -43,6 +44,12 @@ SPECS: dict[str, Spec] = {
     ),
     "llm_router_time_to_first_token_seconds": Spec(
         "histogram", "Time to the first body byte (streams: first event after the head)", ("model",)
+    ),
+    BODIES_METRIC: Spec(
+        "counter",
+        "Inference request bodies read and parsed by the ingress, by API dialect (a request "
+        "refused on its headers, such as one without a valid key, has none)",
+        ("api",),
     ),
     "llm_router_failovers": Spec("counter", "Attempts beyond the first, by model", ("model",)),
     "llm_router_tokens": Spec(
@@ -75,13 +82,14 @@ SPECS: dict[str, Spec] = {
     ),
     "llm_router_queue_length": Spec(
         "gauge",
-        "Requests waiting for a full model's providers (flow control), by model and priority",
+        "Requests waiting for a full model's providers (flow control), by model and priority "
+        "range (0, 1..9, 10..99, 100..1000 and the same below 0)",
         ("model", "priority"),
     ),
     "llm_router_queue_wait_seconds": Spec(
         "histogram",
-        "Time requests waited in a model's queue, by model, priority and outcome (dispatched, "
-        "timeout, shed, left: its client went, error: it could go nowhere)",
+        "Time requests waited in a model's queue, by model, priority range and outcome "
+        "(dispatched, timeout, shed, left: its client went, error: it could go nowhere)",
         ("model", "priority", "outcome"),
     ),
     "llm_router_circuit_state": Spec(

@@ -6,6 +6,7 @@ which owns its validation (its 4xx comes back to the client as is).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from enum import Enum
 from typing import Any, Literal, NamedTuple
 
@@ -57,6 +58,53 @@ _UNARY = frozenset(
 )
 
 
+class Shape(NamedTuple):
+    """How many messages a body holds, the most content parts in one of them, its tools."""
+
+    messages: int = 0
+    parts: int = 0
+    tools: int = 0
+
+    @classmethod
+    def of(cls, messages: Sequence[Any], tools: Sequence[Any] | None) -> Shape:
+        """Of chat-like messages (`content`: a string or a list of parts)."""
+        parts = (len(m.content) if isinstance(m.content, list) else 0 for m in messages)
+        return cls(len(messages), max(parts, default=0), _count(tools))
+
+
+def _count(items: Sequence[Any] | None) -> int:
+    return len(items) if items else 0
+
+
+class BodyLimits(BaseModel):
+    """What an inference body may hold besides its bytes (the app's args): a bound on the work
+    a request makes the ingress and its upstream do, far above what real clients send."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_messages: int = Field(default=4096, gt=0)  # chat messages, Responses input items
+    max_content_parts: int = Field(default=512, gt=0)  # in one message (and Anthropic's system)
+    max_tools: int = Field(default=512, gt=0)
+
+    def check(self, shape: Shape) -> None:
+        """RouterError 400 (`array_above_max_length`, OpenAI's code) past a limit."""
+        for what, param, count, limit in (
+            ("messages", "messages", shape.messages, self.max_messages),
+            ("content parts in one message", "content", shape.parts, self.max_content_parts),
+            ("tools", "tools", shape.tools, self.max_tools),
+        ):
+            if count > limit:
+                raise RouterError(
+                    400,
+                    f"too many {what}: {count}, at most {limit}",
+                    param=param,
+                    code="array_above_max_length",
+                )
+
+
+DEFAULT_LIMITS = BodyLimits()
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
 
@@ -90,6 +138,10 @@ class _Request(_Strict):
         user = (self.model_extra or {}).get("user")
         return user if isinstance(user, str) else ""
 
+    def shape(self) -> Shape:
+        """What the body holds, for BodyLimits."""
+        return Shape()
+
 
 class ChatRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
@@ -101,6 +153,9 @@ class ChatRequest(_Request):
 
     def tools_needed(self) -> bool:
         return bool(self.tools or self.functions)
+
+    def shape(self) -> Shape:
+        return Shape.of(self.messages, self.tools or self.functions)
 
 
 TokenInput = str | list[str] | list[int] | list[list[int]]
@@ -150,6 +205,11 @@ class OllamaChatRequest(_OllamaRequest):
     def tools_needed(self) -> bool:
         return bool(self.tools)
 
+    def shape(self) -> Shape:
+        return Shape(
+            len(self.messages), max(len(m.images or ()) for m in self.messages), _count(self.tools)
+        )
+
 
 class OllamaGenerateRequest(_OllamaRequest):
     prompt: str = ""
@@ -198,6 +258,11 @@ class ResponsesRequest(_Request):
     def tools_needed(self) -> bool:
         return bool(self.tools)
 
+    def shape(self) -> Shape:
+        if isinstance(self.input, str):
+            return Shape(1, 0, _count(self.tools))
+        return Shape.of([ContentHolder(i.get("content")) for i in self.input], self.tools)
+
 
 class ContentHolder(NamedTuple):
     """Anything with chat-like `content` (a string or parts with `text`), for the estimate."""
@@ -224,6 +289,11 @@ class _AnthropicRequest(_Request):
 
     def tools_needed(self) -> bool:
         return bool(self.tools)
+
+    def shape(self) -> Shape:
+        shape = Shape.of(self.messages, self.tools)
+        system = len(self.system) if isinstance(self.system, list) else 0
+        return shape._replace(parts=max(shape.parts, system))
 
     def session(self) -> str:
         """Anthropic's end-user id: `metadata.user_id`."""
@@ -290,12 +360,16 @@ def _as_error(exc: ValidationError) -> RouterError:
     return RouterError(400, f"{loc}: {err['msg']}", param=param, code=code)
 
 
-def validate_request(endpoint: Endpoint, body: bytes, request_id: str) -> RequestMeta:
-    """Parse and check a body in one pass (pydantic-core parses the JSON itself)."""
+def validate_request(
+    endpoint: Endpoint, body: bytes, request_id: str, limits: BodyLimits = DEFAULT_LIMITS
+) -> RequestMeta:
+    """Parse and check a body in one pass (pydantic-core parses the JSON itself), then what
+    it holds against `limits`."""
     try:
         req = _MODELS[endpoint].model_validate_json(body)
     except ValidationError as exc:
         raise _as_error(exc) from None
+    limits.check(req.shape())
     stream = req.streams() and endpoint not in _UNARY
     return RequestMeta(
         endpoint,

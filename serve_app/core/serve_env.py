@@ -27,6 +27,11 @@ FAST_SERVE_ENV = {
     # ...but write each log record at once: that mode holds 1000 records in memory (a failover
     # warning could wait for hours). The router logs nothing per request on the happy path.
     "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1",
+    # HAProxy drops a client silent this long while it owes bytes (its request, or reading its
+    # answer); Serve's default is an hour. A live stream is never cut by it: while the client
+    # waits on the server only `timeout server` (unset: none) runs. Its headers must arrive
+    # within serve-router-haproxy's `timeout http-request` (serve_app/local/haproxy.py).
+    "RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S": "60",
 }
 
 

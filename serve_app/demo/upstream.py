@@ -19,10 +19,12 @@ import asyncio
 import contextlib
 import copy
 import functools
+import gzip
 import hashlib
 import threading
 import time
 import uuid
+import zlib
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -36,6 +38,8 @@ from serve_app.dialects.base import now_iso
 Drop = Literal["before_headers", "mid_stream"]
 # The tokens a chat template adds around a prompt: a one-word prompt counts 5.
 PROMPT_OVERHEAD = 4
+# A request's parsed body, for the knobs that depend on it.
+_BODY = web.RequestKey("body", dict)
 _NOT_INFERENCE = frozenset({"/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/api/pull"})
 
 
@@ -66,6 +70,20 @@ class Knobs:
     # Keep the Responses it makes, as vLLM with VLLM_ENABLE_RESPONSES_API_STORE=1: a
     # previous_response_id it made is continued; one it did not make is a 404.
     responses_store: bool = False
+    # A hostile upstream (make chaos). `huge`: instead of its answer, a unary body ("body") or
+    # a stream's event number `bad_at` ("line", no newline ever) of `huge_bytes` bytes, made as
+    # it is sent (never held), its Content-Length declared with `huge_declared`. `garbage`: a
+    # stream's event number `bad_at` replaced by these bytes. `cut`: streams end without their
+    # last event. `gzip`: inference answers gzip-compressed, whatever the caller accepts.
+    # `content_type`: what inference answers say they are, whatever they are.
+    huge: Literal["body", "line"] | None = None
+    huge_bytes: int = 1 << 30
+    huge_declared: bool = False
+    bad_at: int = 0
+    garbage: bytes | None = None
+    cut: bool = False
+    gzip: bool = False
+    content_type: str | None = None
 
 
 @dataclass
@@ -105,7 +123,9 @@ class FakeUpstream:
 
     def _app(self) -> web.Application:
         """A new application per start: one is bound to the loop it first ran on."""
-        app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[self._concurrency])
+        app = web.Application(
+            client_max_size=64 * 1024 * 1024, middlewares=[self._concurrency, self._disguised]
+        )
         r = app.router
         r.add_post("/v1/chat/completions", self._openai)
         r.add_post("/v1/completions", self._openai)
@@ -136,6 +156,45 @@ class FakeUpstream:
             return await handler(request)
         finally:
             self.active -= 1
+
+    @web.middleware
+    async def _disguised(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        """A unary inference answer gzip-compressed (knobs.gzip), of another content type
+        (knobs.content_type); streams do both as they are written."""
+        resp = await handler(request)
+        k = self.knobs
+        inference = request.method == "POST" and request.path not in _NOT_INFERENCE
+        if not inference or not isinstance(resp, web.Response):
+            return resp
+        if k.gzip:
+            assert isinstance(resp.body, bytes)
+            resp.body = gzip.compress(resp.body)
+            resp.headers["content-encoding"] = "gzip"
+        if k.content_type is not None:
+            resp.content_type = k.content_type
+        return resp
+
+    async def _huge(self, request: web.Request) -> web.StreamResponse:
+        """A unary answer of `huge_bytes`: one JSON string never closed, made as it is sent."""
+        resp = web.StreamResponse(headers={"content-type": "application/json"})
+        if self.knobs.huge_declared:
+            resp.content_length = self.knobs.huge_bytes
+        await resp.prepare(request)
+        await self._write_huge(resp, b'{"id": "')
+        return resp
+
+    async def _write_huge(self, resp: web.StreamResponse, head: bytes) -> None:
+        """`head`, then letters up to `huge_bytes` in all, no newline; until the caller hangs
+        up (a disconnect)."""
+        piece = b"a" * 65536
+        sent = len(head)
+        try:
+            await resp.write(head)
+            while sent < self.knobs.huge_bytes:
+                await resp.write(piece[: self.knobs.huge_bytes - sent])
+                sent += len(piece)
+        except ConnectionError:
+            self.disconnects += 1
 
     async def _held(self, request: web.Request) -> bool:
         """Until release() (True) or the caller hangs up (False): aiohttp does not cancel a
@@ -213,6 +272,7 @@ class FakeUpstream:
     async def _record(self, request: web.Request) -> dict[str, Any]:
         raw = await request.read()
         body = orjson.loads(raw) if raw else {}
+        request[_BODY] = body
         self.calls += 1
         if self.record:
             self.requests.append(Recorded(request.path, dict(request.headers), body))
@@ -253,6 +313,8 @@ class FakeUpstream:
                 status=k.fail_status,
                 headers=headers,
             )
+        if k.huge == "body" and not request[_BODY].get("stream", ollama):
+            return await self._huge(request)
         return None
 
     def _reply_text(self, body: dict[str, Any]) -> str:
@@ -276,7 +338,14 @@ class FakeUpstream:
     async def _stream_lines(
         self, request: web.Request, content_type: str, lines: list[bytes]
     ) -> web.StreamResponse:
-        resp = web.StreamResponse(headers={"content-type": content_type})
+        k = self.knobs
+        resp = web.StreamResponse(headers={"content-type": k.content_type or content_type})
+        packer = zlib.compressobj(wbits=16 + zlib.MAX_WBITS) if k.gzip else None
+        if packer is not None:
+            resp.headers["content-encoding"] = "gzip"
+        lines = lines[:-1] if k.cut else lines
+        if k.garbage is not None:
+            lines[k.bad_at] = k.garbage
         await resp.prepare(request)
         try:
             for i, line in enumerate(lines):
@@ -284,12 +353,20 @@ class FakeUpstream:
                     assert request.transport is not None
                     request.transport.close()
                     return resp
+                if k.huge == "line" and i == k.bad_at:
+                    ndjson = content_type == "application/x-ndjson"
+                    await self._write_huge(resp, b'{"response": "' if ndjson else b'data: {"x": "')
+                    return resp
+                if packer is not None:
+                    line = packer.compress(line) + packer.flush(zlib.Z_SYNC_FLUSH)
                 await resp.write(line)
                 if i == 0 and self.knobs.hold_mid_stream and not await self._held(request):
                     self.disconnects += 1  # the caller hung up while held
                     return resp
                 if self.knobs.chunk_delay_s:
                     await asyncio.sleep(self.knobs.chunk_delay_s)
+            if packer is not None:
+                await resp.write(packer.flush())
             await resp.write_eof()
         except (ConnectionError, asyncio.CancelledError):
             self.disconnects += 1  # the client (the router) went away mid-stream

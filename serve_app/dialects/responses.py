@@ -154,6 +154,13 @@ def to_internal(doc: dict[str, Any], stream: bool) -> dict[str, Any]:
     elif fmt.get("type") == "json_schema":
         schema = {k: fmt[k] for k in ("name", "schema", "strict") if k in fmt}
         body["response_format"] = {"type": "json_schema", "json_schema": schema}
+    elif fmt.get("type") not in (None, "text"):
+        raise RouterError(
+            400,
+            "text.format.type is text, json_object or json_schema",
+            param="text.format",
+            code="invalid_value",
+        )
     if stream:
         body["stream_options"] = {"include_usage": True}
     return body

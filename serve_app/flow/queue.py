@@ -11,6 +11,21 @@ from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
+# Where a priority's metric label range starts (by size; the negatives mirror them): a client
+# allowed `x-priority` cannot mint one series per value.
+PRIORITY_BOUNDS = (1, 10, 100)
+MAX_PRIORITY = 1000
+
+
+def priority_label(priority: int) -> str:
+    """A priority's metric label: "0", or its range ("1..9", "10..99", "100..1000" and the
+    same below 0), one of 7 values."""
+    if priority == 0:
+        return "0"
+    size = abs(priority)
+    low = max(b for b in PRIORITY_BOUNDS if b <= size)
+    high = next((b - 1 for b in PRIORITY_BOUNDS if b > size), MAX_PRIORITY)
+    return f"{low}..{high}" if priority > 0 else f"-{high}..-{low}"
 
 
 @dataclass(eq=False)

@@ -15,21 +15,23 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, NamedTuple
 
-import aiohttp
 import orjson
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from serve_app.access.gate import Admission, Gate, flow_terms
+from serve_app.access.reserve import requested_output
 from serve_app.api.http import read_body, request_id
 from serve_app.cluster.registry.manifest import Manifest, unplaced_adapters
 from serve_app.conversations.service import Conversations, Turn
 from serve_app.core.config import SLOT_STRATEGIES, RouterConfig, RoutingConfig, StrategyName
 from serve_app.core.errors import RouterError, adapter_unavailable, model_not_found
+from serve_app.core.metrics import BODIES_METRIC
 from serve_app.core.schemas import (
     SESSION_HEADER,
     TIMEOUT_HEADER,
+    BodyLimits,
     Endpoint,
     RequestMeta,
     parse_timeout,
@@ -38,7 +40,7 @@ from serve_app.core.schemas import (
 from serve_app.dialects.translate import error_in_dialect
 from serve_app.dialects.usage import Counts, StreamMeter, counts_of
 from serve_app.ingress.picking import PickerLink
-from serve_app.ingress.relay import Deadline, Keeper, Relay, Route, Streamed, client_timeout
+from serve_app.ingress.relay import Deadline, Keeper, Limits, Relay, Route, Streamed, call_limits
 from serve_app.pickers.handler import ApiModelConfig
 from serve_app.pickers.plan import (
     ATTEMPTS_HEADER,
@@ -59,9 +61,11 @@ HOP_SLACK_S = 5.0
 # OpenAI streams whose usage chunk the router asks for when it counts a key's tokens.
 _USAGE_CHUNK = frozenset({Endpoint.CHAT, Endpoint.COMPLETIONS})
 # For a model the manifest dropped while its request was under way.
-DEFAULT_CLIENT_TIMEOUT = client_timeout(RoutingConfig())
+DEFAULT_LIMITS = call_limits(RoutingConfig())
 # Names the model that served a request its own model could not (fallback_model).
 FALLBACK_HEADER = "x-router-fallback-model"
+# On every answer: its content type is the router's (JSON, SSE, NDJSON), not to be guessed.
+NOSNIFF = {"x-content-type-options": "nosniff"}
 
 
 async def _metered(body: AsyncIterator[bytes], meter: StreamMeter) -> AsyncIterator[bytes]:
@@ -109,6 +113,11 @@ def _with_model(body: bytes, model: str) -> bytes:
     return orjson.dumps(doc)
 
 
+def _allowed(admission: Admission | None) -> Callable[[str], bool]:
+    """Which models a request may be served by: its key's (any without keys)."""
+    return (lambda _: True) if admission is None else admission.record.allows
+
+
 def router_error(status: int, message: str) -> RouterError:
     code = {503: "router_unavailable", 504: "deadline_exceeded"}[status]
     return RouterError(status, f"{message}; retry", type="api_error", code=code)
@@ -122,6 +131,15 @@ def _not_deployed(model_type: str) -> RouterError:
         type="api_error",
         code="model_type_not_deployed",
     )
+
+
+class BodyRules(NamedTuple):
+    """What an inference request's body may be: its bytes, how long it may take to arrive,
+    what it may hold."""
+
+    max_bytes: int
+    timeout_s: float
+    limits: BodyLimits
 
 
 class ModelInfo(NamedTuple):
@@ -141,7 +159,7 @@ class Gateway:
         self,
         pickers: dict[str, PickerLink],
         relay: Relay,
-        max_body_bytes: int,
+        body: BodyRules,
         gate: Gate,
         default_strategy: StrategyName,
         conversations: Conversations,
@@ -155,10 +173,10 @@ class Gateway:
         self._default_strategy = default_strategy
         self.model_types = frozenset(pickers)
         self._routing: dict[str, RoutingConfig] = {}
-        self._client_timeouts: dict[str, aiohttp.ClientTimeout] = {}  # by model
+        self._limits: dict[str, Limits] = {}  # by model
         self._prefix_chars: dict[str, int] = {}  # prefix_affinity models: their block size
         self._slot_models: frozenset[str] = frozenset()  # first_available* models
-        self._max_body_bytes = max_body_bytes
+        self.body = body
         self.type_of: dict[str, str] = {}
         self._unplaced: frozenset[str] = frozenset()  # adapters loaded on no server now
         self._fallbacks: dict[str, str] = {}
@@ -200,7 +218,7 @@ class Gateway:
         self._keepers = frozenset(p.id for ps in everyone.values() for p in ps if p.responses_store)
         self._input_sizes = {name: max(p.input_size for p in ps) for name, ps in everyone.items()}
         self._routing = {name: group.routing for group in groups for name in group.models}
-        self._client_timeouts = {name: client_timeout(r) for name, r in self._routing.items()}
+        self._limits = {name: call_limits(r) for name, r in self._routing.items()}
         strategies = {n: r.strategy or self._default_strategy for n, r in self._routing.items()}
         self._prefix_chars = {
             name: self._routing[name].prefix_block_chars
@@ -249,8 +267,12 @@ class Gateway:
         strip = False
         turn: Turn | None = None
         try:
-            body = await read_body(request, self._max_body_bytes)
-            meta = validate_request(endpoint, body, rid)
+            # The key first, from the headers alone: without a valid one nothing is read or
+            # parsed, and the answer is the same whatever model the body would name.
+            self.gate.owner(request.headers)
+            body = await read_body(request, self.body.max_bytes, self.body.timeout_s)
+            self.tally.inc(BODIES_METRIC, (dialect,))
+            meta = validate_request(endpoint, body, rid, self.body.limits)
             requested = meta.model
             key = meta.model.lower()
             if meta.model not in self.type_of and key in self.role_models:
@@ -263,7 +285,7 @@ class Gateway:
                     )
                 else:
                     body = _with_model(body, served)
-                meta = validate_request(endpoint, body, rid)
+                meta = validate_request(endpoint, body, rid, self.body.limits)
             meta = meta._replace(
                 timeout_s=parse_timeout(request.headers.get(TIMEOUT_HEADER)),
                 session=request.headers.get(SESSION_HEADER) or meta.session,
@@ -277,7 +299,10 @@ class Gateway:
             if model_type not in self._pickers:
                 raise _not_deployed(model_type)
             admission = await self.gate.admit(
-                request.headers, (requested, meta.model), meta.prompt_tokens
+                request.headers,
+                (requested, meta.model),
+                meta.prompt_tokens,
+                lambda: requested_output(endpoint, body),
             )
             if admission is not None and meta.stream and endpoint in _USAGE_CHUNK:
                 body, strip = _with_usage(body)
@@ -291,7 +316,9 @@ class Gateway:
                     return await self._background(turn, model_type, meta, admission, started)
         except RouterError as err:  # a key admitted here is charged nothing for it
             return self._answered(model, endpoint, started, error_answer(err), admission)
-        routed = await self._route(model_type, body, meta, turn.keeper if turn else None)
+        routed = await self._route(
+            model_type, body, meta, turn.keeper if turn else None, _allowed(admission)
+        )
         if isinstance(routed, Streamed):
             try:
                 if turn is not None:
@@ -312,7 +339,8 @@ class Gateway:
         keeps the earlier turns first; 400 when the conversation outgrew the model."""
         if turn.previous is None:
             return meta
-        tokens = validate_request(meta.endpoint, turn.body, meta.request_id).prompt_tokens
+        expanded = validate_request(meta.endpoint, turn.body, meta.request_id, self.body.limits)
+        tokens = expanded.prompt_tokens
         largest = self._input_sizes.get(meta.model, 0)
         if tokens > largest:
             raise RouterError(
@@ -339,7 +367,9 @@ class Gateway:
 
         async def run() -> Unary:
             try:
-                answer = await self._route(model_type, turn.body, meta, turn.keeper)
+                answer = await self._route(
+                    model_type, turn.body, meta, turn.keeper, _allowed(admission)
+                )
             except asyncio.CancelledError:  # cancelled or deleted: nothing was used
                 if admission is not None:
                     self._settle(admission, meta.model, None, 499, 0)
@@ -353,10 +383,15 @@ class Gateway:
         return Response(queued, media_type="application/json")
 
     async def _route(
-        self, model_type: str, body: bytes, meta: RequestMeta, keeper: Keeper | None
+        self,
+        model_type: str,
+        body: bytes,
+        meta: RequestMeta,
+        keeper: Keeper | None,
+        allowed: Callable[[str], bool],
     ) -> Unary | Streamed:
         """The request planned and relayed by its deadline, its model's fallback taken when it
-        cannot be served."""
+        cannot be served (and its key may use the fallback)."""
         rid = meta.request_id
         deadline = Deadline.within(min(self._timeouts[model_type], meta.timeout_s or float("inf")))
         # A backstop only: the relay ends the request at its deadline and answers 504 itself;
@@ -367,7 +402,12 @@ class Gateway:
                 served = [meta.model]
                 while isinstance(routed, Unary) and routed.head.headers.pop(UNSERVABLE_HEADER, ""):
                     fallback = self._fallbacks.get(served[-1])
-                    if fallback is None or fallback in served or fallback not in self.type_of:
+                    if (
+                        fallback is None
+                        or fallback in served
+                        or fallback not in self.type_of
+                        or not allowed(fallback)
+                    ):
                         break
                     served.append(fallback)
                     log.warning(
@@ -408,8 +448,8 @@ class Gateway:
         plan = await link.plan(meta, prefix, meta.model in self._slot_models)
         if plan.queued:  # every provider is full: it waits in the picker's queue
             plan = await link.wait(plan)
-        timeout = self._client_timeouts.get(meta.model) or DEFAULT_CLIENT_TIMEOUT
-        route = Route(plan, link, timeout, keeper)
+        limits = self._limits.get(meta.model) or DEFAULT_LIMITS
+        route = Route(plan, link, limits, keeper)
         return await self._relay.call(route, body, meta, deadline)
 
     def _count(
@@ -443,12 +483,15 @@ class Gateway:
             if head.status == 200:
                 with contextlib.suppress(orjson.JSONDecodeError):
                     counts = counts_of(endpoint.dialect, orjson.loads(out))
-            self._settle(admission, model, counts, head.status, len(out))
+            self._settle(admission, model, counts, head.status, len(out) // 4)
             head.headers.update(admission.headers)
         if head.status >= 400:
             out = error_in_dialect(endpoint.dialect, head.status, out)
         return Response(
-            out, status_code=head.status, media_type=head.content_type, headers=head.headers
+            out,
+            status_code=head.status,
+            media_type=head.content_type,
+            headers={**head.headers, **NOSNIFF},
         )
 
     def _streamed(
@@ -468,8 +511,9 @@ class Gateway:
         def ended() -> None:
             streamed.end()
             self._count(model, endpoint, head, started, first)
-            if admission is not None and meter is not None:
-                self._settle(admission, model, meter.counts, head.status, 0)
+            if admission is not None and meter is not None:  # cut short: what it relayed
+                counts = meter.counts if meter.final else None
+                self._settle(admission, model, counts, head.status, meter.relayed)
 
         return _Relayed(
             streamed.body if meter is None else _metered(streamed.body, meter),
@@ -479,21 +523,23 @@ class Gateway:
             headers={
                 **head.headers,
                 **(admission.headers if admission else {}),
+                **NOSNIFF,
                 "cache-control": "no-cache",
             },
         )
 
     def _settle(
-        self, admission: Admission, model: str, counts: Counts | None, status: int, size: int
+        self, admission: Admission, model: str, counts: Counts | None, status: int, output: int
     ) -> None:
         """The key's usage: the upstream's counts; a failed request used nothing; an answer
-        without counts is estimated (its prompt estimate, and its body's size for the rest)."""
+        without counts (or a stream cut before its last ones) is estimated: its prompt
+        estimate, and `output` (the body's size / 4, a stream's relayed text) for the rest."""
         if counts is not None:
             self.gate.settle(admission, model, *counts, estimated=False)
         elif status >= 400:
             self.gate.settle(admission, model, 0, 0, estimated=False)
         else:
-            self.gate.settle(admission, model, admission.estimate, size // 4, estimated=True)
+            self.gate.settle(admission, model, admission.estimate, output, estimated=True)
 
     def _openai_models(self, models: list[ModelInfo]) -> list[dict[str, Any]]:
         """`/v1/models` entries: adapters name their `parent`, roles their `root`."""

@@ -11,13 +11,14 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
+from functools import partial
 from typing import NamedTuple, Protocol
 
 import aiohttp
 
 from serve_app.cluster.registry.manifest import is_lora_name
 from serve_app.core.config import ProviderConfig, RoutingConfig
-from serve_app.core.errors import RouterError, adapter_unavailable
+from serve_app.core.errors import BadUpstream, RouterError, adapter_unavailable
 from serve_app.core.metrics import Tally
 from serve_app.core.schemas import RequestMeta
 from serve_app.dialects.translate import STREAM_TYPES, stream_error
@@ -34,7 +35,8 @@ from serve_app.pickers.plan import (
     error_answer,
 )
 from serve_app.upstreams import prepare
-from serve_app.upstreams.base import Exchange
+from serve_app.upstreams.base import JSON, Exchange
+from serve_app.upstreams.checks import Body, Decoder, StreamCheck
 
 log = logging.getLogger("ray.serve")
 
@@ -95,12 +97,30 @@ class Keeper(NamedTuple):
     body: bytes
 
 
+class Limits(NamedTuple):
+    """How one model's upstream calls are bounded (its routing settings)."""
+
+    timeout: aiohttp.ClientTimeout  # connect, and each read
+    answer_bytes: int  # a unary answer, whole
+    event_bytes: int  # one event of a stream (an SSE event, an Ollama line)
+
+
+def call_limits(routing: RoutingConfig) -> Limits:
+    timeout = aiohttp.ClientTimeout(
+        total=None,
+        connect=routing.connect_timeout_s,
+        sock_connect=routing.connect_timeout_s,
+        sock_read=routing.read_timeout_s,
+    )
+    return Limits(timeout, routing.max_answer_bytes, routing.max_event_bytes)
+
+
 class Route(NamedTuple):
     """One request's plan and how to go on with it."""
 
     plan: Plan
     link: Planner  # its picker deployment: a slot plan's next provider, failures
-    timeout: aiohttp.ClientTimeout  # the model's connect and read timeouts (client_timeout)
+    limits: Limits  # the model's (call_limits)
     keeper: Keeper | None = None
 
     @property
@@ -142,15 +162,6 @@ def _retryable(status: int, provider: ProviderConfig) -> bool:
     """Worth another provider: busy, broken, or without this adapter version (a restarted vLLM
     forgot it, and the registry has not yet noticed and loaded it again)."""
     return status == 429 or status >= 500 or (status == 404 and is_lora_name(provider.model_path))
-
-
-def client_timeout(routing: RoutingConfig) -> aiohttp.ClientTimeout:
-    return aiohttp.ClientTimeout(
-        total=None,
-        connect=routing.connect_timeout_s,
-        sock_connect=routing.connect_timeout_s,
-        sock_read=routing.read_timeout_s,
-    )
 
 
 class _Attempts:
@@ -293,17 +304,16 @@ class Relay:
                 async for provider in attempts.providers():
                     exchange = prepare(provider, meta, attempts.body(provider, body))
                     try:
-                        async with self._post(exchange, route.timeout) as resp:
+                        async with self._post(exchange, route.limits.timeout) as resp:
                             if attempts.retryable(resp.status, provider):
                                 attempts.failed(provider, _status_failure(resp))
                                 continue
-                            data = await resp.read()
-                            out, ctype = exchange.unary(resp.status, data, resp.content_type)
+                            out = await _answer(exchange, resp, route.limits, attempts, provider)
                     except UPSTREAM_ERRORS as exc:
                         attempts.failed(provider, _exc_failure(exc))
                         continue
                     headers = attempts.answered(provider)
-                    return Unary(Head(resp.status, ctype, headers), out)
+                    return Unary(Head(resp.status, JSON, headers), out)
                 raise attempts.exhausted()
         except TimeoutError:
             return error_answer(deadline.error())
@@ -318,14 +328,14 @@ class Relay:
         meta: RequestMeta,
         deadline: Deadline,
     ) -> Unary | Streamed:
-        """Failover is possible until the upstream's first body bytes; the deadline before them
+        """Failover is possible until the upstream's first whole event; the deadline before it
         is a 504."""
         try:
             async for provider in attempts.providers():
                 exchange = prepare(provider, meta, attempts.body(provider, body))
                 try:
                     async with asyncio.timeout_at(deadline.at):
-                        resp = await self._post(exchange, route.timeout)
+                        resp = await self._post(exchange, route.limits.timeout)
                 except UPSTREAM_ERRORS as exc:
                     if deadline.past:
                         raise deadline.error() from None
@@ -338,17 +348,18 @@ class Relay:
                         continue
                     if resp.status >= 400:
                         try:
-                            data = await resp.read()
+                            out = await _answer(exchange, resp, route.limits, attempts, provider)
                         except UPSTREAM_ERRORS as exc:
                             attempts.failed(provider, _exc_failure(exc))
                             continue
                         headers = attempts.answered(provider)
-                        out, ctype = exchange.unary(resp.status, data, resp.content_type)
-                        return Unary(Head(resp.status, ctype, headers), out)
-                    # The answer starts with its first body bytes: an upstream that dies
-                    # between its headers and them is failed over like one that never
-                    # answered (nothing has gone to the client yet).
-                    upstream = resp.content.iter_any()
+                        return Unary(Head(resp.status, JSON, headers), out)
+                    # The answer starts with its first whole event: an upstream that dies
+                    # between its headers and it is failed over like one that never answered
+                    # (nothing has gone to the client yet); one whose first event is past the
+                    # bound or malformed is a 502.
+                    check = StreamCheck(exchange.wire, route.limits.event_bytes)
+                    upstream = _checked(resp, check)
                     try:
                         async with asyncio.timeout_at(deadline.at):
                             first = await anext(upstream, b"")
@@ -357,10 +368,16 @@ class Relay:
                             raise deadline.error() from None
                         attempts.failed(provider, _exc_failure(exc))
                         continue
+                    except BadUpstream as err:
+                        _refused(resp, attempts, provider, err)
+                        raise
                     headers = attempts.answered(provider)
                     head = Head(resp.status, STREAM_TYPES[meta.endpoint.dialect], headers)
                     end = _End(self.reporter, route, resp)
-                    rest = _relay(exchange, first, upstream, resp, meta, provider, end, deadline)
+                    failed = partial(attempts.failed, provider)
+                    rest = _relay(
+                        exchange, first, upstream, resp, meta, provider, end, deadline, failed
+                    )
                     handed = True
                     return Streamed(head, rest, end)
                 finally:
@@ -369,6 +386,51 @@ class Relay:
             raise attempts.exhausted()
         except RouterError as err:
             return error_answer(err)
+
+
+async def _answer(
+    exchange: Exchange,
+    resp: aiohttp.ClientResponse,
+    limits: Limits,
+    attempts: _Attempts,
+    provider: ProviderConfig,
+) -> bytes:
+    """A unary answer (or a stream's error answer), read whole within the bound and put in the
+    client's form; a BadUpstream fails the provider and ends its call."""
+    try:
+        decoder = Decoder(resp.headers.get(aiohttp.hdrs.CONTENT_ENCODING, ""))
+        body = Body(limits.answer_bytes, resp.content_length if decoder.identity else None)
+        async for piece in _decoded(resp, decoder):
+            body.add(piece)
+        return exchange.unary(resp.status, body.bytes())
+    except BadUpstream as err:
+        _refused(resp, attempts, provider, err)
+        raise
+
+
+def _refused(
+    resp: aiohttp.ClientResponse, attempts: _Attempts, provider: ProviderConfig, err: BadUpstream
+) -> None:
+    """An answer past a bound or unreadable: its connection closed (the rest is never read),
+    the provider failed."""
+    resp.close()
+    attempts.failed(provider, _Failure(err.reason, err.status))
+
+
+async def _decoded(resp: aiohttp.ClientResponse, decoder: Decoder) -> AsyncIterator[bytes]:
+    async for chunk in resp.content.iter_any():
+        for piece in decoder.feed(chunk):
+            yield piece
+    decoder.end()
+
+
+async def _checked(resp: aiohttp.ClientResponse, check: StreamCheck) -> AsyncIterator[bytes]:
+    """A streamed answer, decoded, in whole checked frames (BadUpstream past a rule)."""
+    decoder = Decoder(resp.headers.get(aiohttp.hdrs.CONTENT_ENCODING, ""))
+    async for piece in _decoded(resp, decoder):
+        if frames := check.feed(piece):
+            yield frames
+    check.end()
 
 
 async def _relay(
@@ -380,11 +442,13 @@ async def _relay(
     provider: ProviderConfig,
     end: _End,
     deadline: Deadline,
+    failed: Callable[[_Failure], None],
 ) -> AsyncIterator[bytes]:
-    """The upstream's streamed body, translated; a break or the deadline ends it with an SSE
-    error event."""
+    """The upstream's streamed body, translated; a break, a bad or oversized event, or the
+    deadline ends it with an error event in the client's dialect."""
     timer = _BodyDeadline(deadline, resp)
     finished = False
+    dialect = meta.endpoint.dialect
     try:
         try:
             async for out in exchange.stream(_prepended(first, upstream)):
@@ -400,14 +464,14 @@ async def _relay(
                         "reason": type(exc).__name__,
                     },
                 )
-                yield stream_error(
-                    meta.endpoint.dialect,
-                    f"upstream {provider.id} broke off the stream",
-                    "upstream_error",
-                )
+                message = f"upstream {provider.id} broke off the stream"
+                yield stream_error(dialect, message, "upstream_error")
+        except BadUpstream as err:  # past a bound, or not its wire format: the provider failed
+            if not timer.expired:
+                failed(_Failure(err.reason, err.status))
+                yield stream_error(dialect, err.message, "bad_upstream_response")
         if timer.expired:
-            message = deadline.error().message
-            yield stream_error(meta.endpoint.dialect, message, "deadline_exceeded")
+            yield stream_error(dialect, deadline.error().message, "deadline_exceeded")
     finally:
         timer.cancel()
         end(finished)

@@ -7,7 +7,6 @@ The surfaces reach this replica's state through `serve_app.api.http.replica()`.
 """
 
 import asyncio
-import os
 import socket
 
 import aiohttp
@@ -23,7 +22,7 @@ from serve_app.access.gate import Gate
 from serve_app.access.limiter import limiter_handle
 from serve_app.api import admin, anthropic, console, keys, ollama, openai, ops, responses
 from serve_app.api.admin import Admin, AdminSettings
-from serve_app.api.auth import ADMIN_TOKEN_ENV
+from serve_app.api.auth import admin_token
 from serve_app.api.http import install_error_handlers
 from serve_app.cluster.follow import Follower
 from serve_app.cluster.monitor import monitor_handle
@@ -33,8 +32,9 @@ from serve_app.conversations.actor import responses_handle
 from serve_app.conversations.service import Conversations
 from serve_app.core.config import StrategyName
 from serve_app.core.metrics import Tally
+from serve_app.core.schemas import BodyLimits
 from serve_app.core.serve_env import REPLICA_CPUS
-from serve_app.ingress.gateway import Gateway, router_error
+from serve_app.ingress.gateway import BodyRules, Gateway, router_error
 from serve_app.ingress.lean import LeanRoutes
 from serve_app.ingress.outcomes import Reporter
 from serve_app.ingress.picking import PickerLink
@@ -43,6 +43,7 @@ from serve_app.local.loopback import keep_replica_grpc_on_loopback
 from serve_app.pickers.plan import Report
 
 DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
+DEFAULT_BODY_TIMEOUT_S = 60.0
 METRICS_PUSH_S = 1.0
 
 api = FastAPI(
@@ -61,6 +62,10 @@ install_error_handlers(api)
 
 class IngressSettings(AdminSettings):
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S
+    body_limits: BodyLimits = BodyLimits()
+    # The Host names requests must carry (any port); None: any (core/door.py).
+    allowed_hosts: tuple[str, ...] | None = None
     watch_config: bool = False
     # For model types whose routing names no strategy (the pickers' default too).
     default_strategy: StrategyName = "balanced"
@@ -90,6 +95,7 @@ class Ingress:
         settings: IngressSettings,
     ) -> None:
         keep_replica_grpc_on_loopback()  # before Serve opens this replica's gRPC server
+        token = admin_token()  # a guessable one stops the replica here, with its reason
         self._id = f"ingress:{serve.get_replica_context().replica_id.unique_id}"
         self._registry = registry
         self._monitor_handle: ActorHandle | None = None
@@ -108,24 +114,24 @@ class Ingress:
         self.gateway = Gateway(
             links,
             relay,
-            settings.max_body_bytes,
+            BodyRules(settings.max_body_bytes, settings.body_timeout_s, settings.body_limits),
             self.gate,
             settings.default_strategy,
             conversations,
         )
         self._follower = Follower(registry.handle, self._id, Manifest(), self._apply)
-        token = os.environ.get(ADMIN_TOKEN_ENV)
         self.admin = Admin(self._follower, registry, self.gateway, settings, token)
         await self._follower.start()
         self._reporter.start()
         loop = asyncio.get_running_loop()
         self._pusher = loop.create_task(self._push_metrics())
         self._watcher = loop.create_task(self.admin.watch()) if settings.watch_config else None
+        self._allowed_hosts = settings.allowed_hosts
 
     def __serve_build_asgi_app__(self) -> ASGIApp:
         """Serve's hook, after __init__: the inference routes on the lean path, the rest on
         FastAPI (api/lean.py)."""
-        return LeanRoutes(api, self.gateway)
+        return LeanRoutes(api, self.gateway, self._allowed_hosts)
 
     def _apply(self, manifest: Manifest) -> None:
         config = effective_config(manifest)

@@ -22,7 +22,7 @@ from serve_app.core.config import RoutingConfig
 from serve_app.core.errors import RouterError
 from serve_app.core.metrics import Tally
 from serve_app.core.schemas import RequestMeta
-from serve_app.flow.queue import FairQueue, Waiter
+from serve_app.flow.queue import FairQueue, Waiter, priority_label
 from serve_app.pickers.plan import Plan, error_answer
 
 WAIT_METRIC = "llm_router_queue_wait_seconds"
@@ -83,7 +83,8 @@ class Queues:
         self._queues: dict[str, FairQueue[Waiting]] = {}
         self._tickets: dict[str, Waiter[Waiting]] = {}
         self._ids = itertools.count()
-        self._seen: set[tuple[str, int]] = set()  # (model, priority) ever queued: the gauges
+        # (model, priority label) ever queued: the gauges.
+        self._seen: set[tuple[str, str]] = set()
 
     def any_waiting(self) -> bool:
         return any(queue.count for queue in self._queues.values())
@@ -106,7 +107,7 @@ class Queues:
         ticket = f"{self._holder}:q{next(self._ids)}"
         item = Waiting(ticket, meta, prefix, loop.create_future(), time.monotonic(), priority)
         waiter = Waiter(item, priority, meta.tenant, meta.weight, meta.size)
-        self._seen.add((meta.model, priority))
+        self._seen.add((meta.model, priority_label(priority)))
         for gone in queue.push(waiter):
             self._answer(gone, Plan("", self._holder, (), error=error_answer(shed(meta.model))))
             self._observe(gone.item, "shed")
@@ -176,12 +177,13 @@ class Queues:
         for model in list(self._queues):
             self.dispatch(model)
 
-    def lengths(self) -> dict[tuple[str, int], int]:
-        """Requests waiting by (model, priority), zeros included for those seen before."""
+    def lengths(self) -> dict[tuple[str, str], int]:
+        """Requests waiting by (model, priority label), zeros included for those seen before."""
         out = dict.fromkeys(self._seen, 0)
         for model, queue in self._queues.items():
             for priority, count in queue.by_priority().items():
-                out[(model, priority)] = count
+                label = (model, priority_label(priority))
+                out[label] = out.get(label, 0) + count
         return out
 
     def _timed_out(self, ticket: str, seconds: float) -> None:
@@ -217,5 +219,5 @@ class Queues:
                     timer.cancel()
 
     def _observe(self, item: Waiting, outcome: str) -> None:
-        labels = (item.meta.model, str(item.priority), outcome)
+        labels = (item.meta.model, priority_label(item.priority), outcome)
         self._tally.observe(WAIT_METRIC, labels, time.monotonic() - item.since)

@@ -25,6 +25,7 @@ _NATIVE = {
 
 
 def prepare(provider: ProviderConfig, meta: RequestMeta, body: bytes) -> Exchange:
+    """The request as `provider` takes it (RouterError 400 when its format cannot express it)."""
     if meta.endpoint in _NATIVE[provider.api_type]:
         return _BY_TYPE[provider.api_type](provider, meta, body)
     if provider.api_type == "ollama" and meta.endpoint.dialect == "ollama":

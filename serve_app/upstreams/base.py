@@ -7,23 +7,25 @@ from typing import Protocol
 from urllib.parse import urlsplit
 
 from serve_app.core.config import ProviderConfig
+from serve_app.core.schemas import Dialect
 
 JSON = "application/json"
 SSE = "text/event-stream"
 
 
 class Exchange(Protocol):
-    """One request to one provider, and how its answer becomes an OpenAI-format answer."""
+    """One request to one provider, and how its answer becomes the client's."""
 
     url: str
     headers: dict[str, str]
     body: bytes
+    wire: Dialect  # the format of the provider's streamed answer (upstreams/checks.py)
 
-    def unary(self, status: int, body: bytes, content_type: str) -> tuple[bytes, str]:
-        """The client-facing body and content type of a complete (non-streamed) answer."""
+    def unary(self, status: int, body: bytes) -> bytes:
+        """The client-facing JSON body of a complete (non-streamed) answer."""
 
     def stream(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-        """The client-facing SSE bytes of a streamed answer, chunk by chunk."""
+        """The client-facing bytes of a streamed answer, from the provider's whole frames."""
 
 
 def api_root(api_host: str, *, default_path: str) -> str:
@@ -42,8 +44,9 @@ def upstream_model(provider: ProviderConfig, requested: str) -> str:
 
 
 def json_headers(provider: ProviderConfig) -> dict[str, str]:
-    """A JSON request's headers, with the provider's bearer token when it has one."""
-    headers = {"content-type": JSON}
+    """A JSON request's headers, with the provider's bearer token when it has one. The answer is
+    asked for uncompressed: the router relays and translates it, the client's side compresses."""
+    headers = {"content-type": JSON, "accept-encoding": "identity"}
     token = provider.api_token.get_secret_value()
     if token:
         headers["authorization"] = f"Bearer {token}"

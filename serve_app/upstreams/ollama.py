@@ -15,11 +15,12 @@ from typing import Any
 import orjson
 
 from serve_app.core.config import ProviderConfig
-from serve_app.core.errors import RouterError, bad_upstream_response, error_body, sse_error_event
+from serve_app.core.errors import BadUpstream, RouterError, error_body, sse_error_event
 from serve_app.core.schemas import Endpoint, RequestMeta
 from serve_app.dialects.internal import LineReader
 from serve_app.dialects.ollama import OPTIONS
-from serve_app.upstreams.base import JSON, api_root, json_headers, upstream_model
+from serve_app.upstreams.base import api_root, json_headers, upstream_model
+from serve_app.upstreams.checks import translating
 
 _PATHS = {
     Endpoint.CHAT: "/api/chat",
@@ -37,13 +38,28 @@ def _options(req: dict[str, Any]) -> dict[str, Any]:
     return opts
 
 
+def _unsupported(message: str, param: str) -> RouterError:
+    """A client request an Ollama provider cannot be asked in its API."""
+    return RouterError(400, f"ollama providers: {message}", param=param, code="unsupported_content")
+
+
 def _format(req: dict[str, Any]) -> Any:
-    fmt = req.get("response_format") or {}
-    if fmt.get("type") == "json_object":
+    """`response_format` as Ollama's `format`: "json", a JSON schema, or none for text."""
+    fmt = req.get("response_format")
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if fmt is None or kind == "text":
+        return None
+    if kind == "json_object":
         return "json"
-    if fmt.get("type") == "json_schema":
-        return (fmt.get("json_schema") or {}).get("schema") or "json"
-    return None
+    spec = fmt.get("json_schema") if kind == "json_schema" else None
+    schema = spec.get("schema") if isinstance(spec, dict) else None
+    if isinstance(schema, dict):
+        return schema
+    raise _unsupported(
+        'response_format takes {"type": "text"}, {"type": "json_object"} or '
+        '{"type": "json_schema", "json_schema": {"schema": {...}}}',
+        "response_format",
+    )
 
 
 def _message(msg: dict[str, Any]) -> dict[str, Any]:
@@ -56,40 +72,48 @@ def _message(msg: dict[str, Any]) -> dict[str, Any]:
             if part.get("type") == "text":
                 texts.append(part.get("text") or "")
             elif part.get("type") == "image_url":
-                url = (part.get("image_url") or {}).get("url", "")
-                if _DATA_URL_MARK not in url:
-                    raise RouterError(
-                        400,
-                        "ollama providers take images only as base64 data: URLs",
-                        param="messages",
-                        code="unsupported_content",
-                    )
-                images.append(url.split(_DATA_URL_MARK, 1)[1])
+                images.append(_image(part.get("image_url")))
+            else:
+                raise _unsupported("message parts are text or image_url", "messages")
         out["content"] = "".join(texts)
         if images:
             out["images"] = images
     else:
         out["content"] = content or ""
-    if msg.get("tool_calls"):
-        out["tool_calls"] = [_tool_call_to_ollama(c) for c in msg["tool_calls"]]
+    calls = msg.get("tool_calls")
+    if calls:
+        if not isinstance(calls, list):
+            raise _unsupported("tool_calls is a list of function calls", "messages")
+        out["tool_calls"] = [_tool_call_to_ollama(c) for c in calls]
     if msg.get("name") and role == "tool":
         out["tool_name"] = msg["name"]
     return out
 
 
-def _tool_call_to_ollama(call: dict[str, Any]) -> dict[str, Any]:
-    fn = call.get("function") or {}
+def _image(image_url: Any) -> str:
+    """An image part's base64 data (Ollama takes no URL): from `{"url": "data:...;base64,..."}`."""
+    url = image_url.get("url") if isinstance(image_url, dict) else None
+    if not isinstance(url, str) or _DATA_URL_MARK not in url:
+        raise _unsupported(
+            'images are {"url": "data:<type>;base64,<data>"} objects (no remote URLs)', "messages"
+        )
+    return url.split(_DATA_URL_MARK, 1)[1]
+
+
+def _tool_call_to_ollama(call: Any) -> dict[str, Any]:
+    fn = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(fn, dict):
+        raise _unsupported('a tool call is {"function": {"name", "arguments"}}', "messages")
     args = fn.get("arguments")
     if isinstance(args, str):
         try:
             args = orjson.loads(args) if args else {}
         except orjson.JSONDecodeError:
-            raise RouterError(
-                400,
-                "tool call arguments must be a JSON object",
-                param="messages",
-                code="invalid_value",
-            ) from None
+            args = ""  # not JSON: refused below
+    if not isinstance(args, dict | None):
+        raise RouterError(
+            400, "tool call arguments must be a JSON object", param="messages", code="invalid_value"
+        )
     return {"function": {"name": fn.get("name"), "arguments": args or {}}}
 
 
@@ -287,6 +311,8 @@ def ollama_root(provider: ProviderConfig) -> str:
 
 
 class OllamaExchange:
+    wire = "ollama"
+
     def __init__(self, provider: ProviderConfig, meta: RequestMeta, body: bytes) -> None:
         req = orjson.loads(body)
         self.url = ollama_root(provider) + _PATHS[meta.endpoint]
@@ -304,9 +330,12 @@ class OllamaExchange:
         prefix = {Endpoint.CHAT: "chatcmpl-", Endpoint.COMPLETIONS: "cmpl-"}.get(meta.endpoint, "")
         self.id = prefix + uuid.uuid4().hex
         self.created = int(time.time())
-        self.include_usage = bool((req.get("stream_options") or {}).get("include_usage"))
+        options = req.get("stream_options") or {}
+        if not isinstance(options, dict):
+            raise _unsupported("stream_options is an object", "stream_options")
+        self.include_usage = bool(options.get("include_usage"))
 
-    def unary(self, status: int, body: bytes, content_type: str) -> tuple[bytes, str]:
+    def unary(self, status: int, body: bytes) -> bytes:
         try:
             doc = orjson.loads(body)
         except orjson.JSONDecodeError:
@@ -315,11 +344,14 @@ class OllamaExchange:
             msg = doc.get("error") if isinstance(doc, dict) else None
             text = str(msg) if msg else body.decode(errors="replace")[:500]
             kind = "invalid_request_error" if status < 500 else "api_error"
-            return error_body(text, kind, "upstream_error"), JSON
+            return error_body(text, kind, "upstream_error")
         if not isinstance(doc, dict):
-            raise bad_upstream_response("ollama answered with a body that is not JSON")
-        out = from_ollama_response(self.meta.endpoint, doc, self.meta.model, self.id, self.created)
-        return orjson.dumps(out), JSON
+            raise BadUpstream("ollama answered with a body that is not JSON")
+        with translating():
+            out = from_ollama_response(
+                self.meta.endpoint, doc, self.meta.model, self.id, self.created
+            )
+        return orjson.dumps(out)
 
     async def stream(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         tr = StreamTranslator(
@@ -327,16 +359,21 @@ class OllamaExchange:
         )
         lines = LineReader()
         async for chunk in chunks:
-            out = b"".join(tr.line(orjson.loads(line)) for line in lines.feed(chunk))
+            with translating():
+                out = b"".join(tr.line(orjson.loads(line)) for line in lines.feed(chunk))
             if out:
                 yield out
         if (last := lines.rest()) is not None:
-            yield tr.line(orjson.loads(last))
+            with translating():
+                out = tr.line(orjson.loads(last))
+            yield out
 
 
 class OllamaNativeExchange:
     """An Ollama client's request to an Ollama provider: passed through, with the provider's
     model name and keep_alive (the client's keep_alive wins); answers name the client's model."""
+
+    wire = "ollama"
 
     def __init__(self, provider: ProviderConfig, meta: RequestMeta, body: bytes) -> None:
         self.url = f"{ollama_root(provider)}/{meta.endpoint.value}"
@@ -359,13 +396,13 @@ class OllamaNativeExchange:
             doc["model"] = self.model
         return orjson.dumps(doc)
 
-    def unary(self, status: int, body: bytes, content_type: str) -> tuple[bytes, str]:
+    def unary(self, status: int, body: bytes) -> bytes:
         if status >= 400:
-            return body, content_type or JSON
+            return body
         try:
-            return self._named(body), JSON
+            return self._named(body)
         except orjson.JSONDecodeError:
-            raise bad_upstream_response("ollama answered with a body that is not JSON") from None
+            raise BadUpstream("ollama answered with a body that is not JSON") from None
 
     async def stream(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         if self.upstream == self.model:

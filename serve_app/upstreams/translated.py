@@ -7,10 +7,10 @@ from collections.abc import AsyncIterator
 
 import orjson
 
-from serve_app.core.errors import bad_upstream_response
 from serve_app.dialects.base import Translation
 from serve_app.dialects.internal import DONE, SSEReader, error_message, read_answer
-from serve_app.upstreams.base import JSON, Exchange
+from serve_app.upstreams.base import Exchange
+from serve_app.upstreams.checks import translating
 
 
 class TranslatedExchange:
@@ -18,18 +18,15 @@ class TranslatedExchange:
         self.inner = inner
         self.translation = translation
         self.url, self.headers, self.body = inner.url, inner.headers, inner.body
+        self.wire = inner.wire
 
-    def unary(self, status: int, body: bytes, content_type: str) -> tuple[bytes, str]:
-        out, ctype = self.inner.unary(status, body, content_type)
+    def unary(self, status: int, body: bytes) -> bytes:
+        out = self.inner.unary(status, body)
         if status >= 400:  # reshaped into the client's dialect at the ingress
-            return out, ctype
-        try:
+            return out
+        with translating():
             doc = orjson.loads(out)
-            return orjson.dumps(self.translation.unary(read_answer(doc), doc)), JSON
-        except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError):
-            raise bad_upstream_response(
-                "the provider's answer is not a chat, completion or embedding object"
-            ) from None
+            return orjson.dumps(self.translation.unary(read_answer(doc), doc))
 
     async def stream(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         writer = self.translation.writer()
@@ -40,12 +37,14 @@ class TranslatedExchange:
             for data in sse.feed(chunk):
                 if data == DONE:
                     continue
-                doc = orjson.loads(data)
-                message = error_message(doc)
+                with translating():
+                    doc = orjson.loads(data)
+                    message = error_message(doc)
+                    if message is None:
+                        out += writer.deltas(writer.reader.read(doc))
                 if message is not None:  # the stream broke upstream: that ends it
                     yield out + writer.error(message, "upstream_error")
                     return
-                out += writer.deltas(writer.reader.read(doc))
             if out:
                 yield out
         yield writer.end()

@@ -1,7 +1,8 @@
 """The simulated vLLM server (serve_app/demo/vllm_sim) held to a real vLLM, configured alike: a
 small KV cache (so blocks are evicted), blocks of 32, prompt-token details, KV events over ZMQ,
-the e2e tiny model's tokenizer and chat template. The same chat requests, one at a time, to both:
-the same prompt and cached-token counts per request, the same KV events (kinds, block sizes,
+the scale-out routes, the e2e tiny model's tokenizer and chat template. The same chat requests,
+one at a time, to both: the same `/render` token ids (and answer's fields), the same prompt and
+cached-token counts per request, the same KV events (kinds, block sizes,
 token ids, parent chaining; hash values differ by design, so they are mapped through the blocks'
 token ids), and the simulator's metric names with the same label sets. Run by `make e2e`.
 """
@@ -25,6 +26,7 @@ from serve_app.routing.kv.events import BlockRemoved, BlockStored, decode_batch
 from serve_app.routing.kv.tokens import HfTokenizer
 from tests.conftest import free_port
 from tests.e2e.vllm_server import MAX_MODEL_LEN, MODEL_DIR, SERVED_MODEL, VllmServer
+from tests.kv_events import replay
 
 pytestmark = pytest.mark.e2e
 BLOCKS = 16  # 15 usable blocks of 32 tokens: a few long prompts evict the oldest
@@ -81,38 +83,30 @@ class Subscriber:
 
     async def replay(self) -> tuple[list[int], list[Any]]:
         """Every batch the server still holds, from sequence number 0."""
-        dealer = zmq.asyncio.Context.instance().socket(zmq.DEALER)
-        dealer.connect(f"tcp://127.0.0.1:{self.replay_port}")
-        seqs: list[int] = []
-        events: list[Any] = []
-        try:
-            await dealer.send_multipart((b"", (0).to_bytes(8, "big")))
-            while True:
-                assert await dealer.poll(10_000), "no replay answer"
-                _, topic, seq, payload = await dealer.recv_multipart()
-                if seq == (-1).to_bytes(8, "big", signed=True):
-                    assert (topic, payload) == (b"", b"")
-                    return seqs, events
-                assert topic == b"kv"
-                seqs.append(int.from_bytes(seq, "big"))
-                events.extend(decode_batch(payload).events)
-        finally:
-            dealer.close(linger=0)
+        batches = await replay(self.replay_port)
+        return [seq for seq, _ in batches], [e for _, batch in batches for e in batch.events]
 
 
-async def _run(url: str, events: Subscriber) -> tuple[list[dict], str, list[int], list[Any]]:
-    usages = []
+async def _run(
+    url: str, events: Subscriber
+) -> tuple[list[dict], list[dict], str, list[int], list[Any]]:
+    """Each request rendered (`/render`, which runs nothing), then answered; the metrics page
+    and the KV event stream replayed from 0."""
+    usages, renders = [], []
     async with aiohttp.ClientSession() as http:
         for messages in REQUESTS:
             body = {"model": SERVED_MODEL, "messages": messages, "max_tokens": 1}
             body["temperature"] = 0
+            async with http.post(f"{url}/v1/chat/completions/render", json=body) as resp:
+                assert resp.status == 200, await resp.text()
+                renders.append(await resp.json())
             async with http.post(f"{url}/v1/chat/completions", json=body) as resp:
                 assert resp.status == 200, await resp.text()
                 usages.append((await resp.json())["usage"])
             await events.drain()
         async with http.get(f"{url}/metrics") as resp:
             page = await resp.text()
-    return usages, page, *await events.replay()
+    return usages, renders, page, *await events.replay()
 
 
 def _shape(events: list[Any]) -> list[tuple]:
@@ -151,6 +145,7 @@ async def test_the_simulator_accounts_tokens_blocks_and_metrics_as_vllm_does() -
         extra=[
             *["--block-size", "32", "--num-gpu-blocks-override", str(BLOCKS)],
             *["--enable-prompt-tokens-details", "--kv-events-config", real_events.config()],
+            "--enable-scale-out",  # the /render routes
         ],
     )
     profile = TINY_CPU.model_copy(update={"num_gpu_blocks": BLOCKS, "max_model_len": MAX_MODEL_LEN})
@@ -158,6 +153,7 @@ async def test_the_simulator_accounts_tokens_blocks_and_metrics_as_vllm_does() -
         model=SERVED_MODEL,
         profile=profile,
         prompt_tokens_details=True,
+        scale_out=True,
         kv_events=KVEventsConfig.model_validate_json(sim_events.config()),
     )
     fleet = Fleet()
@@ -168,15 +164,18 @@ async def test_the_simulator_accounts_tokens_blocks_and_metrics_as_vllm_does() -
         await sim.start("127.0.0.1", sim_port)
         fleet.start()
         await asyncio.to_thread(server.wait_ready)
-        real_usage, real_page, real_seqs, real_replayed = await _run(server.url, real_events)
-        sim_url = f"http://127.0.0.1:{sim_port}"
-        sim_usage, sim_page, sim_seqs, sim_replayed = await _run(sim_url, sim_events)
+        real_run = await _run(server.url, real_events)
+        sim_run = await _run(f"http://127.0.0.1:{sim_port}", sim_events)
     finally:
         server.stop()
         await fleet.stop()
         await sim.stop()
         real_events.socket.close(linger=0)
         sim_events.socket.close(linger=0)
+    real_usage, real_renders, real_page, real_seqs, real_replayed = real_run
+    sim_usage, sim_renders, sim_page, sim_seqs, sim_replayed = sim_run
+    assert [r["token_ids"] for r in sim_renders] == [r["token_ids"] for r in real_renders]
+    assert set(sim_renders[0]) == set(real_renders[0])
     assert [u["prompt_tokens"] for u in sim_usage] == [u["prompt_tokens"] for u in real_usage]
     cached = [u["prompt_tokens_details"]["cached_tokens"] for u in real_usage]
     assert [u["prompt_tokens_details"]["cached_tokens"] for u in sim_usage] == cached

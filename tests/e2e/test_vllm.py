@@ -45,7 +45,9 @@ def post(url: str, body: dict, headers: dict[str, str] | None = None) -> tuple[i
 
 
 def metrics(router: str) -> str:
-    with urllib.request.urlopen(f"{router}/metrics", timeout=30) as resp:
+    """The router's /metrics page (it needs the admin token)."""
+    page = urllib.request.Request(f"{router}/metrics", headers=ADMIN)
+    with urllib.request.urlopen(page, timeout=30) as resp:
         return resp.read().decode()
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import http.client
 import json
 import re
+import socket
 import urllib.request
 
 import pytest
@@ -134,6 +135,7 @@ def test_a_client_that_leaves_stops_the_generation_on_vllm(
 ) -> None:
     generated = sum(_server_metric(s, "vllm:generation_tokens_total") for s in vllm)
     conn = _leave_early(router, stream)
+    sock = conn.sock
     if stream:
         resp = conn.getresponse()
         assert resp.status == 200 and resp.readline().startswith(b"data: ")
@@ -143,7 +145,10 @@ def test_a_client_that_leaves_stops_the_generation_on_vllm(
             60,
             "a server to run the request",
         )
-    conn.close()  # the client leaves
+    # The client leaves. Closing the connection alone may not: an answer with `Connection:
+    # close` (HAProxy's after a reload) holds the socket open until the response object goes.
+    sock.shutdown(socket.SHUT_RDWR)
+    conn.close()
 
     wait_for(
         lambda: sum(_server_metric(s, "vllm:num_requests_running") for s in vllm) == 0,

@@ -258,7 +258,7 @@ function keyForm(key, label, submit) {
     const body = { name: data.get("name"), models: models.length ? models : null };
     for (const [f] of LIMIT_FIELDS) body[f] = data.get(f) ? Number(data.get(f)) : null;
     body.budget_period = data.get("budget_period") || null;
-    for (const f of ["priority", "weight", "set_priority", "expires_at"]) if (key[f] !== undefined) body[f] = key[f];
+    for (const f of ["priority", "weight", "set_priority", "max_priority", "default_max_tokens", "expires_at"]) if (key[f] !== undefined) body[f] = key[f];
     try {
       await submit(body);
     } catch (err) {

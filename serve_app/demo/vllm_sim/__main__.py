@@ -29,6 +29,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tokenizer", type=Path, help="a HF tokenizer folder (else: simple)")
     parser.add_argument("--kv-events-config", help="vLLM's JSON (endpoint, replay_endpoint...)")
     parser.add_argument("--enable-prompt-tokens-details", action="store_true")
+    parser.add_argument("--enable-scale-out", action="store_true", help="serve the /render routes")
     parser.add_argument("--default-max-tokens", type=int, default=16)
     for flag in ("block-size", "num-gpu-blocks-override", "max-num-seqs"):
         parser.add_argument(f"--{flag}", type=int)
@@ -57,6 +58,7 @@ def options(args: argparse.Namespace) -> Options:
         model=args.served_model_name,
         profile=profile,
         prompt_tokens_details=args.enable_prompt_tokens_details,
+        scale_out=args.enable_scale_out,
         default_max_tokens=args.default_max_tokens,
         kv_events=events,
     )

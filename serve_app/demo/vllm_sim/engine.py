@@ -29,6 +29,7 @@ class Request:
     prompt_token_ids: list[int]
     output_plan: list[int]  # the tokens it will sample, one per step (max_tokens of them)
     arrival: float = 0.0
+    intake: float = 0.0  # from its server's receipt to the engine: rendering, tokenizing
     all_token_ids: list[int] = field(default_factory=list)
     hashes: list[int] = field(default_factory=list)  # of the full blocks of all_token_ids
     blocks: list[Block] = field(default_factory=list)

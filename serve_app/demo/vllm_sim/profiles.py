@@ -43,35 +43,23 @@ class Profile(BaseModel):
         )
 
 
-# Llama-3.1-8B-Instruct in BF16 on one H100 SXM 80 GB (docs/performance.md has the derivation):
-# 16.06 GB of weights read per step at 70 % of 3.35 TB/s, 16.1 GFLOP per token at 50 % of
-# 989 TFLOP/s, 128 KiB of K and V per token, 25,000 blocks of 16 (400k tokens) left for the KV
-# cache at gpu_memory_utilization 0.9; vLLM's defaults on an H100 for the API server.
-H100_LLAMA_8B = Profile(
-    name="h100-llama-3.1-8b",
-    num_gpu_blocks=25_000,
-    max_num_seqs=1024,
-    max_num_batched_tokens=8192,
-    max_model_len=131_072,
-    step_overhead_s=0.0070,
-    prefill_token_s=32.5e-6,
-    attention_pair_s=1.06e-9,
-    decode_seq_s=32.5e-6,
-    kv_read_token_s=56e-9,
+# The profiles, a row each: the engine's limits (vLLM's flags), then a step's costs (seconds).
+# h100-llama-3.1-8b: Llama-3.1-8B-Instruct in BF16 on one H100 SXM 80 GB (docs/performance.md
+# has the derivation): 16.06 GB of weights read per step at 70 % of 3.35 TB/s, 16.1 GFLOP per
+# token at 50 % of 989 TFLOP/s, 128 KiB of K and V per token, 25,000 blocks of 16 (400k tokens)
+# left for the KV cache at gpu_memory_utilization 0.9; vLLM's defaults on an H100 for the API
+# server. tiny-cpu: the e2e tiny model on a CPU vLLM (block 32, as its CPU attention needs), for
+# the conformance test, where only the accounting is compared, not the time.
+_COLUMNS = (
+    *("name", "block_size", "num_gpu_blocks", "max_num_seqs", "max_num_batched_tokens"),
+    *("max_model_len", "step_overhead_s", "prefill_token_s", "attention_pair_s"),
+    *("decode_seq_s", "kv_read_token_s"),
 )
-# The e2e tiny model on a CPU vLLM (block 32, as its CPU attention needs): for the conformance
-# test, where only the accounting is compared, not the time.
-TINY_CPU = Profile(
-    name="tiny-cpu",
-    block_size=32,
-    num_gpu_blocks=64,
-    max_num_seqs=256,
-    max_num_batched_tokens=2048,
-    max_model_len=2048,
-    step_overhead_s=0.002,
-    prefill_token_s=1e-6,
-    attention_pair_s=0.0,
-    decode_seq_s=1e-5,
-    kv_read_token_s=0.0,
+# fmt: off
+_ROWS = (
+    ("h100-llama-3.1-8b", 16, 25_000, 1024, 8192, 131_072, 0.007, 32.5e-6, 1.06e-9, 32.5e-6, 56e-9),
+    ("tiny-cpu",          32,     64,  256, 2048,   2048,  0.002, 1e-6,    0.0,     1e-5,    0.0),
 )
+# fmt: on
+H100_LLAMA_8B, TINY_CPU = (Profile(**dict(zip(_COLUMNS, row, strict=True))) for row in _ROWS)
 PROFILES = {p.name: p for p in (H100_LLAMA_8B, TINY_CPU)}

@@ -5,7 +5,9 @@ batches kept for a ROUTER replay socket: a request `(identity, b"", start seq)` 
 every buffered batch from that number on in the same three frames as the PUB's, then
 `(b"", -1, b"")` (vLLM 0.32's replay; earlier releases left the topic out). As in vLLM, an
 endpoint with `*`, `::` or `ipc://` is bound and any other connected to (the subscriber binds,
-e.g. on 127.0.0.1). No thread: many simulated servers share one loop.
+e.g. on 127.0.0.1); unlike vLLM, a `*` is bound on the server's own host only (127.0.0.1 by
+default), as every other socket of the simulator is. No thread: many simulated servers share
+one loop.
 """
 
 from __future__ import annotations
@@ -54,8 +56,13 @@ def _binds(endpoint: str) -> bool:
     return "*" in endpoint or "::" in endpoint or endpoint.startswith(("ipc://", "inproc://"))
 
 
+def on_host(endpoint: str, host: str) -> str:
+    """`endpoint` with its `*` (every interface) narrowed to `host`."""
+    return endpoint.replace("tcp://*:", f"tcp://{host}:", 1)
+
+
 class ZmqPublisher:
-    def __init__(self, config: KVEventsConfig, offset: int = 0) -> None:
+    def __init__(self, config: KVEventsConfig, offset: int = 0, host: str = "127.0.0.1") -> None:
         self._ctx = zmq.asyncio.Context.instance()
         self._topic = config.topic.encode()
         self._buffer: deque[tuple[int, bytes]] = deque(maxlen=config.buffer_steps)
@@ -65,12 +72,15 @@ class ZmqPublisher:
         self._pub.set_hwm(config.hwm)
         endpoint = offset_port(config.endpoint, offset)
         assert endpoint is not None
-        (self._pub.bind if _binds(endpoint) else self._pub.connect)(endpoint)
+        if _binds(endpoint):
+            self._pub.bind(on_host(endpoint, host))
+        else:
+            self._pub.connect(endpoint)
         self._replay: zmq.asyncio.Socket | None = None
         self._replay_task: asyncio.Task[None] | None = None
         if replay := offset_port(config.replay_endpoint, offset):
             self._replay = self._ctx.socket(zmq.ROUTER)
-            self._replay.bind(replay)
+            self._replay.bind(on_host(replay, host))
             self._replay_task = asyncio.get_running_loop().create_task(self._serve_replay())
 
     def publish(self, events: list[Event]) -> None:

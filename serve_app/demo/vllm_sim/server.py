@@ -7,10 +7,15 @@ by now on each server. Steps are computed at their exact simulated times whateve
 delay; what a late loop distorts is when tokens reach clients and when arrivals are stamped.
 So its lag, how late its timer fired (in simulated seconds, `GET /sim/stats`), says whether the
 figures are the profile's: a loop that falls behind is a host too slow for the fleet x load.
+A request arrives at the engine once rendered and tokenized (what is long, off the loop: see
+tokens.py); the wall time that takes is simulated time too, so each record keeps its intake
+(receipt to the engine, simulated): a large one means arrivals came later than sent, the other
+way a host can be too slow.
 
 Served as vLLM serves them: `POST /v1/chat/completions` and `/v1/completions` (unary and SSE,
-usage with `prompt_tokens_details.cached_tokens` under `--enable-prompt-tokens-details`),
-`GET /v1/models`, `/health`, `/ping`, `/version`, and `/metrics` under vLLM's names and labels.
+usage with `prompt_tokens_details.cached_tokens` under `--enable-prompt-tokens-details`), their
+`/render` (the prompt's token ids, with `--enable-scale-out`), `GET /v1/models`, `/health`,
+`/ping`, `/version`, and `/metrics` under vLLM's names and labels.
 Not vLLM's, for the fleet benchmark: `GET /sim/stats` (each finished request's timings on the
 simulated clock, the loop's lag; `?reset=1` drops them) and `POST /sim/reset` (`{"time_scale":
 k}`: every server of the process starts afresh, empty caches and a new clock; refused with 409
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import time
 import uuid
@@ -58,6 +64,7 @@ class Options(BaseModel):
     profile: Profile
     prompt_tokens_details: bool = False
     default_max_tokens: int = 16  # no EOS here: a request without max_tokens stops at this
+    scale_out: bool = False  # vLLM's --enable-scale-out: the `/render` routes answer (else 403)
     kv_events: KVEventsConfig = KVEventsConfig()
 
 
@@ -77,6 +84,24 @@ class ChatBody(_Body):
 
 class CompletionBody(_Body):
     prompt: str
+
+
+SCALE_OUT_DISABLED = (
+    "Scale-out endpoints are disabled. Restart vllm serve with --enable-scale-out to enable them."
+)
+# The fields of vLLM's render answer (GenerateRequest) that a text prompt leaves empty.
+RENDER_NONE_FIELDS = (
+    "token_offsets",
+    "features",
+    "content_parts",
+    "reasoning_ended",
+    "reasoning_parser_kwargs",
+    "return_token_ids",
+    "stream_options",
+    "cache_salt",
+    "kv_transfer_params",
+    "ec_transfer_params",
+)
 
 
 def _error(status: int, type_: str, message: str, param: str | None = None) -> web.Response:
@@ -192,10 +217,11 @@ class SimServer:
 
     async def start(self, host: str, port: int) -> None:
         if self.options.kv_events.enabled:
-            self._publisher = ZmqPublisher(self.options.kv_events, self._index)
+            self._publisher = ZmqPublisher(self.options.kv_events, self._index, host)
         app = web.Application(client_max_size=64 << 20)
-        app.router.add_post("/v1/chat/completions", self._chat)
-        app.router.add_post("/v1/completions", self._completions)
+        for path, chat in (("/v1/chat/completions", True), ("/v1/completions", False)):
+            app.router.add_post(path, functools.partial(self._answer, chat=chat))
+            app.router.add_post(f"{path}/render", functools.partial(self._render, chat=chat))
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/sim/stats", self._stats)
@@ -219,23 +245,39 @@ class SimServer:
 
     # -- requests
 
-    def _submit(self, body: _Body, prompt: list[int]) -> Request | web.Response:
-        profile = self.options.profile
+    async def _prompt(
+        self, http: web.Request, chat: bool
+    ) -> tuple[_Body, list[int], int, float] | web.Response:
+        """The request's body, its prompt rendered and tokenized, its max_tokens and when it
+        came (simulated); or the error vLLM answers (a bad body, another model, past the
+        context length)."""
+        received = self._fleet.now()
+        try:
+            body = (ChatBody if chat else CompletionBody).model_validate_json(await http.read())
+        except ValidationError as e:
+            return _error(400, "BadRequestError", str(e))
         if body.model != self.options.model:
-            return _error(
-                404, "NotFoundError", f"The model `{body.model}` does not exist.", "model"
-            )
+            message = f"The model `{body.model}` does not exist."
+            return _error(404, "NotFoundError", message, "model")
+        if isinstance(body, ChatBody):
+            prompt = await self._tokenizer.chat_prompt_async(body.messages)
+        else:
+            prompt = self._tokenizer.encode(body.prompt)
         max_tokens = body.max_completion_tokens or body.max_tokens
         max_tokens = max_tokens or self.options.default_max_tokens
-        if len(prompt) + max_tokens > profile.max_model_len:
+        limit = self.options.profile.max_model_len
+        if len(prompt) + max_tokens > limit:
             return _error(
                 400,
                 "BadRequestError",
-                f"This model's maximum context length is {profile.max_model_len} tokens. "
+                f"This model's maximum context length is {limit} tokens. "
                 f"However, you requested {len(prompt) + max_tokens} tokens "
                 f"({len(prompt)} in the messages, {max_tokens} in the completion).",
                 "max_tokens",
             )
+        return body, prompt, max_tokens, received
+
+    def _submit(self, prompt: list[int], max_tokens: int) -> Request:
         vocab = self._tokenizer.vocab_size
         seed = hash(tuple(prompt[-8:])) % vocab
         plan = [(seed + 7919 * i) % vocab for i in range(max_tokens)]
@@ -245,27 +287,29 @@ class SimServer:
         self._fleet.wake()
         return request
 
-    async def _chat(self, http: web.Request) -> web.StreamResponse:
-        try:
-            body = ChatBody.model_validate_json(await http.read())
-        except ValidationError as e:
-            return _error(400, "BadRequestError", str(e))
-        prompt = self._tokenizer.chat_prompt(body.messages)
-        return await self._answer(http, body, prompt, chat=True)
+    async def _render(self, http: web.Request, chat: bool) -> web.Response:
+        """vLLM's `/v1/chat/completions/render` and `/v1/completions/render`: the prompt's token
+        ids as the engine would get them (a `GenerateRequest`), nothing run; vllm-router's
+        `kv_aware` asks for them to look its prefix up in the KV events' index. Refused, as
+        vLLM 0.32 refuses it, unless the server runs with `--enable-scale-out`."""
+        if not self.options.scale_out:
+            return _error(403, "PermissionDeniedError", SCALE_OUT_DISABLED)
+        if isinstance(parsed := await self._prompt(http, chat), web.Response):
+            return parsed
+        body, prompt, max_tokens, _ = parsed
+        sampling = {"stop": [], "stop_token_ids": [], "max_tokens": max_tokens, "bad_words": []}
+        sampling["skip_reading_prefix_cache"] = False
+        rendered: dict[str, Any] = dict.fromkeys(RENDER_NONE_FIELDS)
+        rendered.update(request_id=uuid.uuid4().hex, token_ids=prompt, model=body.model)
+        rendered.update(sampling_params=sampling, output_mode="tokens", stream=False, priority=0)
+        return web.Response(body=orjson.dumps(rendered), content_type="application/json")
 
-    async def _completions(self, http: web.Request) -> web.StreamResponse:
-        try:
-            body = CompletionBody.model_validate_json(await http.read())
-        except ValidationError as e:
-            return _error(400, "BadRequestError", str(e))
-        return await self._answer(http, body, self._tokenizer.encode(body.prompt), chat=False)
-
-    async def _answer(
-        self, http: web.Request, body: _Body, prompt: list[int], chat: bool
-    ) -> web.StreamResponse:
-        request = self._submit(body, prompt)
-        if isinstance(request, web.Response):
-            return request
+    async def _answer(self, http: web.Request, chat: bool) -> web.StreamResponse:
+        if isinstance(parsed := await self._prompt(http, chat), web.Response):
+            return parsed
+        body, prompt, max_tokens, received = parsed
+        request = self._submit(prompt, max_tokens)
+        request.intake = self._fleet.now() - received
         head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{request.request_id}", "model": body.model}
         head["created"] = int(time.time())
         try:
@@ -351,6 +395,7 @@ class SimServer:
             self._itl.observe(gap)
         self._records.append(
             {
+                "intake": round(request.intake, 6),
                 "ttft": round(ttft, 6),
                 "e2e": round(e2e, 6),
                 "itl_max": round(max(gaps, default=0.0), 6),
