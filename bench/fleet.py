@@ -81,7 +81,7 @@ RESULTS = Path(__file__).with_name("fleet.json")
 TRACE = Path(__file__).with_name("traces") / "mooncake_conversation_trace.jsonl"
 DOCS = ROOT / "docs"
 SERVED = "sim-llama"
-STRATEGIES = "round_robin,least_loaded,prefix_affinity,session_affinity,random"
+STRATEGIES = "round_robin,least_loaded,prefix_affinity,session_affinity,kv_aware,random"
 PEER_POLICIES = "round_robin,cache_aware,consistent_hash,kv_aware"
 # The e2e tiny model's tokenizer and chat template, made by tests/e2e/tiny_model.py when missing.
 TOKENIZER = ROOT / ".e2e" / "tokenizer"
@@ -493,10 +493,15 @@ def _mark(result: dict, args: argparse.Namespace) -> dict:
 # -- the routers
 
 
-def _serve_config(urls: list[str], models: list[str], strategy: str) -> dict:
+def _serve_config(sim: SimFleet, models: list[str], strategy: str, tokenizer: Path | None) -> dict:
+    """kv_aware's models name the servers' KV events (as the servers were given them: `*`, so
+    the router connects) and the tokenizer folder the servers use."""
+    kv = strategy == "kv_aware"
+
     def providers(model: str) -> list[dict]:
-        return [
-            {
+        out = []
+        for i, url in enumerate(sim.urls):
+            p = {
                 "id": f"{model}-sim-{i}",
                 "api_host": url,
                 "api_type": "vllm",
@@ -505,11 +510,17 @@ def _serve_config(urls: list[str], models: list[str], strategy: str) -> dict:
                 # are longer than English tokens, so the profile's 131,072 would turn some away.
                 "input_size": 262_144,
             }
-            for i, url in enumerate(urls)
-        ]
+            if kv:
+                p["kv_events"] = {"endpoint": sim.kv_events[i][0].replace("127.0.0.1", "*")}
+            out.append(p)
+        return out
+
+    def model(name: str) -> dict:
+        extra = {"tokenizer": str(tokenizer)} if kv and tokenizer is not None else {}
+        return {"providers": providers(name), **extra}
 
     return {
-        "vllm_models": {m: {"providers": providers(m)} for m in models},
+        "vllm_models": {m: model(m) for m in models},
         "active_models": {"vllm_models": models},
         "routing": {
             "vllm_models": {
@@ -534,10 +545,12 @@ def _serve_router_phases(
     all_phases: list[Phase],
     sim: SimFleet,
     args: argparse.Namespace,
+    tokenizer: Path | None,
 ) -> None:
     name = "weighted_random" if strategy == "random" else strategy
     models = [f"{p.name}-{strategy}" for p in all_phases]
-    lr.deploy(_serve_config(sim.urls, [*models, f"warm-up-{strategy}"], name), "bench-fleet")
+    config = _serve_config(sim, [*models, f"warm-up-{strategy}"], name, tokenizer)
+    lr.deploy(config, "bench-fleet")
     asyncio.run(warm_up(lr.url, f"warm-up-{strategy}"))
     for phase in all_phases:
         before = _ray_cpu_s(sim.process)
@@ -663,7 +676,8 @@ def main(argv: list[str] | None = None) -> int:
         policies = []
     report["vllm_router"] = peer_version("vllm-router") if policies else None
     strategies = [s for s in args.strategies.split(",") if s]
-    with fleet(args.servers, tokenizer, kv_events="kv_aware" in policies) as sim:
+    kv_events = "kv_aware" in policies or "kv_aware" in strategies
+    with fleet(args.servers, tokenizer, kv_events=kv_events) as sim:
         # The simulated GPUs' clock comes first: what starts from now on (Ray and the routers)
         # and the load generator in this process run 5 steps nicer, so CPU contention delays
         # arrivals rather than the steps.
@@ -673,7 +687,7 @@ def main(argv: list[str] | None = None) -> int:
         if strategies:
             with local_router("bench-fleet") as lr:
                 for strategy in strategies:
-                    _serve_router_phases(report, lr, strategy, all_phases, sim, args)
+                    _serve_router_phases(report, lr, strategy, all_phases, sim, args, tokenizer)
         for policy in policies:
             _vllm_router_phases(report, policy, all_phases, sim, args)
     kept_up = [int(n) for n, r in report["probe"].items() if r["valid"]]

@@ -19,9 +19,10 @@ import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
 
+from serve_app.core.config import KvAwareKnobs
 from serve_app.routing.kv.events import BlockStored
 from serve_app.routing.kv.index import BlockIndex
-from serve_app.routing.kv.score import KvAwareKnobs, ProviderView, rank
+from serve_app.routing.kv.score import ProviderView, rank
 from serve_app.routing.kv.tokens import HfTokenizer, SimpleTokenizer, Tokenizer, prompt_keys
 
 BLOCK = 16

@@ -222,6 +222,62 @@ def test_prefix_affinity_takes_the_longest_match_within_the_load_bound() -> None
     assert [p.id for p in strategy.order(PS, uses)] == ["b", "c", "a"]  # idle ties: least used
 
 
+# --- kv_aware -------------------------------------------------------------------------------------
+
+
+class _Held:
+    """What each engine holds: leading blocks per provider, whatever the keys."""
+
+    def __init__(self, blocks: dict[str, int]) -> None:
+        self.blocks = blocks
+
+    def match(self, keys: list[int]) -> dict[str, int]:
+        return {p: min(n, len(keys)) for p, n in self.blocks.items() if n}
+
+
+def test_kv_aware_stays_on_the_holder_until_its_queue_costs_more_than_its_hit_saves() -> None:
+    """A 1,600-token prompt (100 blocks of 16) that c holds 80 blocks of: 1,280 tokens c need
+    not compute. Each request waiting at c costs 512 (the default), so c keeps it with two
+    waiting (1,024 < 1,280) and loses it to the idle a with three (1,536 > 1,280); b, which
+    holds 10 blocks, comes between. Without an index or a prompt: least loaded."""
+    strategy = make_strategy("kv_aware", RoutingConfig(), block_size=16)
+    keys = list(range(100))
+    held = _Held({"b": 10, "c": 80})
+
+    def order(waiting_c: float, **stats: object) -> list[str]:
+        signals = {
+            "a": LoadSignal(running=0, waiting=0),
+            "b": LoadSignal(running=0, waiting=0),
+            "c": LoadSignal(running=0, waiting=waiting_c),
+        }
+        base = {"prefix": keys, "kv": held, "signals": signals, "prompt_tokens": 1600}
+        return [p.id for p in strategy.order(PS, Stats(**{**base, **stats}))]
+
+    assert order(0) == ["c", "b", "a"]
+    assert order(2) == ["c", "b", "a"]
+    assert order(3) == ["b", "a", "c"]
+    assert strategy.spills == 1  # the last one: the holder lost it for load
+    # The router's own requests there not yet running count as waiting too.
+    assert order(0, in_flight={"c": 3}) == ["b", "a", "c"]
+    # A nearly full cache: past 0.9 use, up to 8,192 tokens more.
+    full = {"c": LoadSignal(running=0, waiting=0, kv_usage=1.0)}
+    assert order(0, signals=full)[-1] == "c"
+    assert order(0, prefix=[])[0] == "a"  # no prompt: least loaded, config order on ties
+    assert order(0, kv=None, load={"a": 2.0, "b": 1.0, "c": 3.0}) == ["b", "a", "c"]
+
+
+def test_kv_events_and_tokenizer_are_checked_in_the_models_config() -> None:
+    vllm = {"id": "v", "api_host": "http://127.0.0.1:9", "api_type": "vllm", "input_size": 1000}
+    events = {"endpoint": "tcp://*:5557", "replay_endpoint": "tcp://*:5558"}
+    assert ProviderConfig.model_validate({**vllm, "kv_events": events}).kv_events is not None
+    with pytest.raises(ValueError, match="only vllm providers publish"):
+        ProviderConfig.model_validate({**vllm, "api_type": "ollama", "kv_events": events})
+    with pytest.raises(ValueError, match="endpoint"):
+        ProviderConfig.model_validate({**vllm, "kv_events": {"endpoint": "localhost:5557"}})
+    with pytest.raises(ValueError):
+        RoutingConfig.model_validate({"kv_aware": {"saturation_threshold": 1.0}})
+
+
 # --- load signals --------------------------------------------------------------------------------
 
 

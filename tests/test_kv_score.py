@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from collections import Counter
 
-from serve_app.routing.kv.score import KvAwareKnobs, ProviderView, cost, rank
+from serve_app.core.config import KvAwareKnobs
+from serve_app.routing.kv.score import ProviderView, cost, rank
 
 KNOBS = KvAwareKnobs()
 PROMPT = 4_000

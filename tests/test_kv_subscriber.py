@@ -12,15 +12,11 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 
+from serve_app.core.config import KvEventsEndpoints
 from serve_app.demo.vllm_sim.publisher import KVEventsConfig, ZmqPublisher
 from serve_app.routing.kv.events import AllBlocksCleared, BlockRemoved, BlockStored, Event
 from serve_app.routing.kv.index import BlockIndex
-from serve_app.routing.kv.subscriber import (
-    KvEventsEndpoints,
-    Subscriber,
-    engine_binds,
-    reachable,
-)
+from serve_app.routing.kv.subscriber import Subscriber, engine_binds, reachable
 from serve_app.routing.kv.tokens import prompt_keys
 from tests.conftest import free_port
 

@@ -47,6 +47,7 @@ StrategyName = Literal[
     "least_loaded",
     "prefix_affinity",
     "session_affinity",
+    "kv_aware",
 ]
 DEFAULT_STRATEGY: StrategyName = "balanced"
 # Strategies that hold a slot (a lease) on the provider for the whole request.
@@ -54,7 +55,7 @@ SLOT_STRATEGIES = frozenset(
     {"first_available", "first_available_optim", "first_available_optim_nworkers"}
 )
 # Strategies that look at upstream load signals (and prompt prefixes, sessions).
-LOAD_AWARE = frozenset({"least_loaded", "prefix_affinity", "session_affinity"})
+LOAD_AWARE = frozenset({"least_loaded", "prefix_affinity", "session_affinity", "kv_aware"})
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 # Go's time.ParseDuration (what Ollama accepts) or a plain number of seconds.
@@ -122,6 +123,30 @@ def masked_tokens(raw: object) -> object:
     return raw
 
 
+class KvEventsEndpoints(BaseModel):
+    """A vLLM provider's `--kv-events-config` endpoints and topic, as given to vLLM
+    (docs/routing-kv.md): where it publishes its KV-cache events and replays lost ones."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    endpoint: str = Field(pattern=r"^(tcp|ipc)://")
+    replay_endpoint: str | None = Field(default=None, pattern=r"^(tcp|ipc)://")
+    topic: str = ""
+
+
+class KvAwareKnobs(BaseModel):
+    """kv_aware's costs, in prompt tokens (routing/kv/score.py; defaults: a first cut for an
+    H100 serving Llama-3.1-8B, where a step's overhead is worth about 200 prefill tokens and a
+    decode of 8k tokens of context about 15 per step)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    waiting_request_tokens: float = Field(512.0, ge=0)
+    running_request_tokens: float = Field(16.0, ge=0)
+    saturation_threshold: float = Field(0.9, ge=0, lt=1)
+    saturation_tokens: float = Field(8192.0, ge=0)
+
+
 class ProviderConfig(BaseModel):
     """One upstream endpoint. Unknown keys are kept (llm-router's files may carry more)."""
 
@@ -144,11 +169,15 @@ class ProviderConfig(BaseModel):
     # A vLLM server started with VLLM_ENABLE_RESPONSES_API_STORE=1 keeps the Responses it
     # makes: continuations of them go back to it first (docs/dialects.md).
     responses_store: bool = False
+    # kv_aware: where this vLLM publishes its KV-cache events (its --kv-events-config).
+    kv_events: KvEventsEndpoints | None = None
 
     @model_validator(mode="after")
     def _store_on_vllm(self) -> ProviderConfig:
         if self.responses_store and self.api_type != "vllm":
             raise ValueError("responses_store: only vllm providers keep responses")
+        if self.kv_events is not None and self.api_type != "vllm":
+            raise ValueError("kv_events: only vllm providers publish KV-cache events")
         return self
 
     @cached_property
@@ -220,6 +249,11 @@ class ModelConfig(BaseModel):
     providers_sleep: list[ProviderConfig] = Field(default_factory=list)
     # An active model that serves this one's requests when none of its providers can.
     fallback_model: str | None = Field(default=None, min_length=1)
+    # kv_aware: a Hugging Face tokenizer folder on every router node (tokenizer.json,
+    # tokenizer_config.json, the chat template) to render and tokenize prompts as the servers
+    # do, and the servers' KV block size (vLLM's --block-size: 16 on GPUs).
+    tokenizer: str | None = Field(default=None, min_length=1)
+    kv_block_size: int = Field(default=16, ge=1, le=4096)
 
 
 class Autoscaling(BaseModel):
@@ -302,6 +336,8 @@ class RoutingConfig(BaseModel):
     # prefix_affinity, session_affinity: their choice is taken only while its load (requests,
     # see routing.load) is at most this much above the least loaded candidate's.
     max_load_imbalance: float = Field(default=4.0, ge=0)
+    # kv_aware: the costs it weighs a provider's cached prefix against its queue with.
+    kv_aware: KvAwareKnobs = KvAwareKnobs()
     # Flow control (docs/flow-control.md), on when set: a request for a model whose providers
     # are all full waits this long in its picker (capped by its own deadline), then 429.
     queue_timeout_s: float | None = Field(default=None, gt=0)

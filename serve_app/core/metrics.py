@@ -31,6 +31,9 @@ class Spec(NamedTuple):
 
 IN_FLIGHT_METRIC = "llm_router_provider_in_flight"  # set by the pickers, read by the monitor
 BODIES_METRIC = "llm_router_request_bodies_parsed"  # counted by the ingress
+KV_BLOCKS_METRIC = "llm_router_kv_index_blocks"  # set by the pickers (kv_aware)
+KV_EVENTS_METRIC = "llm_router_kv_event_batches"
+KV_SPILLS_METRIC = "llm_router_kv_spills"
 
 SPECS: dict[str, Spec] = {
     "llm_router_requests": Spec(
@@ -97,6 +100,25 @@ SPECS: dict[str, Spec] = {
     ),
     "llm_router_provider_probe_up": Spec(
         "gauge", "1 if the provider's last health probe succeeded", ("provider",)
+    ),
+    KV_BLOCKS_METRIC: Spec(
+        "gauge",
+        "KV-cache blocks the kv_aware index holds for a provider's engine (its GPU), summed "
+        "over the picker replicas (each keeps its own copy)",
+        ("provider",),
+    ),
+    KV_EVENTS_METRIC: Spec(
+        "counter",
+        "A provider's KV-event batches by what became of them: applied (live or replayed), "
+        "replayed, gap (found missing, replay asked), hole (lost for good: its blocks dropped), "
+        "restart (a new engine process), silence (no answer to a probe), error",
+        ("provider", "kind"),
+    ),
+    KV_SPILLS_METRIC: Spec(
+        "counter",
+        "kv_aware requests whose first choice was not the engine holding the longest prefix of "
+        "their prompt (its queue cost more than its hit saved), by model",
+        ("model",),
     ),
 }
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)

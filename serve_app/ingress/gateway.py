@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import orjson
@@ -52,6 +52,7 @@ from serve_app.pickers.plan import (
 )
 from serve_app.provision.manager import role_models
 from serve_app.provision.profiles import Role, with_role_defaults
+from serve_app.routing.kv.tokens import PromptKeys, tokenizer_for
 from serve_app.routing.prefix import request_blocks
 
 log = logging.getLogger("ray.serve")
@@ -118,6 +119,30 @@ def _allowed(admission: Admission | None) -> Callable[[str], bool]:
     return (lambda _: True) if admission is None else admission.record.allows
 
 
+def kv_prompts(
+    config: RouterConfig, strategies: Mapping[str, str], adapters: Mapping[str, str]
+) -> dict[str, PromptKeys]:
+    """The kv_aware models with a tokenizer, each tokenizer loaded now (not on a request's
+    path); one that cannot be loaded leaves its model routed by load alone, with a warning.
+    `adapters`: LoRA adapter name -> its base model."""
+    out = {}
+    for group in config.model_types.values():
+        for name, model in group.models.items():
+            if strategies.get(name) != "kv_aware" or model.tokenizer is None:
+                continue
+            try:
+                tokenizer_for(model.tokenizer)
+            except (OSError, ValueError) as exc:
+                log.warning(
+                    "kv_aware tokenizer not loaded",
+                    extra={"model": name, "reason": f"{type(exc).__name__}: {exc}"},
+                )
+                continue
+            lora = name if name in adapters else None
+            out[name] = PromptKeys(model.tokenizer, model.kv_block_size, lora)
+    return out
+
+
 def router_error(status: int, message: str) -> RouterError:
     code = {503: "router_unavailable", 504: "deadline_exceeded"}[status]
     return RouterError(status, f"{message}; retry", type="api_error", code=code)
@@ -175,6 +200,7 @@ class Gateway:
         self._routing: dict[str, RoutingConfig] = {}
         self._limits: dict[str, Limits] = {}  # by model
         self._prefix_chars: dict[str, int] = {}  # prefix_affinity models: their block size
+        self._kv_prompts: dict[str, PromptKeys] = {}  # kv_aware models with a tokenizer
         self._slot_models: frozenset[str] = frozenset()  # first_available* models
         self.body = body
         self.type_of: dict[str, str] = {}
@@ -225,6 +251,7 @@ class Gateway:
             for name, strategy in strategies.items()
             if strategy == "prefix_affinity"
         }
+        self._kv_prompts = kv_prompts(config, strategies, parents)
         self._slot_models = frozenset(n for n, s in strategies.items() if s in SLOT_STRATEGIES)
         active = ApiModelConfig(config).active_names()
         self.models = [
@@ -444,7 +471,11 @@ class Gateway:
         if link is None:
             return error_answer(_not_deployed(model_type))
         chars = self._prefix_chars.get(meta.model)
-        prefix = request_blocks(body, chars) if chars else ()
+        prefix: Sequence[int] = request_blocks(body, chars) if chars else ()
+        if (kv := self._kv_prompts.get(meta.model)) is not None:
+            prefix, tokens = await kv.of(body)
+            if tokens:  # the exact count: the providers' context checks and kv_aware's cost
+                meta = meta._replace(prompt_tokens=tokens)
         plan = await link.plan(meta, prefix, meta.model in self._slot_models)
         if plan.queued:  # every provider is full: it waits in the picker's queue
             plan = await link.wait(plan)

@@ -33,7 +33,7 @@ from serve_app.routing.selection import (
     initial_states,
     plan_attempts,
 )
-from serve_app.routing.strategies import Stats, Strategy, make_strategy
+from serve_app.routing.strategies import KvView, Stats, Strategy, make_strategy
 from serve_app.upstreams.base import upstream_model
 
 if TYPE_CHECKING:
@@ -128,15 +128,18 @@ class ModelHandler:
         self.strategies: dict[str, Strategy] = {}
         routing = self.api_model_config.routing
         for name, strategy in self.strategy_names.items():
+            block_size = models[name].kv_block_size
             kept = (
                 previous is not None
                 and previous.strategy_names.get(name) == strategy
                 and previous.api_model_config.routing.get(name) == routing[name]
+                and getattr(previous.api_model_config.models_configs.get(name), "kv_block_size", 0)
+                == block_size
             )
             self.strategies[name] = (
                 previous.strategies[name]
                 if previous and kept
-                else make_strategy(strategy, routing[name])
+                else make_strategy(strategy, routing[name], block_size=block_size)
             )
         self.clock = clock
 
@@ -184,11 +187,13 @@ class ModelHandler:
         candidates: Candidates,
         prefix: Sequence[int] = (),
         shared: SharedState | None = None,
+        kv: KvView | None = None,
     ) -> Stats:
         """What the model's strategy looks at for this request: in-flight counts, the shared
         counts (with `shared`), and for the load-aware strategies the load figures of candidates
-        that report load, the prompt's block hashes (`prefix`, prefix_affinity) and the
-        session."""
+        that report load, the prompt's block hashes (`prefix`: prefix_affinity's text blocks,
+        kv_aware's KV block keys), the session, and for kv_aware what the engines hold (`kv`)
+        and their load signals."""
         in_flight = self.in_flight()
         stats = shared.stats(meta.model, in_flight) if shared else Stats(in_flight=in_flight)
         strategy = self.strategy_names[meta.model]
@@ -201,7 +206,16 @@ class ModelHandler:
                 if signal is not None:
                     load[p.id] = load_figure(in_flight[p.id], signal, upstream_model(p, meta.model))
         index = shared.index if shared else None
-        return replace(stats, load=load, prefix=prefix, index=index, session=meta.session)
+        stats = replace(stats, load=load, prefix=prefix, index=index, session=meta.session)
+        if strategy != "kv_aware":
+            return stats
+        signals = {
+            p.id: signal
+            for tier in candidates.tiers
+            for p in tier
+            if (signal := self.states[p.id].signal) is not None
+        }
+        return replace(stats, kv=kv, signals=signals, prompt_tokens=meta.prompt_tokens)
 
     def order(self, model_name: str, candidates: Candidates, stats: Stats) -> list[ProviderConfig]:
         """The candidates in the model's strategy order, capped per tier (plan_attempts)."""

@@ -24,6 +24,7 @@ from serve_app.pickers.plan import DONE, OK, Event, Plan, Report, Spare, error_a
 from serve_app.pickers.queues import Queues
 from serve_app.pickers.shared import SharedState, Slot
 from serve_app.routing.selection import Candidates, preferred_first
+from serve_app.routing.strategies import KvView
 
 # A plan its ingress stops listing as open (the ingress replica died, or its reports are lost)
 # comes back after this long; an ingress lists its open plans every RENEW_S (ingress/outcomes).
@@ -34,7 +35,7 @@ MAX_RETRY_AFTER_S = 300.0
 MAX_SPARES = 32
 # Strategies whose choice depends on the request itself (its prompt, its session) or that hold
 # an exclusive slot: every request of theirs is planned when it comes.
-NO_SPARES = SLOT_STRATEGIES | {"prefix_affinity", "session_affinity"}
+NO_SPARES = SLOT_STRATEGIES | {"prefix_affinity", "session_affinity", "kv_aware"}
 # The error of a model whose every provider is at its max_concurrency (flow control waits).
 FULL = "all_providers_busy"
 
@@ -85,11 +86,14 @@ class Picker:
         on_trip: Callable[[str, str], None] = lambda provider_id, reason: None,
         shared: SharedState | None = None,
         plan_ttl_s: float = PLAN_TTL_S,
+        kv: KvView | None = None,
     ) -> None:
         """`holder`: this replica's id (plans name it). `on_trip(provider_id, reason)`: a
         provider failed `circuit_failures` times in a row. `shared`: the state shared with the
-        other replicas (without it, first_available* order by config and hold nothing)."""
+        other replicas (without it, first_available* order by config and hold nothing). `kv`:
+        what the engines hold (kv_aware)."""
         self.holder = holder
+        self.kv = kv
         self._ttl = plan_ttl_s
         self.on_trip = on_trip
         self.shared = shared
@@ -112,9 +116,10 @@ class Picker:
 
     async def plan(self, meta: RequestMeta, prefix: Sequence[int], spares: int = 0) -> Plan:
         """The request's plan, booked; an error answer when it can go nowhere. `prefix`: the
-        prompt's block hashes (prefix_affinity only). `spares`: how many plans the ingress
-        would like made ahead for its next requests of this model (see Plan.spares). With
-        flow control on, a request whose model is full waits (a queued Plan: queues.py)."""
+        prompt's block hashes (prefix_affinity) or KV block keys (kv_aware). `spares`: how
+        many plans the ingress would like made ahead for its next requests of this model (see
+        Plan.spares). With flow control on, a request whose model is full waits (a queued
+        Plan: queues.py)."""
         handler, routing = self.handler, self.routing
         strategy = handler.strategy_names.get(meta.model)
         if routing.queue_timeout_s is not None and strategy not in (None, *SLOT_STRATEGIES):
@@ -196,7 +201,7 @@ class Picker:
         made ahead where they may be."""
         handler, meta, plan_id = booking.handler, booking.meta, booking.plan_id
         strategy = handler.strategy_names[meta.model]
-        stats = handler.stats(meta, candidates, booking.prefix, self.shared)
+        stats = handler.stats(meta, candidates, booking.prefix, self.shared, self.kv)
         booking.targets = handler.order(meta.model, candidates, stats)
         if meta.prefer:
             booking.targets = preferred_first(booking.targets, candidates, meta.prefer)

@@ -19,16 +19,24 @@ from serve_app.cluster.registry.actor import RegistryRef
 from serve_app.cluster.registry.adapters import retiring_names
 from serve_app.cluster.registry.manifest import Manifest, effective_config, unplaced_adapters
 from serve_app.core.config import RouterConfig, RoutingConfig, StrategyName
-from serve_app.core.metrics import IN_FLIGHT_METRIC
+from serve_app.core.metrics import (
+    IN_FLIGHT_METRIC,
+    KV_BLOCKS_METRIC,
+    KV_EVENTS_METRIC,
+    KV_SPILLS_METRIC,
+    Tally,
+)
 from serve_app.core.schemas import RequestMeta
 from serve_app.core.serve_env import REPLICA_CPUS
 from serve_app.local.loopback import keep_replica_grpc_on_loopback
 from serve_app.pickers.handler import ModelHandler
+from serve_app.pickers.kv import KvFeeds
 from serve_app.pickers.picker import Picker
 from serve_app.pickers.plan import Plan, Report
 from serve_app.pickers.queues import LENGTH_METRIC
 from serve_app.pickers.shared import SharedState
 from serve_app.provision.manager import LLMModelManager, auto_pull_models
+from serve_app.routing.strategies import KvAware
 
 METRICS_PUSH_S = 1.0
 EXPIRE_S = 1.0  # how often plans no ingress lists any more are looked for
@@ -53,6 +61,7 @@ class ModelTypeRouter:
         self._id = f"router-{model_type}:{self._replica}"
         self._health = HealthView()
         self._shared = SharedState(lambda: broker_handle(registry), self._id)
+        self._kv = KvFeeds()  # kv_aware: what the engines hold, from their KV events
         self._monitor = Follower(
             lambda: monitor_handle(registry), self._id, HealthView(), self._apply_health
         )
@@ -90,8 +99,17 @@ class ModelTypeRouter:
             Terms.of(routing),
             follow_index="prefix_affinity" in handler.strategy_names.values(),
         )
+        self._kv.configure(
+            [
+                p
+                for model in handler.api_model_config.models_configs.values()
+                for p in (*model.providers, *model.providers_sleep)
+            ]
+        )
         if self._picker is None:
-            self._picker = Picker(self._replica, handler, routing, self._trip, self._shared)
+            self._picker = Picker(
+                self._replica, handler, routing, self._trip, self._shared, kv=self._kv
+            )
         else:
             self._picker.update(handler, routing)
         self._apply_health(self._health)
@@ -104,6 +122,8 @@ class ModelTypeRouter:
                 if state.out_of_service and not out:
                     # Its probes pass again: this replica's own mark of recent failures goes.
                     state.down_until, state.failures = 0.0, 0
+                if out and not state.out_of_service:
+                    self._kv.forget(pid)  # its circuit opened: what it held is not known
                 state.out_of_service = out
                 state.signal = view.load.get(pid)
             self._picker.queues.dispatch_all()  # new load figures may leave room
@@ -119,11 +139,29 @@ class ModelTypeRouter:
                 tally.set(IN_FLIGHT_METRIC, (pid,), state.in_flight)
             for (model, priority), length in self._live.queues.lengths().items():
                 tally.set(LENGTH_METRIC, (model, str(priority)), length)
+            self._kv_metrics(tally)
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(
                     self._monitor.actor().push_metrics.remote(self._id, tally.snapshot()),
                     METRICS_PUSH_S,
                 )
+
+    def _kv_metrics(self, tally: Tally) -> None:
+        for pid, blocks, stats in self._kv.per_provider():
+            tally.set(KV_BLOCKS_METRIC, (pid,), blocks)
+            for kind, value in (
+                ("applied", stats.batches),
+                ("replayed", stats.replayed),
+                ("gap", stats.gaps),
+                ("hole", stats.holes),
+                ("restart", stats.restarts),
+                ("silence", stats.silences),
+                ("error", stats.errors + stats.decode_errors),
+            ):
+                tally.set(KV_EVENTS_METRIC, (pid, kind), value)
+        for model, strategy in self._live.handler.strategies.items():
+            if isinstance(strategy, KvAware):
+                tally.set(KV_SPILLS_METRIC, (model,), strategy.spills)
 
     async def _expire(self) -> None:
         # Exported at 0 from the start: a rate over it has data before any plan expires.

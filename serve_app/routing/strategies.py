@@ -14,7 +14,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from serve_app.core.config import ProviderConfig, RoutingConfig, StrategyName
+from serve_app.core.config import KvAwareKnobs, ProviderConfig, RoutingConfig, StrategyName
+from serve_app.routing.kv.score import ProviderView, rank
+from serve_app.routing.load import LoadSignal
 from serve_app.routing.sessions import Ring
 
 # dynamic_weighted: a provider never drops below this share of its weight, so it keeps getting
@@ -25,6 +27,11 @@ MIN_WEIGHT_SHARE = 0.05
 class PrefixView(Protocol):
     def matches(self, providers: Iterable[str], hashes: Sequence[int]) -> dict[str, int]:
         """How many leading blocks of the chain each provider has seen (routing.prefix)."""
+
+
+class KvView(Protocol):
+    def match(self, keys: Sequence[int]) -> dict[str, int]:
+        """Per provider, how many leading blocks of the prompt its engine holds (routing.kv)."""
 
 
 @dataclass(frozen=True)
@@ -42,6 +49,11 @@ class Stats:
     prefix: Sequence[int] = ()
     index: PrefixView | None = None
     session: str = ""
+    # kv_aware: `prefix` holds the prompt's KV block keys, `kv` what the engines hold, and
+    # the engines' own load signals; the prompt's exact token count.
+    kv: KvView | None = None
+    signals: Mapping[str, LoadSignal] = field(default_factory=dict)
+    prompt_tokens: int = 0
 
     def load_of(self, provider: str) -> float:
         """Its load figure; without signals, its in-flight count (what load_figure gives)."""
@@ -224,6 +236,44 @@ class SessionAffinity(_Bounded):
         return [by_id[pid] for pid in ring.walk(stats.session)]
 
 
+class KvAware:
+    """Each candidate's expected cost of this prompt in prefill tokens, what its engine holds
+    against the work it already has (routing/kv/score.py), cheapest first: the holder of a
+    prefix keeps its prompts until its queue costs more than its hit saves. Without a prompt
+    to match or an index: least loaded. `spills` counts requests whose first choice is not the
+    engine holding the longest prefix (affinity broken for load)."""
+
+    def __init__(self, knobs: KvAwareKnobs, block_size: int) -> None:
+        self.knobs = knobs
+        self.block_size = block_size
+        self.spills = 0
+
+    def order(self, candidates: Sequence[ProviderConfig], stats: Stats) -> list[ProviderConfig]:
+        if not stats.prefix or stats.kv is None or len(candidates) < 2:
+            return least_loaded_first(candidates, stats)
+        matched = stats.kv.match(stats.prefix)
+        size = self.block_size
+        prompt = stats.prompt_tokens or len(stats.prefix) * size
+        views = {}
+        for p in candidates:
+            signal = stats.signals.get(p.id) or LoadSignal()
+            views[p.id] = ProviderView(
+                matched_tokens=matched.get(p.id, 0) * size,
+                running=signal.running or 0.0,
+                waiting=signal.waiting or 0.0,
+                kv_usage=signal.kv_usage or 0.0,
+                in_flight=stats.in_flight.get(p.id, 0),
+            )
+        ranked = rank(prompt, views, self.knobs, seed=stats.prefix[0])
+        best = max(views, key=lambda pid: views[pid].matched_tokens)
+        if views[best].matched_tokens and ranked[0].hit_tokens < min(
+            views[best].matched_tokens, prompt - 1
+        ):
+            self.spills += 1
+        by_id = {p.id: p for p in candidates}
+        return [by_id[r.provider] for r in ranked]
+
+
 class ConfigOrder:
     """Slot strategies plan through the broker; outside it (llm-router's get_model_provider)
     they read as config order."""
@@ -233,10 +283,15 @@ class ConfigOrder:
 
 
 def make_strategy(
-    name: StrategyName, routing: RoutingConfig | None = None, rng: random.Random | None = None
+    name: StrategyName,
+    routing: RoutingConfig | None = None,
+    rng: random.Random | None = None,
+    block_size: int = 16,
 ) -> Strategy:
+    """`block_size`: the model's servers' KV block size (kv_aware)."""
     rng = rng or random.Random()
-    bound = (routing or RoutingConfig()).max_load_imbalance
+    routing = routing or RoutingConfig()
+    bound = routing.max_load_imbalance
     makers = {
         "balanced": Balanced,
         "weighted": SmoothWeighted,
@@ -247,6 +302,7 @@ def make_strategy(
         "least_loaded": LeastLoaded,
         "prefix_affinity": lambda: PrefixAffinity(bound),
         "session_affinity": lambda: SessionAffinity(bound),
+        "kv_aware": lambda: KvAware(routing.kv_aware, block_size),
         "first_available": ConfigOrder,
         "first_available_optim": ConfigOrder,
         "first_available_optim_nworkers": ConfigOrder,

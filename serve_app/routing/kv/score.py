@@ -31,21 +31,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import NamedTuple
 
-from pydantic import BaseModel, ConfigDict, Field
 from xxhash import xxh3_64_intdigest
 
-
-class KvAwareKnobs(BaseModel):
-    """The strategy's knobs, in prompt tokens (defaults: first cut for the H100 / Llama-3.1-8B
-    profile of the fleet simulator, where a step's overhead is worth about 200 prefill tokens
-    and a decode of 8k tokens of context about 15 per step)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    waiting_request_tokens: float = Field(512.0, ge=0)
-    running_request_tokens: float = Field(16.0, ge=0)
-    saturation_threshold: float = Field(0.9, ge=0, lt=1)
-    saturation_tokens: float = Field(8192.0, ge=0)
+from serve_app.core.config import KvAwareKnobs
 
 
 class ProviderView(NamedTuple):

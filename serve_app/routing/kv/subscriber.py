@@ -36,25 +36,15 @@ from dataclasses import dataclass
 import msgspec
 import zmq
 import zmq.asyncio
-from pydantic import BaseModel, ConfigDict
 from xxhash import xxh3_64_intdigest
 
+from serve_app.core.config import KvEventsEndpoints
 from serve_app.routing.kv.events import END_SEQ, decode_batch, decode_seq, encode_seq
 from serve_app.routing.kv.index import BlockIndex
 
 _RECENT = 256  # payload digests kept to tell a repeated batch from a restarted engine's
 ERROR_PAUSE_S = 1.0  # after an unexpected error, so a lasting one does not spin the loop
 log = logging.getLogger("ray.serve")
-
-
-class KvEventsEndpoints(BaseModel):
-    """A provider's `--kv-events-config` endpoints and topic, as given to vLLM."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    endpoint: str
-    replay_endpoint: str | None = None
-    topic: str = ""
 
 
 def engine_binds(endpoint: str) -> bool:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import zlib
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
@@ -28,9 +29,13 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
+
+import orjson
 
 from serve_app.routing.kv.index import chain_keys, root_key
+
+log = logging.getLogger("ray.serve")
 
 SIMPLE_VOCAB = 32_000
 SIMPLE_TEMPLATE = (
@@ -301,6 +306,39 @@ def prompt_tokens(tokenizer: Tokenizer, body: Mapping[str, Any]) -> list[int]:
     if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
         return prompt
     return []
+
+
+async def prompt_tokens_async(tokenizer: Tokenizer, body: Mapping[str, Any]) -> list[int]:
+    """`prompt_tokens` with a chat's tokenizing off the event loop (chat_prompt_async)."""
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        tools = body.get("tools")
+        return await tokenizer.chat_prompt_async(
+            messages, tools if isinstance(tools, list) else None
+        )
+    return prompt_tokens(tokenizer, body)
+
+
+class PromptKeys(NamedTuple):
+    """How the ingress cuts one kv_aware model's requests: its tokenizer folder, its servers'
+    block size and, for a LoRA adapter, its name (the first block's key is seeded with it)."""
+
+    folder: str
+    block_size: int
+    lora: str | None = None
+
+    async def of(self, body: bytes) -> tuple[list[int], int]:
+        """The block keys of a raw request body's prompt and its token count; ([], 0) when it
+        has none the tokenizer can render (the request is then routed by load alone)."""
+        try:
+            doc = orjson.loads(body)
+            if not isinstance(doc, dict):
+                return [], 0
+            ids = await prompt_tokens_async(tokenizer_for(self.folder), doc)
+        except Exception as exc:
+            log.info("prompt not tokenized for kv_aware", extra={"reason": type(exc).__name__})
+            return [], 0
+        return prompt_keys(ids, self.block_size, self.lora), len(ids)
 
 
 def prompt_keys(token_ids: list[int], block_size: int, lora: str | None = None) -> list[int]:
