@@ -616,7 +616,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wall-rate", type=float, default=30.0, help="requests per wall s")
     parser.add_argument("--trace-requests", type=int, default=240)
     parser.add_argument("--zipf-rates", default="16,32,64", help="requests per simulated s")
-    parser.add_argument("--zipf-sim-s", type=float, default=6.0, help="simulated s per step")
+    parser.add_argument("--zipf-sim-s", type=float, default=5.0, help="simulated s per step")
     parser.add_argument(
         "--probe",
         default="16,32",

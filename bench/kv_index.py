@@ -4,32 +4,50 @@ A fleet of 16 engines, each holding about 25,000 blocks of 16 tokens (an H100 wi
 a system prompt of 100 blocks every engine holds, then conversations of 512 blocks (8,192
 tokens, a 32 KB prompt) of its own. Measured: applying BlockStored events, the index's match for
 a 512-block prompt (held whole by one engine, its first 100 blocks by all; held by none), the
-block keys of 8,192 tokens, rendering and tokenizing a 32 KB chat prompt (the e2e tiny model's
-tokenizer, when there), the kv_aware ranking of 16 providers, and the index's memory per holding.
+block keys of 8,192 tokens, rendering and tokenizing a 32 KB chat prompt whose pieces were seen
+before and one whose were not (the e2e tiny model's tokenizer, when there), the ingress's whole
+step for a 32 KB body, the kv_aware ranking of 16 providers, and the index's memory per holding.
 Prints the median and the 99th percentile of each, in microseconds.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import random
 import statistics
 import time
 import tracemalloc
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+
+import orjson
 
 from serve_app.core.config import KvAwareKnobs
 from serve_app.routing.kv.events import BlockStored
 from serve_app.routing.kv.index import BlockIndex
 from serve_app.routing.kv.score import ProviderView, rank
-from serve_app.routing.kv.tokens import HfTokenizer, SimpleTokenizer, Tokenizer, prompt_keys
+from serve_app.routing.kv.tokens import (
+    HfTokenizer,
+    PromptKeys,
+    SimpleTokenizer,
+    Tokenizer,
+    prompt_keys,
+)
 
 BLOCK = 16
 ENGINES = 16
 BLOCKS_PER_ENGINE = 25_000
 SYSTEM_BLOCKS = 100
 PROMPT_BLOCKS = 512
+_WORDS = ("the", "of", "and", "to", "in", "is", "you", "that", "it", "he", "was", "for", "on")
+
+
+def _random_text(seed: int, chars: int = 32 * 1024) -> str:
+    """Random words: a text no cache has seen pieces of."""
+    return " ".join(random.Random(seed).choices(_WORDS, k=chars // 3))[:chars]
+
+
 E2E_MODEL = Path(__file__).resolve().parent.parent / ".e2e" / "model" / "base"
 
 
@@ -112,11 +130,22 @@ def main() -> None:
         tokenizers.append(("e2e tiny model", HfTokenizer(args.tokenizer)))
     for name, tokenizer in tokenizers:
         count = len(tokenizer.chat_prompt(messages))
+        seen = _timed(lambda t=tokenizer: t.chat_prompt(messages), 200)
+        rows.append((f"render + tokenize 32 KB chat, seen before ({name}: {count} tokens)", *seen))
+
+        texts = iter([_random_text(n) for n in range(100)])
+
+        def unseen(t: Tokenizer = tokenizer, texts: Iterator[str] = texts) -> object:
+            return t.chat_prompt([{"role": "user", "content": next(texts)}])
+
+        rows.append((f"render + tokenize 32 KB chat, never seen ({name})", *_timed(unseen, 100)))
+    if len(tokenizers) > 1:
+        body = orjson.dumps({"model": "m", "messages": messages})
+        keys = PromptKeys(str(args.tokenizer), BLOCK)
+        asyncio.run(keys.of(body))
+        ingress = _timed(lambda: asyncio.run(keys.of(body)), 200)
         rows.append(
-            (
-                f"render + tokenize 32 KB chat ({name}: {count} tokens)",
-                *_timed(lambda t=tokenizer: t.chat_prompt(messages), 200),
-            )
+            ("the ingress's keys of a 32 KB chat body, seen before (+ an event loop)", *ingress)
         )
 
     matched = index.match(held)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import orjson
 import pytest
 from jinja2.exceptions import TemplateError
 
@@ -16,6 +17,7 @@ from serve_app.demo.vllm_sim.profiles import TINY_CPU
 from serve_app.routing.kv.index import BlockIndex
 from serve_app.routing.kv.tokens import (
     HfTokenizer,
+    PromptKeys,
     SimpleTokenizer,
     prompt_keys,
     prompt_tokens,
@@ -126,3 +128,23 @@ def test_completion_prompts_as_text_or_ids_and_keys_leave_a_partial_block_out() 
     assert len(prompt_keys(list(range(47)), 16)) == 2
     assert prompt_keys(list(range(32)), 16)[:1] == prompt_keys(list(range(16)), 16)
     assert prompt_keys(list(range(16)), 16, lora="a") != prompt_keys(list(range(16)), 16)
+
+
+async def test_the_ingress_keys_of_a_body_and_what_it_cannot_render(
+    trained: Path, tmp_path: Path
+) -> None:
+    """A chat body's keys and exact token count (an adapter's seeded with its name); a body the
+    template refuses, or not a JSON object, has none (routed by load) instead of failing."""
+    body = {"model": "m", "messages": [{"role": "user", "content": DOC}]}
+    keys, tokens = await PromptKeys(str(trained), 16).of(orjson.dumps(body))
+    ids = prompt_tokens(tokenizer_for(str(trained)), body)
+    assert (keys, tokens) == (prompt_keys(ids, 16), len(ids)) and len(keys) > 10
+    adapter, _ = await PromptKeys(str(trained), 16, lora="a1").of(orjson.dumps(body))
+    assert adapter[0] != keys[0]
+    (tmp_path / "tokenizer.json").write_bytes((trained / "tokenizer.json").read_bytes())
+    config = json.loads((trained / "tokenizer_config.json").read_text())
+    config["chat_template"] = "{{ raise_exception('no system role') }}"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    refusing = PromptKeys(str(tmp_path), 16)
+    assert await refusing.of(orjson.dumps(body)) == ([], 0)
+    assert await PromptKeys(str(trained), 16).of(b"[1, 2]") == ([], 0)
