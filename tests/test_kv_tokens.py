@@ -1,6 +1,6 @@
 """Prompts as the server sees them (serve_app/routing/kv/tokens): the keys the router computes
 for a request are the keys the index builds from the simulated vLLM's events for it (the engine
-run in-process), with the e2e tiny model's tokenizer and chat template when `make e2e` made it,
+run in-process), with the e2e tiny model's tokenizer and chat template (tests/e2e/tiny_model.py),
 and always with one trained here the same way (byte-level BPE, `tokenizers` only)."""
 
 from __future__ import annotations
@@ -23,9 +23,8 @@ from serve_app.routing.kv.tokens import (
     prompt_tokens,
     tokenizer_for,
 )
-from tests.conftest import ROOT
+from tests.e2e.tiny_model import write_tokenizer
 
-E2E_MODEL = ROOT / ".e2e" / "model" / "base"
 PROFILE = TINY_CPU.model_copy(update={"block_size": 16})
 SENTENCES = [f"The quick brown fox jumps over the lazy dog {i}." for i in range(500)]
 DOC = " ".join(SENTENCES[:40])
@@ -58,12 +57,13 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(params=["trained", "e2e"])
-def model(request: pytest.FixtureRequest) -> Path:
+def model(request: pytest.FixtureRequest, tmp_path: Path) -> Path:
+    """The tokenizer trained here, or the e2e tiny model's (its tokenizer and chat template, as
+    tests/e2e/tiny_model.py writes them, with `tokenizers` alone)."""
     if request.param == "trained":
         return request.getfixturevalue("trained")
-    if not E2E_MODEL.is_dir():
-        pytest.skip("no e2e tiny model (make e2e makes it)")
-    return E2E_MODEL
+    write_tokenizer(tmp_path)
+    return tmp_path
 
 
 def _serve(engine: Engine, prompt: list[int]) -> None:
@@ -80,8 +80,10 @@ def test_the_routers_keys_are_those_the_index_builds_from_the_engines_events(mod
     the router's keys for the same request body match every full prompt block."""
     tokenizer = tokenizer_for(str(model))
     engine, index = Engine(PROFILE), BlockIndex()
-    first = {"messages": [{"role": "system", "content": DOC}, {"role": "user", "content": "Hi"}]}
-    second = {"messages": [*first["messages"][:1], {"role": "user", "content": "Other"}]}
+    # The user turns differ over full blocks, whatever the tokenizer's count for DOC.
+    turn, other_turn = ({"role": "user", "content": text * 20} for text in ("Hi, ", "Another, "))
+    first = {"messages": [{"role": "system", "content": DOC}, turn]}
+    second = {"messages": [*first["messages"][:1], other_turn]}
     served = tokenizer.chat_prompt(first["messages"])  # what the server computes
     _serve(engine, served)
     index.apply("sim", engine.cache.take_events())

@@ -43,6 +43,10 @@ VARIABLES = {
 # Rates this traffic cannot move (an ingress replica would have to die: tests/test_pickers.py
 # covers that counter); their series must be there all the same.
 STILL = {"Plans expired/s"}
+# The KV-event panels: their series are there (a kv_aware model whose provider names KV events
+# nobody publishes here); what moves them, a server publishing its KV events, is
+# tests/test_kv_aware_serve.py's.
+STILL |= {"KV event batches/s by kind", "kv_aware spills/s by model"}
 
 
 def _dashboard() -> dict:
@@ -97,6 +101,7 @@ def scraped(serve_url: str, upstream_factory, tmp_path_factory) -> Iterator[Scra
     bad, vllm, queued, slot = (upstream_factory(n) for n in ("pr-bad", "pr-vllm", "pr-q", "pr-s"))
     bad.knobs = Knobs(fail_status=500)  # tried first, fails over: failovers and 5xx attempts
     queued.knobs = Knobs(latency_s=0.3)
+    silent = {"endpoint": f"tcp://*:{free_port()}"}  # the engine would bind it; nobody does
     config = {
         "prom_models": {
             "p/chat": {
@@ -108,10 +113,16 @@ def scraped(serve_url: str, upstream_factory, tmp_path_factory) -> Iterator[Scra
             "p/queue": {"providers": [provider("pr-q", queued.url, max_concurrency=1)]},
         },
         "prom_slots": {"p/slot": {"providers": [provider("pr-s", slot.url)]}},
-        "active_models": {"prom_models": ["p/chat", "p/queue"], "prom_slots": ["p/slot"]},
+        "prom_kv": {"p/kv": {"providers": [provider("pr-kv", vllm.url, "vllm", kv_events=silent)]}},
+        "active_models": {
+            "prom_models": ["p/chat", "p/queue"],
+            "prom_slots": ["p/slot"],
+            "prom_kv": ["p/kv"],
+        },
         "routing": {
             "prom_models": {"strategy": "weighted", "queue_timeout_s": 20},
             "prom_slots": {"strategy": "first_available"},
+            "prom_kv": {"strategy": "kv_aware"},
         },
         "auth": {"require_keys": True},
     }

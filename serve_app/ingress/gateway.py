@@ -132,7 +132,7 @@ def kv_prompts(
                 continue
             try:
                 tokenizer_for(model.tokenizer)
-            except (OSError, ValueError) as exc:
+            except Exception as exc:  # a missing or broken folder, whatever it raises
                 log.warning(
                     "kv_aware tokenizer not loaded",
                     extra={"model": name, "reason": f"{type(exc).__name__}: {exc}"},

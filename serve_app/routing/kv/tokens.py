@@ -335,7 +335,7 @@ class PromptKeys(NamedTuple):
             if not isinstance(doc, dict):
                 return [], 0
             ids = await prompt_tokens_async(tokenizer_for(self.folder), doc)
-        except Exception as exc:
+        except Exception as exc:  # a template refusing the conversation must not fail it
             log.info("prompt not tokenized for kv_aware", extra={"reason": type(exc).__name__})
             return [], 0
         return prompt_keys(ids, self.block_size, self.lora), len(ids)
