@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -56,10 +57,22 @@ with open(NO_PROFILES, "w") as f:
     f.write('{"profiles": {"default": {"models": {}}}}')
 
 
+# Ports below the kernel's ephemeral range (32768-60999 on Linux by default), in an order of this
+# process's own: a port the kernel hands out (bind to 0) is one an outgoing connection may take
+# before the server it was meant for binds it (seen: HAProxy's metrics port, in a full run).
+_PORTS = iter(random.Random(os.getpid()).sample(range(10_000, 32_768), 22_768))
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port nothing listens on now."""
+    for port in _PORTS:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free loopback port left below 32768")
 
 
 def lora_dir(name: str) -> str:
