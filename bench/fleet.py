@@ -612,9 +612,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--strategies", default=STRATEGIES)
     parser.add_argument("--peers", default=PEER_POLICIES, help="vllm-router policies ('' none)")
     parser.add_argument("--workloads", default="", help="mooncake,agents,zipf (default: all)")
-    parser.add_argument("--phase-s", type=float, default=10.0, help="wall seconds per phase")
+    parser.add_argument("--phase-s", type=float, default=8.0, help="wall seconds per phase")
     parser.add_argument("--wall-rate", type=float, default=30.0, help="requests per wall s")
-    parser.add_argument("--trace-requests", type=int, default=240)
+    parser.add_argument("--trace-requests", type=int, default=200)
     parser.add_argument("--zipf-rates", default="16,32,64", help="requests per simulated s")
     parser.add_argument("--zipf-sim-s", type=float, default=5.0, help="simulated s per step")
     parser.add_argument(
