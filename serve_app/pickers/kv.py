@@ -93,8 +93,3 @@ class KvFeeds:
         for pid, engine in self._engine_of.items():
             blocks = counts.get(engine, {}).get(MEDIUM_GPU, 0)
             yield pid, blocks, self._subscribers[engine].stats
-
-    async def close(self) -> None:
-        for engine in list(self._subscribers):
-            self._stop(engine)
-        await asyncio.gather(*self._closing, return_exceptions=True)
