@@ -225,24 +225,15 @@ def test_prefix_affinity_takes_the_longest_match_within_the_load_bound() -> None
 # --- kv_aware -------------------------------------------------------------------------------------
 
 
-class _Held:
-    """What each engine holds: leading blocks per provider, whatever the keys."""
-
-    def __init__(self, blocks: dict[str, int]) -> None:
-        self.blocks = blocks
-
-    def match(self, keys: list[int]) -> dict[str, int]:
-        return {p: min(n, len(keys)) for p, n in self.blocks.items() if n}
-
-
 def test_kv_aware_stays_on_the_holder_until_its_queue_costs_more_than_its_hit_saves() -> None:
     """A 1,600-token prompt (100 blocks of 16) that c holds 80 blocks of: 1,280 tokens c need
     not compute. Each request waiting at c costs 512 (the default), so c keeps it with two
     waiting (1,024 < 1,280) and loses it to the idle a with three (1,536 > 1,280); b, which
-    holds 10 blocks, comes between. Without an index or a prompt: least loaded."""
+    holds 10 blocks, comes between. The router's own prompts sent there and not yet answering
+    count by their tokens. Without an index or a prompt: least loaded."""
     strategy = make_strategy("kv_aware", RoutingConfig(), block_size=16)
     keys = list(range(100))
-    held = _Held({"b": 10, "c": 80})
+    held = {"b": 10, "c": 80}  # leading blocks each engine holds
 
     def order(waiting_c: float, **stats: object) -> list[str]:
         signals = {
@@ -250,7 +241,7 @@ def test_kv_aware_stays_on_the_holder_until_its_queue_costs_more_than_its_hit_sa
             "b": LoadSignal(running=0, waiting=0),
             "c": LoadSignal(running=0, waiting=waiting_c),
         }
-        base = {"prefix": keys, "kv": held, "signals": signals, "prompt_tokens": 1600}
+        base = {"prefix": keys, "held": held, "signals": signals, "prompt_tokens": 1600}
         return [p.id for p in strategy.order(PS, Stats(**{**base, **stats}))]
 
     assert order(0) == ["c", "b", "a"]
@@ -259,11 +250,15 @@ def test_kv_aware_stays_on_the_holder_until_its_queue_costs_more_than_its_hit_sa
     assert strategy.spills == 1  # the last one: the holder lost it for load
     # The router's own requests there not yet running count as waiting too.
     assert order(0, in_flight={"c": 3}) == ["b", "a", "c"]
+    # Tokens of its prompts not yet computed there: c saves 1,120 more than b, 1,280 more than a.
+    assert order(0, queued_prefill={"c": 1_100}) == ["c", "b", "a"]
+    assert order(0, queued_prefill={"c": 1_200}) == ["b", "c", "a"]
+    assert order(0, queued_prefill={"c": 1_300}) == ["b", "a", "c"]
     # A nearly full cache: past 0.9 use, up to 8,192 tokens more.
     full = {"c": LoadSignal(running=0, waiting=0, kv_usage=1.0)}
     assert order(0, signals=full)[-1] == "c"
     assert order(0, prefix=[])[0] == "a"  # no prompt: least loaded, config order on ties
-    assert order(0, kv=None, load={"a": 2.0, "b": 1.0, "c": 3.0}) == ["b", "a", "c"]
+    assert order(0, held=None, load={"a": 2.0, "b": 1.0, "c": 3.0}) == ["b", "a", "c"]
 
 
 def test_kv_events_and_tokenizer_are_checked_in_the_models_config() -> None:

@@ -34,6 +34,9 @@ BODIES_METRIC = "llm_router_request_bodies_parsed"  # counted by the ingress
 KV_BLOCKS_METRIC = "llm_router_kv_index_blocks"  # set by the pickers (kv_aware)
 KV_EVENTS_METRIC = "llm_router_kv_event_batches"
 KV_SPILLS_METRIC = "llm_router_kv_spills"
+KV_PREDICTIONS_METRIC = "llm_router_kv_predictions"  # counted by the ingress
+KV_PREDICTED_METRIC = "llm_router_kv_predicted_cached_tokens"
+KV_REPORTED_METRIC = "llm_router_kv_reported_cached_tokens"
 
 SPECS: dict[str, Spec] = {
     "llm_router_requests": Spec(
@@ -118,6 +121,24 @@ SPECS: dict[str, Spec] = {
         "counter",
         "kv_aware requests whose first choice was not the engine holding the longest prefix of "
         "their prompt (its queue cost more than its hit saved), by model",
+        ("model",),
+    ),
+    KV_PREDICTIONS_METRIC: Spec(
+        "counter",
+        "kv_aware answers whose server reported its cached prompt tokens, by model and how the "
+        "router's prediction compared: exact, over (it expected more), under",
+        ("model", "result"),
+    ),
+    KV_PREDICTED_METRIC: Spec(
+        "counter",
+        "Prompt tokens the kv_aware router predicted the chosen server would take from its "
+        "cache, over the answers counted in llm_router_kv_predictions, by model",
+        ("model",),
+    ),
+    KV_REPORTED_METRIC: Spec(
+        "counter",
+        "Prompt tokens the servers reported taking from their cache (cached_tokens), over the "
+        "answers counted in llm_router_kv_predictions, by model",
         ("model",),
     ),
 }

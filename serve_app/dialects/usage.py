@@ -4,6 +4,7 @@ key used. Streams are read chunk by chunk without parsing what cannot hold count
 from __future__ import annotations
 
 import contextlib
+import re
 from typing import Any
 
 import orjson
@@ -13,6 +14,7 @@ from serve_app.core.tokens import estimate_text
 from serve_app.dialects.internal import LineReader, SSEReader
 
 Counts = tuple[int, int]  # prompt, completion
+_CACHED = re.compile(rb'"cached_tokens"\s*:\s*(\d+)')
 
 
 def _int(value: Any) -> int:
@@ -42,6 +44,15 @@ def counts_of(dialect: Dialect, doc: Any) -> Counts | None:
     if dialect == "openai":
         return _int(usage.get("prompt_tokens")), _int(usage.get("completion_tokens"))
     return _int(usage.get("input_tokens")), _int(usage.get("output_tokens"))
+
+
+def cached_tokens(raw: bytes) -> int | None:
+    """The prompt tokens an OpenAI-style answer or stream chunk says its server took from its
+    prefix cache (`usage.prompt_tokens_details.cached_tokens`, vLLM with
+    `--enable-prompt-tokens-details`); None where it says nothing. Searched, not parsed: JSON
+    text escapes every quote inside a string, so only a key can match."""
+    found = _CACHED.search(raw)
+    return int(found[1]) if found else None
 
 
 def _text(value: Any) -> str:

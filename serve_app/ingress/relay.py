@@ -19,9 +19,15 @@ import aiohttp
 from serve_app.cluster.registry.manifest import is_lora_name
 from serve_app.core.config import ProviderConfig, RoutingConfig
 from serve_app.core.errors import BadUpstream, RouterError, adapter_unavailable
-from serve_app.core.metrics import Tally
+from serve_app.core.metrics import (
+    KV_PREDICTED_METRIC,
+    KV_PREDICTIONS_METRIC,
+    KV_REPORTED_METRIC,
+    Tally,
+)
 from serve_app.core.schemas import RequestMeta
 from serve_app.dialects.translate import STREAM_TYPES, stream_error
+from serve_app.dialects.usage import cached_tokens
 from serve_app.ingress.outcomes import Reporter
 from serve_app.pickers.picker import retry_seconds
 from serve_app.pickers.plan import (
@@ -221,6 +227,28 @@ class _Attempts:
             },
         )
 
+    def predicted(self, provider: ProviderConfig) -> int | None:
+        """The cached prompt tokens the plan predicted for `provider` (kv_aware), else None."""
+        plan = self._route.plan
+        if plan.hits:
+            for target, hit in zip(plan.targets, plan.hits, strict=True):
+                if target.id == provider.id:
+                    return hit
+        return None
+
+    def reported(self, predicted: int, raw: bytes) -> bool:
+        """Holds the prediction to the cached tokens `raw` (the upstream's answer or one of
+        its stream chunks) reports, if it reports them; whether it did."""
+        cached = cached_tokens(raw)
+        if cached is None:
+            return False
+        model, tally = self._meta.model, self._relay.tally
+        result = "exact" if cached == predicted else "over" if predicted > cached else "under"
+        tally.inc(KV_PREDICTIONS_METRIC, (model, result))
+        tally.inc(KV_PREDICTED_METRIC, (model,), predicted)
+        tally.inc(KV_REPORTED_METRIC, (model,), cached)
+        return True
+
     def answered(self, provider: ProviderConfig) -> dict[str, str]:
         """The provider's answer began; the answer's headers."""
         seconds = time.monotonic() - self._started
@@ -375,6 +403,8 @@ class Relay:
                     head = Head(resp.status, STREAM_TYPES[meta.endpoint.dialect], headers)
                     end = _End(self.reporter, route, resp)
                     failed = partial(attempts.failed, provider)
+                    if (predicted := attempts.predicted(provider)) is not None:
+                        upstream = _watched(upstream, partial(attempts.reported, predicted))
                     rest = _relay(
                         exchange, first, upstream, resp, meta, provider, end, deadline, failed
                     )
@@ -402,7 +432,10 @@ async def _answer(
         body = Body(limits.answer_bytes, resp.content_length if decoder.identity else None)
         async for piece in _decoded(resp, decoder):
             body.add(piece)
-        return exchange.unary(resp.status, body.bytes())
+        raw = body.bytes()
+        if resp.status < 400 and (predicted := attempts.predicted(provider)) is not None:
+            attempts.reported(predicted, raw)
+        return exchange.unary(resp.status, raw)
     except BadUpstream as err:
         _refused(resp, attempts, provider, err)
         raise
@@ -431,6 +464,18 @@ async def _checked(resp: aiohttp.ClientResponse, check: StreamCheck) -> AsyncIte
         if frames := check.feed(piece):
             yield frames
     check.end()
+
+
+async def _watched(
+    frames: AsyncIterator[bytes], reported: Callable[[bytes], bool]
+) -> AsyncIterator[bytes]:
+    """The frames, each shown to `reported` until one reports the cached tokens."""
+    async for frame in frames:
+        yield frame
+        if reported(frame):
+            break
+    async for frame in frames:
+        yield frame
 
 
 async def _relay(

@@ -7,7 +7,7 @@ and the served path are the same code.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -33,7 +33,7 @@ from serve_app.routing.selection import (
     initial_states,
     plan_attempts,
 )
-from serve_app.routing.strategies import KvView, Stats, Strategy, make_strategy
+from serve_app.routing.strategies import KvView, Stats, Strategy, make_strategy, predicted_hit
 from serve_app.upstreams.base import upstream_model
 
 if TYPE_CHECKING:
@@ -209,13 +209,21 @@ class ModelHandler:
         stats = replace(stats, load=load, prefix=prefix, index=index, session=meta.session)
         if strategy != "kv_aware":
             return stats
-        signals = {
-            p.id: signal
-            for tier in candidates.tiers
-            for p in tier
-            if (signal := self.states[p.id].signal) is not None
-        }
-        return replace(stats, kv=kv, signals=signals, prompt_tokens=meta.prompt_tokens)
+        providers = [p for tier in candidates.tiers for p in tier]
+        signals = {p.id: s for p in providers if (s := self.states[p.id].signal) is not None}
+        return replace(
+            stats,
+            held=kv.match(prefix) if kv is not None and prefix else None,
+            signals=signals,
+            prompt_tokens=meta.prompt_tokens,
+            queued_prefill={p.id: self.states[p.id].queued_prefill for p in providers},
+        )
+
+    def predicted_hits(self, meta: RequestMeta, held: Mapping[str, int]) -> dict[str, int]:
+        """Per provider holding some of the prompt, the tokens its engine should report cached
+        (kv_aware: `held` are leading blocks, as Stats.held)."""
+        size = self._model(meta.model).kv_block_size
+        return {pid: predicted_hit(n, size, meta.prompt_tokens) for pid, n in held.items()}
 
     def order(self, model_name: str, candidates: Candidates, stats: Stats) -> list[ProviderConfig]:
         """The candidates in the model's strategy order, capped per tier (plan_attempts)."""

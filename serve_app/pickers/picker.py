@@ -23,7 +23,7 @@ from serve_app.pickers.handler import ModelHandler
 from serve_app.pickers.plan import DONE, OK, Event, Plan, Report, Spare, error_answer
 from serve_app.pickers.queues import Queues
 from serve_app.pickers.shared import SharedState, Slot
-from serve_app.routing.selection import Candidates, preferred_first
+from serve_app.routing.selection import Candidates, ProviderState, preferred_first
 from serve_app.routing.strategies import KvView
 
 # A plan its ingress stops listing as open (the ingress replica died, or its reports are lost)
@@ -58,6 +58,10 @@ class _Booking:
     tried: set[str] = field(default_factory=set)
     left: int = 0  # slot attempts left (max_attempts per tier with providers)
     deadline: float = 0.0  # the request's deadline, on the event loop's clock
+    # kv_aware: the prompt tokens each target's engine is predicted to serve from its cache,
+    # and the ones the current one has to compute until its answer begins (queued prefill).
+    hits: dict[str, int] | None = None
+    prefill: int = 0
 
 
 def no_free_provider(model: str, wait_s: float) -> RouterError:
@@ -205,6 +209,10 @@ class Picker:
         booking.targets = handler.order(meta.model, candidates, stats)
         if meta.prefer:
             booking.targets = preferred_first(booking.targets, candidates, meta.prefer)
+        hits: tuple[int, ...] = ()
+        if stats.held is not None:
+            booking.hits = handler.predicted_hits(meta, stats.held)
+            hits = tuple(booking.hits.get(p.id, 0) for p in booking.targets)
         if booking.targets:
             self._hold(booking, booking.targets[0])
         ahead: list[Spare] = []
@@ -220,7 +228,7 @@ class Picker:
         ):
             for _ in range(min(spares, MAX_SPARES)):
                 ahead.append(self._spare(booking, candidates))
-        return Plan(plan_id, self.holder, tuple(booking.targets), spares=tuple(ahead))
+        return Plan(plan_id, self.holder, tuple(booking.targets), spares=tuple(ahead), hits=hits)
 
     def _spare(self, like: _Booking, candidates: Candidates) -> Spare:
         """One more plan like `like`, booked now, in the strategy's order as it stands."""
@@ -287,6 +295,9 @@ class Picker:
         state = booking.handler.states.get(provider.id)
         if state is not None:
             state.in_flight += 1
+            if booking.hits is not None:
+                booking.prefill = booking.meta.prompt_tokens - booking.hits.get(provider.id, 0)
+                state.queued_prefill += booking.prefill
         if self.shared is not None:
             self.shared.used(booking.meta.model, provider.id)
 
@@ -295,6 +306,7 @@ class Picker:
             state = booking.handler.states.get(booking.current.id)
             if state is not None:
                 state.in_flight -= 1
+                self._prefilled(booking, state)
             booking.current = None
         if booking.slot is not None:
             assert self.shared is not None
@@ -340,13 +352,22 @@ class Picker:
         """The provider's answer began: it is well, its latency (to the answer's head) is one
         sample, and it has the prompt's blocks in its cache now."""
         state = self.handler.states.get(event.provider)
+        booking = self.plans.get(event.plan_id)
         if state is not None:
             state.down_until, state.failures = 0.0, 0
-        booking = self.plans.get(event.plan_id)
+            if booking is not None and getattr(booking.current, "id", None) == event.provider:
+                self._prefilled(booking, state)
         if self.shared is not None:
             self.shared.took(event.provider, event.seconds)
             if booking is not None:
                 self.shared.routed(event.provider, booking.prefix)
+
+    @staticmethod
+    def _prefilled(booking: _Booking, state: ProviderState) -> None:
+        """The booking's prompt no longer waits to be computed there (its answer began, or the
+        provider was let go)."""
+        state.queued_prefill -= booking.prefill
+        booking.prefill = 0
 
     def _failed(self, event: Event) -> None:
         state = self.handler.states.get(event.provider)

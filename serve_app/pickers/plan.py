@@ -65,7 +65,9 @@ class Plan(NamedTuple):
     this model (only where the strategy's choice depends on nothing in the request but its
     size and tools); the ingress uses them for GRANT_S or gives them back. `queued`: every
     provider is full and the request waits in the picker's queue under the ticket `plan_id`
-    (flow control; the ingress then asks `Picker.wait`); `waited`: how long it waited."""
+    (flow control; the ingress then asks `Picker.wait`); `waited`: how long it waited.
+    `hits` (kv_aware): the prompt tokens each target's engine is predicted to serve from its
+    cache, which the ingress holds to the `cached_tokens` the engine reports."""
 
     plan_id: str
     picker: str
@@ -75,6 +77,7 @@ class Plan(NamedTuple):
     spares: tuple[Spare, ...] = ()
     queued: bool = False
     waited: float = 0.0
+    hits: tuple[int, ...] = ()
 
 
 class Event(NamedTuple):

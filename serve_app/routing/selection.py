@@ -16,10 +16,12 @@ from serve_app.routing.strategies import Stats, Strategy
 @dataclass
 class ProviderState:
     """One replica's view of a provider: its load, when a recent failure stops counting, its
-    failures in a row here, whether the shared circuit has it out of service, and what it
-    last said of its load (the monitor's scrape)."""
+    failures in a row here, whether the shared circuit has it out of service, what it last
+    said of its load (the monitor's scrape), and (kv_aware) the prompt tokens it has to compute
+    for this replica's requests that it has not begun answering."""
 
     in_flight: int = 0
+    queued_prefill: int = 0
     down_until: float = 0.0
     failures: int = 0
     out_of_service: bool = False

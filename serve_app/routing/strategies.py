@@ -34,6 +34,13 @@ class KvView(Protocol):
         """Per provider, how many leading blocks of the prompt its engine holds (routing.kv)."""
 
 
+def predicted_hit(blocks: int, block_size: int, prompt_tokens: int) -> int:
+    """The prompt tokens an engine holding its first `blocks` blocks serves from its cache, as
+    vLLM counts them (`cached_tokens`): whole blocks, and never the last token, which it always
+    computes (so a prompt of exactly n blocks can hit at most n - 1)."""
+    return min(blocks, max(prompt_tokens - 1, 0) // block_size) * block_size
+
+
 @dataclass(frozen=True)
 class Stats:
     """What an ordering may look at: this replica's requests under way per provider, the
@@ -49,9 +56,12 @@ class Stats:
     prefix: Sequence[int] = ()
     index: PrefixView | None = None
     session: str = ""
-    # kv_aware: `prefix` holds the prompt's KV block keys, `kv` what the engines hold, and
-    # the engines' own load signals; the prompt's exact token count.
-    kv: KvView | None = None
+    # kv_aware: `prefix` holds the prompt's KV block keys, `held` how many of its leading
+    # blocks each provider's engine holds (None: no index), the engines' own load signals, and
+    # the prompt's exact token count.
+    held: Mapping[str, int] | None = None
+    # prompt tokens this replica sent to each provider that it has not begun answering (kv_aware)
+    queued_prefill: Mapping[str, int] = field(default_factory=dict)
     signals: Mapping[str, LoadSignal] = field(default_factory=dict)
     prompt_tokens: int = 0
 
@@ -249,26 +259,23 @@ class KvAware:
         self.spills = 0
 
     def order(self, candidates: Sequence[ProviderConfig], stats: Stats) -> list[ProviderConfig]:
-        if not stats.prefix or stats.kv is None or len(candidates) < 2:
+        if not stats.prefix or stats.held is None or len(candidates) < 2:
             return least_loaded_first(candidates, stats)
-        matched = stats.kv.match(stats.prefix)
         size = self.block_size
         prompt = stats.prompt_tokens or len(stats.prefix) * size
         views = {}
         for p in candidates:
             signal = stats.signals.get(p.id) or LoadSignal()
             views[p.id] = ProviderView(
-                matched_tokens=matched.get(p.id, 0) * size,
+                matched_tokens=predicted_hit(stats.held.get(p.id, 0), size, prompt),
                 running=signal.running or 0.0,
                 waiting=signal.waiting or 0.0,
                 kv_usage=signal.kv_usage or 0.0,
                 in_flight=stats.in_flight.get(p.id, 0),
+                queued_prefill_tokens=stats.queued_prefill.get(p.id, 0),
             )
         ranked = rank(prompt, views, self.knobs, seed=stats.prefix[0])
-        best = max(views, key=lambda pid: views[pid].matched_tokens)
-        if views[best].matched_tokens and ranked[0].hit_tokens < min(
-            views[best].matched_tokens, prompt - 1
-        ):
+        if ranked[0].hit_tokens < max(v.matched_tokens for v in views.values()):
             self.spills += 1
         by_id = {p.id: p for p in candidates}
         return [by_id[r.provider] for r in ranked]
