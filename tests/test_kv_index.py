@@ -3,7 +3,10 @@ the longest held prefix per provider; removals, copies, media, adapters, the bou
 
 from __future__ import annotations
 
+import base64
+import json
 from collections.abc import Sequence
+from pathlib import Path
 
 from serve_app.routing.kv.events import (
     MEDIUM_CPU,
@@ -11,9 +14,11 @@ from serve_app.routing.kv.events import (
     BlockRemoved,
     BlockStored,
     EngineHash,
+    decode_batch,
 )
 from serve_app.routing.kv.index import BlockIndex
 from serve_app.routing.kv.tokens import prompt_keys
+from serve_app.routing.strategies import predicted_hit
 
 BS = 4
 TOKENS = list(range(100, 124))  # 6 full blocks
@@ -121,3 +126,42 @@ def test_past_the_bound_the_largest_provider_loses_its_least_recently_stored_fir
     assert index.evicted == {"big": 1}
     # big's block 1 went (block 0 was stored again since): its match stops after block 0.
     assert index.match(prompt_keys(TOKENS, BS)) == {"big": 1, "small": 3}
+
+
+def test_a_recorded_real_vllm_stream_predicts_what_the_server_reported_cached() -> None:
+    """vLLM 0.32's own events (tests/wire/vllm_kv_events.json, recorded by
+    tests/e2e/record_kv_events.py: blocks of 32 in a 12-block cache, a prefix hit, a LoRA
+    adapter's blocks, evictions, a reset): the index rebuilt from the batches that had arrived
+    before each request predicts exactly the `cached_tokens` the server reported for it. The one
+    exception is vLLM's: a reset publishes its AllBlocksCleared with the engine's next step,
+    i.e. with the next request's own events, so the request right after a reset is predicted
+    from the blocks before it."""
+    doc = json.loads((Path(__file__).parent / "wire" / "vllm_kv_events.json").read_text())
+    size = doc["block_size"]
+    batches = [decode_batch(base64.b64decode(b["payload"])) for b in doc["batches"]]
+    assert [b["seq"] for b in doc["batches"]] == list(range(len(batches)))
+    kinds = {type(e).__name__ for batch in batches for e in batch.events}
+    assert kinds == {"BlockStored", "BlockRemoved", "AllBlocksCleared"}
+    assert any(getattr(e, "lora_name", None) for batch in batches for e in batch.events)
+    index, applied, reset = BlockIndex(), 0, False
+    for request in doc["requests"]:
+        if "token_ids" not in request:  # the reset
+            reset = True
+            continue
+        for batch in batches[applied : request["before_batches"]]:
+            index.apply("vllm", batch.events)
+        applied = request["before_batches"]
+        ids = request["token_ids"]
+        held = index.match(prompt_keys(ids, size, request["lora"])).get("vllm", 0)
+        predicted = predicted_hit(held, size, len(ids))
+        if reset:  # its AllBlocksCleared comes with this request's own batch
+            assert predicted > request["cached_tokens"] == 0, request["step"]
+            reset = False
+        else:
+            assert predicted == request["cached_tokens"], request["step"]
+    cached = [r.get("cached_tokens") for r in doc["requests"]]
+    assert any(cached) and 0 in cached  # hits and misses both
+    for batch in batches[applied:]:
+        index.apply("vllm", batch.events)
+    last = doc["requests"][-1]["token_ids"]
+    assert index.match(prompt_keys(last, size)) == {"vllm": len(last) // size}

@@ -34,8 +34,11 @@ from serve_app.cluster.registry.manifest import (
 from serve_app.core.config import ConfigError, ProviderConfig
 from serve_app.core.errors import RouterError
 from serve_app.core.schemas import Endpoint, RequestMeta
+from serve_app.ingress.gateway import kv_prompts
 from serve_app.pickers.handler import ModelHandler
+from serve_app.routing.kv.tokens import PromptKeys
 from tests.conftest import provider
+from tests.e2e.tiny_model import write_tokenizer
 
 
 def _config() -> dict:
@@ -276,3 +279,22 @@ def test_admin_refusals(header: str | None, expected: str | None, status: int) -
 def test_the_admin_token_is_accepted() -> None:
     assert admin_refusal("Bearer right", "right") is None
     assert admin_refusal("bearer right", "right") is None
+
+
+def test_a_kv_aware_base_models_adapter_is_keyed_by_its_vllm_name_on_the_bases_blocks(
+    manifest: Manifest, tmp_path: Path
+) -> None:
+    """An adapter of a kv_aware model routes on the same servers' blocks: it keeps the base's
+    tokenizer and block size, and the ingress seeds its prompts' keys with the name vLLM loaded
+    it under (its version's), the name vLLM's events carry for its blocks."""
+    write_tokenizer(tmp_path)
+    config = _config()
+    config["llm_models"]["base"] |= {"tokenizer": str(tmp_path), "kv_block_size": 32}
+    kv = with_new_version(with_config(manifest, config, "cfg.json"), _reg(), ["v1"], 0.0)
+    effective = effective_config(kv)
+    model = effective.model_types["llm_models"].models["sql"]
+    assert (model.tokenizer, model.kv_block_size) == (str(tmp_path), 32)
+    strategies = {"base": "kv_aware", "sql": "kv_aware"}
+    keys = kv_prompts(effective, strategies, {"sql": "base"})
+    assert keys["sql"] == PromptKeys(str(tmp_path), 32, "sql@v1")
+    assert keys["base"] == PromptKeys(str(tmp_path), 32, None)

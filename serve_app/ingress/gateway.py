@@ -138,7 +138,8 @@ def kv_prompts(
                     extra={"model": name, "reason": f"{type(exc).__name__}: {exc}"},
                 )
                 continue
-            lora = name if name in adapters else None
+            # vLLM names an adapter's blocks by the name it was loaded under (its version's)
+            lora = model.providers[0].model_path if name in adapters else None
             out[name] = PromptKeys(model.tokenizer, model.kv_block_size, lora)
     return out
 

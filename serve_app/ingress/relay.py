@@ -388,6 +388,8 @@ class Relay:
                     # bound or malformed is a 502.
                     check = StreamCheck(exchange.wire, route.limits.event_bytes)
                     upstream = _checked(resp, check)
+                    if (predicted := attempts.predicted(provider)) is not None:
+                        upstream = _watched(upstream, partial(attempts.reported, predicted))
                     try:
                         async with asyncio.timeout_at(deadline.at):
                             first = await anext(upstream, b"")
@@ -403,8 +405,6 @@ class Relay:
                     head = Head(resp.status, STREAM_TYPES[meta.endpoint.dialect], headers)
                     end = _End(self.reporter, route, resp)
                     failed = partial(attempts.failed, provider)
-                    if (predicted := attempts.predicted(provider)) is not None:
-                        upstream = _watched(upstream, partial(attempts.reported, predicted))
                     rest = _relay(
                         exchange, first, upstream, resp, meta, provider, end, deadline, failed
                     )

@@ -210,7 +210,10 @@ def _adapter_model(base: ModelConfig, name: str, version: AdapterVersion) -> Mod
     if not primaries and not sleeping:
         return None
     return ModelConfig(
-        providers=primaries or sleeping, providers_sleep=sleeping if primaries else []
+        providers=primaries or sleeping,
+        providers_sleep=sleeping if primaries else [],
+        tokenizer=base.tokenizer,  # kv_aware: the base model's, on the base's servers
+        kv_block_size=base.kv_block_size,
     )
 
 
