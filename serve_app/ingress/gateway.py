@@ -37,6 +37,7 @@ from serve_app.core.schemas import (
     parse_timeout,
     validate_request,
 )
+from serve_app.core.tokens import CHARS_PER_TOKEN
 from serve_app.dialects.translate import error_in_dialect
 from serve_app.dialects.usage import Counts, StreamMeter, counts_of
 from serve_app.ingress.picking import PickerLink
@@ -514,7 +515,7 @@ class Gateway:
             if head.status == 200:
                 with contextlib.suppress(orjson.JSONDecodeError):
                     counts = counts_of(endpoint.dialect, orjson.loads(out))
-            self._settle(admission, model, counts, head.status, len(out) // 4)
+            self._settle(admission, model, counts, head.status, len(out) // CHARS_PER_TOKEN)
             head.headers.update(admission.headers)
         if head.status >= 400:
             out = error_in_dialect(endpoint.dialect, head.status, out)
