@@ -21,6 +21,7 @@ from serve_app.pickers.handler import ModelHandler
 from serve_app.pickers.picker import Picker
 from serve_app.pickers.plan import DONE, OK, Event, Report
 from serve_app.pickers.shared import Slot
+from serve_app.routing.load import LoadSignal
 from tests.conftest import ADMIN, deploy, provider, samples, until
 
 META = RequestMeta(Endpoint.CHAT, "m", False, 10, False, "r")
@@ -77,6 +78,15 @@ async def test_outcomes_of_an_unknown_plan_still_teach_the_picker() -> None:
     picker = _picker()
     picker.report(Report("i", [Event("elsewhere:1", "a", "connection failed")], ["elsewhere:1"]))
     assert picker.handler.states["a"].down_until > 0 and picker.plans == {}
+
+
+def test_prefix_affinity_weighs_the_engines_signals_against_the_prompts_size() -> None:
+    handler = _picker("prefix_affinity").handler
+    handler.states["a"].signal = LoadSignal(running=1, waiting=2)
+    meta = META._replace(text_blocks=[1, 2])
+    stats = handler.stats(meta, handler.candidates(meta))
+    assert stats.signals == {"a": LoadSignal(running=1, waiting=2)} and stats.prompt_tokens == 10
+    assert stats.text_blocks == [1, 2] and stats.held is None and not stats.prefix
 
 
 async def test_the_reporter_batches_per_picker_and_lists_open_plans() -> None:

@@ -334,9 +334,11 @@ class RoutingConfig(BaseModel):
     prefix_block_chars: int = Field(default=256, ge=16, le=65536)
     prefix_index_entries: int = Field(default=10000, ge=1, le=1_000_000)
     # prefix_affinity, session_affinity: their choice is taken only while its load (requests,
-    # see routing.load) is at most this much above the least loaded candidate's.
+    # see routing.load) is at most this much above the least loaded candidate's (for
+    # prefix_affinity an outer bound on its cost's choice).
     max_load_imbalance: float = Field(default=4.0, ge=0)
-    # kv_aware: the costs it weighs a provider's cached prefix against its queue with.
+    # kv_aware, prefix_affinity: the costs they weigh a provider's cached prefix against its
+    # queue with.
     kv_aware: KvAwareKnobs = KvAwareKnobs()
     # Flow control (docs/flow-control.md), on when set: a request for a model whose providers
     # are all full waits this long in its picker (capped by its own deadline), then 429.

@@ -3,9 +3,9 @@
 with the upstream's bytes, which this replica fetches and relays itself (errors rewritten in
 the client's dialect).
 
-Only a small RequestMeta tuple (and, for prefix_affinity, the prompt's block hashes) crosses
-to the picker; the body is parsed once here (by pydantic-core) and translated only for the
-provider the plan names.
+Only a small RequestMeta tuple (with, where the model routes by them, the prompt's text block
+hashes; and for kv_aware its KV block keys) crosses to the picker; the body is parsed once
+here (by pydantic-core) and translated only for the provider the plan names.
 """
 
 import asyncio
@@ -471,8 +471,9 @@ class Gateway:
         link = self._pickers.get(model_type)
         if link is None:
             return error_answer(_not_deployed(model_type))
-        chars = self._prefix_chars.get(meta.model)
-        prefix: Sequence[int] = request_blocks(body, chars) if chars else ()
+        if chars := self._prefix_chars.get(meta.model):
+            meta = meta._replace(text_blocks=request_blocks(body, chars))
+        prefix: Sequence[int] = ()  # kv_aware's KV block keys
         if (kv := self._kv_prompts.get(meta.model)) is not None:
             prefix, tokens = await kv.of(body)
             if tokens:  # the exact count: the providers' context checks and kv_aware's cost
