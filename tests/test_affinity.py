@@ -291,6 +291,38 @@ def test_kv_aware_stays_on_the_holder_until_its_queue_costs_more_than_its_hit_sa
     assert order(0, held=None, load={"a": 2.0, "b": 1.0, "c": 3.0}) == ["b", "a", "c"]
 
 
+def test_kv_aware_ranks_a_provider_without_events_by_its_text_prefix() -> None:
+    """a and b publish KV events, c does not: c's share of the prompt is guessed from the text
+    blocks routed to it (80 of 64 characters: 1,280 tokens) rather than counted as nothing,
+    and a provider with events is never matched by text."""
+    events = {"endpoint": "tcp://*:5557"}
+    a, b = (prov(pid).model_copy(update={"kv_events": events}) for pid in "ab")
+    candidates = [a, b, prov("c")]
+    strategy = make_strategy("kv_aware", RoutingConfig(prefix_block_chars=64), block_size=16)
+    text = PrefixIndex(1000)
+    chain = block_hashes("p" * 6400, 64)
+    text.add("b", chain)  # routed there, but b's engine reports what it holds
+    text.add("c", chain[:80])
+
+    def order(**stats: object) -> list[str]:
+        base = {
+            "prefix": list(range(100)),
+            "held": {"a": 10},  # 160 tokens
+            "text_blocks": chain,
+            "index": text,
+            "prompt_tokens": 1600,
+        }
+        return [p.id for p in strategy.order(candidates, Stats(**{**base, **stats}))]
+
+    assert order() == ["c", "a", "b"]
+    assert strategy.spills == 0
+    # Its queue weighs against the guessed hit as against a reported one.
+    assert order(signals={"c": LoadSignal(running=0, waiting=3)}) == ["a", "b", "c"]
+    assert strategy.spills == 1
+    # Without its text blocks c holds nothing: a's reported blocks win.
+    assert order(text_blocks=[])[0] == "a"
+
+
 def test_kv_events_and_tokenizer_are_checked_in_the_models_config() -> None:
     vllm = {"id": "v", "api_host": "http://127.0.0.1:9", "api_type": "vllm", "input_size": 1000}
     events = {"endpoint": "tcp://*:5557", "replay_endpoint": "tcp://*:5558"}

@@ -200,7 +200,8 @@ class Gateway:
         self.model_types = frozenset(pickers)
         self._routing: dict[str, RoutingConfig] = {}
         self._limits: dict[str, Limits] = {}  # by model
-        self._prefix_chars: dict[str, int] = {}  # prefix_affinity models: their block size
+        # Models whose requests carry their text block hashes: their block size.
+        self._prefix_chars: dict[str, int] = {}
         self._kv_prompts: dict[str, PromptKeys] = {}  # kv_aware models with a tokenizer
         self._slot_models: frozenset[str] = frozenset()  # first_available* models
         self.body = body
@@ -249,8 +250,9 @@ class Gateway:
         strategies = {n: r.strategy or self._default_strategy for n, r in self._routing.items()}
         self._prefix_chars = {
             name: self._routing[name].prefix_block_chars
-            for name, strategy in strategies.items()
-            if strategy == "prefix_affinity"
+            for group in groups
+            for name, model in group.models.items()
+            if model.routes_by_text(strategies[name])
         }
         self._kv_prompts = kv_prompts(config, strategies, parents)
         self._slot_models = frozenset(n for n, s in strategies.items() if s in SLOT_STRATEGIES)

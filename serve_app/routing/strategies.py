@@ -294,13 +294,16 @@ def by_cost(
 class KvAware:
     """Each candidate's expected cost of this prompt in prefill tokens, what its engine holds
     against the work it already has (by_cost), cheapest first: the holder of a prefix keeps
-    its prompts until its queue costs more than its hit saves. Without a prompt to match or an
-    index: least loaded. `spills` counts requests whose first choice is not the engine holding
-    the longest prefix (affinity broken for load)."""
+    its prompts until its queue costs more than its hit saves. A provider without KV events
+    is matched as under prefix_affinity, by the text blocks routed to it, rather than counted
+    as holding nothing. Without a prompt to match or an index: least loaded. `spills` counts
+    requests whose first choice is not the provider holding the longest prefix (affinity
+    broken for load)."""
 
-    def __init__(self, knobs: KvAwareKnobs, block_size: int) -> None:
+    def __init__(self, knobs: KvAwareKnobs, block_size: int, block_chars: int) -> None:
         self.knobs = knobs
         self.block_size = block_size
+        self.block_chars = block_chars
         self.spills = 0
 
     def order(self, candidates: Sequence[ProviderConfig], stats: Stats) -> list[ProviderConfig]:
@@ -309,6 +312,10 @@ class KvAware:
         size = self.block_size
         prompt = stats.prompt_tokens or len(stats.prefix) * size
         matched = {pid: predicted_hit(n, size, prompt) for pid, n in stats.held.items()}
+        blind = [p.id for p in candidates if p.kv_events is None]
+        if blind and stats.text_blocks and stats.index is not None:
+            seen = stats.index.matches(blind, stats.text_blocks)
+            matched.update((pid, text_hit(n, self.block_chars)) for pid, n in seen.items())
         ranked = by_cost(candidates, stats, matched, prompt, self.knobs, stats.prefix[0])
         if ranked[0][1].hit_tokens < max(r.hit_tokens for _, r in ranked):
             self.spills += 1
@@ -342,7 +349,7 @@ def make_strategy(
         "least_loaded": LeastLoaded,
         "prefix_affinity": lambda: PrefixAffinity(routing),
         "session_affinity": lambda: SessionAffinity(routing.max_load_imbalance),
-        "kv_aware": lambda: KvAware(routing.kv_aware, block_size),
+        "kv_aware": lambda: KvAware(routing.kv_aware, block_size, routing.prefix_block_chars),
         "first_available": ConfigOrder,
         "first_available_optim": ConfigOrder,
         "first_available_optim_nworkers": ConfigOrder,
