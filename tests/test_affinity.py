@@ -200,26 +200,56 @@ def test_session_affinity_yields_to_load_beyond_the_bound() -> None:
 # --- prefix affinity -----------------------------------------------------------------------------
 
 
-def test_prefix_affinity_takes_the_longest_match_within_the_load_bound() -> None:
-    strategy = make_strategy("prefix_affinity", RoutingConfig(max_load_imbalance=2))
-    index = PrefixIndex(100)
-    chain = block_hashes("p" * 160, 16)
-    index.add("b", chain[:4])
-    index.add("c", chain[:7])
-    idle = {"a": 0.0, "b": 0.0, "c": 0.0}
+def test_prefix_affinity_keeps_the_holder_while_its_queue_costs_less_than_its_hit_saves() -> None:
+    """kv_aware's cost on text blocks: 64-character blocks are 16 tokens each, so of a
+    1,600-token prompt c was sent 80 blocks (1,280 tokens it need not compute) and b 10 (160).
+    A request waiting at c costs 512: c keeps the prompt with two waiting (1,024 < 1,280 - 160)
+    and b takes it with three; counted from the engine's signals, or from this replica's
+    requests alone where a provider has none (Ollama, hosted APIs)."""
+    routing = RoutingConfig(prefix_block_chars=64, max_load_imbalance=4)
+    strategy = make_strategy("prefix_affinity", routing)
+    index = PrefixIndex(1000)
+    chain = block_hashes("p" * 6400, 64)  # 100 blocks
+    index.add("b", chain[:10])
+    index.add("c", chain[:80])
 
-    def order(load: dict[str, float], prefix: list[int] = chain) -> list[str]:
-        stats = Stats(load=load, prefix=prefix, index=index)
-        return [p.id for p in strategy.order(PS, stats)]
+    def order(waiting_c: float = 0, **stats: object) -> list[str]:
+        signals = {pid: LoadSignal(running=0, waiting=0) for pid in "abc"}
+        signals["c"] = LoadSignal(running=0, waiting=waiting_c)
+        base = {
+            "text_blocks": chain,
+            "index": index,
+            "signals": signals,
+            "load": {pid: s.waiting for pid, s in signals.items()},
+            "prompt_tokens": 1600,
+        }
+        return [p.id for p in strategy.order(PS, Stats(**{**base, **stats}))]
 
-    assert order(idle) == ["c", "b", "a"]  # longest match first, failover by match
-    assert order({**idle, "c": 2.0}) == ["c", "b", "a"]  # within the bound
-    assert order({**idle, "c": 3.0}) == ["b", "c", "a"]  # beyond: the next match within it
-    assert order({"a": 0.0, "b": 3.0, "c": 3.0}) == ["a", "c", "b"]  # none within: least loaded
-    unseen = block_hashes("z" * 160, 16)
-    assert order({"a": 1.0, "b": 0.0, "c": 2.0}, unseen) == ["b", "a", "c"]
-    uses = Stats(prefix=unseen, index=index, uses={"a": 5, "b": 1, "c": 3})
-    assert [p.id for p in strategy.order(PS, uses)] == ["b", "c", "a"]  # idle ties: least used
+    assert order(0) == ["c", "b", "a"]  # the longest prefix first, failover by cost
+    assert order(2) == ["c", "b", "a"]
+    assert order(3) == ["b", "a", "c"]
+    # Without signals: this replica's requests there are the queue.
+    assert order(signals={}, load={}, in_flight={"c": 2}) == ["c", "b", "a"]
+    assert order(signals={}, load={}, in_flight={"c": 3}) == ["b", "a", "c"]
+    # A prompt nobody was sent: the cost is the queue alone.
+    cold = block_hashes("q" * 6400, 64)
+    waiting = {"a": 1.0, "b": 0.0, "c": 2.0}
+    busy = {pid: LoadSignal(running=0, waiting=w) for pid, w in waiting.items()}
+    assert order(text_blocks=cold, signals=busy, load=waiting) == ["b", "a", "c"]
+    # max_load_imbalance stays an outer bound: past it the next cheapest within it goes first.
+    tight = make_strategy("prefix_affinity", routing.model_copy(update={"max_load_imbalance": 1}))
+    stats = Stats(
+        text_blocks=chain,
+        index=index,
+        signals={"c": LoadSignal(running=0, waiting=2)},
+        load={"a": 0.0, "b": 0.0, "c": 2.0},
+        prompt_tokens=1600,
+    )
+    assert [p.id for p in tight.order(PS, stats)] == ["b", "c", "a"]
+    # Nothing to match: least loaded, then least used.
+    assert order(text_blocks=[], load={"a": 1.0, "b": 0.0, "c": 2.0}) == ["b", "a", "c"]
+    unindexed = Stats(text_blocks=chain, uses={"a": 5, "b": 1, "c": 3})
+    assert [p.id for p in strategy.order(PS, unindexed)] == ["b", "c", "a"]
 
 
 # --- kv_aware -------------------------------------------------------------------------------------
@@ -259,6 +289,38 @@ def test_kv_aware_stays_on_the_holder_until_its_queue_costs_more_than_its_hit_sa
     assert order(0, signals=full)[-1] == "c"
     assert order(0, prefix=[])[0] == "a"  # no prompt: least loaded, config order on ties
     assert order(0, held=None, load={"a": 2.0, "b": 1.0, "c": 3.0}) == ["b", "a", "c"]
+
+
+def test_kv_aware_ranks_a_provider_without_events_by_its_text_prefix() -> None:
+    """a and b publish KV events, c does not: c's share of the prompt is guessed from the text
+    blocks routed to it (80 of 64 characters: 1,280 tokens) rather than counted as nothing,
+    and a provider with events is never matched by text."""
+    events = {"endpoint": "tcp://*:5557"}
+    a, b = (prov(pid).model_copy(update={"kv_events": events}) for pid in "ab")
+    candidates = [a, b, prov("c")]
+    strategy = make_strategy("kv_aware", RoutingConfig(prefix_block_chars=64), block_size=16)
+    text = PrefixIndex(1000)
+    chain = block_hashes("p" * 6400, 64)
+    text.add("b", chain)  # routed there, but b's engine reports what it holds
+    text.add("c", chain[:80])
+
+    def order(**stats: object) -> list[str]:
+        base = {
+            "prefix": list(range(100)),
+            "held": {"a": 10},  # 160 tokens
+            "text_blocks": chain,
+            "index": text,
+            "prompt_tokens": 1600,
+        }
+        return [p.id for p in strategy.order(candidates, Stats(**{**base, **stats}))]
+
+    assert order() == ["c", "a", "b"]
+    assert strategy.spills == 0
+    # Its queue weighs against the guessed hit as against a reported one.
+    assert order(signals={"c": LoadSignal(running=0, waiting=3)}) == ["a", "b", "c"]
+    assert strategy.spills == 1
+    # Without its text blocks c holds nothing: a's reported blocks win.
+    assert order(text_blocks=[])[0] == "a"
 
 
 def test_kv_events_and_tokenizer_are_checked_in_the_models_config() -> None:

@@ -48,6 +48,10 @@ def pool(serve_url: str, upstream_factory) -> Pool:
                 "strategy": "prefix_affinity",
                 "num_replicas": 2,
                 "prefix_block_chars": 64,
+                # Turns go one by one, but a request counts in flight until its done report
+                # comes, and a queued request (512 tokens by default) outweighs these short
+                # prompts' hits: stickiness here, the cost is unit-tested.
+                "kv_aware": {"waiting_request_tokens": 0},
                 **FAST_PROBES,
             },
             "session_models": {

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import aiohttp
 import pytest
 import ray
 
+from serve_app.cluster.broker import Terms
 from serve_app.core.config import parse_config
 from serve_app.core.schemas import Endpoint, RequestMeta
 from serve_app.demo.upstream import FakeUpstream, Knobs
@@ -20,7 +21,9 @@ from serve_app.ingress.picking import answer_or_give_back
 from serve_app.pickers.handler import ModelHandler
 from serve_app.pickers.picker import Picker
 from serve_app.pickers.plan import DONE, OK, Event, Report
-from serve_app.pickers.shared import Slot
+from serve_app.pickers.shared import SharedState, Slot
+from serve_app.routing.load import LoadSignal
+from serve_app.routing.prefix import block_hashes
 from tests.conftest import ADMIN, deploy, provider, samples, until
 
 META = RequestMeta(Endpoint.CHAT, "m", False, 10, False, "r")
@@ -77,6 +80,56 @@ async def test_outcomes_of_an_unknown_plan_still_teach_the_picker() -> None:
     picker = _picker()
     picker.report(Report("i", [Event("elsewhere:1", "a", "connection failed")], ["elsewhere:1"]))
     assert picker.handler.states["a"].down_until > 0 and picker.plans == {}
+
+
+class _HoldsNothing:
+    def match(self, keys: Sequence[int]) -> dict[str, int]:
+        return {}
+
+
+async def test_kv_aware_learns_where_the_text_went_for_providers_without_events() -> None:
+    """A kv_aware model whose provider c publishes no KV events: its requests carry their text
+    blocks (routes_by_text), the picker records them where they were answered, and the next
+    request with that prefix goes to c (its engine reports nothing; the others hold nothing)."""
+    events = {"endpoint": "tcp://*:5557"}
+    providers = [
+        provider("a", "http://127.0.0.1:9/a", "vllm", kv_events=events),
+        provider("b", "http://127.0.0.1:9/b", "vllm", kv_events=events),
+        provider("c", "http://127.0.0.1:9/c", "vllm"),
+    ]
+    raw = {
+        "t": {"m": {"providers": providers, "tokenizer": "/tokenizer"}},
+        "active_models": {"t": ["m"]},
+        "routing": {"t": {"strategy": "kv_aware", "prefix_block_chars": 64}},
+    }
+    config = parse_config(raw, "test")
+    model, routing = config.model_types["t"].models["m"], config.model_types["t"].routing
+    assert model.routes_by_text("kv_aware") and model.routes_by_text("prefix_affinity")
+    assert not model.routes_by_text("least_loaded")
+    evented = model.model_copy(update={"providers": model.providers[:2]})
+    assert not evented.routes_by_text("kv_aware")  # all publish events: nothing more to send
+    handler = ModelHandler(config=config)
+    shared = SharedState(lambda: None, "p")  # type: ignore[arg-type,return-value]
+    shared.configure(list(handler.states), ["m"], Terms.of(routing), follow_index=True)
+    picker = Picker("p", handler, routing, shared=shared, kv=_HoldsNothing())
+    meta = META._replace(prompt_tokens=1600, text_blocks=block_hashes("p" * 6400, 64))
+    keys = list(range(100))
+    first = await picker.plan(meta, keys)
+    picker.report(Report("i", [Event(first.plan_id, "c", OK, seconds=0.01)], []))
+    picker.report(Report("i", [Event(first.plan_id, "", DONE)], []))
+    for _ in range(3):
+        plan = await picker.plan(meta, keys)
+        assert plan.targets[0].id == "c" and plan.hits == (0, 0, 0)  # no KV prediction for c
+        picker.report(Report("i", [Event(plan.plan_id, "", DONE)], []))
+
+
+def test_prefix_affinity_weighs_the_engines_signals_against_the_prompts_size() -> None:
+    handler = _picker("prefix_affinity").handler
+    handler.states["a"].signal = LoadSignal(running=1, waiting=2)
+    meta = META._replace(text_blocks=[1, 2])
+    stats = handler.stats(meta, handler.candidates(meta))
+    assert stats.signals == {"a": LoadSignal(running=1, waiting=2)} and stats.prompt_tokens == 10
+    assert stats.text_blocks == [1, 2] and stats.held is None and not stats.prefix
 
 
 async def test_the_reporter_batches_per_picker_and_lists_open_plans() -> None:

@@ -97,7 +97,7 @@ class SyncRequest:
     released: list[str] = field(default_factory=list)
     uses: dict[str, dict[str, int]] = field(default_factory=dict)  # model -> provider -> n
     latency: dict[str, tuple[float, int]] = field(default_factory=dict)  # (sum s, n)
-    # prefix_affinity: chains routed since the last sync (provider, chain), and the index
+    # Text prefixes: chains routed since the last sync (provider, chain), and the index
     # sequence the replica has seen (None: it does not follow the index).
     routed: list[tuple[str, Sequence[int]]] = field(default_factory=list)
     index_seq: int | None = None

@@ -255,6 +255,19 @@ class ModelConfig(BaseModel):
     tokenizer: str | None = Field(default=None, min_length=1)
     kv_block_size: int = Field(default=16, ge=1, le=4096)
 
+    def routes_by_text(self, strategy: StrategyName | None) -> bool:
+        """Whether its requests carry their prompt's text block hashes (routing.prefix):
+        under prefix_affinity, and under kv_aware with a tokenizer when a provider publishes no
+        KV events (what that one holds is guessed from the text routed to it)."""
+        if strategy == "prefix_affinity":
+            return True
+        everyone = (*self.providers, *self.providers_sleep)
+        return (
+            strategy == "kv_aware"
+            and self.tokenizer is not None
+            and any(p.kv_events is None for p in everyone)
+        )
+
 
 class Autoscaling(BaseModel):
     """Ray Serve's autoscaling of a deployment, under Serve's names; what is not set takes
@@ -329,14 +342,17 @@ class RoutingConfig(BaseModel):
     pin_ttl_s: float = Field(default=300.0, gt=0)
     # dynamic_weighted: weight of the newest latency sample in the moving average.
     latency_alpha: float = Field(default=0.3, gt=0, le=1)
-    # prefix_affinity: prompts are hashed in blocks of this many characters (UTF-8 bytes), and
-    # each provider's index keeps this many recently routed block hashes.
+    # prefix_affinity (and kv_aware's providers without KV events): prompts are hashed in
+    # blocks of this many characters (UTF-8 bytes), and each provider's index keeps this many
+    # recently routed block hashes.
     prefix_block_chars: int = Field(default=256, ge=16, le=65536)
     prefix_index_entries: int = Field(default=10000, ge=1, le=1_000_000)
     # prefix_affinity, session_affinity: their choice is taken only while its load (requests,
-    # see routing.load) is at most this much above the least loaded candidate's.
+    # see routing.load) is at most this much above the least loaded candidate's (for
+    # prefix_affinity an outer bound on its cost's choice).
     max_load_imbalance: float = Field(default=4.0, ge=0)
-    # kv_aware: the costs it weighs a provider's cached prefix against its queue with.
+    # kv_aware, prefix_affinity: the costs they weigh a provider's cached prefix against its
+    # queue with.
     kv_aware: KvAwareKnobs = KvAwareKnobs()
     # Flow control (docs/flow-control.md), on when set: a request for a model whose providers
     # are all full waits this long in its picker (capped by its own deadline), then 429.

@@ -346,6 +346,9 @@ class RequestMeta(NamedTuple):
     tenant: str = ""
     weight: float = 1.0
     size: int = 0
+    # The prompt's text block hashes (routing.prefix), for the models that route by them
+    # (ModelConfig.routes_by_text); set by the ingress just before the plan call.
+    text_blocks: Sequence[int] = ()
 
 
 def _as_error(exc: ValidationError) -> RouterError:

@@ -15,16 +15,24 @@ from typing import Any
 
 import orjson
 
+# ASCII characters per token: the one estimate of text size the router uses (prompts here,
+# answers billed by size, text prefix blocks turned into tokens).
+CHARS_PER_TOKEN = 4
 MESSAGE_OVERHEAD = 4
 NON_TEXT_PART = 256
 
 
+def chars_to_tokens(chars: int) -> int:
+    """Tokens of `chars` ASCII characters, rounded up."""
+    return -(-chars // CHARS_PER_TOKEN)
+
+
 def estimate_text(text: str) -> int:
     if text.isascii():
-        return (len(text) + 3) // 4
+        return chars_to_tokens(len(text))
     # The ASCII characters, counted by the codec in one C pass (no loop per character).
     non_ascii = len(text) - len(text.encode("ascii", "ignore"))
-    return (len(text) - non_ascii + 3) // 4 + non_ascii
+    return chars_to_tokens(len(text) - non_ascii) + non_ascii
 
 
 def _content(content: Any) -> int:
@@ -46,7 +54,7 @@ def estimate_chat(messages: Sequence[Any], tools: Sequence[Any] | None) -> int:
             size = len(orjson.dumps(list(tools)))
         except TypeError:  # integers beyond 64 bits: the standard encoder takes any size
             size = len(json.dumps(list(tools)))
-        total += (size + 3) // 4
+        total += chars_to_tokens(size)
     return total
 
 

@@ -3,9 +3,9 @@
 with the upstream's bytes, which this replica fetches and relays itself (errors rewritten in
 the client's dialect).
 
-Only a small RequestMeta tuple (and, for prefix_affinity, the prompt's block hashes) crosses
-to the picker; the body is parsed once here (by pydantic-core) and translated only for the
-provider the plan names.
+Only a small RequestMeta tuple (with, where the model routes by them, the prompt's text block
+hashes; and for kv_aware its KV block keys) crosses to the picker; the body is parsed once
+here (by pydantic-core) and translated only for the provider the plan names.
 """
 
 import asyncio
@@ -37,6 +37,7 @@ from serve_app.core.schemas import (
     parse_timeout,
     validate_request,
 )
+from serve_app.core.tokens import CHARS_PER_TOKEN
 from serve_app.dialects.translate import error_in_dialect
 from serve_app.dialects.usage import Counts, StreamMeter, counts_of
 from serve_app.ingress.picking import PickerLink
@@ -200,7 +201,8 @@ class Gateway:
         self.model_types = frozenset(pickers)
         self._routing: dict[str, RoutingConfig] = {}
         self._limits: dict[str, Limits] = {}  # by model
-        self._prefix_chars: dict[str, int] = {}  # prefix_affinity models: their block size
+        # Models whose requests carry their text block hashes: their block size.
+        self._prefix_chars: dict[str, int] = {}
         self._kv_prompts: dict[str, PromptKeys] = {}  # kv_aware models with a tokenizer
         self._slot_models: frozenset[str] = frozenset()  # first_available* models
         self.body = body
@@ -249,8 +251,9 @@ class Gateway:
         strategies = {n: r.strategy or self._default_strategy for n, r in self._routing.items()}
         self._prefix_chars = {
             name: self._routing[name].prefix_block_chars
-            for name, strategy in strategies.items()
-            if strategy == "prefix_affinity"
+            for group in groups
+            for name, model in group.models.items()
+            if model.routes_by_text(strategies[name])
         }
         self._kv_prompts = kv_prompts(config, strategies, parents)
         self._slot_models = frozenset(n for n, s in strategies.items() if s in SLOT_STRATEGIES)
@@ -471,8 +474,9 @@ class Gateway:
         link = self._pickers.get(model_type)
         if link is None:
             return error_answer(_not_deployed(model_type))
-        chars = self._prefix_chars.get(meta.model)
-        prefix: Sequence[int] = request_blocks(body, chars) if chars else ()
+        if chars := self._prefix_chars.get(meta.model):
+            meta = meta._replace(text_blocks=request_blocks(body, chars))
+        prefix: Sequence[int] = ()  # kv_aware's KV block keys
         if (kv := self._kv_prompts.get(meta.model)) is not None:
             prefix, tokens = await kv.of(body)
             if tokens:  # the exact count: the providers' context checks and kv_aware's cost
@@ -515,7 +519,7 @@ class Gateway:
             if head.status == 200:
                 with contextlib.suppress(orjson.JSONDecodeError):
                     counts = counts_of(endpoint.dialect, orjson.loads(out))
-            self._settle(admission, model, counts, head.status, len(out) // 4)
+            self._settle(admission, model, counts, head.status, len(out) // CHARS_PER_TOKEN)
             head.headers.update(admission.headers)
         if head.status >= 400:
             out = error_in_dialect(endpoint.dialect, head.status, out)

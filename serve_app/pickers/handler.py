@@ -191,9 +191,10 @@ class ModelHandler:
     ) -> Stats:
         """What the model's strategy looks at for this request: in-flight counts, the shared
         counts (with `shared`), and for the load-aware strategies the load figures of candidates
-        that report load, the prompt's block hashes (`prefix`: prefix_affinity's text blocks,
-        kv_aware's KV block keys), the session, and for kv_aware what the engines hold (`kv`)
-        and their load signals."""
+        that report load, the prompt's text block hashes (meta.text_blocks) with the shared
+        index, the session; for the cost (prefix_affinity, kv_aware) the candidates' load
+        signals and the prompt's tokens; for kv_aware its KV block keys (`prefix`), what the
+        engines hold of them (`kv`) and the prefill this replica queued on each."""
         in_flight = self.in_flight()
         stats = shared.stats(meta.model, in_flight) if shared else Stats(in_flight=in_flight)
         strategy = self.strategy_names[meta.model]
@@ -206,16 +207,20 @@ class ModelHandler:
                 if signal is not None:
                     load[p.id] = load_figure(in_flight[p.id], signal, upstream_model(p, meta.model))
         index = shared.index if shared else None
-        stats = replace(stats, load=load, prefix=prefix, index=index, session=meta.session)
-        if strategy != "kv_aware":
+        stats = replace(
+            stats, load=load, text_blocks=meta.text_blocks, index=index, session=meta.session
+        )
+        if strategy not in ("prefix_affinity", "kv_aware"):
             return stats
         providers = [p for tier in candidates.tiers for p in tier]
         signals = {p.id: s for p in providers if (s := self.states[p.id].signal) is not None}
+        stats = replace(stats, signals=signals, prompt_tokens=meta.prompt_tokens)
+        if strategy != "kv_aware":
+            return stats
         return replace(
             stats,
+            prefix=prefix,
             held=kv.match(prefix) if kv is not None and prefix else None,
-            signals=signals,
-            prompt_tokens=meta.prompt_tokens,
             queued_prefill={p.id: self.states[p.id].queued_prefill for p in providers},
         )
 

@@ -120,7 +120,7 @@ class Picker:
 
     async def plan(self, meta: RequestMeta, prefix: Sequence[int], spares: int = 0) -> Plan:
         """The request's plan, booked; an error answer when it can go nowhere. `prefix`: the
-        prompt's block hashes (prefix_affinity) or KV block keys (kv_aware). `spares`: how
+        prompt's KV block keys (kv_aware; its text block hashes come in meta). `spares`: how
         many plans the ingress would like made ahead for its next requests of this model (see
         Plan.spares). With flow control on, a request whose model is full waits (a queued
         Plan: queues.py)."""
@@ -350,7 +350,7 @@ class Picker:
 
     def _answered(self, event: Event) -> None:
         """The provider's answer began: it is well, its latency (to the answer's head) is one
-        sample, and it has the prompt's blocks in its cache now."""
+        sample, and it has the prompt's text blocks in its cache now (the prefix index)."""
         state = self.handler.states.get(event.provider)
         booking = self.plans.get(event.plan_id)
         if state is not None:
@@ -360,7 +360,7 @@ class Picker:
         if self.shared is not None:
             self.shared.took(event.provider, event.seconds)
             if booking is not None:
-                self.shared.routed(event.provider, booking.prefix)
+                self.shared.routed(event.provider, booking.meta.text_blocks)
 
     @staticmethod
     def _prefilled(booking: _Booking, state: ProviderState) -> None:

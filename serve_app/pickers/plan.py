@@ -1,9 +1,9 @@
 """What the ingress and a model type's picker say to each other.
 
-The ingress asks for a Plan (small: the request's RequestMeta and, for prefix_affinity, its
-prompt's block hashes; never the body), calls the plan's providers itself, and tells the
-picker what happened as Events, batched and off the request path. Tuples, so the hop pickles
-them cheaply.
+The ingress asks for a Plan (small: the request's RequestMeta, with its prompt's text block
+hashes where the model routes by them, and for kv_aware its KV block keys; never the body),
+calls the plan's providers itself, and tells the picker what happened as Events, batched and
+off the request path. Tuples, so the hop pickles them cheaply.
 """
 
 from __future__ import annotations

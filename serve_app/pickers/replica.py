@@ -97,7 +97,10 @@ class ModelTypeRouter:
             list(handler.states),
             list(handler.strategy_names),
             Terms.of(routing),
-            follow_index="prefix_affinity" in handler.strategy_names.values(),
+            follow_index=any(
+                model.routes_by_text(handler.strategy_names[name])
+                for name, model in handler.api_model_config.models_configs.items()
+            ),
         )
         self._kv.configure(
             [

@@ -39,7 +39,7 @@ from serve_app.routing.strategies import Stats, capacity, slot_order
 
 LINGER_S = 0.05  # also how often idle slots are looked at
 COUNTS_S = 0.5  # use counts and latency samples go out this often
-INDEX_S = 0.2  # prefix_affinity: routed chains go out, and others' come in, this often
+INDEX_S = 0.2  # text prefixes: routed chains go out, and others' come in, this often
 CALL_TIMEOUT_S = 5.0
 RETRY_S = 0.2
 TAKES_METRIC = "llm_router_slot_takes"
@@ -79,8 +79,9 @@ class SharedState:
         self._next_counts = 0.0
         self._next_index = 0.0
         self._task: asyncio.Task[None] | None = None
-        # prefix_affinity: every replica's recently routed prompt blocks per provider, this
-        # replica's not sent yet, and the broker's index sequence seen (None: not followed).
+        # Text prefixes (prefix_affinity, kv_aware's providers without KV events): every
+        # replica's recently routed prompt blocks per provider, this replica's not sent yet,
+        # and the broker's index sequence seen (None: not followed).
         self.index = PrefixIndex(self._terms.index_entries)
         self._routed: list[tuple[str, Sequence[int]]] = []
         self._index_seq: int | None = None

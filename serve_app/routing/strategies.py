@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from serve_app.core.config import KvAwareKnobs, ProviderConfig, RoutingConfig, StrategyName
-from serve_app.routing.kv.score import ProviderView, rank
+from serve_app.core.tokens import CHARS_PER_TOKEN
+from serve_app.routing.kv.score import ProviderView, Ranked, rank
 from serve_app.routing.load import LoadSignal
 from serve_app.routing.sessions import Ring
 
@@ -41,29 +42,37 @@ def predicted_hit(blocks: int, block_size: int, prompt_tokens: int) -> int:
     return min(blocks, max(prompt_tokens - 1, 0) // block_size) * block_size
 
 
+def text_hit(blocks: int, block_chars: int) -> int:
+    """The prompt tokens in its first `blocks` text blocks (routing.prefix), by the router's
+    own estimate of characters per token: a guess of what a server sent them still caches."""
+    return blocks * block_chars // CHARS_PER_TOKEN
+
+
 @dataclass(frozen=True)
 class Stats:
     """What an ordering may look at: this replica's requests under way per provider, the
     shared use counts (for this model) and latency averages (seconds); for the load-aware
     strategies the load figure of providers that report load signals (routing.load), the
-    request's prompt block hashes with the index of blocks routed to each provider, and its
-    session key."""
+    prompt's text block hashes with the index of blocks routed to each provider, and the
+    request's session key."""
 
     in_flight: Mapping[str, int] = field(default_factory=dict)
     uses: Mapping[str, int] = field(default_factory=dict)
     latency: Mapping[str, float] = field(default_factory=dict)
     load: Mapping[str, float] = field(default_factory=dict)
-    prefix: Sequence[int] = ()
+    text_blocks: Sequence[int] = ()
     index: PrefixView | None = None
     session: str = ""
-    # kv_aware: `prefix` holds the prompt's KV block keys, `held` how many of its leading
-    # blocks each provider's engine holds (None: no index), the engines' own load signals, and
-    # the prompt's exact token count.
-    held: Mapping[str, int] | None = None
-    # prompt tokens this replica sent to each provider that it has not begun answering (kv_aware)
-    queued_prefill: Mapping[str, int] = field(default_factory=dict)
+    # prefix_affinity and kv_aware (the cost): the engines' own load signals and the prompt's
+    # token count (kv_aware's exact, else the estimate).
     signals: Mapping[str, LoadSignal] = field(default_factory=dict)
     prompt_tokens: int = 0
+    # kv_aware: the prompt's KV block keys, how many of its leading blocks each provider's
+    # engine holds (None: no index), and the prompt tokens this replica sent to each provider
+    # that it has not begun answering.
+    prefix: Sequence[int] = ()
+    held: Mapping[str, int] | None = None
+    queued_prefill: Mapping[str, int] = field(default_factory=dict)
 
     def load_of(self, provider: str) -> float:
         """Its load figure; without signals, its in-flight count (what load_figure gives)."""
@@ -208,18 +217,28 @@ class _Bounded:
 
 
 class PrefixAffinity(_Bounded):
-    """Providers by the longest prefix of this prompt routed to them (their prefix cache likely
-    holds it), then by load; least loaded when none has seen any of it."""
+    """kv_aware's cost (by_cost), with what each provider holds guessed from the text blocks
+    of this prompt routed to it: the provider sent its longest prefix keeps it while its queue
+    costs less than its hit saves. `max_load_imbalance` stays an outer bound: the guess sees no
+    evictions, so a long prompt's guessed hit alone must not queue without limit on one
+    provider, and the load figure also counts what the cost does not (an Ollama model not in
+    memory). Without a prompt or an index: least loaded."""
+
+    def __init__(self, routing: RoutingConfig) -> None:
+        super().__init__(routing.max_load_imbalance)
+        self.knobs = routing.kv_aware
+        self.block_chars = routing.prefix_block_chars
 
     def preference(
         self, by_load: list[ProviderConfig], stats: Stats
     ) -> list[ProviderConfig] | None:
-        if not stats.prefix or stats.index is None:
+        blocks = stats.text_blocks
+        if not blocks or stats.index is None:
             return None
-        matched = stats.index.matches([p.id for p in by_load], stats.prefix)
-        if not any(matched.values()):
-            return None
-        return sorted(by_load, key=lambda p: -matched[p.id])  # stable: then by load
+        seen = stats.index.matches([p.id for p in by_load], blocks)
+        matched = {pid: text_hit(n, self.block_chars) for pid, n in seen.items()}
+        prompt = stats.prompt_tokens or text_hit(len(blocks), self.block_chars)
+        return [p for p, _ in by_cost(by_load, stats, matched, prompt, self.knobs, blocks[0])]
 
 
 class SessionAffinity(_Bounded):
@@ -246,16 +265,45 @@ class SessionAffinity(_Bounded):
         return [by_id[pid] for pid in ring.walk(stats.session)]
 
 
+def by_cost(
+    candidates: Sequence[ProviderConfig],
+    stats: Stats,
+    matched: Mapping[str, int],
+    prompt_tokens: int,
+    knobs: KvAwareKnobs,
+    seed: int,
+) -> list[tuple[ProviderConfig, Ranked]]:
+    """The candidates cheapest first by kv_aware's cost (routing/kv/score.py): `matched`, the
+    prompt tokens each is predicted to hold, against its engine's load signals (none: nothing
+    but this replica's requests there) and this replica's requests and queued prefill there."""
+    views = {}
+    for p in candidates:
+        signal = stats.signals.get(p.id) or LoadSignal()
+        views[p.id] = ProviderView(
+            matched_tokens=matched.get(p.id, 0),
+            running=signal.running or 0.0,
+            waiting=signal.waiting or 0.0,
+            kv_usage=signal.kv_usage or 0.0,
+            in_flight=stats.in_flight.get(p.id, 0),
+            queued_prefill_tokens=stats.queued_prefill.get(p.id, 0),
+        )
+    by_id = {p.id: p for p in candidates}
+    return [(by_id[r.provider], r) for r in rank(prompt_tokens, views, knobs, seed)]
+
+
 class KvAware:
     """Each candidate's expected cost of this prompt in prefill tokens, what its engine holds
-    against the work it already has (routing/kv/score.py), cheapest first: the holder of a
-    prefix keeps its prompts until its queue costs more than its hit saves. Without a prompt
-    to match or an index: least loaded. `spills` counts requests whose first choice is not the
-    engine holding the longest prefix (affinity broken for load)."""
+    against the work it already has (by_cost), cheapest first: the holder of a prefix keeps
+    its prompts until its queue costs more than its hit saves. A provider without KV events
+    is matched as under prefix_affinity, by the text blocks routed to it, rather than counted
+    as holding nothing. Without a prompt to match or an index: least loaded. `spills` counts
+    requests whose first choice is not the provider holding the longest prefix (affinity
+    broken for load)."""
 
-    def __init__(self, knobs: KvAwareKnobs, block_size: int) -> None:
+    def __init__(self, knobs: KvAwareKnobs, block_size: int, block_chars: int) -> None:
         self.knobs = knobs
         self.block_size = block_size
+        self.block_chars = block_chars
         self.spills = 0
 
     def order(self, candidates: Sequence[ProviderConfig], stats: Stats) -> list[ProviderConfig]:
@@ -263,22 +311,15 @@ class KvAware:
             return least_loaded_first(candidates, stats)
         size = self.block_size
         prompt = stats.prompt_tokens or len(stats.prefix) * size
-        views = {}
-        for p in candidates:
-            signal = stats.signals.get(p.id) or LoadSignal()
-            views[p.id] = ProviderView(
-                matched_tokens=predicted_hit(stats.held.get(p.id, 0), size, prompt),
-                running=signal.running or 0.0,
-                waiting=signal.waiting or 0.0,
-                kv_usage=signal.kv_usage or 0.0,
-                in_flight=stats.in_flight.get(p.id, 0),
-                queued_prefill_tokens=stats.queued_prefill.get(p.id, 0),
-            )
-        ranked = rank(prompt, views, self.knobs, seed=stats.prefix[0])
-        if ranked[0].hit_tokens < max(v.matched_tokens for v in views.values()):
+        matched = {pid: predicted_hit(n, size, prompt) for pid, n in stats.held.items()}
+        blind = [p.id for p in candidates if p.kv_events is None]
+        if blind and stats.text_blocks and stats.index is not None:
+            seen = stats.index.matches(blind, stats.text_blocks)
+            matched.update((pid, text_hit(n, self.block_chars)) for pid, n in seen.items())
+        ranked = by_cost(candidates, stats, matched, prompt, self.knobs, stats.prefix[0])
+        if ranked[0][1].hit_tokens < max(r.hit_tokens for _, r in ranked):
             self.spills += 1
-        by_id = {p.id: p for p in candidates}
-        return [by_id[r.provider] for r in ranked]
+        return [p for p, _ in ranked]
 
 
 class ConfigOrder:
@@ -298,7 +339,6 @@ def make_strategy(
     """`block_size`: the model's servers' KV block size (kv_aware)."""
     rng = rng or random.Random()
     routing = routing or RoutingConfig()
-    bound = routing.max_load_imbalance
     makers = {
         "balanced": Balanced,
         "weighted": SmoothWeighted,
@@ -307,9 +347,9 @@ def make_strategy(
         "round_robin": RoundRobin,
         "least_in_flight": lambda: LeastInFlight(rng),
         "least_loaded": LeastLoaded,
-        "prefix_affinity": lambda: PrefixAffinity(bound),
-        "session_affinity": lambda: SessionAffinity(bound),
-        "kv_aware": lambda: KvAware(routing.kv_aware, block_size),
+        "prefix_affinity": lambda: PrefixAffinity(routing),
+        "session_affinity": lambda: SessionAffinity(routing.max_load_imbalance),
+        "kv_aware": lambda: KvAware(routing.kv_aware, block_size, routing.prefix_block_chars),
         "first_available": ConfigOrder,
         "first_available_optim": ConfigOrder,
         "first_available_optim_nworkers": ConfigOrder,
