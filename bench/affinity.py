@@ -16,6 +16,9 @@ With `--peers`, vLLM's Rust router (`vllm-router`, in .venv-peers/vllm-router as
 `make bench-peers`) runs the same workloads on the same servers with each named policy
 (`cache_aware`, `consistent_hash`: the latter keys on the same `x-session-id` header that
 session_affinity reads), one row per policy beside the strategies.
+
+The servers publish their KV-cache events (to sockets on loopback) in every phase; kv_aware's
+phase gives them and the model's tokenizer to the router.
 """
 
 from __future__ import annotations
@@ -40,14 +43,15 @@ from tests.e2e.harness import install, make_model
 from tests.e2e.vllm_server import MODEL_DIR, SERVED_MODEL, VllmServer, stop_leftovers
 
 RESULTS = Path(__file__).with_name("affinity.json")
-STRATEGIES = "balanced,least_loaded,prefix_affinity,session_affinity"
+STRATEGIES = "balanced,least_loaded,prefix_affinity,session_affinity,kv_aware"
 PEER_POLICIES = "cache_aware,consistent_hash"
 MAX_MODEL_LEN = 2048
 # The tiny model with room for longer prompts: its weights do not depend on the positions
 # (rotary embeddings); only the configured maximum changes.
 LONG_MODEL = MODEL_DIR / "long"
 # vLLM's CPU attention takes blocks in multiples of 32 tokens.
-SERVER_ARGS = ["--max-model-len", str(MAX_MODEL_LEN), "--block-size", "32"]
+BLOCK_SIZE = 32
+SERVER_ARGS = ["--max-model-len", str(MAX_MODEL_LEN), "--block-size", str(BLOCK_SIZE)]
 # Words of the shared system prompt (about 1.9 tokens each with the tiny model's tokenizer):
 # long_system fills what 6 turns leave of the context.
 WORKLOADS = {"long_system": 600, "short_system": 10}
@@ -85,24 +89,44 @@ def _text(rng: random.Random, words: int) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(words))
 
 
-def _config(servers: list[VllmServer], model: str, strategy: str) -> dict:
-    """`model`: the phase's own name for the served model, so the broker's use counts (which
-    `balanced` follows) start at zero in each phase."""
+def _kv_events() -> dict[str, str]:
+    """A server's KV-event endpoints on loopback: the router binds the first (the server
+    connects to it), the server the replay one."""
     return {
-        "vllm_models": {
-            model: {
-                "providers": [
-                    {
-                        "id": s.name,
-                        "api_host": s.url,
-                        "api_type": "vllm",
-                        "model_path": SERVED_MODEL,
-                        "input_size": MAX_MODEL_LEN,
-                    }
-                    for s in servers
-                ]
-            }
-        },
+        "endpoint": f"tcp://127.0.0.1:{free_port()}",
+        "replay_endpoint": f"tcp://127.0.0.1:{free_port()}",
+    }
+
+
+def _server(i: int, model: Path) -> tuple[VllmServer, dict[str, str]]:
+    """A server publishing its KV events (every phase: kv_aware's reads them), and them."""
+    events = _kv_events()
+    config = {"enable_kv_cache_events": True, "publisher": "zmq", "topic": "", **events}
+    args = [*SERVER_ARGS, "--kv-events-config", orjson.dumps(config).decode()]
+    return VllmServer(f"vllm-{i}", free_port(), "nobind", args, model), events
+
+
+def _config(
+    servers: list[tuple[VllmServer, dict[str, str]]], model: str, strategy: str, tokenizer: Path
+) -> dict:
+    """`model`: the phase's own name for the served model, so the broker's use counts (which
+    `balanced` follows) start at zero in each phase. Only kv_aware's phase names the servers'
+    events and the model's tokenizer (its picker replica binds the event endpoints)."""
+    kv = strategy == "kv_aware"
+    providers = [
+        {
+            "id": s.name,
+            "api_host": s.url,
+            "api_type": "vllm",
+            "model_path": SERVED_MODEL,
+            "input_size": MAX_MODEL_LEN,
+            **({"kv_events": events} if kv else {}),
+        }
+        for s, events in servers
+    ]
+    tokens = {"tokenizer": str(tokenizer), "kv_block_size": BLOCK_SIZE} if kv else {}
+    return {
+        "vllm_models": {model: {"providers": providers, **tokens}},
         "active_models": {"vllm_models": [model]},
         "routing": {
             "vllm_models": {
@@ -235,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     stop_leftovers()
     model = _long_model()
-    servers = [VllmServer(f"vllm-{i}", free_port(), "nobind", SERVER_ARGS, model) for i in range(3)]
+    made = [_server(i, model) for i in range(3)]
+    servers = [s for s, _ in made]
     report: dict[str, object] = {
         "machine": {"cpus": os.cpu_count()},
         "servers": len(servers),
@@ -250,19 +275,19 @@ def main(argv: list[str] | None = None) -> int:
             server.wait_ready()
         with local_router("bench-affinity") as lr:
             # Each server's first requests are slow (warm-up, not reported).
-            lr.deploy(_config(servers, "warm-up", "balanced"), "bench-affinity")
+            lr.deploy(_config(made, "warm-up", "balanced", model), "bench-affinity")
             warm = {**vars(args), "conversations": args.concurrency, "turns": 2}
             asyncio.run(_phase(lr.url, servers, "warm-up", 10, argparse.Namespace(**warm)))
             for workload in args.workloads.split(","):
                 phases: dict[str, dict] = {}
                 report["workloads"][workload] = phases  # type: ignore[index]
                 for strategy in args.strategies.split(","):
-                    model = f"{workload}-{strategy}"
-                    lr.deploy(_config(servers, model, strategy), "bench-affinity")
+                    name = f"{workload}-{strategy}"
+                    lr.deploy(_config(made, name, strategy, model), "bench-affinity")
                     phases[strategy] = asyncio.run(
-                        _phase(lr.url, servers, model, WORKLOADS[workload], args)
+                        _phase(lr.url, servers, name, WORKLOADS[workload], args)
                     )
-                    print(model, orjson.dumps(phases[strategy]).decode(), flush=True)
+                    print(name, orjson.dumps(phases[strategy]).decode(), flush=True)
                 for policy in policies:
                     label = f"{workload}-vllm-router-{policy}"
                     peer = Router(label, vllm_router_command(policy))
