@@ -46,7 +46,12 @@ STILL = {"Plans expired/s"}
 # The KV-event panels: their series are there (a kv_aware model whose provider names KV events
 # nobody publishes here); what moves them, a server publishing its KV events, is
 # tests/test_kv_aware_serve.py's.
-STILL |= {"KV event batches/s by kind", "kv_aware spills/s by model"}
+STILL |= {
+    "KV event batches/s by kind",
+    "kv_aware spills/s by model",
+    "kv_aware predictions/s by result",
+    "kv_aware cached tokens/s: predicted and reported",
+}
 
 
 def _dashboard() -> dict:

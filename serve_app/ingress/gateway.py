@@ -41,7 +41,16 @@ from serve_app.core.tokens import CHARS_PER_TOKEN
 from serve_app.dialects.translate import error_in_dialect
 from serve_app.dialects.usage import Counts, StreamMeter, counts_of
 from serve_app.ingress.picking import PickerLink
-from serve_app.ingress.relay import Deadline, Keeper, Limits, Relay, Route, Streamed, call_limits
+from serve_app.ingress.relay import (
+    Deadline,
+    Keeper,
+    Limits,
+    Relay,
+    Route,
+    Streamed,
+    call_limits,
+    count_prediction,
+)
 from serve_app.pickers.handler import ApiModelConfig
 from serve_app.pickers.plan import (
     ATTEMPTS_HEADER,
@@ -256,6 +265,8 @@ class Gateway:
             if model.routes_by_text(strategies[name])
         }
         self._kv_prompts = kv_prompts(config, strategies, parents)
+        for name in (n for n, strategy in strategies.items() if strategy == "kv_aware"):
+            count_prediction(self.tally, name, None)  # its series, before its first answer
         self._slot_models = frozenset(n for n, s in strategies.items() if s in SLOT_STRATEGIES)
         active = ApiModelConfig(config).active_names()
         self.models = [

@@ -242,11 +242,8 @@ class _Attempts:
         cached = cached_tokens(raw)
         if cached is None:
             return False
-        model, tally = self._meta.model, self._relay.tally
         result = "exact" if cached == predicted else "over" if predicted > cached else "under"
-        tally.inc(KV_PREDICTIONS_METRIC, (model, result))
-        tally.inc(KV_PREDICTED_METRIC, (model,), predicted)
-        tally.inc(KV_REPORTED_METRIC, (model,), cached)
+        count_prediction(self._relay.tally, self._meta.model, result, predicted, cached)
         return True
 
     def answered(self, provider: ProviderConfig) -> dict[str, str]:
@@ -283,6 +280,20 @@ class _Attempts:
             type="api_error",
             code="upstream_unavailable",
         )
+
+
+PREDICTION_RESULTS = ("exact", "over", "under")
+
+
+def count_prediction(
+    tally: Tally, model: str, result: str | None, predicted: int = 0, cached: int = 0
+) -> None:
+    """One kv_aware prediction held to the server's count; with `result` None, the model's
+    series made at 0 (a dashboard has them before the first answer)."""
+    for each in PREDICTION_RESULTS:
+        tally.inc(KV_PREDICTIONS_METRIC, (model, each), 1 if each == result else 0)
+    tally.inc(KV_PREDICTED_METRIC, (model,), predicted)
+    tally.inc(KV_REPORTED_METRIC, (model,), cached)
 
 
 class Relay:
