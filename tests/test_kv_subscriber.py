@@ -223,3 +223,15 @@ def test_the_router_binds_what_vllm_connects_to_and_connects_to_what_it_binds() 
     assert engine_binds("tcp://*:5557") and engine_binds("ipc:///tmp/kv")
     assert reachable("tcp://*:5557", "10.0.0.7") == "tcp://10.0.0.7:5557"
     assert reachable("tcp://[::]:5558", "10.0.0.7") == "tcp://10.0.0.7:5558"
+
+
+async def test_each_live_batch_reports_its_lag_and_replayed_ones_do_not(setup) -> None:
+    """The lag of a live batch: from the engine's timestamp to its application (here, on one
+    host, well under a second); batches that come through the replay are not live."""
+    engine, subscriber, index = setup
+    lags: list[float] = []
+    subscriber.on_lag = lags.append
+    await _connected(engine, subscriber)
+    live = subscriber.stats.batches - subscriber.stats.replayed
+    assert 0 < len(lags) <= live
+    assert all(0.0 <= lag < 5.0 for lag in lags), lags

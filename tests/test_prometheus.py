@@ -51,6 +51,7 @@ STILL |= {
     "kv_aware spills/s by model",
     "kv_aware predictions/s by result",
     "kv_aware cached tokens/s: predicted and reported",
+    "KV event lag p99 by provider",
 }
 
 

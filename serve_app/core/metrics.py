@@ -34,6 +34,7 @@ BODIES_METRIC = "llm_router_request_bodies_parsed"  # counted by the ingress
 KV_BLOCKS_METRIC = "llm_router_kv_index_blocks"  # set by the pickers (kv_aware)
 KV_EVENTS_METRIC = "llm_router_kv_event_batches"
 KV_SPILLS_METRIC = "llm_router_kv_spills"
+KV_LAG_METRIC = "llm_router_kv_event_lag_seconds"
 KV_PREDICTIONS_METRIC = "llm_router_kv_predictions"  # counted by the ingress
 KV_PREDICTED_METRIC = "llm_router_kv_predicted_cached_tokens"
 KV_REPORTED_METRIC = "llm_router_kv_reported_cached_tokens"
@@ -117,6 +118,12 @@ SPECS: dict[str, Spec] = {
         "restart (a new engine process), silence (no answer to a probe), error",
         ("provider", "kind"),
     ),
+    KV_LAG_METRIC: Spec(
+        "histogram",
+        "From a live KV-event batch's timestamp (the engine's clock) to its application in a "
+        "picker replica's index, by provider (an engine on another host adds its clock offset)",
+        ("provider",),
+    ),
     KV_SPILLS_METRIC: Spec(
         "counter",
         "kv_aware requests whose first choice was not the engine holding the longest prefix of "
@@ -167,12 +174,17 @@ class Tally:
         self._values[(name, labels)] = value
 
     def observe(self, name: str, labels: tuple[str, ...], seconds: float) -> None:
+        entry = self.declare(name, labels)
+        entry[0][bisect.bisect_left(BUCKETS, seconds)] += 1
+        entry[1][0] += seconds
+
+    def declare(self, name: str, labels: tuple[str, ...]) -> tuple[list[int], list[float]]:
+        """A histogram's series, made empty if new (exported before its first sample)."""
         key = (name, labels)
         entry = self._histograms.get(key)
         if entry is None:
             entry = self._histograms[key] = ([0] * (len(BUCKETS) + 1), [0.0])
-        entry[0][bisect.bisect_left(BUCKETS, seconds)] += 1
-        entry[1][0] += seconds
+        return entry
 
     def snapshot(self) -> Snapshot:
         return Snapshot(

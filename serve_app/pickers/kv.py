@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from urllib.parse import urlsplit
 
 import zmq
@@ -31,8 +31,11 @@ class KvFeeds:
     models a vLLM serves, its LoRA adapters) share one stream and one set of blocks.
     `configure` follows the config, `forget` the circuits."""
 
-    def __init__(self) -> None:
+    def __init__(self, lagged: Callable[[str, float], None] | None = None) -> None:
+        """`lagged(provider, seconds)`: a live batch of the provider's engine applied, that
+        long after the engine stamped it (for each provider sharing the engine)."""
         self.index = BlockIndex()
+        self._lagged = lagged
         self._subscribers: dict[str, Subscriber] = {}  # by engine: its reachable endpoint
         self._engine_of: dict[str, str] = {}  # provider -> engine
         self._closing: set[asyncio.Task[None]] = set()
@@ -54,7 +57,7 @@ class KvFeeds:
         for engine, (endpoints, host) in wanted.items():
             if engine in self._subscribers:
                 continue
-            sub = Subscriber(engine, endpoints, self.index, host)
+            sub = Subscriber(engine, endpoints, self.index, host, on_lag=self._lag_of(engine))
             try:
                 sub.start()
             except zmq.ZMQError as exc:  # e.g. another replica already binds this endpoint
@@ -65,6 +68,18 @@ class KvFeeds:
                 continue
             self._subscribers[engine] = sub
         self._engine_of = {p: e for p, e in engine_of.items() if e in self._subscribers}
+
+    def _lag_of(self, engine: str) -> Callable[[float], None] | None:
+        lagged = self._lagged
+        if lagged is None:
+            return None
+
+        def on_lag(seconds: float) -> None:
+            for pid, e in self._engine_of.items():
+                if e == engine:
+                    lagged(pid, seconds)
+
+        return on_lag
 
     def _stop(self, engine: str) -> None:
         sub = self._subscribers.pop(engine)

@@ -23,6 +23,7 @@ from serve_app.core.metrics import (
     IN_FLIGHT_METRIC,
     KV_BLOCKS_METRIC,
     KV_EVENTS_METRIC,
+    KV_LAG_METRIC,
     KV_SPILLS_METRIC,
     Tally,
 )
@@ -61,7 +62,8 @@ class ModelTypeRouter:
         self._id = f"router-{model_type}:{self._replica}"
         self._health = HealthView()
         self._shared = SharedState(lambda: broker_handle(registry), self._id)
-        self._kv = KvFeeds()  # kv_aware: what the engines hold, from their KV events
+        # kv_aware: what the engines hold, from their KV events
+        self._kv = KvFeeds(lambda pid, s: self._shared.tally.observe(KV_LAG_METRIC, (pid,), s))
         self._monitor = Follower(
             lambda: monitor_handle(registry), self._id, HealthView(), self._apply_health
         )
@@ -152,6 +154,7 @@ class ModelTypeRouter:
     def _kv_metrics(self, tally: Tally) -> None:
         for pid, blocks, stats in self._kv.per_provider():
             tally.set(KV_BLOCKS_METRIC, (pid,), blocks)
+            tally.declare(KV_LAG_METRIC, (pid,))
             for kind, value in (
                 ("applied", stats.batches),
                 ("replayed", stats.replayed),

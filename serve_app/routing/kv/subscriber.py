@@ -30,7 +30,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import msgspec
@@ -39,7 +41,7 @@ import zmq.asyncio
 from xxhash import xxh3_64_intdigest
 
 from serve_app.core.config import KvEventsEndpoints
-from serve_app.routing.kv.events import END_SEQ, decode_batch, decode_seq, encode_seq
+from serve_app.routing.kv.events import END_SEQ, EventBatch, decode_batch, decode_seq, encode_seq
 from serve_app.routing.kv.index import BlockIndex
 
 _RECENT = 256  # payload digests kept to tell a repeated batch from a restarted engine's
@@ -80,8 +82,11 @@ class Subscriber:
         host: str = "127.0.0.1",
         silence_s: float = 30.0,
         replay_timeout_s: float = 2.0,
+        on_lag: Callable[[float], None] | None = None,
     ) -> None:
+        """`on_lag(seconds)`: each live batch applied, from the engine's timestamp to now."""
         self.provider = provider
+        self.on_lag = on_lag
         self.endpoints = endpoints
         self.index = index
         self.host = host
@@ -151,7 +156,9 @@ class Subscriber:
         if seq > (self.next_seq or 0):
             self.stats.gaps += 1
             await self._catch_up(upto=seq)
-        self._apply_next(seq, payload)
+        batch = self._apply_next(seq, payload)
+        if batch is not None and self.on_lag is not None:
+            self.on_lag(max(0.0, time.time() - batch.ts))
 
     async def _probe(self) -> None:
         """The stream is quiet: whatever it lost at its end, or the provider's blocks dropped
@@ -193,7 +200,7 @@ class Subscriber:
         self.stats.restarts += 1
         self.forget()
 
-    def _apply_next(self, seq: int, payload: bytes) -> None:
+    def _apply_next(self, seq: int, payload: bytes) -> EventBatch | None:
         if self.next_seq is not None and seq != self.next_seq:
             self.stats.holes += 1
             self.index.drop(self.provider)
@@ -206,9 +213,10 @@ class Subscriber:
         except msgspec.DecodeError:
             self.stats.decode_errors += 1
             self.index.drop(self.provider)  # its events are lost: as a hole
-            return
+            return None
         self.stats.batches += 1
         self.index.apply(self.provider, batch.events)
+        return batch
 
     async def _replay(self, start: int) -> list[tuple[int, bytes]] | None:
         """The replay socket's batches from `start` on; None when it stays silent for
