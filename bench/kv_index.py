@@ -142,10 +142,24 @@ def main() -> None:
     if len(tokenizers) > 1:
         body = orjson.dumps({"model": "m", "messages": messages})
         keys = PromptKeys(str(args.tokenizer), BLOCK)
-        asyncio.run(keys.of(body))
-        ingress = _timed(lambda: asyncio.run(keys.of(body)), 200)
+
+        async def on_a_loop() -> list[float]:
+            """Each call timed on one running loop, as the ingress makes it."""
+            await keys.of(body)
+            samples = []
+            for _ in range(200):
+                start = time.perf_counter_ns()
+                await keys.of(body)
+                samples.append((time.perf_counter_ns() - start) / 1000)
+            return sorted(samples)
+
+        ingress = asyncio.run(on_a_loop())
         rows.append(
-            ("the ingress's keys of a 32 KB chat body, seen before (+ an event loop)", *ingress)
+            (
+                "the ingress's keys of a 32 KB chat body, seen before",
+                statistics.median(ingress),
+                ingress[int(len(ingress) * 0.99)],
+            )
         )
 
     matched = index.match(held)

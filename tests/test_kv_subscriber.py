@@ -228,7 +228,7 @@ def test_the_router_binds_what_vllm_connects_to_and_connects_to_what_it_binds() 
 async def test_each_live_batch_reports_its_lag_and_replayed_ones_do_not(setup) -> None:
     """The lag of a live batch: from the engine's timestamp to its application (here, on one
     host, well under a second); batches that come through the replay are not live."""
-    engine, subscriber, index = setup
+    engine, subscriber, _ = setup
     lags: list[float] = []
     subscriber.on_lag = lags.append
     await _connected(engine, subscriber)

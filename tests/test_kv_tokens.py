@@ -19,6 +19,7 @@ from serve_app.routing.kv.tokens import (
     HfTokenizer,
     PromptKeys,
     SimpleTokenizer,
+    pieces,
     prompt_keys,
     prompt_tokens,
     tokenizer_for,
@@ -150,3 +151,39 @@ async def test_the_ingress_keys_of_a_body_and_what_it_cannot_render(
     refusing = PromptKeys(str(tmp_path), 16)
     assert await refusing.of(orjson.dumps(body)) == ([], 0)
     assert await PromptKeys(str(trained), 16).of(b"[1, 2]") == ([], 0)
+
+
+async def test_keys_by_piece_equal_the_keys_of_the_whole_prompt_however_prompts_share(
+    model: Path,
+) -> None:
+    """chat_keys_async keeps each piece's keys after what came before it: a conversation's
+    turns, prompts that share a document and part ways inside a piece or a block, another
+    block size, an adapter, each asked twice (from its kept chains the second time) give the
+    keys prompt_keys gives for the whole prompt's ids."""
+    tokenizer = HfTokenizer(model)
+    doc = " ".join(SENTENCES[:300])  # about 15 pieces
+    turns = [{"role": "user", "content": doc}]
+    variants = [
+        turns,
+        [*turns, {"role": "assistant", "content": "ok."}, {"role": "user", "content": "And?"}],
+        [{"role": "user", "content": doc[:7000] + " other words" + doc[7000:]}],
+        [{"role": "user", "content": doc[:7001]}],
+        [{"role": "system", "content": "be brief"}, *turns],
+    ]
+    # One character changed just before each cut: the piece after it is the same, and where
+    # the change falls after the last full block, so is the key before it: only the ids after
+    # that block differ.
+    rendered = tokenizer.render(turns)
+    start, at = rendered.index(doc), 0
+    for piece in list(pieces(rendered))[:-1]:
+        at += len(piece)
+        j = at - start - 2  # the last character of the word before the cut, the "." kept
+        digit = "7" if doc[j] != "7" else "8"
+        variants.append([{"role": "user", "content": doc[:j] + digit + doc[j + 1 :]}])
+    for _ in range(2):
+        for messages in variants:
+            ids = tokenizer.chat_prompt(messages)
+            for block_size, lora in ((16, None), (32, None), (16, "sql@v1")):
+                got = await tokenizer.chat_keys_async(messages, None, block_size, lora)
+                assert got == (prompt_keys(ids, block_size, lora), len(ids))
+    assert len(tokenizer._chains) > len(variants)  # the pieces' chains are kept

@@ -216,6 +216,11 @@ class HfTokenizer:
         self._fast = Fast.from_str(spec_text)
         self._by_pieces = cuts_before_words(json.loads(spec_text))
         self._pieces: OrderedDict[str, list[int]] = OrderedDict()
+        # (key of the last full block before a piece, the ids after it, block size, piece) ->
+        # (the piece's full blocks' keys, the ids after its last full block): chat_keys_async
+        self._chains: OrderedDict[
+            tuple[int, tuple[int, ...], int, str], tuple[tuple[int, ...], tuple[int, ...]]
+        ] = OrderedDict()
         self._worker: ThreadPoolExecutor | None = None
         config = json.loads((folder / "tokenizer_config.json").read_text())
         env = ImmutableSandboxedEnvironment(
@@ -246,15 +251,18 @@ class HfTokenizer:
         cut = list(pieces(text))
         return cut, list(dict.fromkeys(p for p in cut if p not in self._pieces))
 
-    def _joined(self, cut: list[str], missing: list[str], encoded: list[list[int]]) -> list[int]:
+    def _ids(
+        self, cut: list[str], missing: list[str], encoded: list[list[int]]
+    ) -> list[tuple[str, list[int]]]:
+        """Each piece with its ids (the cache's own lists: not to be changed)."""
         if not self._by_pieces:
-            return encoded[0]
+            return [(cut[0], encoded[0])]
         cache = self._pieces
         cache.update(zip(missing, encoded, strict=True))
-        out: list[int] = []
+        out = []
         for piece in cut:
             cache.move_to_end(piece)
-            out += cache[piece]
+            out.append((piece, cache[piece]))
         while len(cache) > CACHED_PIECES:
             cache.popitem(last=False)
         return out
@@ -263,18 +271,55 @@ class HfTokenizer:
         self, messages: list[dict[str, Any]], tools: list[Any] | None = None
     ) -> list[int]:
         cut, missing = self._cut(self.render(messages, tools))
-        return self._joined(cut, missing, self._encode(missing) if missing else [])
+        pieces = self._ids(cut, missing, self._encode(missing) if missing else [])
+        return [i for _, ids in pieces for i in ids]
 
-    async def chat_prompt_async(
-        self, messages: list[dict[str, Any]], tools: list[Any] | None = None
-    ) -> list[int]:
+    async def _pieces_async(
+        self, messages: list[dict[str, Any]], tools: list[Any] | None
+    ) -> list[tuple[str, list[int]]]:
         cut, missing = self._cut(self.render(messages, tools))
         encoded: list[list[int]] = []
         if missing:
             self._worker = self._worker or ThreadPoolExecutor(1, "tokenize")
             loop = asyncio.get_running_loop()
             encoded = await loop.run_in_executor(self._worker, self._encode, missing)
-        return self._joined(cut, missing, encoded)
+        return self._ids(cut, missing, encoded)
+
+    async def chat_prompt_async(
+        self, messages: list[dict[str, Any]], tools: list[Any] | None = None
+    ) -> list[int]:
+        return [i for _, ids in await self._pieces_async(messages, tools) for i in ids]
+
+    async def chat_keys_async(
+        self,
+        messages: list[dict[str, Any]],
+        tools: list[Any] | None,
+        block_size: int,
+        lora: str | None = None,
+    ) -> tuple[list[int], int]:
+        """A chat's block keys (as prompt_keys gives them) and its token count. A piece's keys
+        depend only on what came before it through the last full block's key and the ids
+        after it, so they are kept per (that key, those ids, the piece): a prompt whose pieces
+        were seen after the same prefix costs a lookup per piece, not a hash per block."""
+        keys: list[int] = []
+        parent, tail, count = root_key(lora), (), 0
+        chains = self._chains
+        for piece, ids in await self._pieces_async(messages, tools):
+            count += len(ids)
+            at = (parent, tail, block_size, piece)
+            chained = chains.get(at)
+            if chained is None:
+                data = [*tail, *ids]
+                full = len(data) - len(data) % block_size
+                made = chain_keys(data[:full], block_size, parent)
+                chained = chains[at] = (tuple(made), tuple(data[full:]))
+                if len(chains) > CACHED_PIECES:
+                    chains.popitem(last=False)
+            else:
+                chains.move_to_end(at)
+            keys += chained[0]
+            parent, tail = chained[0][-1] if chained[0] else parent, chained[1]
+        return keys, count
 
     def encode(self, text: str) -> list[int]:
         return self._fast.encode_batch([text])[0].ids
@@ -308,17 +353,6 @@ def prompt_tokens(tokenizer: Tokenizer, body: Mapping[str, Any]) -> list[int]:
     return []
 
 
-async def prompt_tokens_async(tokenizer: Tokenizer, body: Mapping[str, Any]) -> list[int]:
-    """`prompt_tokens` with a chat's tokenizing off the event loop (chat_prompt_async)."""
-    messages = body.get("messages")
-    if isinstance(messages, list):
-        tools = body.get("tools")
-        return await tokenizer.chat_prompt_async(
-            messages, tools if isinstance(tools, list) else None
-        )
-    return prompt_tokens(tokenizer, body)
-
-
 class PromptKeys(NamedTuple):
     """How the ingress cuts one kv_aware model's requests: its tokenizer folder, its servers'
     block size and, for a LoRA adapter, its name (the first block's key is seeded with it)."""
@@ -334,7 +368,12 @@ class PromptKeys(NamedTuple):
             doc = orjson.loads(body)
             if not isinstance(doc, dict):
                 return [], 0
-            ids = await prompt_tokens_async(tokenizer_for(self.folder), doc)
+            tokenizer = tokenizer_for(self.folder)
+            messages, tools = doc.get("messages"), doc.get("tools")
+            if isinstance(messages, list):  # tokenized off the event loop, keys by piece
+                tools = tools if isinstance(tools, list) else None
+                return await tokenizer.chat_keys_async(messages, tools, self.block_size, self.lora)
+            ids = prompt_tokens(tokenizer, doc)
         except Exception as exc:  # a template refusing the conversation must not fail it
             log.info("prompt not tokenized for kv_aware", extra={"reason": type(exc).__name__})
             return [], 0
