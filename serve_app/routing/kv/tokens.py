@@ -195,6 +195,13 @@ def pieces(text: str, size: int = PIECE_CHARS) -> Iterator[str]:
     yield text[start:]
 
 
+def _joined(pieces: list[tuple[str, list[int]]]) -> list[int]:
+    out: list[int] = []
+    for _, ids in pieces:
+        out += ids  # a list's extend: several times faster than a comprehension over the ids
+    return out
+
+
 class HfTokenizer:
     """A `tokenizers` tokenizer and the folder's chat template, rendered as transformers does.
 
@@ -271,8 +278,7 @@ class HfTokenizer:
         self, messages: list[dict[str, Any]], tools: list[Any] | None = None
     ) -> list[int]:
         cut, missing = self._cut(self.render(messages, tools))
-        pieces = self._ids(cut, missing, self._encode(missing) if missing else [])
-        return [i for _, ids in pieces for i in ids]
+        return _joined(self._ids(cut, missing, self._encode(missing) if missing else []))
 
     async def _pieces_async(
         self, messages: list[dict[str, Any]], tools: list[Any] | None
@@ -288,7 +294,7 @@ class HfTokenizer:
     async def chat_prompt_async(
         self, messages: list[dict[str, Any]], tools: list[Any] | None = None
     ) -> list[int]:
-        return [i for _, ids in await self._pieces_async(messages, tools) for i in ids]
+        return _joined(await self._pieces_async(messages, tools))
 
     async def chat_keys_async(
         self,
