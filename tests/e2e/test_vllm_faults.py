@@ -131,7 +131,7 @@ def _leave_early(router: str, stream: bool) -> http.client.HTTPConnection:
             marks=pytest.mark.xfail(
                 reason="known defect (issue 34), seen in streams too: 3 of 7 runs on "
                 "2026-12-07 (and the CI run before) relayed the stream to its end after its "
-                "client closed its socket and descriptor, vLLM generating all 200 tokens; "
+                "client left, vLLM generating all 200 tokens; "
                 "the others were cancelled within the wait. Where the hang-up is lost "
                 "(HAProxy -> the replica's HTTP server -> Serve's disconnect task) is not "
                 "found yet"
