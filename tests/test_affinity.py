@@ -263,7 +263,7 @@ def test_kv_aware_stays_on_the_holder_until_its_queue_costs_more_than_its_hit_sa
     count by their tokens. Without an index or a prompt: least loaded."""
     strategy = make_strategy("kv_aware", RoutingConfig(), block_size=16)
     keys = list(range(100))
-    held = {"b": 10, "c": 80}  # leading blocks each engine holds
+    held = {"b": 160, "c": 1_280}  # 10 and 80 of its blocks: the tokens served from cache
 
     def order(waiting_c: float, **stats: object) -> list[str]:
         signals = {
@@ -307,7 +307,7 @@ def test_kv_aware_ranks_a_provider_without_events_by_its_text_prefix() -> None:
     def order(**stats: object) -> list[str]:
         base = {
             "prefix": list(range(100)),
-            "held": {"a": 10},  # 160 tokens
+            "held": {"a": 160},  # 10 blocks
             "text_blocks": chain,
             "index": text,
             "prompt_tokens": 1600,

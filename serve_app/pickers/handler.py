@@ -217,16 +217,17 @@ class ModelHandler:
         stats = replace(stats, signals=signals, prompt_tokens=meta.prompt_tokens)
         if strategy != "kv_aware":
             return stats
+        held = self._predicted_hits(meta, kv.match(prefix)) if kv is not None and prefix else None
         return replace(
             stats,
             prefix=prefix,
-            held=kv.match(prefix) if kv is not None and prefix else None,
+            held=held,
             queued_prefill={p.id: self.states[p.id].queued_prefill for p in providers},
         )
 
-    def predicted_hits(self, meta: RequestMeta, held: Mapping[str, int]) -> dict[str, int]:
-        """Per provider holding some of the prompt, the tokens its engine should report cached
-        (kv_aware: `held` are leading blocks, as Stats.held)."""
+    def _predicted_hits(self, meta: RequestMeta, held: Mapping[str, int]) -> dict[str, int]:
+        """Per provider holding some of the prompt (`held`: its leading blocks, as the index
+        matches them), the tokens its engine should report cached."""
         size = self._model(meta.model).kv_block_size
         return {pid: predicted_hit(n, size, meta.prompt_tokens) for pid, n in held.items()}
 

@@ -211,7 +211,7 @@ class Picker:
             booking.targets = preferred_first(booking.targets, candidates, meta.prefer)
         hits: tuple[int, ...] = ()
         if stats.held is not None:
-            booking.hits = handler.predicted_hits(meta, stats.held)
+            booking.hits = dict(stats.held)
             hits = tuple(booking.hits.get(p.id, 0) for p in booking.targets)
         if booking.targets:
             self._hold(booking, booking.targets[0])
@@ -355,7 +355,8 @@ class Picker:
         booking = self.plans.get(event.plan_id)
         if state is not None:
             state.down_until, state.failures = 0.0, 0
-            if booking is not None and getattr(booking.current, "id", None) == event.provider:
+            current = booking.current if booking is not None else None
+            if booking is not None and current is not None and current.id == event.provider:
                 self._prefilled(booking, state)
         if self.shared is not None:
             self.shared.took(event.provider, event.seconds)

@@ -67,9 +67,10 @@ class Stats:
     # token count (kv_aware's exact, else the estimate).
     signals: Mapping[str, LoadSignal] = field(default_factory=dict)
     prompt_tokens: int = 0
-    # kv_aware: the prompt's KV block keys, how many of its leading blocks each provider's
-    # engine holds (None: no index), and the prompt tokens this replica sent to each provider
-    # that it has not begun answering.
+    # kv_aware: the prompt's KV block keys, the prompt tokens each provider's engine is
+    # predicted to serve from its cache (predicted_hit of the leading blocks it holds; None:
+    # no index), and the prompt tokens this replica sent to each provider that it has not
+    # begun answering.
     prefix: Sequence[int] = ()
     held: Mapping[str, int] | None = None
     queued_prefill: Mapping[str, int] = field(default_factory=dict)
@@ -309,9 +310,8 @@ class KvAware:
     def order(self, candidates: Sequence[ProviderConfig], stats: Stats) -> list[ProviderConfig]:
         if not stats.prefix or stats.held is None or len(candidates) < 2:
             return least_loaded_first(candidates, stats)
-        size = self.block_size
-        prompt = stats.prompt_tokens or len(stats.prefix) * size
-        matched = {pid: predicted_hit(n, size, prompt) for pid, n in stats.held.items()}
+        prompt = stats.prompt_tokens or len(stats.prefix) * self.block_size
+        matched = dict(stats.held)
         blind = [p.id for p in candidates if p.kv_events is None]
         if blind and stats.text_blocks and stats.index is not None:
             seen = stats.index.matches(blind, stats.text_blocks)
